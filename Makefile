@@ -1,0 +1,36 @@
+# The two commands of the README: `make test` and `make demo`. Both set up .venv first.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup test demo lint bench clean
+
+setup: $(STAMP)
+
+# Without an NVIDIA driver, pin torch first so pip takes the CPU build and never pulls the CUDA
+# wheels; with one, let the dependency resolver pick torch with CUDA.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install -q -e '.[dev,gpu]'; \
+	else \
+		$(PY) -m pip install -q 'torch==2.13.0' && $(PY) -m pip install -q -e '.[dev]'; \
+	fi
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+demo: setup
+	$(PY) launch/demo.py
+
+bench: setup
+	$(PY) launch/bench_throughput.py --preset cpu
+
+clean:
+	rm -rf $(VENV) runs/demo

@@ -1,0 +1,297 @@
+"""Chunked fused linear losses: LM-head matmul + CE / KD without materialising [N, V] logits.
+
+Each autograd Function walks the rows in chunks: logits = h_chunk @ W.T, a per-chunk op
+(`reference` or `triton_ops`) turns them into per-row losses and overwrites them with dloss/dlogits,
+and two matmuls fold that into grad_hidden[chunk] and grad_weight. Gradients are thus finished in
+the forward pass (as in Liger-Kernel); backward only scales them by grad_output. Peak extra memory
+is one logits chunk (plus the chunk op's fp32 temporaries on the torch path), grad_hidden, and an
+fp32 grad_weight accumulator when the weight is trained.
+
+Matmuls run in the hidden states' dtype (a weight of another dtype is cast once); losses are
+accumulated in fp32 and returned as fp32 scalars; gradients come back in the inputs' dtypes.
+"""
+
+from collections.abc import Callable
+from types import ModuleType
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+# Default chunk: the largest power-of-two row count whose logits hold <= 2^24 elements
+# (256 rows for GPT-2's V = 50,257: 51 MB in fp32). Big enough to keep the matmuls efficient,
+# small enough that the chunk and its temporaries stay far below the [N, V] logits.
+CHUNK_ELEMENTS = 2**24
+
+Backend = Literal["auto", "triton", "torch"]
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk: the largest power of two with rows * vocab_size <= CHUNK_ELEMENTS."""
+    rows = max(1, CHUNK_ELEMENTS // vocab_size)
+    return 1 << (rows.bit_length() - 1)
+
+
+def _chunk_ops(backend: Backend, device: torch.device) -> ModuleType:
+    """The per-chunk op module: Triton on CUDA when available ("auto"), or as forced."""
+    if backend == "torch":
+        return reference
+    if backend not in ("auto", "triton"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "auto" and device.type != "cuda":
+        return reference
+    try:
+        from . import triton_ops
+    except ImportError:
+        if backend == "triton":
+            raise
+        return reference
+    return triton_ops
+
+
+def _mean_weights(keep: Tensor) -> Tensor:
+    """fp32 row weights that turn a sum over kept rows into their mean (all 0 if none kept)."""
+    keep = keep.float()
+    return keep / keep.sum().clamp(min=1.0)
+
+
+ChunkOp = Callable[[slice, Tensor], None]
+
+
+def _chunked_linear_grads(
+    hidden: Tensor, weight: Tensor, chunk_size: int, chunk_op: ChunkOp
+) -> tuple[Tensor, Tensor | None]:
+    """Runs chunk_op(rows, logits) on each chunk of hidden [N, d] @ weight.T [d, V].
+
+    chunk_op must overwrite logits [n, V] with dloss/dlogits. Returns (grad_hidden [N, d],
+    grad_weight [V, d] or None when the weight needs no gradient).
+    """
+    compute_weight = weight.to(hidden.dtype)
+    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    grad_weight = None
+    if weight.requires_grad:
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        h = hidden[rows]
+        logits = h @ compute_weight.T
+        chunk_op(rows, logits)
+        torch.mm(logits, compute_weight, out=grad_hidden[rows])
+        if grad_weight is None:
+            continue
+        if logits.dtype == torch.float32:
+            grad_weight.addmm_(logits.T, h)
+        else:  # low-precision matmul, fp32 accumulation across chunks
+            grad_weight.add_(logits.T @ h)
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(weight.dtype)
+    return grad_hidden, grad_weight
+
+
+def _run_chunks(
+    ctx, hidden: Tensor, weight: Tensor, chunk_size: int | None, chunk_op: ChunkOp
+) -> None:
+    """Computes the student gradients chunk by chunk and saves them for backward."""
+    chunk_size = chunk_size or default_chunk_size(weight.shape[0])
+    with torch.autocast(hidden.device.type, enabled=False):
+        grads = _chunked_linear_grads(hidden, weight, chunk_size, chunk_op)
+    ctx.save_for_backward(*grads)
+
+
+def _scaled_grads(ctx, grad_output: Tensor, num_inputs: int) -> tuple[Tensor | None, ...]:
+    """(grad_hidden, grad_weight) * grad_output, then None for the remaining inputs."""
+    grad_hidden, grad_weight = ctx.saved_tensors
+    grad_weight = None if grad_weight is None else grad_weight * grad_output
+    return (grad_hidden * grad_output, grad_weight) + (None,) * (num_inputs - 2)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, backend):
+        ops = _chunk_ops(backend, hidden.device)
+        keep = targets != ignore_index
+        row_weight = _mean_weights(keep)
+        safe_targets = targets.long().masked_fill(~keep, 0)
+        loss_rows = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
+
+        def chunk_op(rows: slice, logits: Tensor) -> None:
+            loss_rows[rows] = ops.cross_entropy_(logits, safe_targets[rows], row_weight[rows])
+
+        _run_chunks(ctx, hidden, weight, chunk_size, chunk_op)
+        return loss_rows.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _scaled_grads(ctx, grad_loss, 6)
+
+
+class _LinearKLDiv(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, hidden, weight, teacher_hidden, teacher_weight, temperature, mask, chunk_size, backend
+    ):
+        ops = _chunk_ops(backend, hidden.device)
+        n = hidden.shape[0]
+        keep = torch.ones(n, dtype=torch.bool, device=hidden.device) if mask is None else mask
+        row_weight = _mean_weights(keep)
+        teacher_weight = teacher_weight.to(teacher_hidden.dtype)
+        loss_rows = torch.empty(n, dtype=torch.float32, device=hidden.device)
+
+        def chunk_op(rows: slice, logits: Tensor) -> None:
+            teacher_logits = teacher_hidden[rows] @ teacher_weight.T
+            loss_rows[rows] = ops.kl_div_(logits, teacher_logits, row_weight[rows], temperature)
+
+        _run_chunks(ctx, hidden, weight, chunk_size, chunk_op)
+        return loss_rows.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _scaled_grads(ctx, grad_loss, 8)
+
+
+class _LinearCrossEntropyKLDiv(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        targets,
+        teacher_hidden,
+        teacher_weight,
+        temperature,
+        kd_weight,
+        ignore_index,
+        chunk_size,
+        backend,
+    ):
+        ops = _chunk_ops(backend, hidden.device)
+        keep = targets != ignore_index
+        row_weight = _mean_weights(keep)  # KD averages over the same rows as CE
+        safe_targets = targets.long().masked_fill(~keep, 0)
+        teacher_weight = teacher_weight.to(teacher_hidden.dtype)
+        ce_rows = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
+        kd_rows = torch.empty_like(ce_rows)
+
+        def chunk_op(rows: slice, logits: Tensor) -> None:
+            teacher_logits = teacher_hidden[rows] @ teacher_weight.T
+            ce_rows[rows], kd_rows[rows] = ops.cross_entropy_kl_div_(
+                logits, teacher_logits, safe_targets[rows], row_weight[rows], temperature, kd_weight
+            )
+
+        _run_chunks(ctx, hidden, weight, chunk_size, chunk_op)
+        ce, kd = ce_rows.sum(), kd_rows.sum()
+        ctx.mark_non_differentiable(ce, kd)
+        return ce + kd_weight * kd, ce, kd
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_ce, grad_kd):
+        return _scaled_grads(ctx, grad_loss, 10)
+
+
+def _rows(hidden: Tensor) -> Tensor:
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def _check_tokens(hidden: Tensor, *per_token: Tensor | None) -> None:
+    """Raises unless every per-token tensor has one value per row of hidden [..., d]."""
+    n = hidden.shape[:-1].numel()
+    for t in per_token:
+        if t is not None and t.numel() != n:
+            raise ValueError(f"expected {n} per-token values to match hidden {tuple(hidden.shape)}")
+
+
+def fused_linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    backend: Backend = "auto",
+) -> Tensor:
+    """Mean cross-entropy of hidden @ weight.T over targets != ignore_index, chunked.
+
+    Args:
+        hidden: [..., d] hidden states (e.g. after the final LayerNorm).
+        weight: [V, d] LM-head weight; gets a gradient when it requires one.
+        targets: [...] long next-token ids, ignore_index where no loss applies.
+        chunk_size: rows per logits chunk (default `default_chunk_size(V)`).
+        backend: "auto" (Triton for CUDA tensors), "triton" or "torch" per-chunk ops.
+    Returns: fp32 scalar; 0 with zero gradients when no target is kept.
+    """
+    _check_tokens(hidden, targets)
+    return _LinearCrossEntropy.apply(
+        _rows(hidden), weight, targets.reshape(-1), ignore_index, chunk_size, backend
+    )
+
+
+def fused_linear_kl_div(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    *,
+    temperature: float,
+    mask: Tensor | None = None,
+    chunk_size: int | None = None,
+    backend: Backend = "auto",
+) -> Tensor:
+    """Mean over (masked) tokens of KL(softmax(z_t/T) || softmax(z_s/T)) * T^2, chunked.
+
+    z_s = student_hidden @ student_weight.T, z_t = teacher_hidden @ teacher_weight.T.
+
+    Args:
+        student_hidden: [..., ds]; student_weight: [V, ds] (gradient when it requires one).
+        teacher_hidden: [..., dt]; teacher_weight: [V, dt]. No gradient; may be inference tensors
+            and of another dtype than the student.
+        mask: [...] bool, tokens to average over (default: all).
+    Returns: fp32 scalar; 0 with zero gradients when the mask keeps nothing.
+    """
+    _check_tokens(student_hidden, teacher_hidden[..., 0], mask)
+    return _LinearKLDiv.apply(
+        _rows(student_hidden),
+        student_weight,
+        _rows(teacher_hidden),
+        teacher_weight,
+        temperature,
+        None if mask is None else mask.reshape(-1),
+        chunk_size,
+        backend,
+    )
+
+
+def fused_linear_ce_kd(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    targets: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    *,
+    temperature: float,
+    kd_weight: float,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    backend: Backend = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Stage II's CE + kd_weight * KD with one student logits matmul per chunk.
+
+    Both terms are means over the tokens whose target != ignore_index (KD skips ignored tokens
+    too). Shapes as in `fused_linear_cross_entropy` and `fused_linear_kl_div`.
+
+    Returns: (loss, ce, kd) fp32 scalars; only loss is differentiable.
+    """
+    _check_tokens(student_hidden, targets, teacher_hidden[..., 0])
+    return _LinearCrossEntropyKLDiv.apply(
+        _rows(student_hidden),
+        student_weight,
+        targets.reshape(-1),
+        _rows(teacher_hidden),
+        teacher_weight,
+        temperature,
+        kd_weight,
+        ignore_index,
+        chunk_size,
+        backend,
+    )

@@ -1,0 +1,190 @@
+"""Triton per-chunk loss kernels: one program per row, two sweeps over V in blocks.
+
+The first sweep keeps an online softmax (running max and rescaled sum of exponentials, as in
+flash attention), so a row never has to fit in one block; the second writes the gradient over
+the logits in place. Same contracts as `reference.py`. CPU tensors run under TRITON_INTERPRET=1.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Largest V-block: 16K fp32 values per tensor over 32 warps keeps a row's working set in registers.
+_MAX_BLOCK = 16384
+
+
+def _launch_config(vocab: int, device: torch.device) -> dict[str, int]:
+    block = min(_MAX_BLOCK, triton.next_power_of_2(vocab))
+    return {"BLOCK": block, "num_warps": 32 if device.type == "cuda" else 4}
+
+
+@triton.jit
+def _online_lse_step(x, m, s):
+    """Folds block x into running max m and sum s of exp(x - m)."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    return m_new, s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+
+
+@triton.jit
+def _cross_entropy_kernel(
+    logits_ptr, stride, targets_ptr, row_weight_ptr, loss_ptr, V, BLOCK: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits_ptr += row * stride
+    target = tl.load(targets_ptr + row)
+    w = tl.load(row_weight_ptr + row)
+
+    m = -float("inf")
+    s = 0.0
+    x_target = 0.0
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(logits_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        m, s = _online_lse_step(x, m, s)
+        x_target += tl.sum(tl.where(cols == target, x, 0.0), axis=0)
+    lse = m + tl.log(s)
+    tl.store(loss_ptr + row, w * (lse - x_target))
+
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(logits_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
+        grad = w * (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0))
+        tl.store(logits_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < V)
+
+
+@triton.jit
+def _kl_div_kernel(
+    logits_ptr,
+    teacher_ptr,
+    stride,
+    teacher_stride,
+    targets_ptr,
+    row_weight_ptr,
+    ce_ptr,
+    kd_ptr,
+    V,
+    inv_t,
+    temperature,
+    kd_weight,
+    WITH_CE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """KL(p_t || p_s) * T^2, plus CE on the same logits when WITH_CE (gradients summed)."""
+    row = tl.program_id(0).to(tl.int64)
+    logits_ptr += row * stride
+    teacher_ptr += row * teacher_stride
+    w = tl.load(row_weight_ptr + row)
+
+    # Online sums over scaled logits a = s/T, b = t/T: lse(a), lse(b) and
+    # d = sum exp(b - m_b) * (b - a), so that KL = d / s_b - lse(b) + lse(a).
+    m_a = -float("inf")
+    s_a = 0.0
+    m_b = -float("inf")
+    s_b = 0.0
+    d = 0.0
+    if WITH_CE:  # CE needs lse of the unscaled logits too
+        m_x = -float("inf")
+        s_x = 0.0
+        target = tl.load(targets_ptr + row)
+        x_target = 0.0
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < V
+        x = tl.load(logits_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        t = tl.load(teacher_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        a = tl.where(in_row, x * inv_t, -float("inf"))
+        b = tl.where(in_row, t * inv_t, -float("inf"))
+        m_a, s_a = _online_lse_step(a, m_a, s_a)
+        m_b_new = tl.maximum(m_b, tl.max(b, axis=0))
+        e_b = tl.exp(b - m_b_new)  # 0 outside the row
+        rescale = tl.exp(m_b - m_b_new)
+        s_b = s_b * rescale + tl.sum(e_b, axis=0)
+        d = d * rescale + tl.sum(e_b * (t - x), axis=0) * inv_t
+        m_b = m_b_new
+        if WITH_CE:
+            m_x, s_x = _online_lse_step(tl.where(in_row, x, -float("inf")), m_x, s_x)
+            x_target += tl.sum(tl.where(cols == target, x, 0.0), axis=0)
+    lse_a = m_a + tl.log(s_a)
+    lse_b = m_b + tl.log(s_b)
+    tl.store(kd_ptr + row, w * temperature * temperature * (d / s_b - lse_b + lse_a))
+    if WITH_CE:
+        lse_x = m_x + tl.log(s_x)
+        tl.store(ce_ptr + row, w * (lse_x - x_target))
+
+    kd_scale = w * temperature * kd_weight  # d(T^2 KL)/dx = T * (p_s - p_t)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < V
+        x = tl.load(logits_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        b = tl.load(teacher_ptr + cols, mask=in_row, other=0.0).to(tl.float32) * inv_t
+        grad = kd_scale * (tl.exp(x * inv_t - lse_a) - tl.exp(b - lse_b))
+        if WITH_CE:
+            grad += w * (tl.exp(x - lse_x) - tl.where(cols == target, 1.0, 0.0))
+        tl.store(logits_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=in_row)
+
+
+def cross_entropy_(logits: Tensor, targets: Tensor, row_weight: Tensor) -> Tensor:
+    """Cross-entropy per row; logits [n, V] become dloss/dlogits. See `reference.cross_entropy_`."""
+    n, vocab = logits.shape
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    _cross_entropy_kernel[(n,)](
+        logits,
+        logits.stride(0),
+        targets.contiguous(),
+        row_weight.contiguous(),
+        loss,
+        vocab,
+        **_launch_config(vocab, logits.device),
+    )
+    return loss
+
+
+def _kl_div_launch(
+    logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor | None,
+    row_weight: Tensor,
+    temperature: float,
+    kd_weight: float,
+) -> tuple[Tensor, Tensor]:
+    n, vocab = logits.shape
+    ce = torch.empty(n, dtype=torch.float32, device=logits.device)
+    kd = torch.empty_like(ce)
+    with_ce = targets is not None
+    _kl_div_kernel[(n,)](
+        logits,
+        teacher_logits,
+        logits.stride(0),
+        teacher_logits.stride(0),
+        targets.contiguous() if with_ce else row_weight,  # an unread placeholder without CE
+        row_weight.contiguous(),
+        ce,
+        kd,
+        vocab,
+        1.0 / temperature,
+        float(temperature),
+        float(kd_weight),
+        WITH_CE=with_ce,
+        **_launch_config(vocab, logits.device),
+    )
+    return ce, kd
+
+
+def kl_div_(
+    logits: Tensor, teacher_logits: Tensor, row_weight: Tensor, temperature: float
+) -> Tensor:
+    """KL * T^2 per row; student logits become the gradient. See `reference.kl_div_`."""
+    return _kl_div_launch(logits, teacher_logits, None, row_weight, temperature, 1.0)[1]
+
+
+def cross_entropy_kl_div_(
+    logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    row_weight: Tensor,
+    temperature: float,
+    kd_weight: float,
+) -> tuple[Tensor, Tensor]:
+    """CE and KD rows from one logits chunk. See `reference.cross_entropy_kl_div_`."""
+    return _kl_div_launch(logits, teacher_logits, targets, row_weight, temperature, kd_weight)

@@ -1,0 +1,26 @@
+"""Typed run configuration: YAML files under ``configs/``, ``a.b=value`` overrides, validation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ted_scale.config.parse import ConfigError, dump_yaml, load_config, to_dict
+from ted_scale.config.schema import RunConfig
+
+
+def load_run_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
+    """The run configuration from a YAML file plus ``a.b=value`` overrides."""
+    return load_config(RunConfig, path, list(overrides))
+
+
+def save_resolved(config: RunConfig, run_dir: str | os.PathLike) -> Path:
+    """Write the fully resolved configuration to ``run_dir/config.yaml`` (atomically)."""
+    from ted_scale.io import atomic_write_text
+
+    path = Path(run_dir) / "config.yaml"
+    atomic_write_text(path, dump_yaml(config))
+    return path
+
+
+__all__ = ["ConfigError", "RunConfig", "dump_yaml", "load_run_config", "save_resolved", "to_dict"]

@@ -1,0 +1,194 @@
+"""The run configuration: every key a YAML file under ``configs/`` may set, with its default.
+
+The README's config reference is written from this file; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ted_scale.config.parse import ConfigError, bounded
+from ted_scale.model.gpt import GPTConfig
+
+Stage = Literal["filters", "distill", "all", "lm"]
+Method = Literal["ted", "ted_kl", "kd", "lwd"]
+FilterArch = Literal["linear", "mlp", "next_block", "rest_blocks"]
+
+
+@dataclass
+class TeacherConfig:
+    pretrained: str | None = "gpt2"
+    """HF hub name or local HF folder; null builds a randomly initialised teacher from ``arch``."""
+    arch: GPTConfig = field(default_factory=GPTConfig)
+    """Shape of a random teacher (used only when ``pretrained`` is null)."""
+
+
+@dataclass
+class StudentConfig:
+    init: Literal["teacher_layers", "pretrained", "random"] = "teacher_layers"
+    """``teacher_layers``: copy teacher blocks at the layer map; ``pretrained``: load ``pretrained``;
+    ``random``: the teacher's shape with ``n_layer`` blocks, randomly initialised."""
+    pretrained: str | None = None
+    n_layer: int = bounded(6, ge=1)
+    layer_map: list[int] | None = None
+    """0-based teacher block matched with each student block; null = the paper's map M(k)."""
+    dropout: float = bounded(0.1, ge=0.0, lt=1.0)
+
+
+@dataclass
+class ModelConfig:
+    attention: Literal["auto", "sdpa", "flash", "eager"] = "auto"
+    activation_checkpointing: bool = False
+    """Recompute each student block in the backward pass (less memory, ~30 % more compute)."""
+
+
+@dataclass
+class FilterConfig:
+    arch: FilterArch = "linear"
+    student_filters: Literal["copy", "train", "random"] = "copy"
+    """Student filters: copies of the teacher's at M(k), trained like them on the frozen student,
+    or randomly initialised."""
+    mlp_hidden: int | None = None
+    """Hidden width of ``mlp`` filters (default: the output width)."""
+
+
+@dataclass
+class DistillConfig:
+    alpha_kd: float = bounded(2.5, ge=0.0)
+    alpha_layer: float = bounded(0.1, ge=0.0)
+    temperature: float = bounded(2.0, gt=0.0)
+    layer_reduction: Literal["sum", "mean"] = "sum"
+    """How per-layer distances combine into D_TED / D_layer (the paper's Eq. 6 sums)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/openwebtext"
+    """A directory written by ``launch/prepare_data.py`` (holds ``manifest.json``)."""
+    train_split: str = "train"
+    eval_split: str = "test"
+    verify_checksums: Literal["first", "always", "never"] = "first"
+
+
+@dataclass
+class BatchConfig:
+    global_batch_size: int = bounded(4000, ge=1)
+    """Sequences per optimizer step, across all ranks and accumulation steps."""
+    micro_batch_size: int = bounded(8, ge=1)
+    """Sequences per rank per forward/backward."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = bounded(2.5e-4, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = bounded(1e-6, gt=0.0)
+    weight_decay: float = bounded(0.0, ge=0.0)
+    warmup_ratio: float = bounded(0.05, ge=0.0, le=1.0)
+    min_lr_ratio: float = bounded(0.0, ge=0.0, le=1.0)
+    """The linear decay ends at ``lr * min_lr_ratio``."""
+    grad_clip: float = bounded(1.0, ge=0.0)
+    """Global gradient-norm clip; 0 turns clipping off."""
+
+    def __post_init__(self) -> None:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas must each be in [0, 1), got {list(self.betas)}")
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: float = bounded(1.0, gt=0.0)
+    max_steps: int | None = bounded(None, ge=1)
+    """Optimizer steps; overrides ``epochs`` when set."""
+    lr: float | None = bounded(None, gt=0.0)
+    """Overrides ``optim.lr`` for this stage."""
+
+
+@dataclass
+class LogConfig:
+    interval: int = bounded(10, ge=1)
+    """Optimizer steps between metrics lines."""
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = bounded(1000, ge=0)
+    """Optimizer steps between checkpoints; 0 saves only at the end of each stage."""
+    keep: int = bounded(2, ge=1)
+    """Newest complete checkpoints kept on disk."""
+
+
+@dataclass
+class EvalConfig:
+    interval: int = bounded(0, ge=0)
+    """Optimizer steps between in-training evaluations; 0 turns them off."""
+    heldout_batches: int = bounded(20, ge=1)
+    lambada_examples: int = bounded(500, ge=1)
+    """Size of the fixed LAMBADA subset (the first N passages)."""
+    lambada_path: str | None = None
+    """LAMBADA jsonl file; null = the copy bundled with ted_scale."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = bounded(1, ge=0, le=3)
+    offload_optimizer: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Merged last into the generated DeepSpeed config (for options not modelled here)."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 1234
+    stage: Stage = "all"
+    """``filters`` (Stage I), ``distill`` (Stage II), ``all`` (both), or ``lm`` (train one model
+    with plain next-token loss: teacher pre-training or fine-tuning for transfer)."""
+    method: Method = "ted"
+    resume: str = "auto"
+    """``auto`` continues from the newest complete checkpoint, ``never`` starts afresh (refusing
+    a non-empty run directory), or a path to a checkpoint directory."""
+    filters_from: str | None = None
+    """A ``filters/`` directory from an earlier Stage I (for ``stage: distill``); default: this
+    run's own ``output_dir/filters``."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """``auto``: bf16 autocast on CUDA, fp32 on CPU. Loss math is always fp32."""
+    fused_loss: bool = True
+    """Chunked LM-head losses that never hold full vocabulary-sized logits."""
+    teacher_prefetch: Literal["auto", "on", "off"] = "auto"
+    """Compute the teacher's outputs one micro-batch ahead on a side CUDA stream (auto: on CUDA)."""
+    skip_nonfinite: int = bounded(0, ge=0)
+    """Steps with a non-finite loss that may be skipped before the run stops."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stage1: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Stage I (filters) schedule."""
+    stage2: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(epochs=4.0))
+    """Stage II (distillation) schedule; also the schedule of ``stage: lm``."""
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def __post_init__(self) -> None:
+        if self.student.init == "pretrained" and not self.student.pretrained:
+            raise ConfigError("student.init is 'pretrained' but student.pretrained is not set")
+        if self.student.layer_map is not None and len(self.student.layer_map) != self.student.n_layer:
+            raise ConfigError(
+                f"student.layer_map has {len(self.student.layer_map)} entries but "
+                f"student.n_layer is {self.student.n_layer}"
+            )
+        if self.batch.global_batch_size % self.batch.micro_batch_size:
+            raise ConfigError(
+                f"batch.global_batch_size ({self.batch.global_batch_size}) must be a multiple of "
+                f"batch.micro_batch_size ({self.batch.micro_batch_size})"
+            )

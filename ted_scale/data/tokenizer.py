@@ -1,0 +1,81 @@
+"""Tokenizers: an HF tokenizer by name or path, or a byte-level BPE trained on the corpus."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from ted_scale.data import DataError
+
+EOS_TOKEN = "<|endoftext|>"
+DEFAULT_TOKENIZER = "gpt2"
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
+    """Load a fast HF tokenizer (hub name or local folder); it must define an EOS token."""
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load tokenizer {name_or_path!r}: {e}") from None
+    if not isinstance(tok, PreTrainedTokenizerFast):
+        raise DataError(f"tokenizer {name_or_path!r} has no fast (Rust) version")
+    if tok.eos_token_id is None:
+        raise DataError(f"tokenizer {name_or_path!r} defines no EOS token")
+    return tok
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a GPT-2-style byte-level BPE on streamed `texts`; `<|endoftext|>` is its EOS.
+
+    `vocab_size` counts the 256 byte tokens and EOS. Training is deterministic for equal input.
+    """
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 1:
+        raise DataError(f"--train-tokenizer {vocab_size}: need at least {len(alphabet) + 1}")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_batched(texts, 1000), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, unk_token=EOS_TOKEN
+    )
+
+
+def _batched(texts: Iterable[str], n: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for t in texts:
+        batch.append(t)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def tokenizer_fingerprint(tok: PreTrainedTokenizerFast | Tokenizer) -> str:
+    """sha256 of what maps text to ids: model (vocab, merges), normalizer, pre-tokenizer, added
+    tokens. Runtime settings (padding, truncation) and the file's version field are left out."""
+    backend = tok.backend_tokenizer if isinstance(tok, PreTrainedTokenizerFast) else tok
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    # Merges are stored as "a b" strings or as [a, b] pairs depending on the library version.
+    if "merges" in model:
+        model["merges"] = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    canon = {k: spec.get(k) for k in ("model", "normalizer", "pre_tokenizer", "added_tokens")}
+    return hashlib.sha256(json.dumps(canon, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def backend_path(tokenizer_dir: str | Path) -> Path:
+    """The `tokenizer.json` (Rust tokenizer) inside a saved HF tokenizer folder."""
+    return Path(tokenizer_dir) / "tokenizer.json"

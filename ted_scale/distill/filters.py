@@ -1,0 +1,109 @@
+"""Task-aware filters g^k: map a tapped residual-stream state H^k to a width-d_t representation.
+
+Architectures: ``linear`` (d_in x d_out), ``mlp`` (Linear-GELU-Linear), ``next_block`` (a copy of
+the block after the tapped one) and ``rest_blocks`` (copies of every later block). A block filter
+tapped at the last block has no later block to copy and is the identity.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ted_scale.model.gpt import GPT
+
+
+class LinearFilter(nn.Module):
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out)
+        with torch.no_grad():
+            # A square filter starts as the identity, so its first prediction is the model's own
+            # intermediate read-out through the LM head ("logit lens") rather than noise.
+            if d_in == d_out:
+                self.proj.weight.copy_(torch.eye(d_out))
+            else:
+                nn.init.normal_(self.proj.weight, std=0.02)
+            self.proj.bias.zero_()
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.proj(h)
+
+
+class MLPFilter(nn.Module):
+    def __init__(self, d_in: int, d_out: int, d_hidden: int) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(d_in, d_hidden)
+        self.down_proj = nn.Linear(d_hidden, d_out)
+        for layer in (self.up_proj, self.down_proj):
+            nn.init.normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.down_proj(F.gelu(self.up_proj(h), approximate="tanh"))
+
+
+class BlockFilter(nn.Module):
+    """Copies of transformer blocks run on the tapped state (no blocks: the identity)."""
+
+    def __init__(self, blocks: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(copy.deepcopy(b) for b in blocks)
+
+    def forward(self, h: Tensor) -> Tensor:
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+
+class FilterBank(nn.Module):
+    """The K filters of one model, one per tapped layer, applied together."""
+
+    def __init__(self, filters: Sequence[nn.Module], layers: Sequence[int]) -> None:
+        super().__init__()
+        self.filters = nn.ModuleList(filters)
+        self.layers = list(layers)
+
+    def forward(self, hidden: Sequence[Tensor]) -> list[Tensor]:
+        """K tensors [B, T, d_in] -> K tensors [B, T, d_out]."""
+        return [g(h) for g, h in zip(self.filters, hidden, strict=True)]
+
+
+def build_filters(
+    arch: str,
+    model: GPT,
+    layers: Sequence[int],
+    *,
+    d_out: int,
+    mlp_hidden: int | None = None,
+    random_init: bool = False,
+) -> FilterBank:
+    """Filters for ``model`` tapped after each of ``layers`` (0-based blocks).
+
+    Block filters copy ``model``'s later blocks (their width must equal ``d_out``). Linear
+    filters start as the identity when square; ``random_init`` re-initialises every filter
+    (normal, std 0.02) instead.
+    """
+    d_in = model.config.n_embd
+    if arch in ("next_block", "rest_blocks") and d_in != d_out:
+        raise ValueError(f"{arch} filters keep the model width {d_in}, but {d_out} is needed")
+    filters: list[nn.Module] = []
+    for layer in layers:
+        if arch == "linear":
+            filters.append(LinearFilter(d_in, d_out))
+        elif arch == "mlp":
+            filters.append(MLPFilter(d_in, d_out, mlp_hidden or d_out))
+        elif arch == "next_block":
+            filters.append(BlockFilter(model.blocks[layer + 1 : layer + 2]))
+        elif arch == "rest_blocks":
+            filters.append(BlockFilter(model.blocks[layer + 1 :]))
+        else:
+            raise ValueError(f"unknown filter architecture {arch!r}")
+    bank = FilterBank(filters, layers)
+    if random_init:
+        bank.apply(GPT._init_weights)
+    return bank.requires_grad_(True)  # copies of a frozen model's blocks arrive frozen

@@ -1,0 +1,107 @@
+"""The training objectives of DESIGN.md, each in a fused form and a plain full-logits form.
+
+- CE: next-token cross-entropy, mean over tokens.
+- KD: KL(softmax(z_t / T) || softmax(z_s / T)) * T^2, mean over tokens.
+- D_TED = sum_k MSE(g_t^k(H_t^{M(k)}), g_s^k(H_s^k)); LWD's D_layer has the same form with the raw
+  teacher states and learnable projections; TED-KL replaces each MSE by KD between the filters'
+  predictions through the heads.
+
+Tokens whose label is ``IGNORE`` count for neither CE nor KD. All loss math is fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ted_scale.kernels import fused_linear_ce_kd, fused_linear_cross_entropy, fused_linear_kl_div
+
+IGNORE = -100
+Reduction = Literal["sum", "mean"]
+
+
+def cross_entropy(hidden: Tensor, head_weight: Tensor, labels: Tensor, *, fused: bool) -> Tensor:
+    """Mean CE of ``hidden`` [B, T, d] (already final-normed) through ``head_weight`` [V, d]."""
+    if fused:
+        return fused_linear_cross_entropy(hidden, head_weight, labels, ignore_index=IGNORE)
+    logits = F.linear(hidden, head_weight).float()
+    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE)
+
+
+def kl_distillation(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float,
+    fused: bool,
+) -> Tensor:
+    """KD between two heads' predictions, mean over tokens with a label: the KD and TED-KL term.
+
+    student_hidden [B, T, ds] with student_weight [V, ds]; teacher_hidden [B, T, dt] with
+    teacher_weight [V, dt]; both hidden states already final-normed.
+    """
+    keep = labels != IGNORE
+    if fused:
+        return fused_linear_kl_div(
+            student_hidden, student_weight, teacher_hidden, teacher_weight,
+            temperature=temperature, mask=keep,
+        )
+    z_s = F.linear(student_hidden, student_weight).float()[keep]
+    z_t = F.linear(teacher_hidden, teacher_weight).float()[keep]
+    return _kl_from_logits(z_s, z_t, temperature)
+
+
+def cross_entropy_and_kd(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    labels: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    *,
+    temperature: float,
+    alpha_kd: float,
+    fused: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CE + alpha_kd * KD sharing the student's logits; returns (loss, ce, kd), ce/kd detached."""
+    if fused:
+        return fused_linear_ce_kd(
+            student_hidden, student_weight, labels, teacher_hidden, teacher_weight,
+            temperature=temperature, kd_weight=alpha_kd, ignore_index=IGNORE,
+        )
+    z_s = F.linear(student_hidden, student_weight).float()
+    keep = labels != IGNORE
+    ce = F.cross_entropy(z_s.flatten(0, -2), labels.flatten(), ignore_index=IGNORE)
+    z_t = F.linear(teacher_hidden, teacher_weight).float()
+    kd = _kl_from_logits(z_s[keep], z_t[keep], temperature)
+    return ce + alpha_kd * kd, ce.detach(), kd.detach()
+
+
+def _kl_from_logits(z_s: Tensor, z_t: Tensor, temperature: float) -> Tensor:
+    """KL(softmax(z_t/T) || softmax(z_s/T)) * T^2, mean over rows of [N, V] logits."""
+    if z_s.shape[0] == 0:
+        return z_s.sum() * 0.0
+    log_p_s = F.log_softmax(z_s / temperature, dim=-1)
+    log_p_t = F.log_softmax(z_t / temperature, dim=-1)
+    kl = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum") / z_s.shape[0]
+    return kl * temperature**2
+
+
+def mse(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean over tokens and dims of (student - teacher)^2, in fp32.
+
+    Written out rather than ``F.mse_loss`` so that ``teacher`` may be an inference-mode tensor:
+    the subtraction saves nothing of it for the backward pass.
+    """
+    return (student.float() - teacher.float()).square().mean()
+
+
+def combine_layers(per_layer: Sequence[Tensor], reduction: Reduction) -> Tensor:
+    total = torch.stack(list(per_layer)).sum()
+    return total / len(per_layer) if reduction == "mean" else total

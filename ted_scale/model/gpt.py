@@ -1,0 +1,192 @@
+"""GPT-2 as one readable file: pre-LayerNorm blocks, learned positions, tanh-GELU, tied embeddings.
+
+Projection names are chosen so tensor parallelism can shard them by name:
+``attn.qkv_proj`` (column-parallel; its output rows are [q; k; v], each ``n_embd`` wide),
+``attn.out_proj`` (row-parallel), ``mlp.up_proj`` (column-parallel), ``mlp.down_proj`` (row-parallel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ted_scale.model.attention import causal_attention
+
+
+@dataclass
+class GPTConfig:
+    """Shape and regularisation of a GPT-2 model (names follow HF's ``GPT2Config``)."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    dropout: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+
+@dataclass
+class GPTOutput:
+    """What a forward pass returns.
+
+    hidden_states: block index (0-based) -> residual stream after that block, [B, T, n_embd].
+    last_hidden: final LayerNorm output, [B, T, n_embd] (the LM head's input).
+    logits: [B, T, vocab_size], or None when the caller fuses the LM head into its loss.
+    """
+
+    hidden_states: dict[int, Tensor] = field(default_factory=dict)
+    last_hidden: Tensor | None = None
+    logits: Tensor | None = None
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.qkv_proj = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.out_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.implementation = "auto"
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv_proj(x).split(C, dim=2)
+        # [B, T, C] -> [B, n_head, T, head_dim]
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        dropout_p = self.attn_dropout if self.training else 0.0
+        y = causal_attention(q, k, v, dropout_p=dropout_p, implementation=self.implementation)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.out_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.down_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.down_proj(F.gelu(self.up_proj(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2 language model.
+
+    ``attention`` picks the kernel: ``auto`` (flash-attn 2 for fp16/bf16 CUDA inputs when installed,
+    otherwise SDPA), ``sdpa``, ``flash`` or ``eager`` (the plain reference).
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        *,
+        attention: str = "auto",
+        activation_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.activation_checkpointing = activation_checkpointing
+        self.set_attention(attention)
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) at initialisation.
+        for name, p in self.named_parameters():
+            if name.endswith(("out_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / (2 * config.n_layer) ** 0.5)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def lm_head_weight(self) -> Tensor:
+        """The LM head, tied to the token embedding: [vocab_size, n_embd]."""
+        return self.wte.weight
+
+    def set_attention(self, implementation: str) -> None:
+        for block in self.blocks:
+            block.attn.implementation = implementation
+
+    def lm_head(self, normed_hidden: Tensor) -> Tensor:
+        """[..., n_embd] -> logits [..., vocab_size]."""
+        return F.linear(normed_hidden, self.wte.weight)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """The full task head applied to a residual-stream state: final LayerNorm, then LM head."""
+        return self.lm_head(self.ln_f(hidden))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        output_layers: Sequence[int] = (),
+        return_logits: bool = True,
+        stop_after: int | None = None,
+    ) -> GPTOutput:
+        """Run the model on ``input_ids`` [B, T].
+
+        output_layers: 0-based block indices whose residual-stream outputs are returned.
+        return_logits: compute logits [B, T, V]; pass False when the loss fuses the LM head.
+        stop_after: skip every block after this index (and the final LayerNorm and head).
+        """
+        T = input_ids.shape[1]
+        if T > self.config.n_positions:
+            raise ValueError(f"sequence length {T} exceeds n_positions={self.config.n_positions}")
+        wanted = set(output_layers)
+        if wanted and (min(wanted) < 0 or max(wanted) >= len(self.blocks)):
+            raise ValueError(f"output_layers {sorted(wanted)} outside 0..{len(self.blocks) - 1}")
+        positions = torch.arange(T, device=input_ids.device)
+        x = self.drop(self.wte(input_ids) + self.wpe(positions))
+        out = GPTOutput()
+        for i, block in enumerate(self.blocks):
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+            if i in wanted:
+                out.hidden_states[i] = x
+            if stop_after is not None and i >= stop_after:
+                return out
+        out.last_hidden = self.ln_f(x)
+        if return_logits:
+            out.logits = self.lm_head(out.last_hidden)
+        return out
+
+    def num_params(self, *, exclude_embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.wpe.weight.numel()
+        return n

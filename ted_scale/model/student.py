@@ -1,0 +1,38 @@
+"""Student initialisation: a shallower copy of the teacher, block k taken from teacher block M(k)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+
+from ted_scale.model.gpt import GPT
+
+
+def student_from_teacher(
+    teacher: GPT, teacher_blocks: Sequence[int], *, dropout: float | None = None
+) -> GPT:
+    """A student whose block k is a copy of ``teacher.blocks[teacher_blocks[k]]`` (0-based).
+
+    Token and position embeddings and the final LayerNorm are copied too; the student gets its own
+    tensors (nothing is shared with the teacher).
+    """
+    n = len(teacher.blocks)
+    bad = [b for b in teacher_blocks if not 0 <= b < n]
+    if bad or not teacher_blocks:
+        raise ValueError(f"teacher blocks {list(teacher_blocks)} must be non-empty and in 0..{n - 1}")
+    config = replace(
+        teacher.config,
+        n_layer=len(teacher_blocks),
+        dropout=teacher.config.dropout if dropout is None else dropout,
+    )
+    student = GPT(config, activation_checkpointing=teacher.activation_checkpointing)
+    student.set_attention(teacher.blocks[0].attn.implementation)
+    with torch.no_grad():
+        for name in ("wte", "wpe", "ln_f"):
+            getattr(student, name).load_state_dict(getattr(teacher, name).state_dict())
+        for k, b in enumerate(teacher_blocks):
+            student.blocks[k].load_state_dict(teacher.blocks[b].state_dict())
+    return student.to(next(teacher.parameters()).device)
+

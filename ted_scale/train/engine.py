@@ -1,0 +1,76 @@
+"""The DeepSpeed engine around the trained module (student with its filters, or Stage I filters)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ted_scale.config.schema import RunConfig
+from ted_scale.train.optim import build_optimizer, warmup_linear_decay
+
+
+def gradient_accumulation_steps(config: RunConfig, world_size: int) -> int:
+    per_step = config.batch.micro_batch_size * world_size
+    if config.batch.global_batch_size % per_step:
+        raise ValueError(
+            f"batch.global_batch_size ({config.batch.global_batch_size}) must be a multiple of "
+            f"micro_batch_size x ranks = {config.batch.micro_batch_size} x {world_size}"
+        )
+    return config.batch.global_batch_size // per_step
+
+
+def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config. Precision is handled by torch.autocast around the forward, so
+    DeepSpeed keeps fp32 master weights and its own fp16/bf16 modes stay off."""
+    zero: dict[str, Any] = {"stage": config.deepspeed.zero_stage}
+    if config.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if config.deepspeed.zero_stage == 3:
+        # Gather weights as needed; the tied LM head is registered as an external parameter.
+        zero["stage3_param_persistence_threshold"] = 0
+    ds = {
+        "train_batch_size": config.batch.global_batch_size,
+        "train_micro_batch_size_per_gpu": config.batch.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps(config, world_size),
+        "gradient_clipping": config.optim.grad_clip,
+        "zero_optimization": zero,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    ds.update(config.deepspeed.extra)
+    return ds
+
+
+def build_engine(
+    module: nn.Module, config: RunConfig, *, world_size: int, total_steps: int, lr: float
+):
+    """Wrap ``module`` in a DeepSpeed engine with AdamW and the warm-up/decay schedule."""
+    import deepspeed
+
+    if config.deepspeed.zero_stage == 3 and hasattr(module, "student"):
+        # The tied LM head is used outside the embedding module's forward: ZeRO-3 must gather it
+        # for the whole forward of the top module.
+        deepspeed.zero.register_external_parameter(module, module.student.wte.weight)
+    optimizer = build_optimizer(module, config.optim, lr)
+    scheduler = warmup_linear_decay(
+        optimizer,
+        total_steps=total_steps,
+        warmup_ratio=config.optim.warmup_ratio,
+        min_lr_ratio=config.optim.min_lr_ratio,
+    )
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(config, world_size),
+    )
+    return engine, scheduler
+
+
+def autocast_dtype(config: RunConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA under ``precision: auto``; None means fp32 throughout."""
+    if config.precision == "fp32" or (config.precision == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16

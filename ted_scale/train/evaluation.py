@@ -1,0 +1,64 @@
+"""Evaluation every ``eval.interval`` steps: held-out perplexity on the first batches of the test
+split and LAMBADA on a fixed subset. Rank 0 evaluates; the other ranks wait at the barrier."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ted_scale.config.schema import RunConfig
+from ted_scale.data.loader import DistributedBatchLoader, PackedTokens
+from ted_scale.eval.heldout import heldout_perplexity
+from ted_scale.eval.lambada import evaluate_lambada, load_lambada
+from ted_scale.model import GPT
+from ted_scale.train.distributed import barrier, gathered_state
+
+
+class InTrainingEval:
+    def __init__(
+        self,
+        config: RunConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        heldout: PackedTokens,
+        *,
+        is_main: bool,
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.heldout = heldout
+        self.is_main = is_main
+        self.passages = load_lambada(config.eval.lambada_path)[: config.eval.lambada_examples]
+
+    def __call__(self, model: GPT, device: torch.device) -> dict[str, float]:
+        """Metrics of ``model`` (empty on ranks other than 0).
+
+        Rank 0 evaluates a plain copy: under ZeRO-3 the engine's own module holds only this
+        rank's partition of each weight, and its hooks would release gathered weights mid-eval.
+        """
+        state = gathered_state(model)  # a collective under ZeRO-3: every rank takes part
+        results: dict[str, float] = {}
+        if self.is_main:
+            copy = GPT(model.config, attention=model.blocks[0].attn.implementation)
+            copy.load_state_dict(state)
+            results = self._evaluate(copy.to(device).eval(), device)
+        barrier()
+        return results
+
+    def _evaluate(self, model: GPT, device: torch.device) -> dict[str, float]:
+        results = {}
+        if len(self.heldout):  # a tiny corpus may leave the test split empty
+            # Always the same first batches: a fixed seed and one rank's view of the split.
+            loader = DistributedBatchLoader(
+                self.heldout, self.config.batch.micro_batch_size, seed=0, drop_last=False
+            )
+            heldout = heldout_perplexity(
+                model, loader, device=device, max_batches=self.config.eval.heldout_batches
+            )
+            results["eval_heldout_ppl"] = heldout["perplexity"]
+        lambada = evaluate_lambada(
+            model, self.tokenizer, self.passages,
+            batch_size=self.config.batch.micro_batch_size, device=device, fused=self.config.fused_loss,
+        )
+        results["eval_lambada_acc"] = lambada["accuracy"]
+        results["eval_lambada_ppl"] = lambada["perplexity"]
+        return results

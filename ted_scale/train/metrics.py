@@ -1,0 +1,117 @@
+"""Where a run reports: ``metrics.jsonl``, TensorBoard scalars and a console progress bar.
+
+Only the main rank writes. Loss parts arrive as tensors and are synchronised with the host once per
+log interval, never once per micro-batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+
+class LossAverager:
+    """Sums detached loss tensors on the device between log lines; one host sync per ``pop``."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.count = 0
+
+    def add(self, parts: dict[str, Tensor]) -> None:
+        for key, value in parts.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        self.count += 1
+
+    def pop(self) -> dict[str, float]:
+        """Means since the last pop, averaged over data-parallel ranks too."""
+        if not self.count:
+            return {}
+        keys = sorted(self.sums)
+        stacked = torch.stack([self.sums[k] for k in keys]) / self.count
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stacked)
+            stacked /= torch.distributed.get_world_size()
+        self.sums.clear()
+        self.count = 0
+        return dict(zip(keys, stacked.tolist(), strict=True))
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors it to TensorBoard."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self.tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if isinstance(value, int | float) and not isinstance(value, bool) and key != "step":
+                    self.tb.add_scalar(f"{record['stage']}/{key}", value, step)
+            self.tb.flush()
+
+    def truncate_after(self, stage: str, step: int) -> None:
+        """Drop lines logged after a checkpoint that is being resumed, so none appear twice."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("stage") == stage and record.get("step", 0) > step:
+                continue
+            kept.append(line)
+        from ted_scale.io import atomic_write_text
+
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Throughput:
+    """Tokens/s, TFLOP/s and MFU over the last log interval."""
+
+    def __init__(self, flops_per_token: float, world_size: int, peak_tflops: float | None) -> None:
+        self.flops_per_token = flops_per_token
+        self.world_size = world_size
+        self.peak_tflops = peak_tflops
+        self.start = time.perf_counter()
+        self.tokens = 0
+
+    def add_tokens(self, n: int) -> None:
+        self.tokens += n
+
+    def pop(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        tokens_per_s = self.tokens / elapsed  # global: every rank adds the same count
+        tflops_per_gpu = tokens_per_s * self.flops_per_token / self.world_size / 1e12
+        out = {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops_per_gpu}
+        if self.peak_tflops:
+            out["mfu"] = tflops_per_gpu / self.peak_tflops
+        self.start = time.perf_counter()
+        self.tokens = 0
+        return out
+
+
+def progress_bar(total: int, initial: int, desc: str, *, enabled: bool) -> tqdm:
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)

@@ -1,0 +1,120 @@
+"""Teacher, student and tokenizer as the run configuration describes them, checked against each
+other before any training starts."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from ted_scale.config.schema import RunConfig
+from ted_scale.data import DataError
+from ted_scale.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from ted_scale.distill.layer_map import resolve_layer_map
+from ted_scale.model import GPT, load_pretrained, student_from_teacher
+
+
+class ModelMismatchError(ValueError):
+    """Teacher, student and data do not fit together."""
+
+
+def weights_fingerprint(model: GPT) -> str:
+    """sha256 over every tensor's name, shape and fp32 bytes: the identity of a set of weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def folder_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerFast | None:
+    """The tokenizer saved beside a local HF model folder, if there is one."""
+    if name_or_path and (Path(name_or_path) / "tokenizer.json").is_file():
+        return load_tokenizer(name_or_path)
+    return None
+
+
+def run_tokenizer(config: RunConfig) -> PreTrainedTokenizerFast:
+    """The tokenizer the training data was prepared with (``data.path/tokenizer``)."""
+    path = Path(config.data.path) / "tokenizer"
+    if not path.is_dir():
+        raise DataError(f"{config.data.path}: no tokenizer/ folder; prepare it with launch/prepare_data.py")
+    return load_tokenizer(str(path))
+
+
+def build_teacher(config: RunConfig) -> GPT:
+    """The frozen teacher: a pretrained HF GPT-2 or, with ``teacher.pretrained: null``, random."""
+    kwargs = {"attention": config.model.attention}
+    if config.teacher.pretrained:
+        teacher = load_pretrained(config.teacher.pretrained, **kwargs)
+    else:
+        teacher = GPT(config.teacher.arch, **kwargs)
+    return teacher.eval().requires_grad_(False)
+
+
+def teacher_layer_map(config: RunConfig, teacher: GPT) -> list[int]:
+    try:
+        return resolve_layer_map(config.student.layer_map, len(teacher.blocks), config.student.n_layer)
+    except ValueError as e:
+        raise ModelMismatchError(f"student.layer_map: {e}") from e
+
+
+def build_student(config: RunConfig, teacher: GPT | None) -> GPT:
+    """The student as ``student.init`` says: teacher blocks at the layer map, an HF checkpoint, or
+    random with the teacher's shape and ``student.n_layer`` blocks."""
+    init = config.student.init
+    kwargs = {
+        "attention": config.model.attention,
+        "activation_checkpointing": config.model.activation_checkpointing,
+    }
+    if init == "pretrained":
+        student = load_pretrained(config.student.pretrained, **kwargs)
+        _set_dropout(student, config.student.dropout)
+    elif init == "teacher_layers":
+        student = student_from_teacher(
+            teacher, teacher_layer_map(config, teacher), dropout=config.student.dropout
+        )
+        student.activation_checkpointing = config.model.activation_checkpointing
+    else:
+        shape = teacher.config if teacher is not None else config.teacher.arch
+        arch = replace(shape, n_layer=config.student.n_layer, dropout=config.student.dropout)
+        student = GPT(arch, **kwargs)
+    return student.train().requires_grad_(True)
+
+
+def _set_dropout(model: GPT, p: float) -> None:
+    model.config.dropout = p
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+    for block in model.blocks:
+        block.attn.attn_dropout = p
+
+
+def check_compatible(
+    config: RunConfig, tokenizer: PreTrainedTokenizerFast, teacher: GPT | None, student: GPT
+) -> None:
+    """Refuse, before training, a teacher, student and data that do not share one vocabulary."""
+    models = {"student": student} if teacher is None else {"teacher": teacher, "student": student}
+    for role, model in models.items():
+        if model.config.vocab_size != len(tokenizer):
+            raise ModelMismatchError(
+                f"{role} has a vocabulary of {model.config.vocab_size} tokens but the data in "
+                f"{config.data.path} was tokenised with {len(tokenizer)}"
+            )
+    data_fp = tokenizer_fingerprint(tokenizer)
+    for role, source in (("teacher", config.teacher.pretrained), ("student", config.student.pretrained)):
+        own = folder_tokenizer(source)
+        if own is not None and tokenizer_fingerprint(own) != data_fp:
+            raise ModelMismatchError(
+                f"the {role} in {source} comes with another tokenizer than the data in "
+                f"{config.data.path}: teacher, student and data must share one tokenizer"
+            )
+    if teacher is not None and student.config.n_positions < teacher.config.n_positions:
+        raise ModelMismatchError(
+            f"student context {student.config.n_positions} is shorter than the teacher's "
+            f"{teacher.config.n_positions}"
+        )

@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ted_scale.config import ConfigError, load_run_config, save_resolved
+from ted_scale.config.schema import RunConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_yaml_file_and_overrides_build_typed_config(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("stage: distill\noptim:\n  lr: 1e-4\n  betas: [0.8, 0.9]\n")
+    config = load_run_config(path, ["optim.lr=3e-4", "student.layer_map=[0,1,2,3,4,5]", "output_dir=/x"])
+    assert isinstance(config, RunConfig)
+    assert config.stage == "distill"
+    assert config.optim.lr == 3e-4 and config.optim.betas == (0.8, 0.9)
+    assert config.student.layer_map == [0, 1, 2, 3, 4, 5]
+    assert config.output_dir == "/x"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=1", "unknown key 'optim.lrr'; did you mean 'optim.lr'"),
+        ("distil.alpha_kd=1", "unknown key 'distil'; did you mean 'distill'"),
+        ("stage=distil", "stage must be one of .*did you mean 'distill'"),
+        ("batch.micro_batch_size=abc", "batch.micro_batch_size expects an integer, got 'abc'"),
+        ("fused_loss=maybe", "fused_loss expects true or false"),
+        ("optim.lr=-1", r"optim.lr must be > 0.0, got -1.0"),
+        ("optim.warmup_ratio=1.5", r"optim.warmup_ratio must be <= 1.0"),
+        ("optim.betas=[0.9]", "optim.betas expects 2 values"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage must be <= 3"),
+        ("student.layer_map=[0,2]", "layer_map has 2 entries but student.n_layer is 6"),
+        ("teacher.arch.n_embd=50", "teacher.arch: n_embd .50. must be divisible by n_head"),
+        ("batch.global_batch_size=10", "must be a multiple of batch.micro_batch_size"),
+        ("optim", "must look like key.subkey=value"),
+    ],
+)
+def test_each_kind_of_config_error_names_the_key_and_what_it_expects(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(None, [override])
+
+
+def test_missing_config_file_names_the_path(tmp_path):
+    with pytest.raises(ConfigError, match=f"config file not found: {tmp_path / 'nope.yaml'}"):
+        load_run_config(tmp_path / "nope.yaml")
+
+
+def test_errors_in_a_file_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=f"{path}: optim.lr expects a number"):
+        load_run_config(path)
+
+
+def test_resolved_config_round_trips_through_the_run_directory(tmp_path):
+    config = load_run_config(None, ["method=kd", "optim.betas=[0.5, 0.6]"])
+    path = save_resolved(config, tmp_path)
+    assert load_run_config(path) == config
+    assert yaml.safe_load(path.read_text())["method"] == "kd"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    load_run_config(path)

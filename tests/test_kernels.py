@@ -1,0 +1,250 @@
+"""Fused linear losses against naive full-logits PyTorch, for the torch and Triton backends.
+
+Triton runs on CPU tensors only through its interpreter, which must be on before triton is first
+imported (conftest already imports it through transformers). So the Triton cases run here only
+when TRITON_INTERPRET=1 was set at start-up; otherwise one test re-runs them in a subprocess.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ted_scale.kernels import (
+    default_chunk_size,
+    fused_linear_ce_kd,
+    fused_linear_cross_entropy,
+    fused_linear_kl_div,
+    reference,
+)
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+BACKENDS = [
+    "torch",
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(
+            not (HAS_TRITON and INTERPRETING),
+            reason="run by test_triton_backend_passes_under_interpreter_subprocess",
+        ),
+    ),
+]
+
+# V above the Triton kernels' 16K block: rows span two blocks, the second one partly masked.
+VOCAB, D_STUDENT, D_TEACHER, T, KD_WEIGHT = 20_000, 16, 24, 2.0, 2.5
+FP32_TOL, BF16_TOL = 1e-5, 2e-2
+
+
+def rel_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Norm-wise relative difference ||actual - expected|| / ||expected|| in fp64."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def make_inputs(shape=(3, 5), dtype=torch.float32, seed=0):
+    """Student/teacher hidden states and LM heads; teacher tensors are inference tensors."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, D_STUDENT, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(VOCAB, D_STUDENT, generator=g) * 0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, VOCAB, shape, generator=g)
+    targets.view(-1)[::4] = -100
+    with torch.inference_mode():
+        teacher_hidden = torch.randn(*shape, D_TEACHER, generator=g).to(dtype)
+        teacher_weight = (torch.randn(VOCAB, D_TEACHER, generator=g) * 0.5).to(dtype)
+    return hidden, weight, targets, teacher_hidden, teacher_weight
+
+
+def naive_kd_rows(hidden, weight, teacher_hidden, teacher_weight):
+    """Per-token KL(p_t || p_s) * T^2 from full fp32 logits."""
+    log_ps = F.log_softmax(hidden.float() @ weight.float().T / T, dim=-1)
+    log_pt = F.log_softmax(teacher_hidden.float() @ teacher_weight.float().T / T, dim=-1)
+    return F.kl_div(log_ps, log_pt, log_target=True, reduction="none").sum(-1) * T**2
+
+
+def naive_ce(hidden, weight, targets):
+    logits = hidden.float() @ weight.float().T
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-100)
+
+
+def assert_matches(loss, expected, params, tol):
+    grads = torch.autograd.grad(loss, params)
+    expected_grads = torch.autograd.grad(expected, params)
+    assert loss.dtype == torch.float32
+    assert rel_diff(loss, expected) <= tol
+    for grad, expected_grad, param in zip(grads, expected_grads, params, strict=True):
+        assert grad.dtype == param.dtype and grad.shape == param.shape
+        assert rel_diff(grad, expected_grad) <= tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropy_matches_naive_over_uneven_chunks_with_ignored_targets(backend):
+    hidden, weight, targets, _, _ = make_inputs()
+    loss = fused_linear_cross_entropy(hidden, weight, targets, chunk_size=4, backend=backend)
+    assert_matches(loss, naive_ce(hidden, weight, targets), (hidden, weight), FP32_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_kl_div_matches_naive_with_other_teacher_width(backend, masked):
+    hidden, weight, targets, teacher_hidden, teacher_weight = make_inputs()
+    mask = targets != -100 if masked else None
+    loss = fused_linear_kl_div(
+        hidden, weight, teacher_hidden, teacher_weight,
+        temperature=T, mask=mask, chunk_size=4, backend=backend,
+    )  # fmt: skip
+    rows = naive_kd_rows(hidden, weight, teacher_hidden, teacher_weight)
+    expected = rows[mask].mean() if masked else rows.mean()
+    assert_matches(loss, expected, (hidden, weight), FP32_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ce_kd_matches_naive_with_kd_over_kept_targets(backend):
+    hidden, weight, targets, teacher_hidden, teacher_weight = make_inputs()
+    loss, ce, kd = fused_linear_ce_kd(
+        hidden, weight, targets, teacher_hidden, teacher_weight,
+        temperature=T, kd_weight=KD_WEIGHT, chunk_size=4, backend=backend,
+    )  # fmt: skip
+    naive_ce_value = naive_ce(hidden, weight, targets)
+    naive_kd = naive_kd_rows(hidden, weight, teacher_hidden, teacher_weight)[targets != -100].mean()
+    assert not ce.requires_grad and not kd.requires_grad
+    assert rel_diff(ce, naive_ce_value) <= FP32_TOL and rel_diff(kd, naive_kd) <= FP32_TOL
+    assert_matches(loss, naive_ce_value + KD_WEIGHT * naive_kd, (hidden, weight), FP32_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_inputs_give_fp32_loss_and_bf16_grads_close_to_fp32(backend):
+    hidden, weight, targets, teacher_hidden, teacher_weight = make_inputs(dtype=torch.bfloat16)
+    student, teacher = (hidden, weight), (teacher_hidden, teacher_weight)
+    keep = targets != -100
+    kw = {"chunk_size": 4, "backend": backend}
+
+    def naive_kd():
+        return naive_kd_rows(*student, *teacher)[keep].mean()
+
+    fused = fused_linear_cross_entropy(*student, targets, **kw)
+    assert_matches(fused, naive_ce(*student, targets), student, BF16_TOL)
+    fused = fused_linear_kl_div(*student, *teacher, temperature=T, mask=keep, **kw)
+    assert_matches(fused, naive_kd(), student, BF16_TOL)
+    fused = fused_linear_ce_kd(
+        *student, targets, *teacher, temperature=T, kd_weight=KD_WEIGHT, **kw
+    )
+    assert_matches(
+        fused[0], naive_ce(*student, targets) + KD_WEIGHT * naive_kd(), student, BF16_TOL
+    )
+
+
+def test_fp32_student_accepts_bf16_teacher():
+    hidden, weight, _, teacher_hidden, teacher_weight = make_inputs()
+    teacher_hidden, teacher_weight = teacher_hidden.bfloat16(), teacher_weight.bfloat16()
+    loss = fused_linear_kl_div(
+        hidden, weight, teacher_hidden, teacher_weight, temperature=T, chunk_size=4
+    )
+    expected = naive_kd_rows(hidden, weight, teacher_hidden, teacher_weight).mean()
+    assert_matches(loss, expected, (hidden, weight), BF16_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_targets_ignored_gives_zero_loss_and_zero_grads(backend):
+    hidden, weight, targets, teacher_hidden, teacher_weight = make_inputs()
+    targets = torch.full_like(targets, -100)
+    ce = fused_linear_cross_entropy(hidden, weight, targets, chunk_size=4, backend=backend)
+    loss = fused_linear_ce_kd(
+        hidden, weight, targets, teacher_hidden, teacher_weight,
+        temperature=T, kd_weight=KD_WEIGHT, chunk_size=4, backend=backend,
+    )[0]  # fmt: skip
+    for value in (ce, loss):
+        grads = torch.autograd.grad(value, (hidden, weight))
+        assert value.item() == 0.0 and all(not g.any() for g in grads)
+
+
+def test_frozen_weight_gets_no_grad_and_hidden_grad_is_unchanged():
+    hidden, weight, targets, _, _ = make_inputs()
+    frozen = weight.detach()
+    fused_linear_cross_entropy(hidden, frozen, targets, chunk_size=4).backward()
+    expected = torch.autograd.grad(naive_ce(hidden, frozen, targets), hidden)[0]
+    assert frozen.grad is None
+    assert rel_diff(hidden.grad, expected) <= FP32_TOL
+
+
+def test_backward_scales_precomputed_grads_by_grad_output():
+    hidden, weight, targets, _, _ = make_inputs()
+    loss = fused_linear_cross_entropy(hidden, weight, targets, chunk_size=4)
+    assert_matches(3.0 * loss, 3.0 * naive_ce(hidden, weight, targets), (hidden, weight), FP32_TOL)
+
+
+def test_chunk_ops_never_see_more_than_chunk_size_rows(monkeypatch):
+    hidden, weight, targets, teacher_hidden, teacher_weight = make_inputs()
+    seen = []
+
+    def record(op):
+        def wrapped(logits, *args):
+            seen.append(logits.shape)
+            return op(logits, *args)
+
+        return wrapped
+
+    for name in ("cross_entropy_", "kl_div_", "cross_entropy_kl_div_"):
+        monkeypatch.setattr(reference, name, record(getattr(reference, name)))
+    fused_linear_cross_entropy(hidden, weight, targets, chunk_size=4)
+    fused_linear_kl_div(hidden, weight, teacher_hidden, teacher_weight, temperature=T, chunk_size=4)
+    fused_linear_ce_kd(
+        hidden, weight, targets, teacher_hidden, teacher_weight,
+        temperature=T, kd_weight=KD_WEIGHT, chunk_size=4,
+    )  # fmt: skip
+    assert [s[0] for s in seen] == [4, 4, 4, 3] * 3 and {s[1] for s in seen} == {VOCAB}
+
+
+def test_default_chunk_size_bounds_chunk_logits():
+    assert default_chunk_size(50_257) == 256
+    assert default_chunk_size(2**30) == 1
+    assert default_chunk_size(100) * 100 <= 2**24 < default_chunk_size(100) * 200
+
+
+def test_unknown_backend_is_rejected():
+    hidden, weight, targets, _, _ = make_inputs()
+    with pytest.raises(ValueError, match="backend"):
+        fused_linear_cross_entropy(hidden, weight, targets, backend="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_matches_torch_backend_on_cuda_at_gpt2_vocab(dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, d, vocab = 1000, 64, 50_257
+    hidden = torch.randn(n, d, device="cuda", generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, d, device="cuda", generator=g) * 0.3).to(dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), device="cuda", generator=g)
+    targets[::7] = -100
+    teacher_hidden = torch.randn(n, 2 * d, device="cuda", generator=g).to(dtype)
+    teacher_weight = torch.randn(vocab, 2 * d, device="cuda", generator=g).to(dtype) * 0.3
+    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    results = {}
+    for backend in ("torch", "triton"):
+        loss, ce, kd = fused_linear_ce_kd(
+            hidden, weight, targets, teacher_hidden, teacher_weight,
+            temperature=T, kd_weight=KD_WEIGHT, chunk_size=384, backend=backend,
+        )  # fmt: skip
+        ce_only = fused_linear_cross_entropy(hidden, weight, targets, backend=backend)
+        kl_only = fused_linear_kl_div(
+            hidden, weight, teacher_hidden, teacher_weight, temperature=T, backend=backend
+        )
+        grads = torch.autograd.grad(loss + ce_only + kl_only, (hidden, weight))
+        results[backend] = (loss, ce, kd, ce_only, kl_only, *grads)
+    for triton_value, torch_value in zip(results["triton"], results["torch"], strict=True):
+        assert rel_diff(triton_value, torch_value) <= tol
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRETING, reason="needs triton; already interpreting")
+def test_triton_backend_passes_under_interpreter_subprocess():
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "triton"],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and " passed" in result.stdout, result.stdout + result.stderr
