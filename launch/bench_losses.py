@@ -12,7 +12,6 @@ mark (VmHWM, reset after setup through /proc/self/clear_refs) minus the resident
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from ted_scale.bench.memory import PeakMemory
 from ted_scale.kernels import default_chunk_size, fused_linear_ce_kd, fused_linear_cross_entropy
 
 PRESETS = {
@@ -93,11 +93,6 @@ def build_step(stage: str, impl: str, cfg: dict, device: str, dtype: torch.dtype
     return step
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M).group(1))
-
-
 def run_variant(stage: str, impl: str, preset: str) -> dict:
     """Runs one variant in this process and returns its peak memory (MiB) and time (s)."""
     cfg = PRESETS[preset]
@@ -105,14 +100,8 @@ def run_variant(stage: str, impl: str, preset: str) -> dict:
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     torch.manual_seed(0)
     step = build_step(stage, impl, cfg, device, dtype)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident set
-        baseline = _status_kb("VmRSS") * 1024
+    memory = PeakMemory(torch.device(device))
+    memory.reset()
     times = []
     for _ in range(cfg["iters"]):
         start = time.perf_counter()
@@ -120,11 +109,10 @@ def run_variant(stage: str, impl: str, preset: str) -> dict:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") * 1024
     return {
         "stage": stage,
         "impl": impl,
-        "peak_mib": (peak - baseline) / 2**20,
+        "peak_mib": memory.peak_bytes() / 2**20,
         # Best of the post-warm-up iterations: least disturbed by other load on a shared machine.
         "time_s": min(times[1:] or times),
         "device": device,

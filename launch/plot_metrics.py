@@ -1,6 +1,6 @@
 """Figure 2 of the paper (training loss, per-layer distillation loss vs step) from run directories.
 
-    python launch/plot_metrics.py --runs LWD=runs/lwd TED=runs/ted --out figures/
+python launch/plot_metrics.py --runs LWD=runs/lwd TED=runs/ted --out figures/
 """
 
 from __future__ import annotations

@@ -23,3 +23,27 @@ def tiny_config() -> GPTConfig:
 def tiny_gpt(tiny_config: GPTConfig) -> GPT:
     torch.manual_seed(0)
     return GPT(tiny_config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A prepared data directory: 300 kB of the bundled WikiText-2 valid split, a 512-token BPE,
+    64-token samples (what configs/tiny-*.yaml expect)."""
+    import gzip
+
+    from ted_scale.data.prepare import PrepareConfig, prepare
+    from ted_scale.eval.datafiles import asset
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    with gzip.open(asset("wikitext-2-valid.txt.gz"), "rt", encoding="utf-8") as f:
+        text = f.read(300_000)
+    corpus = root / "corpus.txt"
+    corpus.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
+    out = root / "prepared"
+    prepare(
+        PrepareConfig(
+            input=str(corpus), out=str(out), train_tokenizer=512, seq_len=64, num_workers=0,
+            verbose=False,
+        )
+    )
+    return out

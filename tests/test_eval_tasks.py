@@ -35,7 +35,9 @@ def _train_text() -> str:
 
 def _train_tiny_gpt(ids: list[int], vocab_size: int, steps: int = 150) -> GPT:
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=vocab_size, n_positions=WINDOW, n_embd=64, n_layer=2, n_head=2, dropout=0.0)
+    cfg = GPTConfig(
+        vocab_size=vocab_size, n_positions=WINDOW, n_embd=64, n_layer=2, n_head=2, dropout=0.0
+    )
     model = GPT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     data = torch.tensor(ids)
@@ -71,7 +73,9 @@ def model_dir(one_thread, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(model_dir):
     """(HF model, HF tokenizer) loaded with transformers only."""
-    return AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(
+        model_dir
+    )
 
 
 def _log_probs(hf, ids: list[int]) -> torch.Tensor:
@@ -141,7 +145,9 @@ def test_lambada_accuracy_counts_passages_whose_target_is_greedy(model_dir, refe
 def test_wikitext_matches_transformers(model_dir, reference, stride, detok):
     model, tokenizer, _ = load_model(model_dir)
     text = load_wikitext(max_articles=1)[:3000]
-    got = evaluate_wikitext(model, tokenizer, text, stride=stride, batch_size=6, detokenize_text=detok)
+    got = evaluate_wikitext(
+        model, tokenizer, text, stride=stride, batch_size=6, detokenize_text=detok
+    )
     hf, tok = reference
     total, n = _reference_wikitext_nll(hf, tok, detokenize(text) if detok else text, stride)
     words = len(text.split())
@@ -154,8 +160,10 @@ def test_evaluating_twice_gives_identical_numbers(model_dir):
     model, tokenizer, _ = load_model(model_dir)
     passages, text = load_lambada()[:10], load_wikitext(max_articles=1)[:1500]
     runs = [
-        (evaluate_lambada(model, tokenizer, passages, batch_size=3),
-         evaluate_wikitext(model, tokenizer, text, batch_size=4))
+        (
+            evaluate_lambada(model, tokenizer, passages, batch_size=3),
+            evaluate_wikitext(model, tokenizer, text, batch_size=4),
+        )
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
@@ -191,15 +199,24 @@ def test_heldout_matches_transformers(model_dir, reference, tmp_path):
     articles = load_wikitext(split="valid", max_articles=6)
     src.write_text("".join(json.dumps({"text": a}) + "\n" for a in articles.split("\n \n")[:40]))
     data = tmp_path / "data"
-    manifest = prepare(PrepareConfig(
-        input=str(src), out=str(data), tokenizer=str(model_dir), seq_len=WINDOW,
-        test_fraction=0.3, num_workers=0, verbose=False,
-    ))
+    manifest = prepare(
+        PrepareConfig(
+            input=str(src),
+            out=str(data),
+            tokenizer=str(model_dir),
+            seq_len=WINDOW,
+            test_fraction=0.3,
+            num_workers=0,
+            verbose=False,
+        )
+    )
     model, tokenizer, _ = load_model(model_dir)
     got = evaluate_heldout(model, tokenizer, data, batch_size=7)
 
     split = manifest.splits["test"]
-    stream = np.concatenate([np.fromfile(data / sh.path, dtype=manifest.dtype) for sh in split.shards])
+    stream = np.concatenate(
+        [np.fromfile(data / sh.path, dtype=manifest.dtype) for sh in split.shards]
+    )
     hf, _ = reference
     total, count = 0.0, 0
     for i in range(split.num_samples):
@@ -212,7 +229,7 @@ def test_heldout_matches_transformers(model_dir, reference, tmp_path):
 
 
 def test_tokenizer_outside_model_vocabulary_is_refused(model_dir):
-    model, tokenizer, _ = load_model(model_dir)
+    _, tokenizer, _ = load_model(model_dir)
     small = GPT(GPTConfig(vocab_size=64, n_positions=WINDOW, n_embd=16, n_layer=1, n_head=1))
     with pytest.raises(EvalError, match="outside the model's vocabulary of 64"):
         evaluate_lambada(small, tokenizer, load_lambada()[:2])
@@ -226,7 +243,9 @@ def test_tokenizer_that_cannot_encode_the_text_is_refused(model_dir):
 
     backend = Tokenizer(models.WordLevel({"<unk>": 0, "<|endoftext|>": 1}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    unk_only = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|endoftext|>")
+    unk_only = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<|endoftext|>"
+    )
     model, _, _ = load_model(model_dir)
     with pytest.raises(EvalError, match="cannot encode"):
         evaluate_lambada(model, unk_only, load_lambada()[:2])

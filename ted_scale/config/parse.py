@@ -111,6 +111,8 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
             raise errors[0]
         raise ConfigError(f"{where}: {key} expects {_describe(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -159,7 +159,8 @@ class RunConfig:
     fused_loss: bool = True
     """Chunked LM-head losses that never hold full vocabulary-sized logits."""
     teacher_prefetch: Literal["auto", "on", "off"] = "auto"
-    """Compute the teacher's outputs one micro-batch ahead on a side CUDA stream (auto: on CUDA)."""
+    """Compute the teacher's outputs one micro-batch ahead on a side CUDA stream (``auto``: on
+    CUDA). ``on`` without CUDA keeps the look-ahead order but runs the teacher inline."""
     skip_nonfinite: int = bounded(0, ge=0)
     """Steps with a non-finite loss that may be skipped before the run stops."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

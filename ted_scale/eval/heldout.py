@@ -74,7 +74,8 @@ def evaluate_heldout(
     The split must have been tokenised with `tokenizer` and fit the model's context.
     """
     dataset = open_split(
-        data_dir, split,
+        data_dir,
+        split,
         expected_tokenizer_sha256=tokenizer_fingerprint(tokenizer),
         max_positions=model.config.n_positions,
     )

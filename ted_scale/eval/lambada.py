@@ -37,7 +37,9 @@ def load_lambada(path: str | os.PathLike | None = None) -> list[str]:
         try:
             text = json.loads(line)["text"]
         except (ValueError, KeyError, TypeError) as e:
-            raise EvalError(f"{path}:{lineno}: expected a JSON object with a 'text' field ({e})") from None
+            raise EvalError(
+                f"{path}:{lineno}: expected a JSON object with a 'text' field ({e})"
+            ) from None
         if not isinstance(text, str) or " " not in text.strip():
             raise EvalError(f"{path}:{lineno}: 'text' must be a passage of several words")
         passages.append(text)
@@ -98,15 +100,22 @@ def evaluate_lambada(
     cfg = model.config
     examples = [
         lambada_example(
-            tokenizer, text, window=cfg.n_positions, vocab_size=cfg.vocab_size,
+            tokenizer,
+            text,
+            window=cfg.n_positions,
+            vocab_size=cfg.vocab_size,
             where=f"LAMBADA passage {i + 1}",
         )
         for i, text in enumerate(passages)
     ]
     scores = score_sequences(
-        model, examples, batch_size=batch_size,
+        model,
+        examples,
+        batch_size=batch_size,
         device=torch.device(device) if device is not None else model_device(model),
-        fused=fused, desc="lambada", progress=progress,
+        fused=fused,
+        desc="lambada",
+        progress=progress,
     )
     return {
         "accuracy": sum(s.all_correct for s in scores) / len(scores),

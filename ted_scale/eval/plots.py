@@ -11,9 +11,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import matplotlib.pyplot as plt
 
-from ted_scale.eval import EvalError  # noqa: E402
+from ted_scale.eval import EvalError
 
 METRICS_FILE = "metrics.jsonl"
 # Figure groups: output file -> per-layer metric key pattern (Stage II layer loss, Stage I filters).

@@ -55,7 +55,11 @@ def run_evaluation(
         if task == "lambada":
             passages = load_lambada_hf() if lambada_source == "hf" else load_lambada()
             out = evaluate_lambada(
-                model, tokenizer, passages, batch_size=batch_size, max_examples=max_examples,
+                model,
+                tokenizer,
+                passages,
+                batch_size=batch_size,
+                max_examples=max_examples,
                 progress=progress,
             )
             out["source"] = lambada_source
@@ -66,13 +70,24 @@ def run_evaluation(
                 else load_wikitext(max_articles=max_examples)
             )
             out = evaluate_wikitext(
-                model, tokenizer, text, stride=stride, batch_size=batch_size,
-                detokenize_text=detokenize, progress=progress,
+                model,
+                tokenizer,
+                text,
+                stride=stride,
+                batch_size=batch_size,
+                detokenize_text=detokenize,
+                progress=progress,
             )
-            out["source"] = "wikitext-103-raw-v1" if wikitext_source == "hf" else "wikitext-2 (bundled)"
+            out["source"] = (
+                "wikitext-103-raw-v1" if wikitext_source == "hf" else "wikitext-2 (bundled)"
+            )
         else:
             out = evaluate_heldout(
-                model, tokenizer, data_dir, batch_size=batch_size, max_batches=max_examples,
+                model,
+                tokenizer,
+                data_dir,
+                batch_size=batch_size,
+                max_batches=max_examples,
                 progress=progress,
             )
         out["seconds"] = round(time.perf_counter() - start, 3)

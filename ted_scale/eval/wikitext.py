@@ -155,9 +155,13 @@ def evaluate_wikitext(
         targets = stream[begin + 1 : end + 1]
         examples.append((stream[begin:end], [IGNORE_INDEX] * (len(targets) - new) + targets[-new:]))
     scores = score_sequences(
-        model, examples, batch_size=batch_size,
+        model,
+        examples,
+        batch_size=batch_size,
         device=torch.device(device) if device is not None else model_device(model),
-        fused=fused, desc="wikitext", progress=progress,
+        fused=fused,
+        desc="wikitext",
+        progress=progress,
     )
     total = sum(s.nll for s in scores)
     assert sum(s.num_tokens for s in scores) == len(ids)  # every token scored exactly once

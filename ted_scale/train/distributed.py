@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,10 @@ def init_distributed() -> DistInfo:
         )
     import deepspeed
 
+    # DeepSpeed still calls collectives that this torch deprecates; the warning is not actionable.
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+    )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)

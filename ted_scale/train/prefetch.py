@@ -10,7 +10,9 @@ outputs are alive at a time (double buffering) and memory stays flat. Look-ahead
 gradient-accumulation and optimizer-step boundaries; the loader position reported for checkpoints
 is that of the last batch handed to the student, never of the prefetched one.
 
-Without CUDA (or with prefetch off) the same interface runs the teacher inline.
+Without CUDA, prefetch keeps the same look-ahead order (the teacher's micro-batch i+1 is computed
+before the student's micro-batch i) but runs it inline, so the hand-over and the loader bookkeeping
+can be tested on a CPU; with prefetch off the teacher runs just in time.
 """
 
 from __future__ import annotations
@@ -68,8 +70,9 @@ class TeacherFeed:
         self.batches = _batches(loader)
         self.tapper = tapper
         self.device = device
-        self.prefetch = prefetch and device.type == "cuda" and tapper is not None
-        self.side_stream = torch.cuda.Stream(device) if self.prefetch else None
+        self.prefetch = prefetch and tapper is not None
+        cuda = device.type == "cuda"
+        self.side_stream = torch.cuda.Stream(device) if self.prefetch and cuda else None
         self._pending: tuple[FeedItem, Any, Any] | None = None
         self._last_state = loader.state_dict()
         self._timings: list[tuple[Any, Any, Any]] = []  # (start, end, consumer reached) events
@@ -84,7 +87,7 @@ class TeacherFeed:
         start = torch.cuda.Event(enable_timing=True) if cuda else None
         ready = torch.cuda.Event(enable_timing=True) if cuda else None
         stream = self.side_stream or (torch.cuda.current_stream(self.device) if cuda else None)
-        with torch.cuda.stream(stream) if self.prefetch else contextlib.nullcontext():
+        with torch.cuda.stream(stream) if self.side_stream else contextlib.nullcontext():
             input_ids = input_ids.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             if start is not None:
@@ -98,23 +101,21 @@ class TeacherFeed:
         return FeedItem(input_ids, labels, tapped, state), start, ready
 
     def next(self) -> FeedItem:
-        if not self.prefetch:
+        if self.prefetch:
+            item, start, ready = self._pending or self._launch()
+            self._pending = self._launch()  # the teacher for the following micro-batch starts now
+        else:
             item, start, ready = self._launch()
-            if start is not None and self.tapper is not None:
-                self._timings.append((start, ready, start))  # inline: all of it is exposed
-            self._count += 1
-            self._last_state = item.loader_state
-            return item
-        current = self._pending or self._launch()
-        self._pending = self._launch()  # the teacher for the following micro-batch starts now
-        item, start, ready = current
-        consumer = torch.cuda.current_stream(self.device)
-        reached = torch.cuda.Event(enable_timing=True)
-        reached.record(consumer)
-        consumer.wait_event(ready)
-        for t in (item.input_ids, item.labels, *_tensors(item.tapped)):
-            t.record_stream(consumer)
-        self._timings.append((start, ready, reached))
+        if self.side_stream is not None:
+            consumer = torch.cuda.current_stream(self.device)
+            reached = torch.cuda.Event(enable_timing=True)
+            reached.record(consumer)
+            consumer.wait_event(ready)
+            for t in (item.input_ids, item.labels, *_tensors(item.tapped)):
+                t.record_stream(consumer)
+            self._timings.append((start, ready, reached))
+        elif start is not None and self.tapper is not None:
+            self._timings.append((start, ready, start))  # same stream: all of it is exposed
         self._count += 1
         self._last_state = item.loader_state
         return item

@@ -423,11 +423,9 @@ class Trainer:
         )
 
     def _prefetch(self) -> bool:
+        """``auto`` prefetches on CUDA; ``on`` without CUDA keeps the look-ahead order inline."""
         setting = self.config.teacher_prefetch
-        cuda = self.dist.device.type == "cuda"
-        if setting == "on" and not cuda:
-            self._log_console("teacher_prefetch=on needs CUDA: the teacher runs inline on CPU")
-        return cuda and setting != "off"
+        return setting == "on" or (setting == "auto" and self.dist.device.type == "cuda")
 
     def _autocast(self):
         if self.autocast is None:

@@ -1,0 +1,1 @@
+"""Benchmarks: the throughput of a training step against a plain `transformers` reference."""
