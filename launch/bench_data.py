@@ -23,8 +23,8 @@ from ted_scale.data.loader import DistributedBatchLoader, open_split
 from ted_scale.data.prepare import CHUNK_CHARS, PrepareConfig, prepare
 from ted_scale.data.sources import SourceSpec, SourceStats, iter_documents
 from ted_scale.data.tokenizer import backend_path, load_tokenizer, train_bpe_tokenizer
+from ted_scale.eval.datafiles import asset_text
 
-WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
 _tok = None
 
 
@@ -88,9 +88,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
     corpus = Path(args.corpus) if args.corpus else work / "corpus.txt"
     if not args.corpus:
-        text = "".join(
-            (WIKITEXT / f).read_text(encoding="utf-8") for f in ("valid.txt", "test.txt")
-        )
+        text = "".join(asset_text(f"wikitext-2-{f}.txt.gz") for f in ("valid", "test"))
         corpus.write_text(text * args.repeat, encoding="utf-8")
     docs = list(iter_documents(SourceSpec(str(corpus)), SourceStats()))
     tok_dir = Path(args.tokenizer) if args.tokenizer else work / "tokenizer"

@@ -19,8 +19,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from ted_scale.bench.memory import PeakMemory
 from ted_scale.kernels import default_chunk_size, fused_linear_ce_kd, fused_linear_cross_entropy
+
+from ted_scale.bench.memory import PeakMemory
 
 PRESETS = {
     "gpt2": {"tokens": 8192, "vocab": 50257, "width": 768, "filters": 6, "iters": 10},

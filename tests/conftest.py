@@ -7,6 +7,7 @@ import torch
 
 from ted_scale.model import GPT, GPTConfig
 
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
@@ -29,14 +30,11 @@ def tiny_gpt(tiny_config: GPTConfig) -> GPT:
 def tiny_data(tmp_path_factory):
     """A prepared data directory: 300 kB of the bundled WikiText-2 valid split, a 512-token BPE,
     64-token samples (what configs/tiny-*.yaml expect)."""
-    import gzip
-
     from ted_scale.data.prepare import PrepareConfig, prepare
-    from ted_scale.eval.datafiles import asset
+    from ted_scale.eval.datafiles import asset_text
 
     root = tmp_path_factory.mktemp("tiny_data")
-    with gzip.open(asset("wikitext-2-valid.txt.gz"), "rt", encoding="utf-8") as f:
-        text = f.read(300_000)
+    text = asset_text("wikitext-2-valid.txt.gz", 300_000)
     corpus = root / "corpus.txt"
     corpus.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
     out = root / "prepared"

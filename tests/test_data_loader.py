@@ -13,8 +13,9 @@ import torch
 from ted_scale.data import DataError
 from ted_scale.data.loader import DistributedBatchLoader, open_split
 from ted_scale.data.prepare import PrepareConfig, prepare
+from ted_scale.eval.datafiles import asset_text
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "test.txt"
+WIKITEXT = "wikitext-2-test.txt.gz"
 SEQ = 16
 
 
@@ -22,7 +23,7 @@ SEQ = 16
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("loader")
     src = root / "wiki.txt"
-    src.write_text(WIKITEXT.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    src.write_text(asset_text(WIKITEXT, 20_000), encoding="utf-8")
     cfg = PrepareConfig(input=str(src), out=str(root / "data"), train_tokenizer=350, seq_len=SEQ,
                         shard_tokens=700, test_fraction=0.1, num_workers=0, verbose=False)  # fmt: skip
     prepare(cfg)

@@ -17,16 +17,17 @@ from ted_scale.data.loader import open_split
 from ted_scale.data.manifest import token_dtype
 from ted_scale.data.prepare import KILL_AFTER_SHARDS_ENV, PrepareConfig, prepare
 from ted_scale.data.tokenizer import load_tokenizer
+from ted_scale.eval.datafiles import asset_text
 
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKITEXT = "wikitext-2-valid.txt.gz"
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
     """A 40 kB WikiText slice and its documents (blank-line separated blocks), parsed here."""
     path = tmp_path_factory.mktemp("corpus") / "wiki.txt"
-    text = WIKITEXT.read_text(encoding="utf-8")[:40_000]
+    text = asset_text(WIKITEXT, 40_000)
     text = text[: text.rfind("\n") + 1]
     path.write_text(text, encoding="utf-8")
     docs, block = [], []

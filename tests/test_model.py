@@ -54,7 +54,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_config):
     for model in (plain, ckpt):
         model.train()
         model(ids).logits.square().mean().backward()
-    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 

@@ -107,7 +107,7 @@ def test_teacher_prefetch_lookahead_gives_the_same_losses_as_the_sequential_path
 
 def test_vocabulary_mismatch_is_refused_before_training(tiny_data, tmp_path):
     config = _config("tiny-kd.yaml", tiny_data, tmp_path / "run", "teacher.arch.vocab_size=500")
-    with pytest.raises(ModelMismatchError, match="vocabulary of 500 tokens.*512"):
+    with pytest.raises(ModelMismatchError, match=r"vocabulary of 500 tokens.*512"):
         Trainer(config)
 
 
@@ -201,3 +201,15 @@ def test_a_save_interrupted_half_way_leaves_the_previous_checkpoint_loadable(tin
     assert trainer.checkpoints.latest().name == "stage2-step00000002"
     trainer.run()
     assert (ckpts / "stage2-step00000004" / "complete").exists()
+
+
+def test_teacher_with_another_tokenizer_than_the_data_is_refused(tiny_data, tmp_path):
+    from ted_scale.data.tokenizer import train_bpe_tokenizer
+    from ted_scale.model import GPT, GPTConfig, export_hf
+
+    other = train_bpe_tokenizer(["an entirely different corpus " * 50, "with other merges"] * 20, 512)
+    teacher = GPT(GPTConfig(vocab_size=512, n_positions=64, n_embd=64, n_layer=4, n_head=4))
+    export_hf(teacher, tmp_path / "teacher", other)
+    config = _config("tiny-kd.yaml", tiny_data, tmp_path / "run", f"teacher.pretrained={tmp_path / 'teacher'}")
+    with pytest.raises(ModelMismatchError, match="another tokenizer than the data"):
+        Trainer(config)

@@ -13,7 +13,8 @@ residual stream. That changes what the top filter sees, not what a step costs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,24 +58,49 @@ class ReferenceTED:
         self.teacher_filters.requires_grad_(False)
         self.student_filters = nn.ModuleList(nn.Linear(d, d) for _ in layer_map).to(device)
         self.student_filters.load_state_dict(self.teacher_filters.state_dict())
+        self.device = device
         self.layer_map = list(layer_map)
         self.alpha_kd, self.alpha_layer, self.temperature = alpha_kd, alpha_layer, temperature
         params = [*self.student.parameters(), *self.student_filters.parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+
+    def _autocast(self):
+        # bf16 on CUDA, as any GPU training script would; fp32 on CPU.
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16)
 
     @property
     def student_trunk(self) -> nn.Module:
         """The student up to its final LayerNorm (its LM head excluded): the timer hooks here."""
         return self.student.transformer
 
-    def step_parts(self, input_ids: Tensor, labels: Tensor):
+    def step_parts(self, input_ids: Tensor, labels: Tensor) -> Iterator[str]:
         """One training step on ``input_ids``/``labels`` [B, T] (labels already shifted)."""
-        T = self.temperature
-        with torch.no_grad():
+        input_ids = input_ids.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        with torch.no_grad(), self._autocast():
             t_out = self.teacher(input_ids, output_hidden_states=True)
             t_logits = t_out.logits  # [B, T, V]
-            t_states = [g(t_out.hidden_states[m + 1]) for g, m in zip(self.teacher_filters, self.layer_map, strict=True)]
+            t_states = [
+                g(t_out.hidden_states[m + 1])
+                for g, m in zip(self.teacher_filters, self.layer_map, strict=True)
+            ]
         yield "teacher"
+        with self._autocast():
+            loss = self._loss(input_ids, labels, t_logits, t_states)
+        yield "losses"
+        loss.backward()
+        yield "backward"
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        yield "optimizer"
+
+    def _loss(
+        self, input_ids: Tensor, labels: Tensor, t_logits: Tensor, t_states: list[Tensor]
+    ) -> Tensor:
+        """Student forward, full logits [B*T, V] and the three terms of the TED objective."""
+        T = self.temperature
         s_out = self.student(input_ids, output_hidden_states=True)
         logits = s_out.logits.flatten(0, 1)  # [B*T, V]
         ce = F.cross_entropy(logits, labels.flatten())
@@ -85,10 +111,4 @@ class ReferenceTED:
         ) * T**2
         s_states = [g(h) for g, h in zip(self.student_filters, s_out.hidden_states[1:], strict=True)]
         d_ted = sum(F.mse_loss(s, t) for s, t in zip(s_states, t_states, strict=True))
-        loss = ce + self.alpha_kd * kd + self.alpha_layer * d_ted
-        yield "losses"
-        loss.backward()
-        yield "backward"
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        yield "optimizer"
+        return ce + self.alpha_kd * kd + self.alpha_layer * d_ted

@@ -20,6 +20,12 @@ def asset(name: str) -> Path:
     return path
 
 
+def asset_text(name: str, max_chars: int | None = None) -> str:
+    """The text of a bundled gzip file (its first ``max_chars`` characters when given)."""
+    with gzip.open(asset(name), "rt", encoding="utf-8") as f:
+        return f.read(max_chars if max_chars is not None else -1)
+
+
 def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
     """(1-based line number, line with its newline) of a UTF-8 text file, gzip if `*.gz`.
 

@@ -355,12 +355,12 @@ class Trainer:
         feed = TeacherFeed(loader, phase.tapper, self.dist.device, prefetch=self._prefetch())
         skipped = 0
         last_good = self.checkpoints.latest()
-        bar = progress_bar(total_steps, step, phase.name, enabled=self.main and config.log.progress_bar)
         self._log_console(
             f"{phase.name}: {total_steps} steps of {config.batch.global_batch_size} sequences "
             f"({accum} accumulation x {config.batch.micro_batch_size} x {self.dist.world_size} ranks), "
             f"{loader.batches_per_epoch} micro-batches per rank per epoch"
         )
+        bar = progress_bar(total_steps, step, phase.name, enabled=self.main and config.log.progress_bar)
         while step < total_steps:
             step_loss = torch.zeros((), device=self.dist.device)
             for micro in range(accum):

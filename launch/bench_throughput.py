@@ -1,0 +1,84 @@
+"""Throughput of a training step per method against a plain `transformers` TED reference.
+
+    python launch/bench_throughput.py --preset cpu|gpt2 [--out FILE.json]
+
+Synthetic token batches, random weights. For each configuration (method x fused loss x teacher
+prefetch x attention, plus the reference): tokens/s, the step split into teacher / student forward /
+losses / backward / optimizer, achieved TFLOP/s (ted_scale.train.flops), MFU on a GPU, peak memory,
+and ratios to the reference and to the student-alone step. Each configuration runs in a fresh
+process. Method details: ted_scale/bench/throughput.py; targets: ted_scale/bench/suite.py.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ted_scale.bench.suite import configurations, format_table, run_suite
+from ted_scale.bench.throughput import METHODS, PRESETS
+from ted_scale.model.attention import IMPLEMENTATIONS
+
+
+def _choices(allowed):
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)}; got {text!r}")
+        return items
+
+    return parse
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="cpu",
+        help="model and batch sizes: gpt2 = the paper's 12x768 -> 6 layers, seq 1024, batch 8 (GPU); "
+        "cpu = GPT-2 vocabulary, 4x256 -> 2 layers, seq 128, batch 4; micro = smoke test",
+    )  # fmt: skip
+    parser.add_argument(
+        "--methods", type=_choices(METHODS), default=list(METHODS),
+        help="comma-separated: lm (student alone, CE), kd, lwd, ted",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fused", type=_choices(("on", "off")), default=["on", "off"],
+        help="fused chunked LM-head losses (on) and/or full-logits PyTorch losses (off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--prefetch", type=_choices(("on", "off")), default=None,
+        help="teacher prefetch on a side CUDA stream; on CPU the teacher always runs inline "
+        "[default: on,off on CUDA, off on CPU]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--attention", type=_choices(IMPLEMENTATIONS), default=["auto"],
+        help="comma-separated attention kernels (auto, sdpa, flash, eager); the reference runs "
+        "once per kernel with HF's equivalent",
+    )  # fmt: skip
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help="JSON output [default: runs/bench/throughput-<preset>.json]",
+    )  # fmt: skip
+    args = parser.parse_args()
+
+    cuda = torch.cuda.is_available()
+    prefetch = args.prefetch or (["on", "off"] if cuda else ["off"])
+    specs = configurations(
+        args.methods, [f == "on" for f in args.fused], [p == "on" for p in prefetch],
+        args.attention, cuda=cuda,
+    )  # fmt: skip
+    print(f"{len(specs)} configurations, each in a fresh process:")
+    result = run_suite(args.preset, specs)
+    print()
+    print(format_table(result))
+    out = args.out or Path("runs/bench") / f"throughput-{args.preset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()

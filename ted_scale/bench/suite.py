@@ -1,0 +1,167 @@
+"""The throughput benchmark as a whole: configurations, one fresh process each, ratios, targets.
+
+Targets (benchmarks, not tests; each reported PASS, MISS or n/a):
+1. ``ted_vs_reference``: this project's TED step >= 1.3x the reference's tokens/s with <= 0.6x its
+   peak memory (stated for the ``cpu`` preset on CPU).
+2. ``ted_over_lm_vs_flops``: TED step time / student-alone step time within 10 % of the ratio of
+   their FLOP counts: the distillation overhead costs what its arithmetic says, no more.
+3. ``mfu``: the TED step's MFU >= 45 % on an H100 (``gpt2`` preset; n/a without a GPU in the
+   peak table).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+
+import torch
+
+from ted_scale.bench.throughput import PIECES, PRESETS, Spec, measure
+
+SPEEDUP_TARGET, MEMORY_TARGET, FLOP_RATIO_TOLERANCE, MFU_TARGET = 1.3, 0.6, 0.10, 0.45
+
+
+def configurations(
+    methods: list[str], fused: list[bool], prefetch: list[bool], attention: list[str], *, cuda: bool
+) -> list[Spec]:
+    """Every combination, deduplicated (prefetch needs CUDA and a teacher), then one reference
+    per attention kernel."""
+    specs: list[Spec] = []
+    for method, f, p, a in itertools.product(methods, fused, prefetch, attention):
+        spec = Spec(method, f, p and cuda and method != "lm", a)
+        if spec not in specs:
+            specs.append(spec)
+    specs += [Spec("ted", False, False, a, impl="reference") for a in attention]
+    return specs
+
+
+def run_configuration(preset: str, spec: Spec, *, isolate: bool) -> dict:
+    """One row: in a fresh interpreter (``isolate``, clean peak memory) or in this process."""
+    if not isolate:
+        return measure(PRESETS[preset], spec)
+    cmd = [
+        sys.executable, "-m", "ted_scale.bench.throughput",
+        "--preset", preset, "--spec", json.dumps(asdict(spec)),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{spec.name} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_suite(preset: str, specs: list[Spec], *, isolate: bool = True, log=print) -> dict:
+    """Measure every configuration; return the rows with their ratios and the targets."""
+    rows = []
+    for spec in specs:
+        rows.append(run_configuration(preset, spec, isolate=isolate))
+        r = rows[-1]
+        log(f"  {r['name']:32s} {r['tokens_per_s']:10.0f} tok/s  {r['peak_mib']:8.0f} MiB")
+    add_ratios(rows)
+    return {
+        "preset": preset,
+        "config": asdict(PRESETS[preset]),
+        "device": rows[0]["device"],
+        "torch_threads": torch.get_num_threads(),
+        "rows": rows,
+        "targets": targets(rows),
+    }
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """``vs_reference`` (speed and memory over the reference with the same attention kernel) and
+    ``vs_student`` (step time and FLOPs over the student-alone step with the same switches)."""
+    refs = {r["attention"]: r for r in rows if r["impl"] == "reference"}
+    lms = {(r["fused"], r["attention"]): r for r in rows if r["method"] == "lm"}
+    for r in rows:
+        ref = refs.get(r["attention"])
+        if ref is not None:
+            r["vs_reference"] = {
+                "speed": r["tokens_per_s"] / ref["tokens_per_s"],
+                "memory": r["peak_mib"] / ref["peak_mib"],
+            }
+        lm = lms.get((r["fused"], r["attention"]))
+        if lm is not None and r["impl"] != "reference":
+            time_ratio = r["step_ms"] / lm["step_ms"]
+            flop_ratio = r["flops_per_token"] / lm["flops_per_token"]
+            r["vs_student"] = {
+                "time_ratio": time_ratio,
+                "flop_ratio": flop_ratio,
+                "gap": time_ratio / flop_ratio - 1.0,
+            }
+
+
+def _headline_ted(rows: list[dict]) -> dict | None:
+    """The TED row the targets judge: fused loss, prefetch on when it applies, first attention."""
+    teds = [r for r in rows if r["method"] == "ted" and r["impl"] == "ted_scale"]
+    teds.sort(key=lambda r: (not r["fused"], not r["prefetch"]))
+    return teds[0] if teds else None
+
+
+def targets(rows: list[dict]) -> dict[str, dict]:
+    ted = _headline_ted(rows)
+    out: dict[str, dict] = {}
+
+    def verdict(ok: bool | None) -> str:
+        return "n/a" if ok is None else "PASS" if ok else "MISS"
+
+    ref = ted and ted.get("vs_reference")
+    ok = None if not ref else ref["speed"] >= SPEEDUP_TARGET and ref["memory"] <= MEMORY_TARGET
+    out["ted_vs_reference"] = {
+        "config": ted and ted["name"], "verdict": verdict(ok),
+        "want": f"speed >= {SPEEDUP_TARGET}x and memory <= {MEMORY_TARGET}x the reference",
+        **(ref or {}),
+    }  # fmt: skip
+    vs = ted and ted.get("vs_student")
+    ok = None if not vs else abs(vs["gap"]) <= FLOP_RATIO_TOLERANCE
+    out["ted_over_lm_vs_flops"] = {
+        "config": ted and ted["name"], "verdict": verdict(ok),
+        "want": f"|time ratio / FLOP ratio - 1| <= {FLOP_RATIO_TOLERANCE:.0%}",
+        **(vs or {}),
+    }  # fmt: skip
+    mfu = ted and ted["mfu"]
+    out["mfu"] = {
+        "config": ted and ted["name"], "verdict": verdict(None if mfu is None else mfu >= MFU_TARGET),
+        "want": f"MFU >= {MFU_TARGET:.0%} (H100, gpt2 preset)", "mfu": mfu,
+        "device": ted and ted["device"],
+    }  # fmt: skip
+    return out
+
+
+def format_table(result: dict) -> str:
+    """The console table: one line per configuration, then the step split and the targets."""
+    rows = result["rows"]
+    lines = [
+        f"preset {result['preset']} on {result['device']} ({result['torch_threads']} torch threads)",
+        f"{'configuration':32s} {'tok/s':>9s} {'step ms':>8s} {'TFLOP/s':>8s} {'MFU':>6s} "
+        f"{'peak MiB':>9s} {'xref spd':>8s} {'xref mem':>8s} {'t/t_lm':>6s} {'F/F_lm':>6s}",
+    ]
+    for r in rows:
+        ref, lm = r.get("vs_reference", {}), r.get("vs_student", {})
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        lines.append(
+            f"{r['name']:32s} {r['tokens_per_s']:9.0f} {r['step_ms']:8.1f} {r['tflops']:8.3f} "
+            f"{mfu:>6s} {r['peak_mib']:9.0f} {_fmt(ref.get('speed'))} {_fmt(ref.get('memory'))} "
+            f"{_fmt(lm.get('time_ratio'), 6)} {_fmt(lm.get('flop_ratio'), 6)}"
+        )
+    lines.append("")
+    lines.append(f"{'step split (ms)':32s} " + " ".join(f"{p:>15s}" for p in PIECES))
+    for r in rows:
+        split = r["time_split_ms"]
+        lines.append(f"{r['name']:32s} " + " ".join(f"{split[p]:15.1f}" for p in PIECES))
+    lines.append("")
+    for name, t in result["targets"].items():
+        detail = {k: v for k, v in t.items() if k not in ("verdict", "want", "config")}
+        shown = ", ".join(f"{k} {_fmt(v, 0).strip()}" for k, v in detail.items())
+        lines.append(f"[{t['verdict']:4s}] {name}: want {t['want']}; {t['config']}: {shown}")
+    return "\n".join(lines)
+
+
+def _fmt(value, width: int = 8) -> str:
+    if value is None:
+        return f"{'-':>{width}s}"
+    if isinstance(value, float):
+        return f"{value:{width}.3f}"
+    return f"{value!s:>{width}s}"

@@ -1,0 +1,324 @@
+"""One measured configuration of the throughput benchmark: build the step, time it, count it.
+
+A configuration is a method (``lm`` = student alone with CE, ``kd``, ``lwd``, ``ted``) with the loss
+(fused or full logits), teacher prefetch and attention kernel switched as in a run config, or the
+``reference`` (TED as plain `transformers` code, see ``reference.py``). This project's step goes
+through the trainer's own components: ``StudentDistillation`` (student + filters + losses),
+``FrozenTapper`` (frozen teacher and filters under inference mode) fed by ``TeacherFeed``, and
+``build_optimizer``'s AdamW, in the trainer's precision (bf16 autocast with a bf16 teacher on CUDA,
+fp32 on CPU). The DeepSpeed engine is left out: on one rank with ZeRO-0 it adds gradient clipping
+and bookkeeping only, and that is the same for every method.
+
+Measurement, per configuration:
+- ``warmup`` steps, then ``steps`` timed steps, each ended by a device synchronisation; the step
+  time is their median (robust to other load on a shared machine), tokens/s = B*T / that.
+- then ``instrumented`` steps with a device synchronisation after each piece: teacher (batch to
+  device + frozen teacher + its filters), student forward (the student trunk up to its final
+  LayerNorm, timed by a forward hook), losses (everything from the trunk's output to the scalar
+  loss: LM head, CE/KD, filters, layer distances; the fused kernels also compute the LM-head
+  gradients here, in the forward pass), backward, optimizer (AdamW step + zero_grad). The split is
+  the mean over those steps; it is taken in a separate pass because the synchronisations (and the
+  inline teacher) would distort the timed pass, so its sum may differ a little from the step time.
+- achieved TFLOP/s from ``ted_scale.train.flops`` (the counts the trainer reports) and, on a GPU in
+  its peak table, MFU.
+- peak memory (``PeakMemory``) above the process's state before any model was built, so weights,
+  gradients, optimizer state and activations all count. Run in a fresh process per configuration
+  (``python -m ted_scale.bench.throughput``) for clean CPU numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from ted_scale.bench.memory import PeakMemory
+from ted_scale.bench.reference import ReferenceTED
+from ted_scale.config.schema import OptimConfig
+from ted_scale.distill.filters import FilterBank, build_filters
+from ted_scale.distill.layer_map import paper_layer_map
+from ted_scale.distill.modules import FrozenTapper, StudentDistillation
+from ted_scale.model.gpt import GPT, GPTConfig
+from ted_scale.model.student import student_from_teacher
+from ted_scale.train import flops
+from ted_scale.train.optim import build_optimizer
+from ted_scale.train.prefetch import TeacherFeed
+
+METHODS = ("lm", "kd", "lwd", "ted")
+PIECES = ("teacher", "student_forward", "losses", "backward", "optimizer")
+# The paper's Stage II settings for GPT-2 (DESIGN.md); KD sets alpha_layer to 0, as the trainer.
+ALPHA_KD, ALPHA_LAYER, TEMPERATURE, DROPOUT = 2.5, 0.1, 2.0, 0.1
+OPTIM = OptimConfig()
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Model and batch sizes. Teacher: ``teacher_layers`` x ``width``; student: ``student_layers``
+    of the teacher's blocks (paper layer map), same width; linear filters width -> width."""
+
+    teacher_layers: int
+    student_layers: int
+    width: int
+    heads: int
+    vocab: int
+    seq_len: int
+    micro_batch: int
+    warmup: int
+    steps: int
+    instrumented: int
+
+
+PRESETS = {
+    # The paper's setting: GPT-2 124M -> 6 layers, 1024-token sequences; a GPU preset.
+    "gpt2": Preset(12, 6, 768, 12, 50257, 1024, 8, warmup=3, steps=10, instrumented=3),
+    # Real vocabulary (the LM head and logits dominate as they do at full size), small trunk.
+    "cpu": Preset(4, 2, 256, 4, 50257, 128, 4, warmup=1, steps=4, instrumented=2),
+    # Smoke-test size (seconds per configuration).
+    "micro": Preset(4, 2, 32, 2, 128, 16, 2, warmup=1, steps=2, instrumented=1),
+}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One configuration. ``impl`` is ``ted_scale`` or ``reference`` (TED only, full logits)."""
+
+    method: str
+    fused: bool
+    prefetch: bool
+    attention: str
+    impl: str = "ted_scale"
+
+    @property
+    def name(self) -> str:
+        if self.impl == "reference":
+            return f"reference/{self.attention}"
+        loss = "fused" if self.fused else "unfused"
+        prefetch = "/prefetch" if self.prefetch else ""
+        return f"{self.method}/{loss}{prefetch}/{self.attention}"
+
+
+def flops_per_token(preset: Preset, method: str) -> float:
+    """Training FLOPs per token of ``method``'s step (``reference`` computes what ``ted`` does)."""
+    d, k = preset.width, preset.student_layers
+    filters = [flops.FilterShape("linear", d, d)] * k
+    return flops.step_flops(
+        method=method, seq_len=preset.seq_len, vocab=preset.vocab,
+        student=(k, d), teacher=(preset.teacher_layers, d),
+        teacher_filters=filters if method == "ted" else [],
+        student_filters=filters if method in ("lwd", "ted") else [],
+        kd=method != "lm",
+    ).total  # fmt: skip
+
+
+def _teacher(preset: Preset, attention: str) -> GPT:
+    config = GPTConfig(
+        vocab_size=preset.vocab, n_positions=preset.seq_len, n_embd=preset.width,
+        n_layer=preset.teacher_layers, n_head=preset.heads, dropout=DROPOUT,
+    )  # fmt: skip
+    return GPT(config, attention=attention)
+
+
+class _SyntheticLoader:
+    """Stands in for ``DistributedBatchLoader`` under ``TeacherFeed``: cycles over fixed batches."""
+
+    def __init__(self, batches: list[tuple[Tensor, Tensor]]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return iter(self.batches)
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+class ProjectStep:
+    """This project's Stage II (or ``lm``) step, wired as ``Trainer._run_stage2`` wires it."""
+
+    def __init__(self, preset: Preset, spec: Spec, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        self.compute_dtype = torch.bfloat16 if cuda else None
+        self.device = device
+        teacher = _teacher(preset, spec.attention)
+        layer_map = paper_layer_map(preset.teacher_layers, preset.student_layers)
+        student = student_from_teacher(teacher, layer_map).to(device).train()
+        k, d = preset.student_layers, preset.width
+        teacher_filters = layer_modules = None
+        if spec.method == "ted":
+            teacher_filters = build_filters("linear", teacher, layer_map, d_out=d)
+            layer_modules = build_filters("linear", student, range(k), d_out=d)
+            layer_modules.load_state_dict(teacher_filters.state_dict())  # the paper's "copy"
+            teacher_filters.to(device, dtype=self.compute_dtype or torch.float32)
+        elif spec.method == "lwd":
+            layer_modules = FilterBank([torch.nn.Linear(d, d) for _ in range(k)], range(k))
+        teacher.to(device, dtype=self.compute_dtype or torch.float32)
+        self.tapper = None
+        if spec.method != "lm":
+            self.tapper = FrozenTapper(
+                teacher, layer_map if spec.method != "kd" else [preset.teacher_layers - 1],
+                filters=teacher_filters, mode="filtered" if spec.method == "ted" else "raw",
+                with_top=True,
+            )  # fmt: skip
+        self.module = StudentDistillation(
+            student, spec.method,
+            layer_modules=None if layer_modules is None else layer_modules.to(device),
+            alpha_kd=0.0 if spec.method == "lm" else ALPHA_KD,
+            alpha_layer=ALPHA_LAYER if spec.method in ("lwd", "ted") else 0.0,
+            temperature=TEMPERATURE, fused=spec.fused, compute_dtype=self.compute_dtype,
+        )  # fmt: skip
+        self.optimizer = build_optimizer(self.module, OPTIM, OPTIM.lr)
+        self.prefetch = spec.prefetch
+
+    @property
+    def student_trunk(self) -> torch.nn.Module:
+        return self.module.student
+
+    def feed(self, batches: list[tuple[Tensor, Tensor]], *, prefetch: bool) -> TeacherFeed:
+        return TeacherFeed(_SyntheticLoader(batches), self.tapper, self.device, prefetch=prefetch)
+
+    def _autocast(self):
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def step_parts(self, feed: TeacherFeed) -> Iterator[str]:
+        """One step; yields after each piece (the trunk's end is marked by a hook)."""
+        item = feed.next()
+        yield "teacher"
+        with self._autocast():
+            loss, _ = self.module(item.input_ids, item.labels, item.tapped)
+        yield "losses"
+        loss.backward()
+        yield "backward"
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        yield "optimizer"
+
+
+class _PieceTimer:
+    """Wall-clock time of each piece, the device synchronised at every mark."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.totals: dict[str, float] = defaultdict(float)
+        self.last = 0.0
+
+    def start(self) -> None:
+        self.sync()
+        self.last = time.perf_counter()
+
+    def mark(self, piece: str) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self.totals[piece] += now - self.last
+        self.last = now
+
+
+def _synthetic_batches(preset: Preset, n: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+    """``n`` random (input_ids, labels) pairs [B, T] on the host, pinned for a GPU run."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(0, preset.vocab, (preset.micro_batch, preset.seq_len + 1), generator=g)
+        pair = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+        out.append(tuple(t.pin_memory() for t in pair) if device.type == "cuda" else pair)
+    return out
+
+
+def measure(preset: Preset, spec: Spec, device: torch.device | None = None) -> dict:
+    """Build ``spec``'s step, run it, and return its row of the benchmark (see module docstring)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    batches = _synthetic_batches(preset, 4, device)
+    memory = PeakMemory(device)
+    memory.reset()
+    torch.manual_seed(0)
+    if spec.impl == "reference":
+        step = ReferenceTED(
+            _teacher(preset, spec.attention),
+            paper_layer_map(preset.teacher_layers, preset.student_layers),
+            alpha_kd=ALPHA_KD, alpha_layer=ALPHA_LAYER, temperature=TEMPERATURE,
+            attention=spec.attention, lr=OPTIM.lr, betas=OPTIM.betas, eps=OPTIM.eps, device=device,
+        )  # fmt: skip
+        cycle = iter(batches * (preset.warmup + preset.steps + preset.instrumented))
+        timed = inline = lambda: step.step_parts(*next(cycle))
+    else:
+        step = ProjectStep(preset, spec, device)
+        timed_feed = step.feed(batches, prefetch=spec.prefetch)
+        inline_feed = step.feed(batches, prefetch=False)
+        timed = lambda: step.step_parts(timed_feed)  # noqa: E731
+        inline = lambda: step.step_parts(inline_feed)  # noqa: E731
+
+    times = _timed_steps(timed, preset.warmup, preset.steps, cuda)
+    split = _instrumented_steps(inline, step.student_trunk, preset.instrumented, device)
+    step_s = statistics.median(times)
+    tokens_per_s = preset.micro_batch * preset.seq_len / step_s
+    per_token = flops_per_token(preset, "ted" if spec.impl == "reference" else spec.method)
+    tflops = per_token * tokens_per_s / 1e12
+    peak = flops.device_peak_tflops(device)
+    return {
+        "name": spec.name,
+        **asdict(spec),
+        "tokens_per_s": tokens_per_s,
+        "step_ms": 1000 * step_s,
+        "step_ms_all": [1000 * t for t in times],
+        "time_split_ms": split,
+        "flops_per_token": per_token,
+        "tflops": tflops,
+        "mfu": tflops / peak if peak else None,
+        "peak_mib": memory.peak_bytes() / 2**20,
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "dtype": "bf16" if cuda else "fp32",
+    }
+
+
+def _timed_steps(
+    step_parts: Callable[[], Iterator[str]], warmup: int, steps: int, cuda: bool
+) -> list[float]:
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    times = []
+    for i in range(warmup + steps):
+        sync()
+        start = time.perf_counter()
+        for _ in step_parts():
+            pass
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _instrumented_steps(
+    step_parts: Callable[[], Iterator[str]], trunk: torch.nn.Module, steps: int, device: torch.device
+) -> dict[str, float]:
+    timer = _PieceTimer(device)
+    hook = trunk.register_forward_hook(lambda *_: timer.mark("student_forward"))
+    try:
+        for _ in range(steps):
+            timer.start()
+            for piece in step_parts():
+                timer.mark(piece)
+    finally:
+        hook.remove()
+    return {piece: 1000 * timer.totals[piece] / steps for piece in PIECES}
+
+
+def main() -> None:
+    """Worker entry: measure one configuration in this (fresh) process, print its row as JSON."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    parser.add_argument("--spec", required=True, help="a Spec as a JSON object")
+    args = parser.parse_args()
+    row = measure(PRESETS[args.preset], Spec(**json.loads(args.spec)))
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
