@@ -59,6 +59,11 @@ def main() -> None:
         "once per kernel with HF's equivalent",
     )  # fmt: skip
     parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads per configuration [default: torch's, one per core]; on a machine "
+        "shared with other work, fewer threads than cores keep OpenMP from stalling",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", type=Path, default=None,
         help="JSON output [default: runs/bench/throughput-<preset>.json]",
     )  # fmt: skip
@@ -71,7 +76,7 @@ def main() -> None:
         args.attention, cuda=cuda,
     )  # fmt: skip
     print(f"{len(specs)} configurations, each in a fresh process:")
-    result = run_suite(args.preset, specs)
+    result = run_suite(args.preset, specs, threads=args.threads)
     print()
     print(format_table(result))
     out = args.out or Path("runs/bench") / f"throughput-{args.preset}.json"

@@ -13,6 +13,7 @@ from typing import Any
 def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
     """Write `data` to `path` via a temporary file in the same directory, fsync and rename."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -38,25 +38,38 @@ def configurations(
     return specs
 
 
-def run_configuration(preset: str, spec: Spec, *, isolate: bool) -> dict:
-    """One row: in a fresh interpreter (``isolate``, clean peak memory) or in this process."""
+def run_configuration(preset: str, spec: Spec, *, isolate: bool, threads: int | None = None) -> dict:
+    """One row: in a fresh interpreter (``isolate``, clean peak memory) or in this process.
+
+    threads: torch's CPU threads (None: torch's default, one per core). On a machine shared with
+    other work, fewer threads than cores avoid OpenMP threads spinning against each other.
+    """
     if not isolate:
-        return measure(PRESETS[preset], spec)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads or before)
+        try:
+            return measure(PRESETS[preset], spec)
+        finally:
+            torch.set_num_threads(before)
     cmd = [
         sys.executable, "-m", "ted_scale.bench.throughput",
         "--preset", preset, "--spec", json.dumps(asdict(spec)),
     ]  # fmt: skip
+    if threads:
+        cmd += ["--threads", str(threads)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{spec.name} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_suite(preset: str, specs: list[Spec], *, isolate: bool = True, log=print) -> dict:
+def run_suite(
+    preset: str, specs: list[Spec], *, isolate: bool = True, threads: int | None = None, log=print
+) -> dict:
     """Measure every configuration; return the rows with their ratios and the targets."""
     rows = []
     for spec in specs:
-        rows.append(run_configuration(preset, spec, isolate=isolate))
+        rows.append(run_configuration(preset, spec, isolate=isolate, threads=threads))
         r = rows[-1]
         log(f"  {r['name']:32s} {r['tokens_per_s']:10.0f} tok/s  {r['peak_mib']:8.0f} MiB")
     add_ratios(rows)
@@ -64,7 +77,7 @@ def run_suite(preset: str, specs: list[Spec], *, isolate: bool = True, log=print
         "preset": preset,
         "config": asdict(PRESETS[preset]),
         "device": rows[0]["device"],
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": rows[0]["torch_threads"],
         "rows": rows,
         "targets": targets(rows),
     }

@@ -11,13 +11,14 @@ and bookkeeping only, and that is the same for every method.
 
 Measurement, per configuration:
 - ``warmup`` steps, then ``steps`` timed steps, each ended by a device synchronisation; the step
-  time is their median (robust to other load on a shared machine), tokens/s = B*T / that.
+  time is the fastest of them (the least disturbed by other load on a shared machine, as in
+  ``launch/bench_losses.py``; all of them are kept in ``step_ms_all``), tokens/s = B*T / that.
 - then ``instrumented`` steps with a device synchronisation after each piece: teacher (batch to
   device + frozen teacher + its filters), student forward (the student trunk up to its final
   LayerNorm, timed by a forward hook), losses (everything from the trunk's output to the scalar
   loss: LM head, CE/KD, filters, layer distances; the fused kernels also compute the LM-head
   gradients here, in the forward pass), backward, optimizer (AdamW step + zero_grad). The split is
-  the mean over those steps; it is taken in a separate pass because the synchronisations (and the
+  each piece's fastest over those steps; it is taken in a separate pass because the synchronisations (and the
   inline teacher) would distort the timed pass, so its sum may differ a little from the step time.
 - achieved TFLOP/s from ``ted_scale.train.flops`` (the counts the trainer reports) and, on a GPU in
   its peak table, MFU.
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -80,7 +80,7 @@ PRESETS = {
     # The paper's setting: GPT-2 124M -> 6 layers, 1024-token sequences; a GPU preset.
     "gpt2": Preset(12, 6, 768, 12, 50257, 1024, 8, warmup=3, steps=10, instrumented=3),
     # Real vocabulary (the LM head and logits dominate as they do at full size), small trunk.
-    "cpu": Preset(4, 2, 256, 4, 50257, 128, 4, warmup=1, steps=4, instrumented=2),
+    "cpu": Preset(4, 2, 256, 4, 50257, 128, 4, warmup=1, steps=5, instrumented=3),
     # Smoke-test size (seconds per configuration).
     "micro": Preset(4, 2, 32, 2, 128, 16, 2, warmup=1, steps=2, instrumented=1),
 }
@@ -207,7 +207,7 @@ class _PieceTimer:
 
     def __init__(self, device: torch.device) -> None:
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.totals: dict[str, float] = defaultdict(float)
+        self.times: dict[str, list[float]] = defaultdict(list)
         self.last = 0.0
 
     def start(self) -> None:
@@ -217,7 +217,7 @@ class _PieceTimer:
     def mark(self, piece: str) -> None:
         self.sync()
         now = time.perf_counter()
-        self.totals[piece] += now - self.last
+        self.times[piece].append(now - self.last)
         self.last = now
 
 
@@ -258,7 +258,7 @@ def measure(preset: Preset, spec: Spec, device: torch.device | None = None) -> d
 
     times = _timed_steps(timed, preset.warmup, preset.steps, cuda)
     split = _instrumented_steps(inline, step.student_trunk, preset.instrumented, device)
-    step_s = statistics.median(times)
+    step_s = min(times)
     tokens_per_s = preset.micro_batch * preset.seq_len / step_s
     per_token = flops_per_token(preset, "ted" if spec.impl == "reference" else spec.method)
     tflops = per_token * tokens_per_s / 1e12
@@ -275,6 +275,7 @@ def measure(preset: Preset, spec: Spec, device: torch.device | None = None) -> d
         "mfu": tflops / peak if peak else None,
         "peak_mib": memory.peak_bytes() / 2**20,
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "torch_threads": torch.get_num_threads(),
         "dtype": "bf16" if cuda else "fp32",
     }
 
@@ -307,7 +308,7 @@ def _instrumented_steps(
                 timer.mark(piece)
     finally:
         hook.remove()
-    return {piece: 1000 * timer.totals[piece] / steps for piece in PIECES}
+    return {piece: 1000 * min(timer.times[piece], default=0.0) for piece in PIECES}
 
 
 def main() -> None:
@@ -315,7 +316,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
     parser.add_argument("--spec", required=True, help="a Spec as a JSON object")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     row = measure(PRESETS[args.preset], Spec(**json.loads(args.spec)))
     print(json.dumps(row))
 

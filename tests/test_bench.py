@@ -1,0 +1,79 @@
+"""The throughput benchmark's core on the micro preset: every configuration measured for real."""
+
+import json
+
+import pytest
+
+from ted_scale.bench.suite import configurations, format_table, run_configuration, run_suite
+from ted_scale.bench.throughput import METHODS, PIECES, Spec
+
+
+@pytest.fixture(scope="module")
+def micro_result() -> dict:
+    specs = configurations(list(METHODS), [True, False], [True, False], ["sdpa"], cuda=False)
+    # In-process for speed (the launch script isolates each configuration in its own process);
+    # one thread: tiny ops gain nothing from more, and they stall on a busy shared machine.
+    result = run_suite("micro", specs, isolate=False, threads=1, log=lambda _: None)
+    return json.loads(json.dumps(result))  # what --out writes must survive JSON
+
+
+def test_configurations_dedupe_prefetch_without_cuda():
+    specs = configurations(["lm", "ted"], [True], [True, False], ["sdpa", "eager"], cuda=False)
+    names = [s.name for s in specs]
+    assert names == [
+        "lm/fused/sdpa", "lm/fused/eager", "ted/fused/sdpa", "ted/fused/eager",
+        "reference/sdpa", "reference/eager",
+    ]  # fmt: skip
+    on_gpu = configurations(["lm", "ted"], [True], [True, False], ["sdpa"], cuda=True)
+    assert [s.name for s in on_gpu] == [
+        "lm/fused/sdpa", "ted/fused/prefetch/sdpa", "ted/fused/sdpa", "reference/sdpa",
+    ]  # fmt: skip
+
+
+def test_every_configuration_is_measured(micro_result):
+    rows = {r["name"]: r for r in micro_result["rows"]}
+    expected = {f"{m}/{f}/sdpa" for m in METHODS for f in ("fused", "unfused")} | {"reference/sdpa"}
+    assert set(rows) == expected
+    for r in rows.values():
+        assert r["tokens_per_s"] > 0 and r["step_ms"] > 0
+        assert r["flops_per_token"] > 0 and r["tflops"] > 0
+        assert r["mfu"] is None  # no peak for a CPU
+        assert set(r["time_split_ms"]) == set(PIECES)
+        assert all(v >= 0 for v in r["time_split_ms"].values())
+        assert r["time_split_ms"]["student_forward"] > 0 and r["time_split_ms"]["backward"] > 0
+        assert r["peak_mib"] is not None
+        assert r["vs_reference"]["speed"] > 0
+    assert rows["reference/sdpa"]["vs_reference"] == {"speed": 1.0, "memory": 1.0}
+    # The teacher only runs for the distillation methods.
+    assert rows["ted/fused/sdpa"]["time_split_ms"]["teacher"] > rows["lm/fused/sdpa"]["time_split_ms"]["teacher"]
+
+
+def test_ratios_and_targets(micro_result):
+    rows = {r["name"]: r for r in micro_result["rows"]}
+    ted, lm = rows["ted/fused/sdpa"], rows["lm/fused/sdpa"]
+    vs = ted["vs_student"]
+    assert vs["time_ratio"] == pytest.approx(ted["step_ms"] / lm["step_ms"])
+    assert vs["flop_ratio"] == pytest.approx(ted["flops_per_token"] / lm["flops_per_token"])
+    assert vs["flop_ratio"] > 1.0  # the teacher, its head and the filters come on top
+    assert vs["gap"] == pytest.approx(vs["time_ratio"] / vs["flop_ratio"] - 1.0)
+    # The reference computes what TED computes.
+    assert rows["reference/sdpa"]["flops_per_token"] == ted["flops_per_token"]
+    targets = micro_result["targets"]
+    assert targets["ted_vs_reference"]["config"] == "ted/fused/sdpa"
+    assert targets["ted_vs_reference"]["verdict"] in ("PASS", "MISS")
+    assert targets["ted_over_lm_vs_flops"]["verdict"] in ("PASS", "MISS")
+    assert targets["mfu"]["verdict"] == "n/a"
+    table = format_table(micro_result)
+    assert "reference/sdpa" in table and "ted_vs_reference" in table
+
+
+def test_isolated_worker_process():
+    row = run_configuration("micro", Spec("kd", True, False, "sdpa"), isolate=True, threads=1)
+    assert row["name"] == "kd/fused/sdpa" and row["tokens_per_s"] > 0 and row["torch_threads"] == 1
+    assert row["peak_mib"] > 0  # weights, grads and optimizer state are built after the reset
+
+
+@pytest.mark.cuda
+def test_prefetch_configuration_on_cuda():
+    row = run_configuration("micro", Spec("ted", True, True, "auto"), isolate=True)
+    assert row["prefetch"] and row["tokens_per_s"] > 0 and row["dtype"] == "bf16"
