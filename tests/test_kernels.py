@@ -137,6 +137,25 @@ def test_bf16_inputs_give_fp32_loss_and_bf16_grads_close_to_fp32(backend):
     )
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)])
+def test_torch_ops_match_naive_over_uneven_row_blocks(monkeypatch, dtype, tol):
+    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 2 * VOCAB)  # chunks of 4 + 3 rows: 2+2, 2+1
+    hidden, weight, targets, teacher_hidden, teacher_weight = make_inputs(dtype=dtype)
+    student, teacher = (hidden, weight), (teacher_hidden, teacher_weight)
+    keep = targets != -100
+    kw = {"chunk_size": 4, "backend": "torch"}
+    naive_kd = naive_kd_rows(*student, *teacher)[keep].mean()
+
+    fused = fused_linear_cross_entropy(*student, targets, **kw)
+    assert_matches(fused, naive_ce(*student, targets), student, tol)
+    fused = fused_linear_kl_div(*student, *teacher, temperature=T, mask=keep, **kw)
+    assert_matches(fused, naive_kd, student, tol)
+    fused = fused_linear_ce_kd(
+        *student, targets, *teacher, temperature=T, kd_weight=KD_WEIGHT, **kw
+    )
+    assert_matches(fused[0], naive_ce(*student, targets) + KD_WEIGHT * naive_kd, student, tol)
+
+
 def test_fp32_student_accepts_bf16_teacher():
     hidden, weight, _, teacher_hidden, teacher_weight = make_inputs()
     teacher_hidden, teacher_weight = teacher_hidden.bfloat16(), teacher_weight.bfloat16()

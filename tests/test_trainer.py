@@ -213,3 +213,25 @@ def test_teacher_with_another_tokenizer_than_the_data_is_refused(tiny_data, tmp_
     config = _config("tiny-kd.yaml", tiny_data, tmp_path / "run", f"teacher.pretrained={tmp_path / 'teacher'}")
     with pytest.raises(ModelMismatchError, match="another tokenizer than the data"):
         Trainer(config)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("method=ted_kl", "filters.arch=mlp", "filters.student_filters=train"),
+        ("filters.arch=next_block", "filters.student_filters=random", "distill.layer_reduction=mean"),
+        ("filters.arch=rest_blocks", "deepspeed.zero_stage=0", "fused_loss=false"),
+    ],
+    ids=["ted_kl-mlp-train", "next_block-random", "rest_blocks-zero0-unfused"],
+)
+def test_every_filter_option_runs_both_stages(tiny_data, tmp_path, overrides):
+    run = tmp_path / "run"
+    Trainer(_config("tiny-ted.yaml", tiny_data, run, "stage1.max_steps=2", "stage2.max_steps=2",
+                    "log.interval=1", *overrides)).run()
+    stages = {r["stage"] for r in _metrics(run)}
+    expected = {"stage1_teacher", "stage2"}
+    if "filters.student_filters=train" in overrides:
+        expected.add("stage1_student")
+        assert (run / "filters" / "student.safetensors").is_file()
+    assert stages == expected
+    assert (run / "student_hf" / "model.safetensors").is_file()

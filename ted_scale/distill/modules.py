@@ -88,6 +88,12 @@ class FrozenTapper:
         return TappedOutputs(states, out.last_hidden, self.model.lm_head_weight)
 
 
+def _to(hidden: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """The LM head's input in the compute dtype: under autocast LayerNorm returns fp32, and the
+    fused head's matmul runs in its input's dtype."""
+    return hidden if dtype is None else hidden.to(dtype)
+
+
 class FilterTraining(nn.Module):
     """Stage I: filters trained through a frozen model's own head; loss = sum_k CE_k.
 
@@ -95,11 +101,19 @@ class FilterTraining(nn.Module):
     module's parameters, so the optimizer and ZeRO never see it.
     """
 
-    def __init__(self, filters: FilterBank, frozen_model: GPT, *, fused: bool) -> None:
+    def __init__(
+        self,
+        filters: FilterBank,
+        frozen_model: GPT,
+        *,
+        fused: bool,
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.filters = filters
         self._frozen_head = (frozen_model.ln_f, frozen_model.wte)  # a tuple is not registered
         self.fused = fused
+        self.compute_dtype = compute_dtype
 
     def forward(
         self, input_ids: Tensor, labels: Tensor, tapped: TappedOutputs
@@ -111,7 +125,8 @@ class FilterTraining(nn.Module):
         # autograd must save, so they are copied into ordinary tensors (K x [B, T, d], cheap).
         states = [h.clone() for h in tapped.layer_states]
         per_layer = [
-            cross_entropy(ln_f(g), wte.weight, labels, fused=self.fused) for g in self.filters(states)
+            cross_entropy(_to(ln_f(g), self.compute_dtype), wte.weight, labels, fused=self.fused)
+            for g in self.filters(states)
         ]
         loss = torch.stack(per_layer).sum()
         parts = {f"loss_filter_{k}": ce.detach() for k, ce in enumerate(per_layer)}
@@ -152,8 +167,7 @@ class StudentDistillation(nn.Module):
         self.compute_dtype = compute_dtype
 
     def _head_input(self, hidden: Tensor) -> Tensor:
-        # Under autocast LayerNorm returns fp32; the LM-head matmul should run in the compute dtype.
-        return hidden if self.compute_dtype is None else hidden.to(self.compute_dtype)
+        return _to(hidden, self.compute_dtype)
 
     def forward(
         self, input_ids: Tensor, labels: Tensor, tapped: TappedOutputs | None = None

@@ -39,6 +39,9 @@ def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if config.deepspeed.offload_optimizer:
+        # The client optimizer is torch's AdamW; it steps the offloaded fp32 states on the CPU.
+        ds["zero_force_ds_cpu_optimizer"] = False
     ds.update(config.deepspeed.extra)
     return ds
 

@@ -8,6 +8,7 @@ A run goes through its phases in order (``stage1_teacher``, ``stage1_student``, 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import random
 import time
@@ -211,7 +212,7 @@ class Trainer:
                 top_layer=max(layers),
             ).total
 
-        module = FilterTraining(bank, model, fused=self.fused)
+        module = FilterTraining(bank, model, fused=self.fused, compute_dtype=self.autocast)
         tapper = FrozenTapper(model, layers, mode="raw")
         return Phase(name, module, tapper, self.config.stage1, step_flops), bank
 
@@ -252,11 +253,15 @@ class Trainer:
                 f"filters.student_filters={mode} needs the student width "
                 f"({self.student.config.n_embd}) to equal the teacher's ({self.teacher.config.n_embd})"
             )
-        bank = self._new_filters(self.student, layers, random_init=mode == "random")
         if mode == "copy":
-            bank.load_state_dict({k: v.float() for k, v in teacher_filters.state_dict().items()})
-        elif mode == "train":
-            load_filters_into(bank, filters_dir, "student")
+            # Filter k is the teacher's filter at M(k), structure and all (a block filter keeps
+            # the teacher's later blocks, however many the student has after block k).
+            bank = copy.deepcopy(teacher_filters)
+            bank.layers = layers
+        else:
+            bank = self._new_filters(self.student, layers, random_init=mode == "random")
+            if mode == "train":
+                load_filters_into(bank, filters_dir, "student")
         return bank.float().requires_grad_(True).train()
 
     def _run_stage2(self, tag: CheckpointTag | None) -> None:
