@@ -76,7 +76,7 @@ class FrozenTapper:
             input_ids,
             output_layers=self.layers,
             return_logits=False,
-            stop_after=None if top else max(self.layers),
+            stop_after=max(self.layers) if self.layers and not top else None,
         )
         states = [out.hidden_states[i] for i in self.layers]
         if self.mode != "raw":

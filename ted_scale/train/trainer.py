@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ted_scale.config import RunConfig, save_resolved
+from ted_scale.config import ConfigError, RunConfig, save_resolved
 from ted_scale.config.schema import ScheduleConfig
 from ted_scale.data.loader import DistributedBatchLoader, PackedTokens, open_split
 from ted_scale.data.tokenizer import tokenizer_fingerprint
@@ -48,6 +48,7 @@ from ted_scale.train.engine import autocast_dtype, build_engine, gradient_accumu
 from ted_scale.train.evaluation import InTrainingEval
 from ted_scale.train.metrics import LossAverager, MetricsWriter, Throughput, progress_bar
 from ted_scale.train.models import (
+    ModelMismatchError,
     build_student,
     build_teacher,
     check_compatible,
@@ -167,7 +168,10 @@ class Trainer:
             if config.stage in ("distill", "all"):
                 plan.append("stage2")
             if not plan:
-                raise ValueError(f"stage={config.stage} with method={config.method}: nothing to do")
+                raise ConfigError(
+                    f"stage={config.stage} with method={config.method}: nothing to do "
+                    "(only ted and ted_kl have a Stage I)"
+                )
         for name in plan:
             if name in done:
                 self._log_console(f"{name}: already finished in {self.run_dir}, skipping")
@@ -249,7 +253,7 @@ class Trainer:
         layers = list(range(self.student.config.n_layer))
         mode = self.config.filters.student_filters
         if mode in ("copy", "train") and self.student.config.n_embd != self.teacher.config.n_embd:
-            raise ValueError(
+            raise ModelMismatchError(
                 f"filters.student_filters={mode} needs the student width "
                 f"({self.student.config.n_embd}) to equal the teacher's ({self.teacher.config.n_embd})"
             )
@@ -280,7 +284,7 @@ class Trainer:
             layer_modules = FilterBank(projections, layers).to(self.dist.device)
         mode = {"ted": "filtered", "ted_kl": "filtered_normed"}.get(method, "raw")
         tapper = FrozenTapper(
-            self.teacher, self.layer_map if method != "kd" else [self.teacher.config.n_layer - 1],
+            self.teacher, self.layer_map if method != "kd" else [],
             filters=teacher_filters, mode=mode, with_top=alpha_kd > 0,
         )
         module = StudentDistillation(
