@@ -22,6 +22,9 @@ LAYER_PLOTS = {
     "filter_loss.png": re.compile(r"loss_filter_(\d+)"),
 }
 EVAL_KEYS = {"eval_heldout_ppl": "held-out perplexity", "eval_lambada_acc": "LAMBADA accuracy"}
+# Figure 2's training loss is that of the student (Stage II, or plain LM training); Stage I's
+# summed filter losses live on another scale and get their own per-filter figure.
+STUDENT_STAGES = ("stage2", "lm")
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -46,10 +49,14 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def _series(records: list[dict], key: str) -> dict[str, tuple[list[int], list[float]]]:
-    """stage -> (steps, values) of `key`, skipping records without a finite value."""
+def _series(
+    records: list[dict], key: str, stages: tuple[str, ...] | None = None
+) -> dict[str, tuple[list[int], list[float]]]:
+    """stage -> (steps, values) of `key` (only `stages` when given), skipping non-finite values."""
     out: dict[str, tuple[list[int], list[float]]] = {}
     for r in records:
+        if stages is not None and r.get("stage") not in stages:
+            continue
         value = r.get(key)
         if isinstance(value, (int, float)) and math.isfinite(value):
             steps, values = out.setdefault(str(r.get("stage", "")), ([], []))
@@ -58,11 +65,13 @@ def _series(records: list[dict], key: str) -> dict[str, tuple[list[int], list[fl
     return out
 
 
-def _plot_lines(ax, runs: dict[str, list[dict]], key: str) -> bool:
+def _plot_lines(
+    ax, runs: dict[str, list[dict]], key: str, stages: tuple[str, ...] | None = None
+) -> bool:
     """One line per (run, stage) of `key`; the stage is named only when a run has several."""
     drew = False
     for name, records in runs.items():
-        series = _series(records, key)
+        series = _series(records, key, stages)
         for stage, (steps, values) in series.items():
             ax.plot(steps, values, label=name if len(series) == 1 else f"{name} ({stage})")
             drew = True
@@ -72,7 +81,7 @@ def _plot_lines(ax, runs: dict[str, list[dict]], key: str) -> bool:
 def plot_runs(runs: dict[str, str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
     """Write Figure-2 style PNGs for runs {name: run_dir} into `out_dir`; return their paths.
 
-    loss.png: training loss vs step. layer_loss.png / filter_loss.png: one panel per student
+    loss.png: the student's training loss (Stage II or LM training) vs step. layer_loss.png / filter_loss.png: one panel per student
     layer (Stage II `loss_layer_k`) / filter (Stage I `loss_filter_k`). eval.png: in-training
     evaluation, when logged. Figures without data in any run are skipped.
     """
@@ -87,8 +96,8 @@ def plot_runs(runs: dict[str, str | os.PathLike], out_dir: str | os.PathLike) ->
         written.append(out_dir / filename)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    if _plot_lines(ax, metrics, "loss"):
-        ax.set(xlabel="step", ylabel="training loss", title="Training loss")
+    if _plot_lines(ax, metrics, "loss", STUDENT_STAGES):
+        ax.set(xlabel="step", ylabel="training loss", title="Student training loss")
         ax.legend()
         save(fig, "loss.png")
     plt.close(fig)
