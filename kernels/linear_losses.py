@@ -57,27 +57,44 @@ def _mean_weights(keep: Tensor) -> Tensor:
     return keep / keep.sum().clamp(min=1.0)
 
 
-ChunkOp = Callable[[slice, Tensor], None]
+ChunkOp = Callable[[slice, Tensor, Tensor | None], None]
 
 
 def _chunked_linear_grads(
-    hidden: Tensor, weight: Tensor, chunk_size: int, chunk_op: ChunkOp
+    hidden: Tensor,
+    weight: Tensor,
+    chunk_size: int,
+    chunk_op: ChunkOp,
+    teacher: tuple[Tensor, Tensor] | None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Runs chunk_op(rows, logits) on each chunk of hidden [N, d] @ weight.T [d, V].
+    """Runs chunk_op(rows, logits, teacher_logits) on each chunk of hidden [N, d] @ weight.T [d, V].
 
-    chunk_op must overwrite logits [n, V] with dloss/dlogits. Returns (grad_hidden [N, d],
-    grad_weight [V, d] or None when the weight needs no gradient).
+    teacher_logits are teacher_hidden[rows] @ teacher_weight.T for teacher = (teacher_hidden,
+    teacher_weight), else None. chunk_op must overwrite logits [n, V] with dloss/dlogits. Returns
+    (grad_hidden [N, d], grad_weight [V, d] or None when the weight needs no gradient).
     """
     compute_weight = weight.to(hidden.dtype)
     grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
     grad_weight = None
     if weight.requires_grad:
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    # Every chunk's logits go to the same buffers: on CPU a fresh [chunk, V] tensor per chunk is
+    # handed back to the OS when freed and page-faulted in again, ~20% on top of its matmul.
+    buffer_shape = (min(chunk_size, hidden.shape[0]), weight.shape[0])
+    logits_buffer = torch.empty(buffer_shape, dtype=hidden.dtype, device=hidden.device)
+    if teacher is not None:
+        teacher_hidden, teacher_weight = teacher
+        teacher_buffer = torch.empty(buffer_shape, dtype=teacher_hidden.dtype, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         h = hidden[rows]
-        logits = h @ compute_weight.T
-        chunk_op(rows, logits)
+        logits = torch.mm(h, compute_weight.T, out=logits_buffer[: h.shape[0]])
+        teacher_logits = None
+        if teacher is not None:
+            teacher_logits = torch.mm(
+                teacher_hidden[rows], teacher_weight.T, out=teacher_buffer[: h.shape[0]]
+            )
+        chunk_op(rows, logits, teacher_logits)
         torch.mm(logits, compute_weight, out=grad_hidden[rows])
         if grad_weight is None:
             continue
@@ -91,12 +108,17 @@ def _chunked_linear_grads(
 
 
 def _run_chunks(
-    ctx, hidden: Tensor, weight: Tensor, chunk_size: int | None, chunk_op: ChunkOp
+    ctx,
+    hidden: Tensor,
+    weight: Tensor,
+    chunk_size: int | None,
+    chunk_op: ChunkOp,
+    teacher: tuple[Tensor, Tensor] | None = None,
 ) -> None:
     """Computes the student gradients chunk by chunk and saves them for backward."""
     chunk_size = chunk_size or default_chunk_size(weight.shape[0])
     with torch.autocast(hidden.device.type, enabled=False):
-        grads = _chunked_linear_grads(hidden, weight, chunk_size, chunk_op)
+        grads = _chunked_linear_grads(hidden, weight, chunk_size, chunk_op, teacher)
     ctx.save_for_backward(*grads)
 
 
@@ -116,7 +138,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         safe_targets = targets.long().masked_fill(~keep, 0)
         loss_rows = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
 
-        def chunk_op(rows: slice, logits: Tensor) -> None:
+        def chunk_op(rows: slice, logits: Tensor, _: None) -> None:
             loss_rows[rows] = ops.cross_entropy_(logits, safe_targets[rows], row_weight[rows])
 
         _run_chunks(ctx, hidden, weight, chunk_size, chunk_op)
@@ -139,11 +161,10 @@ class _LinearKLDiv(torch.autograd.Function):
         teacher_weight = teacher_weight.to(teacher_hidden.dtype)
         loss_rows = torch.empty(n, dtype=torch.float32, device=hidden.device)
 
-        def chunk_op(rows: slice, logits: Tensor) -> None:
-            teacher_logits = teacher_hidden[rows] @ teacher_weight.T
+        def chunk_op(rows: slice, logits: Tensor, teacher_logits: Tensor) -> None:
             loss_rows[rows] = ops.kl_div_(logits, teacher_logits, row_weight[rows], temperature)
 
-        _run_chunks(ctx, hidden, weight, chunk_size, chunk_op)
+        _run_chunks(ctx, hidden, weight, chunk_size, chunk_op, (teacher_hidden, teacher_weight))
         return loss_rows.sum()
 
     @staticmethod
@@ -174,13 +195,12 @@ class _LinearCrossEntropyKLDiv(torch.autograd.Function):
         ce_rows = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
         kd_rows = torch.empty_like(ce_rows)
 
-        def chunk_op(rows: slice, logits: Tensor) -> None:
-            teacher_logits = teacher_hidden[rows] @ teacher_weight.T
+        def chunk_op(rows: slice, logits: Tensor, teacher_logits: Tensor) -> None:
             ce_rows[rows], kd_rows[rows] = ops.cross_entropy_kl_div_(
                 logits, teacher_logits, safe_targets[rows], row_weight[rows], temperature, kd_weight
             )
 
-        _run_chunks(ctx, hidden, weight, chunk_size, chunk_op)
+        _run_chunks(ctx, hidden, weight, chunk_size, chunk_op, (teacher_hidden, teacher_weight))
         ce, kd = ce_rows.sum(), kd_rows.sum()
         ctx.mark_non_differentiable(ce, kd)
         return ce + kd_weight * kd, ce, kd
