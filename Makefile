@@ -10,14 +10,14 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 setup: $(STAMP)
 
 # Without an NVIDIA driver, pin torch first so pip takes the CPU build and never pulls the CUDA
-# wheels; with one, let the dependency resolver pick torch with CUDA.
+# wheels; with one, the resolver picks torch with CUDA. flash-attn (the `gpu` extra) compiles
+# against the installed torch, so it is left to `pip install -e '.[gpu]' --no-build-isolation`.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
-		$(PY) -m pip install -q -e '.[dev,gpu]'; \
-	else \
-		$(PY) -m pip install -q 'torch==2.13.0' && $(PY) -m pip install -q -e '.[dev]'; \
+	@if ! (command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1); then \
+		$(PY) -m pip install -q 'torch==2.13.0'; \
 	fi
+	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
 test: setup
