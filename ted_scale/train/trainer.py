@@ -203,7 +203,7 @@ class Trainer:
             d_out=self.teacher.config.n_embd,
             mlp_hidden=self.config.filters.mlp_hidden,
             random_init=random_init,
-        ).to(self.dist.device)
+        ).to(self.dist.device, dtype=torch.float32)  # block filters copy a bf16 teacher's blocks
 
     def _stage1_phase(self, name: str, model: GPT, layers: list[int]) -> tuple[Phase, FilterBank]:
         bank = self._new_filters(model, layers)
