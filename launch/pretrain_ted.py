@@ -11,9 +11,13 @@ import sys
 from ted_scale.train.cli import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="YAML run configuration (see configs/)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides as key.subkey=value")
     args = parser.parse_args()
     sys.exit(main(args.config, args.overrides))

@@ -51,18 +51,45 @@ def run_demo(out: Path, *, ranks: int = 2) -> None:
     teacher = out / "teacher"
     runs = {name: out / name for name in STUDENTS}
 
-    _step(1, 5, "Preparing the bundled corpus (WikiText-2 valid, CC BY-SA 3.0) with a BPE trained on it")
+    _step(
+        1,
+        5,
+        "Preparing the bundled corpus (WikiText-2 valid, CC BY-SA 3.0) with a BPE trained on it",
+    )
     corpus = out / "corpus" / "wikitext-2-valid.txt"
     if not corpus.exists():
         corpus.parent.mkdir(parents=True, exist_ok=True)
         with gzip.open(asset("wikitext-2-valid.txt.gz"), "rb") as src, corpus.open("wb") as dst:
             shutil.copyfileobj(src, dst)
-    _run([sys.executable, LAUNCH / "prepare_data.py", "--input", corpus, "--out", data,
-          "--train-tokenizer", "2048", "--seq-len", "128"], env=env)
+    _run(
+        [
+            sys.executable,
+            LAUNCH / "prepare_data.py",
+            "--input",
+            corpus,
+            "--out",
+            data,
+            "--train-tokenizer",
+            "2048",
+            "--seq-len",
+            "128",
+        ],
+        env=env,
+    )
 
     def train(config: str, run_dir: Path, *overrides: str) -> None:
-        _run([*_launcher(ranks), LAUNCH / "pretrain_ted.py", "--config", CONFIGS / config,
-              f"output_dir={run_dir}", f"data.path={data}", *overrides], env=env)
+        _run(
+            [
+                *_launcher(ranks),
+                LAUNCH / "pretrain_ted.py",
+                "--config",
+                CONFIGS / config,
+                f"output_dir={run_dir}",
+                f"data.path={data}",
+                *overrides,
+            ],
+            env=env,
+        )
 
     _step(2, 5, "Pre-training a small GPT-2-shaped teacher (6 layers, width 128) from scratch")
     train("demo-teacher.yaml", teacher)
@@ -75,18 +102,55 @@ def run_demo(out: Path, *, ranks: int = 2) -> None:
     results = out / "results"
     models = {"teacher": teacher, **runs}
     for name, run_dir in models.items():
-        _run([sys.executable, LAUNCH / "evaluate.py", "--model", run_dir, "--data", data,
-              "--tasks", "heldout,wikitext,lambada", "--out", results / f"{name}.json"], env=env)
+        _run(
+            [
+                sys.executable,
+                LAUNCH / "evaluate.py",
+                "--model",
+                run_dir,
+                "--data",
+                data,
+                "--tasks",
+                "heldout,wikitext,lambada",
+                "--out",
+                results / f"{name}.json",
+            ],
+            env=env,
+        )
 
     _step(5, 5, "Writing the Table-1-style report and the Figure-2-style plots")
     table = out / "table1.md"
-    _run([sys.executable, LAUNCH / "report.py", "--results",
-          *(f"{label}={results / f'{name}.json'}" for name, label in
-            (("teacher", "teacher"), ("kd", "KD"), ("lwd", "LWD"), ("ted", "TED"))),
-          "--out", table], env=env)
+    _run(
+        [
+            sys.executable,
+            LAUNCH / "report.py",
+            "--results",
+            *(
+                f"{label}={results / f'{name}.json'}"
+                for name, label in (
+                    ("teacher", "teacher"),
+                    ("kd", "KD"),
+                    ("lwd", "LWD"),
+                    ("ted", "TED"),
+                )
+            ),
+            "--out",
+            table,
+        ],
+        env=env,
+    )
     figures = out / "figures"
-    _run([sys.executable, LAUNCH / "plot_metrics.py", "--runs",
-          *(f"{name.upper()}={runs[name]}" for name in ("kd", "lwd", "ted")), "--out", figures], env=env)
+    _run(
+        [
+            sys.executable,
+            LAUNCH / "plot_metrics.py",
+            "--runs",
+            *(f"{name.upper()}={runs[name]}" for name in ("kd", "lwd", "ted")),
+            "--out",
+            figures,
+        ],
+        env=env,
+    )
 
     print(f"\n{table.read_text()}")
     print(f"report:  {table}")

@@ -40,7 +40,11 @@ def tiny_data(tmp_path_factory):
     out = root / "prepared"
     prepare(
         PrepareConfig(
-            input=str(corpus), out=str(out), train_tokenizer=512, seq_len=64, num_workers=0,
+            input=str(corpus),
+            out=str(out),
+            train_tokenizer=512,
+            seq_len=64,
+            num_workers=0,
             verbose=False,
         )
     )

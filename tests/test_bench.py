@@ -45,7 +45,10 @@ def test_every_configuration_is_measured(micro_result):
         assert r["vs_reference"]["speed"] > 0
     assert rows["reference/sdpa"]["vs_reference"] == {"speed": 1.0, "memory": 1.0}
     # The teacher only runs for the distillation methods.
-    assert rows["ted/fused/sdpa"]["time_split_ms"]["teacher"] > rows["lm/fused/sdpa"]["time_split_ms"]["teacher"]
+    assert (
+        rows["ted/fused/sdpa"]["time_split_ms"]["teacher"]
+        > rows["lm/fused/sdpa"]["time_split_ms"]["teacher"]
+    )
 
 
 def test_ratios_and_targets(micro_result):

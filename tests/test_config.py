@@ -12,7 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_yaml_file_and_overrides_build_typed_config(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("stage: distill\noptim:\n  lr: 1e-4\n  betas: [0.8, 0.9]\n")
-    config = load_run_config(path, ["optim.lr=3e-4", "student.layer_map=[0,1,2,3,4,5]", "output_dir=/x"])
+    config = load_run_config(
+        path, ["optim.lr=3e-4", "student.layer_map=[0,1,2,3,4,5]", "output_dir=/x"]
+    )
     assert isinstance(config, RunConfig)
     assert config.stage == "distill"
     assert config.optim.lr == 3e-4 and config.optim.betas == (0.8, 0.9)

@@ -42,7 +42,9 @@ def test_stop_after_skips_later_blocks(tiny_gpt):
     ids = torch.randint(0, 101, (1, 8))
     out = tiny_gpt(ids, output_layers=[1], stop_after=1)
     assert out.last_hidden is None and out.logits is None
-    torch.testing.assert_close(out.hidden_states[1], tiny_gpt(ids, output_layers=[1]).hidden_states[1])
+    torch.testing.assert_close(
+        out.hidden_states[1], tiny_gpt(ids, output_layers=[1]).hidden_states[1]
+    )
 
 
 def test_activation_checkpointing_gives_the_same_gradients(tiny_config):

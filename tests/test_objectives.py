@@ -16,7 +16,9 @@ A_KD, A_LAYER = 2.5, 0.1
 @pytest.fixture
 def setup():
     torch.manual_seed(0)
-    teacher = GPT(GPTConfig(vocab_size=97, n_positions=32, n_embd=32, n_layer=4, n_head=2, dropout=0.0))
+    teacher = GPT(
+        GPTConfig(vocab_size=97, n_positions=32, n_embd=32, n_layer=4, n_head=2, dropout=0.0)
+    )
     teacher.eval().requires_grad_(False)
     layer_map = paper_layer_map(4, 2)
     student = student_from_teacher(teacher, layer_map, dropout=0.0)
@@ -38,7 +40,9 @@ def _kd(z_s, z_t, keep):
 
 
 def _ce(logits, labels):
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
 
 
 def _filters(teacher, layer_map):
@@ -54,7 +58,10 @@ def test_stage1_loss_is_the_sum_of_each_filters_cross_entropy_through_the_frozen
     module = FilterTraining(bank, teacher, fused=fused)
     loss, parts = module(ids, labels, FrozenTapper(teacher, layer_map)(ids))
     hidden = teacher(ids, output_layers=layer_map).hidden_states
-    expected = [_ce(teacher.head(g(hidden[m])), labels) for g, m in zip(bank.filters, layer_map, strict=True)]
+    expected = [
+        _ce(teacher.head(g(hidden[m])), labels)
+        for g, m in zip(bank.filters, layer_map, strict=True)
+    ]
     torch.testing.assert_close(loss, sum(expected), rtol=1e-5, atol=1e-6)
     for k, e in enumerate(expected):
         torch.testing.assert_close(parts[f"loss_filter_{k}"], e, rtol=1e-5, atol=1e-6)
@@ -71,8 +78,14 @@ def test_ted_loss_is_ce_plus_kd_plus_filtered_mse(setup, fused, reduction):
     torch.manual_seed(2)
     s_filters = build_filters("linear", student, [0, 1], d_out=32, random_init=True)
     module = StudentDistillation(
-        student, "ted", layer_modules=s_filters, alpha_kd=A_KD, alpha_layer=A_LAYER,
-        temperature=T_KD, layer_reduction=reduction, fused=fused,
+        student,
+        "ted",
+        layer_modules=s_filters,
+        alpha_kd=A_KD,
+        alpha_layer=A_LAYER,
+        temperature=T_KD,
+        layer_reduction=reduction,
+        fused=fused,
     )
     tapper = FrozenTapper(teacher, layer_map, filters=t_filters, mode="filtered", with_top=True)
     loss, parts = module(ids, labels, tapper(ids))
@@ -84,7 +97,9 @@ def test_ted_loss_is_ce_plus_kd_plus_filtered_mse(setup, fused, reduction):
     kd = _kd(s_out.logits, t_out.logits, keep)
     per_layer = [
         F.mse_loss(g_s(s_out.hidden_states[k]), g_t(t_out.hidden_states[m]))
-        for k, (g_s, g_t, m) in enumerate(zip(s_filters.filters, t_filters.filters, layer_map, strict=True))
+        for k, (g_s, g_t, m) in enumerate(
+            zip(s_filters.filters, t_filters.filters, layer_map, strict=True)
+        )
     ]
     d_ted = sum(per_layer) / (len(per_layer) if reduction == "mean" else 1)
     torch.testing.assert_close(loss, ce + A_KD * kd + A_LAYER * d_ted, rtol=1e-5, atol=1e-6)
@@ -101,20 +116,35 @@ def test_ted_kl_loss_uses_kl_between_filter_predictions_through_the_heads(setup,
     torch.manual_seed(2)
     s_filters = build_filters("linear", student, [0, 1], d_out=32, random_init=True)
     module = StudentDistillation(
-        student, "ted_kl", layer_modules=s_filters, alpha_kd=A_KD, alpha_layer=A_LAYER,
-        temperature=T_KD, fused=fused,
+        student,
+        "ted_kl",
+        layer_modules=s_filters,
+        alpha_kd=A_KD,
+        alpha_layer=A_LAYER,
+        temperature=T_KD,
+        fused=fused,
     )
-    tapper = FrozenTapper(teacher, layer_map, filters=t_filters, mode="filtered_normed", with_top=True)
+    tapper = FrozenTapper(
+        teacher, layer_map, filters=t_filters, mode="filtered_normed", with_top=True
+    )
     loss, _ = module(ids, labels, tapper(ids))
 
     t_out = teacher(ids, output_layers=layer_map)
     s_out = student(ids, output_layers=[0, 1])
     keep = labels != -100
     d = sum(
-        _kd(student.head(g_s(s_out.hidden_states[k])), teacher.head(g_t(t_out.hidden_states[m])), keep)
-        for k, (g_s, g_t, m) in enumerate(zip(s_filters.filters, t_filters.filters, layer_map, strict=True))
+        _kd(
+            student.head(g_s(s_out.hidden_states[k])),
+            teacher.head(g_t(t_out.hidden_states[m])),
+            keep,
+        )
+        for k, (g_s, g_t, m) in enumerate(
+            zip(s_filters.filters, t_filters.filters, layer_map, strict=True)
+        )
     )
-    expected = _ce(s_out.logits, labels) + A_KD * _kd(s_out.logits, t_out.logits, keep) + A_LAYER * d
+    expected = (
+        _ce(s_out.logits, labels) + A_KD * _kd(s_out.logits, t_out.logits, keep) + A_LAYER * d
+    )
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -136,8 +166,13 @@ def test_lwd_loss_projects_student_states_onto_raw_teacher_states(setup, fused):
     torch.manual_seed(3)
     projections = FilterBank([torch.nn.Linear(32, 32) for _ in range(2)], [0, 1])
     module = StudentDistillation(
-        student, "lwd", layer_modules=projections, alpha_kd=A_KD, alpha_layer=A_LAYER,
-        temperature=T_KD, fused=fused,
+        student,
+        "lwd",
+        layer_modules=projections,
+        alpha_kd=A_KD,
+        alpha_layer=A_LAYER,
+        temperature=T_KD,
+        fused=fused,
     )
     loss, _ = module(ids, labels, FrozenTapper(teacher, layer_map, with_top=True)(ids))
     t_out = teacher(ids, output_layers=layer_map)
@@ -158,8 +193,13 @@ def test_fused_and_unfused_paths_give_the_same_gradients(setup):
         torch.manual_seed(2)
         s_filters = build_filters("linear", student, [0, 1], d_out=32, random_init=True)
         module = StudentDistillation(
-            student, "ted", layer_modules=s_filters, alpha_kd=A_KD, alpha_layer=A_LAYER,
-            temperature=T_KD, fused=fused,
+            student,
+            "ted",
+            layer_modules=s_filters,
+            alpha_kd=A_KD,
+            alpha_layer=A_LAYER,
+            temperature=T_KD,
+            fused=fused,
         )
         student.zero_grad()
         tapper = FrozenTapper(teacher, layer_map, filters=t_filters, mode="filtered", with_top=True)
@@ -171,7 +211,12 @@ def test_fused_and_unfused_paths_give_the_same_gradients(setup):
 
 @pytest.mark.parametrize(
     ("teacher_layers", "student_layers", "expected"),
-    [(12, 6, [0, 2, 4, 7, 9, 11]), (4, 2, [0, 3]), (12, 12, list(range(12))), (24, 6, [2, 6, 10, 15, 19, 23])],
+    [
+        (12, 6, [0, 2, 4, 7, 9, 11]),
+        (4, 2, [0, 3]),
+        (12, 12, list(range(12))),
+        (24, 6, [2, 6, 10, 15, 19, 23]),
+    ],
 )
 def test_paper_layer_map(teacher_layers, student_layers, expected):
     assert paper_layer_map(teacher_layers, student_layers) == expected

@@ -78,14 +78,22 @@ def test_side_stream_prefetch_gives_identical_teacher_outputs_on_cuda(tiny_data)
 def test_side_stream_prefetch_keeps_peak_memory_flat_over_many_steps(tiny_data):
     teacher = _teacher("cuda")
     student = _teacher("cuda").train()
-    feed = TeacherFeed(_loader(tiny_data), FrozenTapper(teacher, [0, 3], with_top=True),
-                       torch.device("cuda"), prefetch=True)
+    feed = TeacherFeed(
+        _loader(tiny_data),
+        FrozenTapper(teacher, [0, 3], with_top=True),
+        torch.device("cuda"),
+        prefetch=True,
+    )
     peaks = []
     for step in range(60):
         item = feed.next()
         out = student(item.input_ids, output_layers=[0, 3], return_logits=False)
-        loss = sum((s - t).square().mean() for s, t in zip(
-            (out.hidden_states[0], out.hidden_states[3]), item.tapped.layer_states, strict=True))
+        loss = sum(
+            (s - t).square().mean()
+            for s, t in zip(
+                (out.hidden_states[0], out.hidden_states[3]), item.tapped.layer_states, strict=True
+            )
+        )
         loss.backward()
         if step in (10, 59):
             torch.cuda.synchronize()
@@ -99,8 +107,12 @@ def test_teacher_kernels_overlap_student_kernels_on_cuda(tiny_data):
 
     big = GPTConfig(vocab_size=512, n_positions=64, n_embd=512, n_layer=8, n_head=8, dropout=0.0)
     teacher, student = GPT(big).cuda().eval(), GPT(big).cuda().train()
-    feed = TeacherFeed(_loader(tiny_data, 32), FrozenTapper(teacher, [7], with_top=True),
-                       torch.device("cuda"), prefetch=True)
+    feed = TeacherFeed(
+        _loader(tiny_data, 32),
+        FrozenTapper(teacher, [7], with_top=True),
+        torch.device("cuda"),
+        prefetch=True,
+    )
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(6):
             item = feed.next()
@@ -108,7 +120,15 @@ def test_teacher_kernels_overlap_student_kernels_on_cuda(tiny_data):
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     side = feed.side_stream.cuda_stream
-    teacher_spans = [(e.time_range.start, e.time_range.end) for e in kernels if getattr(e, "stream", None) == side]
-    student_spans = [(e.time_range.start, e.time_range.end) for e in kernels if getattr(e, "stream", None) != side]
+    teacher_spans = [
+        (e.time_range.start, e.time_range.end)
+        for e in kernels
+        if getattr(e, "stream", None) == side
+    ]
+    student_spans = [
+        (e.time_range.start, e.time_range.end)
+        for e in kernels
+        if getattr(e, "stream", None) != side
+    ]
     overlaps = sum(1 for a, b in teacher_spans if any(c < b and a < d for c, d in student_spans))
     assert teacher_spans and overlaps > 0

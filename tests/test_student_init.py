@@ -20,7 +20,9 @@ def test_student_copies_exactly_the_mapped_blocks_tensor_by_tensor():
 
 
 def test_student_dropout_can_differ_from_the_teacher():
-    teacher = GPT(GPTConfig(vocab_size=50, n_positions=16, n_embd=32, n_layer=4, n_head=2, dropout=0.0))
+    teacher = GPT(
+        GPTConfig(vocab_size=50, n_positions=16, n_embd=32, n_layer=4, n_head=2, dropout=0.0)
+    )
     student = student_from_teacher(teacher, [1, 3], dropout=0.1)
     assert student.config.dropout == 0.1 and student.drop.p == 0.1
     assert student.blocks[0].attn.attn_dropout == 0.1

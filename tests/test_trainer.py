@@ -51,7 +51,9 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def test_stage1_trains_only_filters_and_stage2_leaves_teacher_and_its_filters_untouched(tiny_data, tmp_path):
+def test_stage1_trains_only_filters_and_stage2_leaves_teacher_and_its_filters_untouched(
+    tiny_data, tmp_path
+):
     run = tmp_path / "run"
     stage1 = Trainer(_config("tiny-ted.yaml", tiny_data, run, "stage=filters"))
     teacher0, student0 = _state(stage1.teacher), _state(stage1.student)
@@ -76,7 +78,16 @@ def test_stage1_trains_only_filters_and_stage2_leaves_teacher_and_its_filters_un
     assert _same(after, filters), "Stage II changed the saved teacher filters"
     assert not _same(_state(stage2.student), student_before), "Stage II did not train the student"
     records = [r for r in _metrics(run) if r["stage"] == "stage2"]
-    for key in ("step", "loss", "lr", "tokens_per_s", "loss_ce", "loss_kd", "loss_layer", "loss_layer_0"):
+    for key in (
+        "step",
+        "loss",
+        "lr",
+        "tokens_per_s",
+        "loss_ce",
+        "loss_kd",
+        "loss_layer",
+        "loss_layer_0",
+    ):
         assert key in records[-1], key
     assert records[-1]["loss"] < records[0]["loss"]
     assert (run / "tensorboard").is_dir() and any((run / "tensorboard").iterdir())
@@ -95,12 +106,22 @@ def test_exported_student_loads_with_auto_model_and_gives_the_students_logits(ti
     assert (tmp_path / "run" / "student_hf" / "tokenizer.json").is_file()
 
 
-def test_teacher_prefetch_lookahead_gives_the_same_losses_as_the_sequential_path(tiny_data, tmp_path):
+def test_teacher_prefetch_lookahead_gives_the_same_losses_as_the_sequential_path(
+    tiny_data, tmp_path
+):
     losses = {}
     for prefetch in ("off", "on"):
         run = tmp_path / prefetch
-        Trainer(_config("tiny-lwd.yaml", tiny_data, run, f"teacher_prefetch={prefetch}",
-                        "log.interval=1", "stage2.max_steps=6")).run()
+        Trainer(
+            _config(
+                "tiny-lwd.yaml",
+                tiny_data,
+                run,
+                f"teacher_prefetch={prefetch}",
+                "log.interval=1",
+                "stage2.max_steps=6",
+            )
+        ).run()
         losses[prefetch] = [(r["step"], r["loss"], r["loss_layer"]) for r in _metrics(run)]
     assert losses["on"] == losses["off"]
 
@@ -120,49 +141,99 @@ def test_layer_map_past_the_teacher_depth_is_refused(tiny_data, tmp_path):
 def test_filters_made_for_another_teacher_are_refused(tiny_data, tmp_path):
     run = tmp_path / "run"
     Trainer(_config("tiny-ted.yaml", tiny_data, run, "stage=filters", "stage1.max_steps=1")).run()
-    other = _config("tiny-ted.yaml", tiny_data, tmp_path / "other", "stage=distill", "seed=7",
-                    f"filters_from={run / 'filters'}")
+    other = _config(
+        "tiny-ted.yaml",
+        tiny_data,
+        tmp_path / "other",
+        "stage=distill",
+        "seed=7",
+        f"filters_from={run / 'filters'}",
+    )
     with pytest.raises(FilterMismatchError, match="teacher_fingerprint"):
         Trainer(other).run()
-    remapped = _config("tiny-ted.yaml", tiny_data, tmp_path / "remap", "stage=distill",
-                       "student.layer_map=[1,3]", f"filters_from={run / 'filters'}")
+    remapped = _config(
+        "tiny-ted.yaml",
+        tiny_data,
+        tmp_path / "remap",
+        "stage=distill",
+        "student.layer_map=[1,3]",
+        f"filters_from={run / 'filters'}",
+    )
     with pytest.raises(FilterMismatchError, match=r"layer_map: saved \[0, 3\], this run \[1, 3\]"):
         Trainer(remapped).run()
 
 
 def test_non_finite_loss_stops_with_step_parts_and_last_checkpoint(tiny_data, tmp_path):
-    config = _config("tiny-kd.yaml", tiny_data, tmp_path / "run", "optim.lr=1e30", "optim.grad_clip=0",
-                     "stage2.max_steps=30", "checkpoint.interval=1", "optim.warmup_ratio=0")
+    config = _config(
+        "tiny-kd.yaml",
+        tiny_data,
+        tmp_path / "run",
+        "optim.lr=1e30",
+        "optim.grad_clip=0",
+        "stage2.max_steps=30",
+        "checkpoint.interval=1",
+        "optim.warmup_ratio=0",
+    )
     from ted_scale.train.trainer import NonFiniteLossError
 
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step \d+: \{.*loss_ce.*last good checkpoint: .*stage2-step"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"non-finite loss at step \d+: \{.*loss_ce.*last good checkpoint: .*stage2-step",
+    ):
         Trainer(config).run()
 
 
 def test_nonfinite_steps_are_skipped_and_counted_when_allowed(tiny_data, tmp_path):
-    config = _config("tiny-kd.yaml", tiny_data, tmp_path / "run", "optim.lr=1e30", "optim.grad_clip=0",
-                     "stage2.max_steps=8", "optim.warmup_ratio=0", "skip_nonfinite=100", "log.interval=1")
+    config = _config(
+        "tiny-kd.yaml",
+        tiny_data,
+        tmp_path / "run",
+        "optim.lr=1e30",
+        "optim.grad_clip=0",
+        "stage2.max_steps=8",
+        "optim.warmup_ratio=0",
+        "skip_nonfinite=100",
+        "log.interval=1",
+    )
     Trainer(config).run()
     assert _metrics(tmp_path / "run")[-1]["skipped_steps"] > 0
 
 
 def _run_cli(*args: str) -> subprocess.Popen:
     # A fresh single-process group: drop what this process's own group put in the environment.
-    dist_keys = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    dist_keys = {
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    }
     env = {k: v for k, v in os.environ.items() if k not in dist_keys}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.Popen(
         [sys.executable, str(REPO / "launch" / "pretrain_ted.py"), *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
 def test_killed_run_resumes_from_its_checkpoint_with_the_uninterrupted_losses(tiny_data, tmp_path):
     """The killed and resumed run also looks the teacher one micro-batch ahead (prefetch on),
     the uninterrupted one does not: the resumed loader must not count the prefetched batch."""
-    common = ["--config", str(REPO / "configs" / "tiny-ted.yaml"), f"data.path={tiny_data}",
-              "log.interval=1", "student.dropout=0.1", "stage1.max_steps=4", "stage2.max_steps=10",
-              "checkpoint.interval=3", "checkpoint.keep=10"]
+    common = [
+        "--config",
+        str(REPO / "configs" / "tiny-ted.yaml"),
+        f"data.path={tiny_data}",
+        "log.interval=1",
+        "student.dropout=0.1",
+        "stage1.max_steps=4",
+        "stage2.max_steps=10",
+        "checkpoint.interval=3",
+        "checkpoint.keep=10",
+    ]
     full = _run_cli(*common, f"output_dir={tmp_path / 'full'}", "teacher_prefetch=off")
     assert full.wait(timeout=300) == 0, full.stdout.read()
 
@@ -188,16 +259,32 @@ def test_killed_run_resumes_from_its_checkpoint_with_the_uninterrupted_losses(ti
 
 def test_a_save_interrupted_half_way_leaves_the_previous_checkpoint_loadable(tiny_data, tmp_path):
     run = tmp_path / "run"
-    Trainer(_config("tiny-kd.yaml", tiny_data, run, "stage2.max_steps=4", "checkpoint.interval=2",
-                    "checkpoint.keep=5")).run()
+    Trainer(
+        _config(
+            "tiny-kd.yaml",
+            tiny_data,
+            run,
+            "stage2.max_steps=4",
+            "checkpoint.interval=2",
+            "checkpoint.keep=5",
+        )
+    ).run()
     ckpts = run / "checkpoints"
     # A save killed half-way: its directory exists, DeepSpeed's files partly written, no marker.
     (ckpts / "stage2-step00000004" / "complete").unlink()
     (ckpts / "stage2-step00000004" / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
     progress = run / "progress.json"
     progress.unlink()  # pretend the run never finished
-    trainer = Trainer(_config("tiny-kd.yaml", tiny_data, run, "stage2.max_steps=4",
-                              "checkpoint.interval=2", "checkpoint.keep=5"))
+    trainer = Trainer(
+        _config(
+            "tiny-kd.yaml",
+            tiny_data,
+            run,
+            "stage2.max_steps=4",
+            "checkpoint.interval=2",
+            "checkpoint.keep=5",
+        )
+    )
     assert trainer.checkpoints.latest().name == "stage2-step00000002"
     trainer.run()
     assert (ckpts / "stage2-step00000004" / "complete").exists()
@@ -207,10 +294,14 @@ def test_teacher_with_another_tokenizer_than_the_data_is_refused(tiny_data, tmp_
     from ted_scale.data.tokenizer import train_bpe_tokenizer
     from ted_scale.model import GPT, GPTConfig, export_hf
 
-    other = train_bpe_tokenizer(["an entirely different corpus " * 50, "with other merges"] * 20, 512)
+    other = train_bpe_tokenizer(
+        ["an entirely different corpus " * 50, "with other merges"] * 20, 512
+    )
     teacher = GPT(GPTConfig(vocab_size=512, n_positions=64, n_embd=64, n_layer=4, n_head=4))
     export_hf(teacher, tmp_path / "teacher", other)
-    config = _config("tiny-kd.yaml", tiny_data, tmp_path / "run", f"teacher.pretrained={tmp_path / 'teacher'}")
+    config = _config(
+        "tiny-kd.yaml", tiny_data, tmp_path / "run", f"teacher.pretrained={tmp_path / 'teacher'}"
+    )
     with pytest.raises(ModelMismatchError, match="another tokenizer than the data"):
         Trainer(config)
 
@@ -219,15 +310,28 @@ def test_teacher_with_another_tokenizer_than_the_data_is_refused(tiny_data, tmp_
     "overrides",
     [
         ("method=ted_kl", "filters.arch=mlp", "filters.student_filters=train"),
-        ("filters.arch=next_block", "filters.student_filters=random", "distill.layer_reduction=mean"),
+        (
+            "filters.arch=next_block",
+            "filters.student_filters=random",
+            "distill.layer_reduction=mean",
+        ),
         ("filters.arch=rest_blocks", "deepspeed.zero_stage=0", "fused_loss=false"),
     ],
     ids=["ted_kl-mlp-train", "next_block-random", "rest_blocks-zero0-unfused"],
 )
 def test_every_filter_option_runs_both_stages(tiny_data, tmp_path, overrides):
     run = tmp_path / "run"
-    Trainer(_config("tiny-ted.yaml", tiny_data, run, "stage1.max_steps=2", "stage2.max_steps=2",
-                    "log.interval=1", *overrides)).run()
+    Trainer(
+        _config(
+            "tiny-ted.yaml",
+            tiny_data,
+            run,
+            "stage1.max_steps=2",
+            "stage2.max_steps=2",
+            "log.interval=1",
+            *overrides,
+        )
+    ).run()
     stages = {r["stage"] for r in _metrics(run)}
     expected = {"stage1_teacher", "stage2"}
     if "filters.student_filters=train" in overrides:

@@ -20,7 +20,14 @@ pytestmark = pytest.mark.slow
 
 
 def _env() -> dict[str, str]:
-    dist_keys = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    dist_keys = {
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    }
     env = {k: v for k, v in os.environ.items() if k not in dist_keys}
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     return env
@@ -32,9 +39,17 @@ def _losses(run_dir: Path) -> list[tuple[str, int, float]]:
 
 
 def _run(launcher: list[str], out: Path, data: Path, *overrides: str) -> None:
-    cmd = [*launcher, str(REPO / "launch" / "pretrain_ted.py"), "--config",
-           str(REPO / "configs" / "tiny-ted.yaml"), f"data.path={data}", f"output_dir={out}",
-           "stage1.max_steps=4", "stage2.max_steps=8", *overrides]
+    cmd = [
+        *launcher,
+        str(REPO / "launch" / "pretrain_ted.py"),
+        "--config",
+        str(REPO / "configs" / "tiny-ted.yaml"),
+        f"data.path={data}",
+        f"output_dir={out}",
+        "stage1.max_steps=4",
+        "stage2.max_steps=8",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
@@ -55,18 +70,30 @@ def _assert_same_losses(a, b) -> None:
         assert x == pytest.approx(y, rel=1e-4)
 
 
-@pytest.mark.skipif(shutil.which("deepspeed", path=str(VENV_BIN)) is None, reason="no deepspeed launcher")
+@pytest.mark.skipif(
+    shutil.which("deepspeed", path=str(VENV_BIN)) is None, reason="no deepspeed launcher"
+)
 def test_two_ranks_under_the_deepspeed_launcher_with_zero2(tiny_data, tmp_path, single_process):
     out = tmp_path / "run"
-    _run([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29517"], out, tiny_data,
-         "deepspeed.zero_stage=2")
+    _run(
+        [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29517"],
+        out,
+        tiny_data,
+        "deepspeed.zero_stage=2",
+    )
     _assert_same_losses(_losses(out), single_process)
     assert (out / "student_hf" / "model.safetensors").is_file()
 
 
-def test_two_ranks_under_torchrun_with_zero3_beside_the_frozen_teacher(tiny_data, tmp_path, single_process):
+def test_two_ranks_under_torchrun_with_zero3_beside_the_frozen_teacher(
+    tiny_data, tmp_path, single_process
+):
     out = tmp_path / "run"
-    _run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29519"], out, tiny_data,
-         "deepspeed.zero_stage=3")
+    _run(
+        [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29519"],
+        out,
+        tiny_data,
+        "deepspeed.zero_stage=3",
+    )
     _assert_same_losses(_losses(out), single_process)
     assert (out / "filters" / "teacher.safetensors").is_file()

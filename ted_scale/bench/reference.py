@@ -104,11 +104,16 @@ class ReferenceTED:
         s_out = self.student(input_ids, output_hidden_states=True)
         logits = s_out.logits.flatten(0, 1)  # [B*T, V]
         ce = F.cross_entropy(logits, labels.flatten())
-        kd = F.kl_div(
-            F.log_softmax(logits / T, dim=-1),
-            F.softmax(t_logits.flatten(0, 1) / T, dim=-1),
-            reduction="batchmean",
-        ) * T**2
-        s_states = [g(h) for g, h in zip(self.student_filters, s_out.hidden_states[1:], strict=True)]
+        kd = (
+            F.kl_div(
+                F.log_softmax(logits / T, dim=-1),
+                F.softmax(t_logits.flatten(0, 1) / T, dim=-1),
+                reduction="batchmean",
+            )
+            * T**2
+        )
+        s_states = [
+            g(h) for g, h in zip(self.student_filters, s_out.hidden_states[1:], strict=True)
+        ]
         d_ted = sum(F.mse_loss(s, t) for s, t in zip(s_states, t_states, strict=True))
         return ce + self.alpha_kd * kd + self.alpha_layer * d_ted

@@ -38,7 +38,9 @@ def configurations(
     return specs
 
 
-def run_configuration(preset: str, spec: Spec, *, isolate: bool, threads: int | None = None) -> dict:
+def run_configuration(
+    preset: str, spec: Spec, *, isolate: bool, threads: int | None = None
+) -> dict:
     """One row: in a fresh interpreter (``isolate``, clean peak memory) or in this process.
 
     threads: torch's CPU threads (None: torch's default, one per core). On a machine shared with

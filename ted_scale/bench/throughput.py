@@ -12,7 +12,7 @@ and bookkeeping only, and that is the same for every method.
 Measurement, per configuration:
 - ``warmup`` steps, then ``steps`` timed steps, each ended by a device synchronisation; the step
   time is the fastest of them (the least disturbed by other load on a shared machine, as in
-  ``launch/bench_losses.py``; all of them are kept in ``step_ms_all``), tokens/s = B*T / that.
+  ``ted_scale/bench/losses.py``; all of them are kept in ``step_ms_all``), tokens/s = B*T / that.
 - then ``instrumented`` steps with a device synchronisation after each piece: teacher (batch to
   device + frozen teacher + its filters), student forward (the student trunk up to its final
   LayerNorm, timed by a forward hook), losses (everything from the trunk's output to the scalar
@@ -226,7 +226,9 @@ def _synthetic_batches(preset: Preset, n: int, device: torch.device) -> list[tup
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(n):
-        tokens = torch.randint(0, preset.vocab, (preset.micro_batch, preset.seq_len + 1), generator=g)
+        tokens = torch.randint(
+            0, preset.vocab, (preset.micro_batch, preset.seq_len + 1), generator=g
+        )
         pair = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
         out.append(tuple(t.pin_memory() for t in pair) if device.type == "cuda" else pair)
     return out
@@ -297,7 +299,10 @@ def _timed_steps(
 
 
 def _instrumented_steps(
-    step_parts: Callable[[], Iterator[str]], trunk: torch.nn.Module, steps: int, device: torch.device
+    step_parts: Callable[[], Iterator[str]],
+    trunk: torch.nn.Module,
+    steps: int,
+    device: torch.device,
 ) -> dict[str, float]:
     timer = _PieceTimer(device)
     hook = trunk.register_forward_hook(lambda *_: timer.mark("student_forward"))

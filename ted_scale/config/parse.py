@@ -23,8 +23,14 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and what it expects."""
 
 
-def bounded(default: Any, *, ge: float | None = None, gt: float | None = None,
-            le: float | None = None, lt: float | None = None) -> Any:
+def bounded(
+    default: Any,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
     """A dataclass field with numeric bounds checked when the config is built."""
     return dataclasses.field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt})
 
@@ -41,7 +47,9 @@ def load_config(cls: type[T], path: str | os.PathLike | None, overrides: list[st
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+            raise ConfigError(
+                f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}"
+            )
     for item in overrides:
         apply_override(raw, item)
     return build(cls, raw, where=str(path) if path else "config")
@@ -126,7 +134,10 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{where}: {key} expects {len(args)} values, got {value!r}")
-            return tuple(_convert(v, a, f"{key}[{i}]", where) for i, (v, a) in enumerate(zip(value, args, strict=True)))
+            return tuple(
+                _convert(v, a, f"{key}[{i}]", where)
+                for i, (v, a) in enumerate(zip(value, args, strict=True))
+            )
         item = args[0] if args else Any
         converted = [_convert(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
         return tuple(converted) if origin is tuple else converted

@@ -183,7 +183,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.student.init == "pretrained" and not self.student.pretrained:
             raise ConfigError("student.init is 'pretrained' but student.pretrained is not set")
-        if self.student.layer_map is not None and len(self.student.layer_map) != self.student.n_layer:
+        if (
+            self.student.layer_map is not None
+            and len(self.student.layer_map) != self.student.n_layer
+        ):
             raise ConfigError(
                 f"student.layer_map has {len(self.student.layer_map)} entries but "
                 f"student.n_layer is {self.student.n_layer}"

@@ -34,9 +34,7 @@ class FilterMismatchError(ValueError):
     """Saved filters were made for another teacher, layer map or architecture."""
 
 
-def save_filters(
-    states: dict[str, dict[str, Tensor]], record: FilterRecord, out_dir: Path
-) -> None:
+def save_filters(states: dict[str, dict[str, Tensor]], record: FilterRecord, out_dir: Path) -> None:
     """Write each bank's state dict as ``out_dir/<name>.safetensors`` and the record as
     ``filters.json``.
 

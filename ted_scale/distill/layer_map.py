@@ -30,7 +30,9 @@ def resolve_layer_map(explicit: Sequence[int] | None, n_teacher: int, n_student:
         return paper_layer_map(n_teacher, n_student)
     layer_map = list(explicit)
     if len(layer_map) != n_student:
-        raise ValueError(f"layer map {layer_map} has {len(layer_map)} entries for {n_student} student layers")
+        raise ValueError(
+            f"layer map {layer_map} has {len(layer_map)} entries for {n_student} student layers"
+        )
     bad = [b for b in layer_map if not 0 <= b < n_teacher]
     if bad:
         raise ValueError(

@@ -182,8 +182,14 @@ class StudentDistillation(nn.Module):
             parts["loss_ce"] = ce.detach()
         else:
             loss, parts["loss_ce"], parts["loss_kd"] = cross_entropy_and_kd(
-                top, weight, labels, self._head_input(tapped.last_hidden), tapped.head_weight,
-                temperature=self.temperature, alpha_kd=self.alpha_kd, fused=self.fused,
+                top,
+                weight,
+                labels,
+                self._head_input(tapped.last_hidden),
+                tapped.head_weight,
+                temperature=self.temperature,
+                alpha_kd=self.alpha_kd,
+                fused=self.fused,
             )
         if self.layer_modules is None:
             return loss, parts
@@ -191,9 +197,13 @@ class StudentDistillation(nn.Module):
         if self.method == "ted_kl":
             per_layer = [
                 kl_distillation(
-                    self._head_input(self.student.ln_f(g_s)), weight,
-                    self._head_input(g_t), tapped.head_weight, labels,
-                    temperature=self.temperature, fused=self.fused,
+                    self._head_input(self.student.ln_f(g_s)),
+                    weight,
+                    self._head_input(g_t),
+                    tapped.head_weight,
+                    labels,
+                    temperature=self.temperature,
+                    fused=self.fused,
                 )
                 for g_s, g_t in zip(student_states, tapped.layer_states, strict=True)
             ]

@@ -50,8 +50,12 @@ def kl_distillation(
     keep = labels != IGNORE
     if fused:
         return fused_linear_kl_div(
-            student_hidden, student_weight, teacher_hidden, teacher_weight,
-            temperature=temperature, mask=keep,
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            temperature=temperature,
+            mask=keep,
         )
     z_s = F.linear(student_hidden, student_weight).float()[keep]
     z_t = F.linear(teacher_hidden, teacher_weight).float()[keep]
@@ -72,8 +76,14 @@ def cross_entropy_and_kd(
     """CE + alpha_kd * KD sharing the student's logits; returns (loss, ce, kd), ce/kd detached."""
     if fused:
         return fused_linear_ce_kd(
-            student_hidden, student_weight, labels, teacher_hidden, teacher_weight,
-            temperature=temperature, kd_weight=alpha_kd, ignore_index=IGNORE,
+            student_hidden,
+            student_weight,
+            labels,
+            teacher_hidden,
+            teacher_weight,
+            temperature=temperature,
+            kd_weight=alpha_kd,
+            ignore_index=IGNORE,
         )
     z_s = F.linear(student_hidden, student_weight).float()
     keep = labels != IGNORE

@@ -54,7 +54,11 @@ def causal_attention(
     if kernel == "flash":
         # flash-attn takes [B, T, n_head, head_dim].
         y = _flash_attn_func()(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, causal=True
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            dropout_p=dropout_p,
+            causal=True,
         )
         return y.transpose(1, 2)
     T = q.size(-2)

@@ -118,7 +118,11 @@ def load_state_checked(model: GPT, state: dict[str, Tensor], *, source: str) -> 
 
 
 def from_hf_model(
-    hf_model: GPT2LMHeadModel, *, config: GPTConfig | None = None, source: str = "HF model", **model_kwargs
+    hf_model: GPT2LMHeadModel,
+    *,
+    config: GPTConfig | None = None,
+    source: str = "HF model",
+    **model_kwargs,
 ) -> GPT:
     """Build a GPT (fp32) holding the weights of a ``GPT2LMHeadModel``.
 
@@ -173,4 +177,3 @@ def export_hf(
     else:
         os.replace(tmp, out_dir)
     return out_dir
-

@@ -21,7 +21,9 @@ def student_from_teacher(
     n = len(teacher.blocks)
     bad = [b for b in teacher_blocks if not 0 <= b < n]
     if bad or not teacher_blocks:
-        raise ValueError(f"teacher blocks {list(teacher_blocks)} must be non-empty and in 0..{n - 1}")
+        raise ValueError(
+            f"teacher blocks {list(teacher_blocks)} must be non-empty and in 0..{n - 1}"
+        )
     config = replace(
         teacher.config,
         n_layer=len(teacher_blocks),
@@ -35,4 +37,3 @@ def student_from_teacher(
         for k, b in enumerate(teacher_blocks):
             student.blocks[k].load_state_dict(teacher.blocks[b].state_dict())
     return student.to(next(teacher.parameters()).device)
-

@@ -82,7 +82,9 @@ class CheckpointManager:
     def complete_tags(self) -> list[CheckpointTag]:
         if not self.root.is_dir():
             return []
-        tags = (CheckpointTag.parse(p.name) for p in self.root.iterdir() if (p / "complete").exists())
+        tags = (
+            CheckpointTag.parse(p.name) for p in self.root.iterdir() if (p / "complete").exists()
+        )
         return sorted(t for t in tags if t is not None)
 
     def latest(self) -> CheckpointTag | None:
@@ -99,7 +101,9 @@ class CheckpointManager:
         path = Path(resume)
         tag = CheckpointTag.parse(path.name)
         if tag is None or not (path / "complete").exists():
-            raise FileNotFoundError(f"resume={resume!r} is not a complete ted_scale checkpoint directory")
+            raise FileNotFoundError(
+                f"resume={resume!r} is not a complete ted_scale checkpoint directory"
+            )
         if path.resolve().parent != self.root.resolve():
             raise ValueError(f"resume={resume!r} must be inside this run's {self.root}")
         return tag
@@ -110,7 +114,9 @@ class CheckpointManager:
         if self.rank == 0 and path.exists():
             shutil.rmtree(path)  # an earlier, interrupted save of the same tag
         barrier()
-        engine.save_checkpoint(str(self.root), tag=tag.name, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(
+            str(self.root), tag=tag.name, client_state=client_state, save_latest=False
+        )
         torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
         barrier()
         if self.rank == 0:

@@ -40,8 +40,12 @@ def init_distributed() -> DistInfo:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "RANK" not in os.environ:  # plain `python`: a group of one
         os.environ.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
         )
     import deepspeed
 
@@ -76,7 +80,9 @@ def gathered_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     params = [p for p in module.parameters() if hasattr(p, "ds_id")]
     context = (
-        deepspeed.zero.GatheredParameters(params, modifier_rank=None) if params else contextlib.nullcontext()
+        deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        if params
+        else contextlib.nullcontext()
     )
     with context:
         return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}

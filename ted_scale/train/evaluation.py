@@ -56,8 +56,12 @@ class InTrainingEval:
             )
             results["eval_heldout_ppl"] = heldout["perplexity"]
         lambada = evaluate_lambada(
-            model, self.tokenizer, self.passages,
-            batch_size=self.config.batch.micro_batch_size, device=device, fused=self.config.fused_loss,
+            model,
+            self.tokenizer,
+            self.passages,
+            batch_size=self.config.batch.micro_batch_size,
+            device=device,
+            fused=self.config.fused_loss,
         )
         results["eval_lambada_acc"] = lambada["accuracy"]
         results["eval_lambada_ppl"] = lambada["perplexity"]

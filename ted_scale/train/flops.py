@@ -37,7 +37,9 @@ def block_flops(d: int, seq_len: int) -> float:
     return 24 * d * d + 2 * seq_len * d
 
 
-def model_forward_flops(n_layer: int, d: int, vocab: int, seq_len: int, *, with_head: bool) -> float:
+def model_forward_flops(
+    n_layer: int, d: int, vocab: int, seq_len: int, *, with_head: bool
+) -> float:
     return n_layer * block_flops(d, seq_len) + (2 * vocab * d if with_head else 0)
 
 

@@ -59,7 +59,10 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()
+        }
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
         if self.tb is not None:
@@ -114,4 +117,11 @@ class Throughput:
 
 
 def progress_bar(total: int, initial: int, desc: str, *, enabled: bool) -> tqdm:
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="step",
+        disable=not enabled,
+        dynamic_ncols=True,
+    )

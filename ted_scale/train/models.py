@@ -41,7 +41,9 @@ def run_tokenizer(config: RunConfig) -> PreTrainedTokenizerFast:
     """The tokenizer the training data was prepared with (``data.path/tokenizer``)."""
     path = Path(config.data.path) / "tokenizer"
     if not path.is_dir():
-        raise DataError(f"{config.data.path}: no tokenizer/ folder; prepare it with launch/prepare_data.py")
+        raise DataError(
+            f"{config.data.path}: no tokenizer/ folder; prepare it with launch/prepare_data.py"
+        )
     return load_tokenizer(str(path))
 
 
@@ -57,7 +59,9 @@ def build_teacher(config: RunConfig) -> GPT:
 
 def teacher_layer_map(config: RunConfig, teacher: GPT) -> list[int]:
     try:
-        return resolve_layer_map(config.student.layer_map, len(teacher.blocks), config.student.n_layer)
+        return resolve_layer_map(
+            config.student.layer_map, len(teacher.blocks), config.student.n_layer
+        )
     except ValueError as e:
         raise ModelMismatchError(f"student.layer_map: {e}") from e
 
@@ -106,7 +110,10 @@ def check_compatible(
                 f"{config.data.path} was tokenised with {len(tokenizer)}"
             )
     data_fp = tokenizer_fingerprint(tokenizer)
-    for role, source in (("teacher", config.teacher.pretrained), ("student", config.student.pretrained)):
+    for role, source in (
+        ("teacher", config.teacher.pretrained),
+        ("student", config.student.pretrained),
+    ):
         own = folder_tokenizer(source)
         if own is not None and tokenizer_fingerprint(own) != data_fp:
             raise ModelMismatchError(

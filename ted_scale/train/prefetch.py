@@ -146,4 +146,3 @@ class TeacherFeed:
         self._cpu_teacher_s = 0.0
         self._count = 0
         return out
-

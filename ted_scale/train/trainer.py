@@ -195,7 +195,9 @@ class Trainer:
             d_out=self.teacher.config.n_embd,
         )
 
-    def _new_filters(self, model: GPT, layers: list[int], *, random_init: bool = False) -> FilterBank:
+    def _new_filters(
+        self, model: GPT, layers: list[int], *, random_init: bool = False
+    ) -> FilterBank:
         return build_filters(
             self.config.filters.arch,
             model,
@@ -211,8 +213,10 @@ class Trainer:
 
         def step_flops(seq_len: int) -> float:
             return flops.stage1_flops(
-                seq_len=seq_len, vocab=model.config.vocab_size,
-                model=(model.config.n_layer, model.config.n_embd), filters=shapes,
+                seq_len=seq_len,
+                vocab=model.config.vocab_size,
+                model=(model.config.n_layer, model.config.n_embd),
+                filters=shapes,
                 top_layer=max(layers),
             ).total
 
@@ -229,7 +233,9 @@ class Trainer:
     def _run_stage1_student(self, tag: CheckpointTag | None) -> None:
         frozen = build_student(self.config, self.teacher).to(self.dist.device)
         frozen.load_state_dict(self.student.state_dict())
-        phase, bank = self._stage1_phase("stage1_student", frozen, list(range(frozen.config.n_layer)))
+        phase, bank = self._stage1_phase(
+            "stage1_student", frozen, list(range(frozen.config.n_layer))
+        )
         self._train(phase, tag)
         filters_dir = self.run_dir / "filters"
         banks = {"teacher": self._load_teacher_filters(filters_dir), "student": bank}
@@ -245,7 +251,9 @@ class Trainer:
 
     def _load_teacher_filters(self, filters_dir: Path) -> FilterBank:
         bank = self._new_filters(self.teacher, self.layer_map)
-        check_record(read_record(filters_dir), self._filter_record(self.teacher.config.n_embd), filters_dir)
+        check_record(
+            read_record(filters_dir), self._filter_record(self.teacher.config.n_embd), filters_dir
+        )
         load_filters_into(bank, filters_dir, "teacher")
         return bank.to(dtype=self.autocast or torch.float32)
 
@@ -284,8 +292,11 @@ class Trainer:
             layer_modules = FilterBank(projections, layers).to(self.dist.device)
         mode = {"ted": "filtered", "ted_kl": "filtered_normed"}.get(method, "raw")
         tapper = FrozenTapper(
-            self.teacher, self.layer_map if method != "kd" else [],
-            filters=teacher_filters, mode=mode, with_top=alpha_kd > 0,
+            self.teacher,
+            self.layer_map if method != "kd" else [],
+            filters=teacher_filters,
+            mode=mode,
+            with_top=alpha_kd > 0,
         )
         module = StudentDistillation(
             self.student.to(self.dist.device),
@@ -299,15 +310,23 @@ class Trainer:
             compute_dtype=self.autocast,
         )
 
-        s_shapes = [] if layer_modules is None else [_filter_shape(f) for f in layer_modules.filters]
-        t_shapes = [] if teacher_filters is None else [_filter_shape(f) for f in teacher_filters.filters]
+        s_shapes = (
+            [] if layer_modules is None else [_filter_shape(f) for f in layer_modules.filters]
+        )
+        t_shapes = (
+            [] if teacher_filters is None else [_filter_shape(f) for f in teacher_filters.filters]
+        )
 
         def step_flops(seq_len: int) -> float:
             return flops.step_flops(
-                method=method, seq_len=seq_len, vocab=self.student.config.vocab_size,
+                method=method,
+                seq_len=seq_len,
+                vocab=self.student.config.vocab_size,
                 student=(self.student.config.n_layer, d_s),
                 teacher=(self.teacher.config.n_layer, d_t),
-                teacher_filters=t_shapes, student_filters=s_shapes, kd=alpha_kd > 0,
+                teacher_filters=t_shapes,
+                student_filters=s_shapes,
+                kd=alpha_kd > 0,
             ).total
 
         self._train(Phase("stage2", module, tapper, config.stage2, step_flops), tag)
@@ -345,9 +364,14 @@ class Trainer:
         loader = self._loader(config.data.train_split)
         accum = gradient_accumulation_steps(config, self.dist.world_size)
         schedule = phase.schedule
-        total_steps = schedule.max_steps or max(1, int(schedule.epochs * loader.batches_per_epoch // accum))
+        total_steps = schedule.max_steps or max(
+            1, int(schedule.epochs * loader.batches_per_epoch // accum)
+        )
         engine, scheduler = build_engine(
-            phase.module, config, world_size=self.dist.world_size, total_steps=total_steps,
+            phase.module,
+            config,
+            world_size=self.dist.world_size,
+            total_steps=total_steps,
             lr=schedule.lr or config.optim.lr,
         )
         step = 0
@@ -357,9 +381,13 @@ class Trainer:
             step = client["step"]
             self.total_tokens = client.get("total_tokens", 0)
             self.metrics.truncate_after(phase.name, step)
-            self._log_console(f"{phase.name}: resumed from {self.checkpoints.root / tag.name} at step {step}")
+            self._log_console(
+                f"{phase.name}: resumed from {self.checkpoints.root / tag.name} at step {step}"
+            )
         tokens_per_step = config.batch.global_batch_size * loader.dataset.seq_len
-        throughput = Throughput(phase.flops_per_token(loader.dataset.seq_len), self.dist.world_size, self.peak_tflops)
+        throughput = Throughput(
+            phase.flops_per_token(loader.dataset.seq_len), self.dist.world_size, self.peak_tflops
+        )
         averager = LossAverager()
         feed = TeacherFeed(loader, phase.tapper, self.dist.device, prefetch=self._prefetch())
         skipped = 0
@@ -369,7 +397,9 @@ class Trainer:
             f"({accum} accumulation x {config.batch.micro_batch_size} x {self.dist.world_size} ranks), "
             f"{loader.batches_per_epoch} micro-batches per rank per epoch"
         )
-        bar = progress_bar(total_steps, step, phase.name, enabled=self.main and config.log.progress_bar)
+        bar = progress_bar(
+            total_steps, step, phase.name, enabled=self.main and config.log.progress_bar
+        )
         while step < total_steps:
             step_loss = torch.zeros((), device=self.dist.device)
             for micro in range(accum):
@@ -381,7 +411,9 @@ class Trainer:
                 averager.add(parts)
                 step_loss += loss.detach()
                 if micro == accum - 1:
-                    skipped += self._check_finite(step_loss, step, parts, skipped, last_good, engine)
+                    skipped += self._check_finite(
+                        step_loss, step, parts, skipped, last_good, engine
+                    )
                 engine.step()
             step += 1
             self.total_tokens += tokens_per_step
@@ -393,8 +425,14 @@ class Trainer:
                 record["skipped_steps"] = skipped
                 record.update(feed.timing())
                 self.metrics.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-            if config.eval.interval and step % config.eval.interval == 0 and phase.name in ("stage2", "lm"):
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}"
+                )
+            if (
+                config.eval.interval
+                and step % config.eval.interval == 0
+                and phase.name in ("stage2", "lm")
+            ):
                 self._evaluate_in_training(phase.name, step)
             at_interval = config.checkpoint.interval and step % config.checkpoint.interval == 0
             if at_interval or step == total_steps:
@@ -423,7 +461,9 @@ class Trainer:
             if self.config.deepspeed.zero_stage == 0:
                 for p in engine.module.parameters():
                     p.grad = None
-            self._log_console(f"step {step + 1}: non-finite loss, step skipped ({skipped + 1} so far)")
+            self._log_console(
+                f"step {step + 1}: non-finite loss, step skipped ({skipped + 1} so far)"
+            )
             return 1
         values = {k: float(v) for k, v in parts.items()}
         where = self.checkpoints.root / last_good.name if last_good else "none (no checkpoint yet)"
@@ -448,7 +488,9 @@ class Trainer:
         results = self.evaluator(self.student, self.dist.device)
         if results:
             self.metrics.write({"step": step, "stage": phase, **results})
-            self._log_console(f"{phase} step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in results.items()))
+            self._log_console(
+                f"{phase} step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in results.items())
+            )
 
     def _log_console(self, message: str) -> None:
         if self.main:
@@ -474,4 +516,3 @@ def train(config: RunConfig) -> Path:
     trainer = Trainer(config)
     trainer.run()
     return trainer.run_dir
-
