@@ -4,7 +4,6 @@ errors. Multi-rank runs are in test_trainer_distributed.py."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -199,18 +198,7 @@ def test_nonfinite_steps_are_skipped_and_counted_when_allowed(tiny_data, tmp_pat
     assert _metrics(tmp_path / "run")[-1]["skipped_steps"] > 0
 
 
-def _run_cli(*args: str) -> subprocess.Popen:
-    # A fresh single-process group: drop what this process's own group put in the environment.
-    dist_keys = {
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "LOCAL_WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-    }
-    env = {k: v for k, v in os.environ.items() if k not in dist_keys}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def _run_cli(env: dict[str, str], *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(REPO / "launch" / "pretrain_ted.py"), *args],
         env=env,
@@ -220,7 +208,9 @@ def _run_cli(*args: str) -> subprocess.Popen:
     )
 
 
-def test_killed_run_resumes_from_its_checkpoint_with_the_uninterrupted_losses(tiny_data, tmp_path):
+def test_killed_run_resumes_from_its_checkpoint_with_the_uninterrupted_losses(
+    tiny_data, tmp_path, subprocess_env
+):
     """The killed and resumed run also looks the teacher one micro-batch ahead (prefetch on),
     the uninterrupted one does not: the resumed loader must not count the prefetched batch."""
     common = [
@@ -234,11 +224,13 @@ def test_killed_run_resumes_from_its_checkpoint_with_the_uninterrupted_losses(ti
         "checkpoint.interval=3",
         "checkpoint.keep=10",
     ]
-    full = _run_cli(*common, f"output_dir={tmp_path / 'full'}", "teacher_prefetch=off")
+    full = _run_cli(
+        subprocess_env, *common, f"output_dir={tmp_path / 'full'}", "teacher_prefetch=off"
+    )
     assert full.wait(timeout=300) == 0, full.stdout.read()
 
     run = tmp_path / "killed"
-    proc = _run_cli(*common, f"output_dir={run}", "teacher_prefetch=on")
+    proc = _run_cli(subprocess_env, *common, f"output_dir={run}", "teacher_prefetch=on")
     marker = run / "checkpoints" / "stage2-step00000003" / "complete"
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
@@ -246,7 +238,9 @@ def test_killed_run_resumes_from_its_checkpoint_with_the_uninterrupted_losses(ti
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert marker.exists(), "the run ended before its step-3 checkpoint"
-    resumed = _run_cli(*common, f"output_dir={run}", "resume=auto", "teacher_prefetch=on")
+    resumed = _run_cli(
+        subprocess_env, *common, f"output_dir={run}", "resume=auto", "teacher_prefetch=on"
+    )
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, out
     assert "resumed from" in out

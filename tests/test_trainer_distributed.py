@@ -5,7 +5,6 @@ one rank, so the losses must match the single-process run."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,26 +18,12 @@ VENV_BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
-def _env() -> dict[str, str]:
-    dist_keys = {
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "LOCAL_WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-    }
-    env = {k: v for k, v in os.environ.items() if k not in dist_keys}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    return env
-
-
 def _losses(run_dir: Path) -> list[tuple[str, int, float]]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [(r["stage"], r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
 
 
-def _run(launcher: list[str], out: Path, data: Path, *overrides: str) -> None:
+def _run(env: dict[str, str], launcher: list[str], out: Path, data: Path, *overrides: str) -> None:
     cmd = [
         *launcher,
         str(REPO / "launch" / "pretrain_ted.py"),
@@ -50,14 +35,21 @@ def _run(launcher: list[str], out: Path, data: Path, *overrides: str) -> None:
         "stage2.max_steps=8",
         *overrides,
     ]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = subprocess.run(
+        cmd,
+        env={**env, "DS_ACCELERATOR": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
-def single_process(tiny_data, tmp_path_factory) -> list[tuple[str, int, float]]:
+def single_process(tiny_data, tmp_path_factory, subprocess_env) -> list[tuple[str, int, float]]:
     out = tmp_path_factory.mktemp("single") / "run"
-    _run([sys.executable], out, tiny_data)
+    _run(subprocess_env, [sys.executable], out, tiny_data)
     losses = _losses(out)
     stage2 = [loss for stage, _, loss in losses if stage == "stage2"]
     assert stage2[-1] < stage2[0], "Stage II loss did not fall"
@@ -73,9 +65,12 @@ def _assert_same_losses(a, b) -> None:
 @pytest.mark.skipif(
     shutil.which("deepspeed", path=str(VENV_BIN)) is None, reason="no deepspeed launcher"
 )
-def test_two_ranks_under_the_deepspeed_launcher_with_zero2(tiny_data, tmp_path, single_process):
+def test_two_ranks_under_the_deepspeed_launcher_with_zero2(
+    tiny_data, tmp_path, single_process, subprocess_env
+):
     out = tmp_path / "run"
     _run(
+        subprocess_env,
         [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29517"],
         out,
         tiny_data,
@@ -86,10 +81,11 @@ def test_two_ranks_under_the_deepspeed_launcher_with_zero2(tiny_data, tmp_path, 
 
 
 def test_two_ranks_under_torchrun_with_zero3_beside_the_frozen_teacher(
-    tiny_data, tmp_path, single_process
+    tiny_data, tmp_path, single_process, subprocess_env
 ):
     out = tmp_path / "run"
     _run(
+        subprocess_env,
         [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29519"],
         out,
         tiny_data,
