@@ -45,6 +45,23 @@ def _ce(logits, labels):
     )
 
 
+def _student_side(student, method, *, fused, reduction="sum"):
+    """Random student filters and the Stage II module around them."""
+    torch.manual_seed(2)
+    s_filters = build_filters("linear", student, [0, 1], d_out=32, random_init=True)
+    module = StudentDistillation(
+        student,
+        method,
+        layer_modules=s_filters,
+        alpha_kd=A_KD,
+        alpha_layer=A_LAYER,
+        temperature=T_KD,
+        layer_reduction=reduction,
+        fused=fused,
+    )
+    return s_filters, module
+
+
 def _filters(teacher, layer_map):
     torch.manual_seed(1)
     bank = build_filters("linear", teacher, layer_map, d_out=32, random_init=True)
@@ -75,18 +92,7 @@ def test_stage1_loss_is_the_sum_of_each_filters_cross_entropy_through_the_frozen
 def test_ted_loss_is_ce_plus_kd_plus_filtered_mse(setup, fused, reduction):
     teacher, student, layer_map, ids, labels = setup
     t_filters = _filters(teacher, layer_map)
-    torch.manual_seed(2)
-    s_filters = build_filters("linear", student, [0, 1], d_out=32, random_init=True)
-    module = StudentDistillation(
-        student,
-        "ted",
-        layer_modules=s_filters,
-        alpha_kd=A_KD,
-        alpha_layer=A_LAYER,
-        temperature=T_KD,
-        layer_reduction=reduction,
-        fused=fused,
-    )
+    s_filters, module = _student_side(student, "ted", fused=fused, reduction=reduction)
     tapper = FrozenTapper(teacher, layer_map, filters=t_filters, mode="filtered", with_top=True)
     loss, parts = module(ids, labels, tapper(ids))
 
@@ -113,17 +119,7 @@ def test_ted_loss_is_ce_plus_kd_plus_filtered_mse(setup, fused, reduction):
 def test_ted_kl_loss_uses_kl_between_filter_predictions_through_the_heads(setup, fused):
     teacher, student, layer_map, ids, labels = setup
     t_filters = _filters(teacher, layer_map)
-    torch.manual_seed(2)
-    s_filters = build_filters("linear", student, [0, 1], d_out=32, random_init=True)
-    module = StudentDistillation(
-        student,
-        "ted_kl",
-        layer_modules=s_filters,
-        alpha_kd=A_KD,
-        alpha_layer=A_LAYER,
-        temperature=T_KD,
-        fused=fused,
-    )
+    s_filters, module = _student_side(student, "ted_kl", fused=fused)
     tapper = FrozenTapper(
         teacher, layer_map, filters=t_filters, mode="filtered_normed", with_top=True
     )
@@ -190,17 +186,7 @@ def test_fused_and_unfused_paths_give_the_same_gradients(setup):
     t_filters = _filters(teacher, layer_map)
     grads = []
     for fused in (True, False):
-        torch.manual_seed(2)
-        s_filters = build_filters("linear", student, [0, 1], d_out=32, random_init=True)
-        module = StudentDistillation(
-            student,
-            "ted",
-            layer_modules=s_filters,
-            alpha_kd=A_KD,
-            alpha_layer=A_LAYER,
-            temperature=T_KD,
-            fused=fused,
-        )
+        _, module = _student_side(student, "ted", fused=fused)
         student.zero_grad()
         tapper = FrozenTapper(teacher, layer_map, filters=t_filters, mode="filtered", with_top=True)
         module(ids, labels, tapper(ids))[0].backward()

@@ -162,16 +162,18 @@ def test_filters_made_for_another_teacher_are_refused(tiny_data, tmp_path):
         Trainer(remapped).run()
 
 
+# A learning rate that drives the loss to inf/nan within a few steps.
+DIVERGING = ("optim.lr=1e30", "optim.grad_clip=0", "optim.warmup_ratio=0")
+
+
 def test_non_finite_loss_stops_with_step_parts_and_last_checkpoint(tiny_data, tmp_path):
     config = _config(
         "tiny-kd.yaml",
         tiny_data,
         tmp_path / "run",
-        "optim.lr=1e30",
-        "optim.grad_clip=0",
+        *DIVERGING,
         "stage2.max_steps=30",
         "checkpoint.interval=1",
-        "optim.warmup_ratio=0",
     )
     from ted_scale.train.trainer import NonFiniteLossError
 
@@ -187,10 +189,8 @@ def test_nonfinite_steps_are_skipped_and_counted_when_allowed(tiny_data, tmp_pat
         "tiny-kd.yaml",
         tiny_data,
         tmp_path / "run",
-        "optim.lr=1e30",
-        "optim.grad_clip=0",
+        *DIVERGING,
         "stage2.max_steps=8",
-        "optim.warmup_ratio=0",
         "skip_nonfinite=100",
         "log.interval=1",
     )
