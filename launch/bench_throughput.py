@@ -4,7 +4,7 @@
 
 Synthetic token batches, random weights. For each configuration (method x fused loss x teacher
 prefetch x attention, plus the reference): tokens/s, the step split into teacher / student forward /
-losses / backward / optimizer, achieved TFLOP/s (ted_scale.train.flops), MFU on a GPU, peak memory,
+losses / backward / optimizer, achieved TFLOP/s (ted_scale.flops), MFU on a GPU, peak memory,
 and ratios to the reference and to the student-alone step. Each configuration runs in a fresh
 process. Method details: ted_scale/bench/throughput.py; targets: ted_scale/bench/suite.py.
 """
@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from ted_scale.bench.suite import configurations, format_table, run_suite
-from ted_scale.bench.throughput import METHODS, PRESETS
+from ted_scale.bench.throughput import PRESETS
+from ted_scale.distill.methods import method_names
 from ted_scale.model.attention import IMPLEMENTATIONS
 
 
@@ -41,8 +42,8 @@ def main() -> None:
         "cpu = GPT-2 vocabulary, 4x256 -> 2 layers, seq 128, batch 4; micro = smoke test",
     )  # fmt: skip
     parser.add_argument(
-        "--methods", type=_choices(METHODS), default=list(METHODS),
-        help="comma-separated: lm (student alone, CE), kd, lwd, ted",
+        "--methods", type=_choices(method_names()), default=method_names(),
+        help="comma-separated registered methods (lm = the student alone, plain CE)",
     )  # fmt: skip
     parser.add_argument(
         "--fused", type=_choices(("on", "off")), default=["on", "off"],

@@ -5,12 +5,13 @@ import json
 import pytest
 
 from ted_scale.bench.suite import configurations, format_table, run_configuration, run_suite
-from ted_scale.bench.throughput import METHODS, PIECES, Spec
+from ted_scale.bench.throughput import PIECES, Spec
+from ted_scale.distill.methods import method_names
 
 
 @pytest.fixture(scope="module")
 def micro_result() -> dict:
-    specs = configurations(list(METHODS), [True, False], [True, False], ["sdpa"], cuda=False)
+    specs = configurations(method_names(), [True, False], [True, False], ["sdpa"], cuda=False)
     # In-process for speed (the launch script isolates each configuration in its own process);
     # one thread: tiny ops gain nothing from more, and they stall on a busy shared machine.
     result = run_suite("micro", specs, isolate=False, threads=1, log=lambda _: None)
@@ -32,7 +33,9 @@ def test_configurations_dedupe_prefetch_without_cuda():
 
 def test_every_configuration_is_measured(micro_result):
     rows = {r["name"]: r for r in micro_result["rows"]}
-    expected = {f"{m}/{f}/sdpa" for m in METHODS for f in ("fused", "unfused")} | {"reference/sdpa"}
+    expected = {f"{m}/{f}/sdpa" for m in method_names() for f in ("fused", "unfused")} | {
+        "reference/sdpa"
+    }
     assert set(rows) == expected
     for r in rows.values():
         assert r["tokens_per_s"] > 0 and r["step_ms"] > 0

@@ -1,4 +1,4 @@
-"""Each training loss equals a direct, unfused computation of DESIGN.md's formula."""
+"""Each training loss equals a direct, unfused computation of docs/design.md's formula."""
 
 import pytest
 import torch
@@ -6,7 +6,9 @@ import torch.nn.functional as F
 
 from ted_scale.distill.filters import FilterBank, build_filters
 from ted_scale.distill.layer_map import paper_layer_map, resolve_layer_map
-from ted_scale.distill.modules import FilterTraining, FrozenTapper, StudentDistillation
+from ted_scale.distill.methods.ted import FilterTraining, ted_kl_distance
+from ted_scale.distill.modules import FrozenTapper, StudentDistillation
+from ted_scale.distill.objectives import mse_distance
 from ted_scale.model import GPT, GPTConfig, student_from_teacher
 
 T_KD = 2.0
@@ -45,14 +47,21 @@ def _ce(logits, labels):
     )
 
 
+def _mse_distance(states, tapped, _labels):
+    return mse_distance(states, tapped.layer_states)
+
+
 def _student_side(student, method, *, fused, reduction="sum"):
-    """Random student filters and the Stage II module around them."""
+    """Random student filters and the Stage II module around them (as methods/ted.py wires it)."""
     torch.manual_seed(2)
     s_filters = build_filters("linear", student, [0, 1], d_out=32, random_init=True)
+    distance = _mse_distance
+    if method == "ted_kl":
+        distance = ted_kl_distance(student, temperature=T_KD, fused=fused, compute_dtype=None)
     module = StudentDistillation(
         student,
-        method,
         layer_modules=s_filters,
+        layer_distance=distance,
         alpha_kd=A_KD,
         alpha_layer=A_LAYER,
         temperature=T_KD,
@@ -93,7 +102,7 @@ def test_ted_loss_is_ce_plus_kd_plus_filtered_mse(setup, fused, reduction):
     teacher, student, layer_map, ids, labels = setup
     t_filters = _filters(teacher, layer_map)
     s_filters, module = _student_side(student, "ted", fused=fused, reduction=reduction)
-    tapper = FrozenTapper(teacher, layer_map, filters=t_filters, mode="filtered", with_top=True)
+    tapper = FrozenTapper(teacher, layer_map, transform=t_filters, with_top=True)
     loss, parts = module(ids, labels, tapper(ids))
 
     t_out = teacher(ids, output_layers=layer_map)
@@ -121,7 +130,10 @@ def test_ted_kl_loss_uses_kl_between_filter_predictions_through_the_heads(setup,
     t_filters = _filters(teacher, layer_map)
     s_filters, module = _student_side(student, "ted_kl", fused=fused)
     tapper = FrozenTapper(
-        teacher, layer_map, filters=t_filters, mode="filtered_normed", with_top=True
+        teacher,
+        layer_map,
+        transform=lambda states: [teacher.ln_f(g) for g in t_filters(states)],
+        with_top=True,
     )
     loss, _ = module(ids, labels, tapper(ids))
 
@@ -147,7 +159,7 @@ def test_ted_kl_loss_uses_kl_between_filter_predictions_through_the_heads(setup,
 @pytest.mark.parametrize("fused", [True, False])
 def test_kd_loss_is_ce_plus_alpha_kd(setup, fused):
     teacher, student, _, ids, labels = setup
-    module = StudentDistillation(student, "kd", alpha_kd=A_KD, temperature=T_KD, fused=fused)
+    module = StudentDistillation(student, alpha_kd=A_KD, temperature=T_KD, fused=fused)
     tapper = FrozenTapper(teacher, [3], with_top=True)
     loss, parts = module(ids, labels, tapper(ids))
     s_logits, t_logits = student(ids).logits, teacher(ids).logits
@@ -163,8 +175,8 @@ def test_lwd_loss_projects_student_states_onto_raw_teacher_states(setup, fused):
     projections = FilterBank([torch.nn.Linear(32, 32) for _ in range(2)], [0, 1])
     module = StudentDistillation(
         student,
-        "lwd",
         layer_modules=projections,
+        layer_distance=_mse_distance,
         alpha_kd=A_KD,
         alpha_layer=A_LAYER,
         temperature=T_KD,
@@ -188,7 +200,7 @@ def test_fused_and_unfused_paths_give_the_same_gradients(setup):
     for fused in (True, False):
         _, module = _student_side(student, "ted", fused=fused)
         student.zero_grad()
-        tapper = FrozenTapper(teacher, layer_map, filters=t_filters, mode="filtered", with_top=True)
+        tapper = FrozenTapper(teacher, layer_map, transform=t_filters, with_top=True)
         module(ids, labels, tapper(ids))[0].backward()
         grads.append([p.grad.clone() for p in module.parameters()])
     for a, b in zip(*grads, strict=True):

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from ted_scale.config import load_run_config
 from ted_scale.distill.filter_io import FilterMismatchError
-from ted_scale.train.models import ModelMismatchError
+from ted_scale.model import ModelMismatchError
 from ted_scale.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,7 +175,7 @@ def test_non_finite_loss_stops_with_step_parts_and_last_checkpoint(tiny_data, tm
         "stage2.max_steps=30",
         "checkpoint.interval=1",
     )
-    from ted_scale.train.trainer import NonFiniteLossError
+    from ted_scale.train.nonfinite import NonFiniteLossError
 
     with pytest.raises(
         NonFiniteLossError,
@@ -333,3 +333,60 @@ def test_every_filter_option_runs_both_stages(tiny_data, tmp_path, overrides):
         assert (run / "filters" / "student.safetensors").is_file()
     assert stages == expected
     assert (run / "student_hf" / "model.safetensors").is_file()
+
+
+def test_skipped_steps_without_zero_keep_clipping_working_and_are_never_checkpointed(
+    tiny_data, tmp_path
+):
+    """ZeRO-0 with gradient clipping on: a skipped step must not crash inside DeepSpeed's clipping,
+    every skipped step is counted, and no checkpoint is saved from a step whose loss was not
+    finite."""
+    run = tmp_path / "run"
+    config = _config(
+        "tiny-kd.yaml",
+        tiny_data,
+        run,
+        "optim.lr=1e30",
+        "optim.grad_clip=1.0",
+        "optim.warmup_ratio=0",
+        "deepspeed.zero_stage=0",
+        "stage2.max_steps=8",
+        "skip_nonfinite=100",
+        "log.interval=1",
+        "checkpoint.interval=1",
+        "checkpoint.keep=100",
+    )
+    Trainer(config).run()
+    records = _metrics(run)
+    bad = [r["step"] for r in records if r["loss"] is None]
+    assert bad, "the diverging learning rate produced no non-finite loss"
+    assert records[-1]["skipped_steps"] == len(bad)
+    saved = {int(p.name.split("step")[1]) for p in (run / "checkpoints").glob("stage2-step*")}
+    assert saved and not saved & set(bad), f"checkpoints {sorted(saved)} at bad steps {bad}"
+
+
+def test_evaluation_inputs_are_checked_before_step_one(tiny_data, tmp_path):
+    bad = tmp_path / "lambada.jsonl"
+    bad.write_text('{"text": "one two three"}\nnot json\n')
+    config = _config(
+        "tiny-kd.yaml", tiny_data, tmp_path / "run", "eval.interval=2", f"eval.lambada_path={bad}"
+    )
+    with pytest.raises(Exception, match=r"lambada\.jsonl:2: expected a JSON object"):
+        Trainer(config)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_failing_evaluation_loses_nothing_the_steps_checkpoint_comes_first(
+    tiny_data, tmp_path, monkeypatch
+):
+    from ted_scale.train.evaluation import InTrainingEval
+
+    def failing(self, model, device):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(InTrainingEval, "__call__", failing)
+    run = tmp_path / "run"
+    config = _config("tiny-kd.yaml", tiny_data, run, "eval.interval=2", "checkpoint.interval=2")
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        Trainer(config).run()
+    assert (run / "checkpoints" / "stage2-step00000002" / "complete").exists()

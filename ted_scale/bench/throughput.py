@@ -1,13 +1,14 @@
 """One measured configuration of the throughput benchmark: build the step, time it, count it.
 
-A configuration is a method (``lm`` = student alone with CE, ``kd``, ``lwd``, ``ted``) with the loss
-(fused or full logits), teacher prefetch and attention kernel switched as in a run config, or the
-``reference`` (TED as plain `transformers` code, see ``reference.py``). This project's step goes
-through the trainer's own components: ``StudentDistillation`` (student + filters + losses),
-``FrozenTapper`` (frozen teacher and filters under inference mode) fed by ``TeacherFeed``, and
-``build_optimizer``'s AdamW, in the trainer's precision (bf16 autocast with a bf16 teacher on CUDA,
-fp32 on CPU). The DeepSpeed engine is left out: on one rank with ZeRO-0 it adds gradient clipping
-and bookkeeping only, and that is the same for every method.
+A configuration is a registered method (``lm`` = student alone with CE, ``kd``, ``lwd``, ``ted``,
+``ted_kl``, ...) with the loss (fused or full logits), teacher prefetch and attention kernel switched
+as in a run config, or the ``reference`` (TED as plain `transformers` code, see ``reference.py``).
+This project's step is the trainer's own: ``bench_config`` writes the run configuration, the
+method registry builds the phases from it exactly as the trainer does (a method's ``filters``
+phases are built and finished without training, so Stage II finds their files), and the distill
+phase's trained module, frozen tapper (fed by ``TeacherFeed``) and FLOP count are timed with
+``build_optimizer``'s AdamW, in the trainer's precision. The DeepSpeed engine is left out here: on
+one rank with ZeRO-0 it adds gradient clipping and bookkeeping only, the same for every method.
 
 Measurement, per configuration:
 - ``warmup`` steps, then ``steps`` timed steps, each ended by a device synchronisation; the step
@@ -20,7 +21,7 @@ Measurement, per configuration:
   gradients here, in the forward pass), backward, optimizer (AdamW step + zero_grad). The split is
   each piece's fastest over those steps; it is taken in a separate pass because the synchronisations (and the
   inline teacher) would distort the timed pass, so its sum may differ a little from the step time.
-- achieved TFLOP/s from ``ted_scale.train.flops`` (the counts the trainer reports) and, on a GPU in
+- achieved TFLOP/s from ``ted_scale.flops`` (the counts the trainer reports) and, on a GPU in
   its peak table, MFU.
 - peak memory (``PeakMemory``) above the process's state before any model was built, so weights,
   gradients, optimizer state and activations all count. Run in a fresh process per configuration
@@ -30,33 +31,35 @@ Measurement, per configuration:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ted_scale.bench.memory import PeakMemory
 from ted_scale.bench.reference import ReferenceTED
-from ted_scale.config.schema import OptimConfig
-from ted_scale.distill.filters import FilterBank, build_filters
+from ted_scale.config.parse import build
+from ted_scale.config.schema import OptimConfig, RunConfig
 from ted_scale.distill.layer_map import paper_layer_map
-from ted_scale.distill.modules import FrozenTapper, StudentDistillation
-from ted_scale.model.gpt import GPT, GPTConfig
-from ted_scale.model.student import student_from_teacher
-from ted_scale.train import flops
+from ted_scale.distill.methods import MethodContext, get_method, run_config_class
+from ted_scale.flops import device_peak_tflops
+from ted_scale.precision import autocast, compute_dtype
+from ted_scale.train.models import build_student, build_teacher, teacher_layer_map
 from ted_scale.train.optim import build_optimizer
 from ted_scale.train.prefetch import TeacherFeed
+from ted_scale.train.trainer import seed_everything
 
-METHODS = ("lm", "kd", "lwd", "ted")
 PIECES = ("teacher", "student_forward", "losses", "backward", "optimizer")
-# The paper's Stage II settings for GPT-2 (DESIGN.md); KD sets alpha_layer to 0, as the trainer.
+# The paper's Stage II settings for GPT-2 (docs/design.md).
 ALPHA_KD, ALPHA_LAYER, TEMPERATURE, DROPOUT = 2.5, 0.1, 2.0, 0.1
 OPTIM = OptimConfig()
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -105,25 +108,30 @@ class Spec:
         return f"{self.method}/{loss}{prefetch}/{self.attention}"
 
 
-def flops_per_token(preset: Preset, method: str) -> float:
-    """Training FLOPs per token of ``method``'s step (``reference`` computes what ``ted`` does)."""
-    d, k = preset.width, preset.student_layers
-    filters = [flops.FilterShape("linear", d, d)] * k
-    return flops.step_flops(
-        method=method, seq_len=preset.seq_len, vocab=preset.vocab,
-        student=(k, d), teacher=(preset.teacher_layers, d),
-        teacher_filters=filters if method == "ted" else [],
-        student_filters=filters if method in ("lwd", "ted") else [],
-        kd=method != "lm",
-    ).total  # fmt: skip
-
-
-def _teacher(preset: Preset, attention: str) -> GPT:
-    config = GPTConfig(
-        vocab_size=preset.vocab, n_positions=preset.seq_len, n_embd=preset.width,
-        n_layer=preset.teacher_layers, n_head=preset.heads, dropout=DROPOUT,
-    )  # fmt: skip
-    return GPT(config, attention=attention)
+def bench_config(preset: Preset, spec: Spec, *, seed: int = 0) -> RunConfig:
+    """The run configuration of ``spec``'s step: a random teacher of the preset's shape, a student
+    of its blocks at the paper's map (random for ``lm``, which has no teacher), linear filters
+    copied from the teacher's, the paper's Stage II loss weights."""
+    arch = {
+        "vocab_size": preset.vocab, "n_positions": preset.seq_len, "n_embd": preset.width,
+        "n_layer": preset.teacher_layers, "n_head": preset.heads, "dropout": DROPOUT,
+    }  # fmt: skip
+    needs_teacher = get_method(spec.method).needs_teacher
+    raw = {
+        "seed": seed,
+        "method": spec.method,
+        "fused_loss": spec.fused,
+        "teacher": {"pretrained": None, "arch": arch},
+        "student": {
+            "init": "teacher_layers" if needs_teacher else "random",
+            "n_layer": preset.student_layers,
+            "dropout": DROPOUT,
+        },
+        "model": {"attention": spec.attention},
+        "distill": {"alpha_kd": ALPHA_KD, "alpha_layer": ALPHA_LAYER, "temperature": TEMPERATURE},
+        "batch": {"global_batch_size": preset.micro_batch, "micro_batch_size": preset.micro_batch},
+    }
+    return build(run_config_class(), raw, where="benchmark")
 
 
 class _SyntheticLoader:
@@ -140,59 +148,55 @@ class _SyntheticLoader:
 
 
 class ProjectStep:
-    """This project's Stage II (or ``lm``) step, wired as ``Trainer._run_stage2`` wires it."""
+    """The trainer's step for ``spec``: its method's distill phase, built through the registry."""
 
-    def __init__(self, preset: Preset, spec: Spec, device: torch.device) -> None:
-        cuda = device.type == "cuda"
-        self.compute_dtype = torch.bfloat16 if cuda else None
+    def __init__(
+        self, preset: Preset, spec: Spec, device: torch.device, run_dir: Path, *, seed: int = 0
+    ) -> None:
+        config = bench_config(preset, spec, seed=seed)
+        method = get_method(spec.method)
         self.device = device
-        teacher = _teacher(preset, spec.attention)
-        layer_map = paper_layer_map(preset.teacher_layers, preset.student_layers)
-        student = student_from_teacher(teacher, layer_map).to(device).train()
-        k, d = preset.student_layers, preset.width
-        teacher_filters = layer_modules = None
-        if spec.method == "ted":
-            teacher_filters = build_filters("linear", teacher, layer_map, d_out=d)
-            layer_modules = build_filters("linear", student, range(k), d_out=d)
-            layer_modules.load_state_dict(teacher_filters.state_dict())  # the paper's "copy"
-            teacher_filters.to(device, dtype=self.compute_dtype or torch.float32)
-        elif spec.method == "lwd":
-            layer_modules = FilterBank([torch.nn.Linear(d, d) for _ in range(k)], range(k))
-        teacher.to(device, dtype=self.compute_dtype or torch.float32)
-        self.tapper = None
-        if spec.method != "lm":
-            self.tapper = FrozenTapper(
-                teacher, layer_map if spec.method != "kd" else [preset.teacher_layers - 1],
-                filters=teacher_filters, mode="filtered" if spec.method == "ted" else "raw",
-                with_top=True,
-            )  # fmt: skip
-        self.module = StudentDistillation(
-            student, spec.method,
-            layer_modules=None if layer_modules is None else layer_modules.to(device),
-            alpha_kd=0.0 if spec.method == "lm" else ALPHA_KD,
-            alpha_layer=ALPHA_LAYER if spec.method in ("lwd", "ted") else 0.0,
-            temperature=TEMPERATURE, fused=spec.fused, compute_dtype=self.compute_dtype,
-        )  # fmt: skip
-        self.optimizer = build_optimizer(self.module, OPTIM, OPTIM.lr)
-        self.prefetch = spec.prefetch
+        self.compute_dtype = compute_dtype(config.precision, device)
+        seed_everything(config.seed)  # the trainer's order: teacher, then student
+        teacher = build_teacher(config) if method.needs_teacher else None
+        student = build_student(config, teacher)
+        if teacher is not None:
+            teacher.to(device, dtype=self.compute_dtype or torch.float32)
+        ctx = MethodContext(
+            config=config,
+            teacher=teacher,
+            student=student,
+            layer_map=teacher_layer_map(config, teacher) if teacher is not None else [],
+            device=device,
+            compute_dtype=self.compute_dtype,
+            run_dir=run_dir,
+            log=lambda _: None,
+        )
+        for planned in method.plan(config):
+            phase = method.build(planned.name, ctx)
+            if planned.kind == "distill":
+                break
+            phase.finish()  # what a later phase reads (TED's filters), untrained
+        self.phase = phase
+        self.module = phase.trained
+        self.tapper = phase.tapper
+        self.optimizer = build_optimizer(self.module, config.optim, config.optim.lr)
 
     @property
     def student_trunk(self) -> torch.nn.Module:
         return self.module.student
 
+    def flops_per_token(self, seq_len: int) -> float:
+        return self.phase.flops_per_token(seq_len)
+
     def feed(self, batches: list[tuple[Tensor, Tensor]], *, prefetch: bool) -> TeacherFeed:
         return TeacherFeed(_SyntheticLoader(batches), self.tapper, self.device, prefetch=prefetch)
-
-    def _autocast(self):
-        if self.compute_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def step_parts(self, feed: TeacherFeed) -> Iterator[str]:
         """One step; yields after each piece (the trunk's end is marked by a hook)."""
         item = feed.next()
         yield "teacher"
-        with self._autocast():
+        with autocast(self.device, self.compute_dtype):
             loss, _ = self.module(item.input_ids, item.labels, item.tapped)
         yield "losses"
         loss.backward()
@@ -239,32 +243,39 @@ def measure(preset: Preset, spec: Spec, device: torch.device | None = None) -> d
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     batches = _synthetic_batches(preset, 4, device)
-    memory = PeakMemory(device)
-    memory.reset()
-    torch.manual_seed(0)
-    if spec.impl == "reference":
-        step = ReferenceTED(
-            _teacher(preset, spec.attention),
-            paper_layer_map(preset.teacher_layers, preset.student_layers),
-            alpha_kd=ALPHA_KD, alpha_layer=ALPHA_LAYER, temperature=TEMPERATURE,
-            attention=spec.attention, lr=OPTIM.lr, betas=OPTIM.betas, eps=OPTIM.eps, device=device,
-        )  # fmt: skip
-        cycle = iter(batches * (preset.warmup + preset.steps + preset.instrumented))
-        timed = inline = lambda: step.step_parts(*next(cycle))
-    else:
-        step = ProjectStep(preset, spec, device)
-        timed_feed = step.feed(batches, prefetch=spec.prefetch)
-        inline_feed = step.feed(batches, prefetch=False)
-        timed = lambda: step.step_parts(timed_feed)  # noqa: E731
-        inline = lambda: step.step_parts(inline_feed)  # noqa: E731
+    with tempfile.TemporaryDirectory() as run_dir:
+        if spec.impl == "reference":  # the reference computes what the ted step computes
+            ted = ProjectStep(preset, Spec("ted", False, False, spec.attention), CPU, Path(run_dir))
+            per_token = ted.flops_per_token(preset.seq_len)
+            del ted
+        memory = PeakMemory(device)
+        memory.reset()
+        if spec.impl == "reference":
+            config = bench_config(preset, spec)
+            seed_everything(config.seed)
+            step = ReferenceTED(
+                build_teacher(config),
+                paper_layer_map(preset.teacher_layers, preset.student_layers),
+                alpha_kd=ALPHA_KD, alpha_layer=ALPHA_LAYER, temperature=TEMPERATURE,
+                attention=spec.attention, lr=OPTIM.lr, betas=OPTIM.betas, eps=OPTIM.eps,
+                device=device,
+            )  # fmt: skip
+            cycle = iter(batches * (preset.warmup + preset.steps + preset.instrumented))
+            timed = inline = lambda: step.step_parts(*next(cycle))
+        else:
+            step = ProjectStep(preset, spec, device, Path(run_dir))
+            per_token = step.flops_per_token(preset.seq_len)
+            timed_feed = step.feed(batches, prefetch=spec.prefetch)
+            inline_feed = step.feed(batches, prefetch=False)
+            timed = lambda: step.step_parts(timed_feed)  # noqa: E731
+            inline = lambda: step.step_parts(inline_feed)  # noqa: E731
 
-    times = _timed_steps(timed, preset.warmup, preset.steps, cuda)
-    split = _instrumented_steps(inline, step.student_trunk, preset.instrumented, device)
+        times = _timed_steps(timed, preset.warmup, preset.steps, cuda)
+        split = _instrumented_steps(inline, step.student_trunk, preset.instrumented, device)
     step_s = min(times)
     tokens_per_s = preset.micro_batch * preset.seq_len / step_s
-    per_token = flops_per_token(preset, "ted" if spec.impl == "reference" else spec.method)
     tflops = per_token * tokens_per_s / 1e12
-    peak = flops.device_peak_tflops(device)
+    peak = device_peak_tflops(device)
     return {
         "name": spec.name,
         **asdict(spec),

@@ -10,8 +10,11 @@ from ted_scale.config.schema import RunConfig
 
 
 def load_run_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
-    """The run configuration from a YAML file plus ``a.b=value`` overrides."""
-    return load_config(RunConfig, path, list(overrides))
+    """The run configuration from a YAML file plus ``a.b=value`` overrides, with the sections of
+    every registered method (imported here: the registry is where plug-ins announce them)."""
+    from ted_scale.distill.methods import run_config_class
+
+    return load_config(run_config_class(), path, list(overrides))
 
 
 def save_resolved(config: RunConfig, run_dir: str | os.PathLike) -> Path:

@@ -1,6 +1,8 @@
-"""The run configuration: every key a YAML file under ``configs/`` may set, with its default.
+"""The run configuration: every core key a YAML file under ``configs/`` may set, with its default.
 
-The README's config reference is written from this file; keep the two in step.
+Each distillation method adds its own section (``filters:`` for TED, ...; see
+``ted_scale.distill.methods``). The README's config reference is written from these dataclasses;
+keep the two in step.
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ from ted_scale.config.parse import ConfigError, bounded
 from ted_scale.model.gpt import GPTConfig
 
 Stage = Literal["filters", "distill", "all", "lm"]
-Method = Literal["ted", "ted_kl", "kd", "lwd"]
-FilterArch = Literal["linear", "mlp", "next_block", "rest_blocks"]
 
 
 @dataclass
@@ -44,22 +44,32 @@ class ModelConfig:
 
 
 @dataclass
-class FilterConfig:
-    arch: FilterArch = "linear"
-    student_filters: Literal["copy", "train", "random"] = "copy"
-    """Student filters: copies of the teacher's at M(k), trained like them on the frozen student,
-    or randomly initialised."""
-    mlp_hidden: int | None = None
-    """Hidden width of ``mlp`` filters (default: the output width)."""
-
-
-@dataclass
 class DistillConfig:
+    """The knobs every distillation method shares: CE + alpha_kd * KD + alpha_layer * D."""
+
     alpha_kd: float = bounded(2.5, ge=0.0)
     alpha_layer: float = bounded(0.1, ge=0.0)
     temperature: float = bounded(2.0, gt=0.0)
     layer_reduction: Literal["sum", "mean"] = "sum"
     """How per-layer distances combine into D_TED / D_layer (the paper's Eq. 6 sums)."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = bounded(1, ge=1)
+    """Ranks that shard each model's weights (Megatron-style); world = data-parallel x this."""
+    sequence_parallel: bool = False
+    """Shard the LayerNorm/dropout regions along the sequence (needs tensor parallelism)."""
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size > 1:
+            raise ConfigError(
+                f"parallel.tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism "
+                "is not available yet (it comes with the Megatron-style tensor parallelism "
+                "feature); use 1"
+            )
+        if self.sequence_parallel:
+            raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel_size > 1")
 
 
 @dataclass
@@ -145,9 +155,11 @@ class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 1234
     stage: Stage = "all"
-    """``filters`` (Stage I), ``distill`` (Stage II), ``all`` (both), or ``lm`` (train one model
-    with plain next-token loss: teacher pre-training or fine-tuning for transfer)."""
-    method: Method = "ted"
+    """Which of the method's phases run: ``filters`` (Stage I: its preparation phases),
+    ``distill`` (Stage II: the phases that train the student), ``all`` (every phase, in order).
+    ``lm`` is short for ``method: lm`` (one model, plain next-token loss)."""
+    method: str = "ted"
+    """A registered method: ``ted``, ``ted_kl``, ``kd``, ``lwd``, ``lm`` (student alone)."""
     resume: str = "auto"
     """``auto`` continues from the newest complete checkpoint, ``never`` starts afresh (refusing
     a non-empty run directory), or a path to a checkpoint directory."""
@@ -166,7 +178,6 @@ class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    filters: FilterConfig = field(default_factory=FilterConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     data: DataConfig = field(default_factory=DataConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -174,13 +185,16 @@ class RunConfig:
     stage1: ScheduleConfig = field(default_factory=ScheduleConfig)
     """Stage I (filters) schedule."""
     stage2: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(epochs=4.0))
-    """Stage II (distillation) schedule; also the schedule of ``stage: lm``."""
+    """Stage II (distillation) schedule; also the schedule of ``method: lm``."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def __post_init__(self) -> None:
+        if self.stage == "lm":
+            self.method, self.stage = "lm", "all"
         if self.student.init == "pretrained" and not self.student.pretrained:
             raise ConfigError("student.init is 'pretrained' but student.pretrained is not set")
         if (

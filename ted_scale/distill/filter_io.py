@@ -3,6 +3,7 @@ teacher and a layer map so that Stage II refuses filters made for another model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from ted_scale.distill.filters import FilterBank
 
@@ -28,6 +29,15 @@ class FilterRecord:
     d_in: int
     d_out: int
     format_version: int = FORMAT_VERSION
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over every tensor's name, shape and fp32 bytes: the identity of a set of weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 class FilterMismatchError(ValueError):

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ted_scale.model.gpt import GPT
+
+FilterArch = Literal["linear", "mlp", "next_block", "rest_blocks"]
 
 
 class LinearFilter(nn.Module):
@@ -74,7 +77,7 @@ class FilterBank(nn.Module):
 
 
 def build_filters(
-    arch: str,
+    arch: FilterArch,
     model: GPT,
     layers: Sequence[int],
     *,

@@ -1,16 +1,16 @@
-"""The two sides of distillation as modules.
+"""The two sides of distillation as modules, shared by the methods.
 
-``FrozenTapper`` runs a frozen model (and its frozen filters) under inference mode and hands over
-what the losses need; it is never part of the optimizer or of ZeRO's partitions. ``FilterTraining``
-(Stage I) and ``StudentDistillation`` (Stage II, and plain LM training) are what the DeepSpeed
-engine wraps: all of their parameters train, and they compute their whole loss inside ``forward``
-so that ZeRO-3 gathers every partitioned weight the loss touches.
+``FrozenTapper`` runs a frozen model (and whatever frozen transform a method puts on its states)
+under inference mode and hands over what the losses need; it is never part of the optimizer or of
+ZeRO's partitions. ``StudentDistillation`` is what the DeepSpeed engine wraps for a student phase:
+all of its parameters train, and it computes its whole loss inside ``forward`` so that ZeRO-3
+gathers every partitioned weight the loss touches. Methods configure both; neither names a method.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -21,20 +21,15 @@ from ted_scale.distill.objectives import (
     combine_layers,
     cross_entropy,
     cross_entropy_and_kd,
-    kl_distillation,
-    mse,
 )
 from ted_scale.model.gpt import GPT
-
-Method = Literal["lm", "kd", "lwd", "ted", "ted_kl"]
 
 
 @dataclass
 class TappedOutputs:
     """What a frozen model hands to the trained side for one micro-batch.
 
-    layer_states: K tensors [B, T, d_t]: filtered states (TED), filtered-and-final-normed states
-        (TED-KL) or raw residual-stream states (LWD, Stage I).
+    layer_states: K tensors [B, T, d_t] read at the tapped blocks (after the method's transform).
     last_hidden: final-normed top hidden state [B, T, d_t] for KD (None when not needed).
     head_weight: the frozen model's LM head [V, d_t] (None when not needed).
     """
@@ -44,108 +39,70 @@ class TappedOutputs:
     head_weight: Tensor | None = None
 
 
-class FrozenTapper:
-    """A frozen model read at chosen layers, optionally through its frozen filters.
+StateTransform = Callable[[list[Tensor]], list[Tensor]]
 
-    mode: ``raw`` hands over H at ``layers``; ``filtered`` hands over g(H); ``filtered_normed``
-    hands over ln_f(g(H)) for TED-KL. ``with_top`` adds the final-normed top state and the LM
-    head for KD.
+
+class FrozenTapper:
+    """A frozen model read at chosen blocks, its states optionally passed through a frozen
+    ``transform`` (TED's teacher filters, for example).
+
+    with_top: also hand over the final-normed top state and the LM head (for KD).
     """
 
     def __init__(
         self,
         model: GPT,
-        layers: list[int],
+        layers: Sequence[int],
         *,
-        filters: FilterBank | None = None,
-        mode: Literal["raw", "filtered", "filtered_normed"] = "raw",
+        transform: StateTransform | None = None,
         with_top: bool = False,
     ) -> None:
-        if mode != "raw" and filters is None:
-            raise ValueError(f"mode {mode!r} needs filters")
         self.model = model.eval().requires_grad_(False)
-        self.filters = filters.eval().requires_grad_(False) if filters is not None else None
-        self.layers = layers
-        self.mode = mode
+        self.layers = list(layers)
+        self.transform = transform
         self.with_top = with_top
 
     @torch.inference_mode()
     def __call__(self, input_ids: Tensor) -> TappedOutputs:
-        top = self.with_top or self.mode == "filtered_normed"
         out = self.model(
             input_ids,
             output_layers=self.layers,
             return_logits=False,
-            stop_after=max(self.layers) if self.layers and not top else None,
+            stop_after=max(self.layers) if self.layers and not self.with_top else None,
         )
         states = [out.hidden_states[i] for i in self.layers]
-        if self.mode != "raw":
-            states = self.filters(states)
-        if self.mode == "filtered_normed":
-            states = [self.model.ln_f(s) for s in states]
+        if self.transform is not None:
+            states = self.transform(states)
         if not self.with_top:
             return TappedOutputs(layer_states=states)
         return TappedOutputs(states, out.last_hidden, self.model.lm_head_weight)
 
 
-def _to(hidden: Tensor, dtype: torch.dtype | None) -> Tensor:
-    """The LM head's input in the compute dtype: under autocast LayerNorm returns fp32, and the
+def to_compute_dtype(hidden: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """An LM head's input in the compute dtype: under autocast LayerNorm returns fp32, and the
     fused head's matmul runs in its input's dtype."""
     return hidden if dtype is None else hidden.to(dtype)
 
 
-class FilterTraining(nn.Module):
-    """Stage I: filters trained through a frozen model's own head; loss = sum_k CE_k.
-
-    The head (final LayerNorm + tied LM head) belongs to the frozen model and is kept out of this
-    module's parameters, so the optimizer and ZeRO never see it.
-    """
-
-    def __init__(
-        self,
-        filters: FilterBank,
-        frozen_model: GPT,
-        *,
-        fused: bool,
-        compute_dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        self.filters = filters
-        self._frozen_head = (frozen_model.ln_f, frozen_model.wte)  # a tuple is not registered
-        self.fused = fused
-        self.compute_dtype = compute_dtype
-
-    def forward(
-        self, input_ids: Tensor, labels: Tensor, tapped: TappedOutputs
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``input_ids`` is unused (the frozen model already ran on it); the signature is the
-        trained side's common one."""
-        ln_f, wte = self._frozen_head
-        # The frozen model ran under inference mode; its states become the filters' inputs, which
-        # autograd must save, so they are copied into ordinary tensors (K x [B, T, d], cheap).
-        states = [h.clone() for h in tapped.layer_states]
-        per_layer = [
-            cross_entropy(_to(ln_f(g), self.compute_dtype), wte.weight, labels, fused=self.fused)
-            for g in self.filters(states)
-        ]
-        loss = torch.stack(per_layer).sum()
-        parts = {f"loss_filter_{k}": ce.detach() for k, ce in enumerate(per_layer)}
-        return loss, parts
+LayerDistance = Callable[[list[Tensor], TappedOutputs, Tensor], list[Tensor]]
+"""(student states after the layer modules, the teacher's tapped outputs, labels [B, T]) -> one
+scalar distance per layer."""
 
 
 class StudentDistillation(nn.Module):
-    """Stage II: CE + alpha_kd * KD + alpha_layer * D (and plain CE for ``method='lm'``).
+    """A student phase's trained side: CE + alpha_kd * KD + alpha_layer * D.
 
-    ``layer_modules`` are the student filters (TED, TED-KL) or the LWD projections W^k; the
-    student's states are read at its blocks ``0..K-1`` in order.
+    D combines ``layer_distance`` over the student's blocks 0..K-1, each first mapped by its layer
+    module (student filters, LWD projections). Without ``layer_modules`` there is no D; with
+    ``alpha_kd`` 0 (or nothing tapped at the top) there is no KD: plain next-token CE.
     """
 
     def __init__(
         self,
         student: GPT,
-        method: Method,
         *,
         layer_modules: FilterBank | None = None,
+        layer_distance: LayerDistance | None = None,
         alpha_kd: float = 0.0,
         alpha_layer: float = 0.0,
         temperature: float = 1.0,
@@ -154,11 +111,11 @@ class StudentDistillation(nn.Module):
         compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if (method in ("lwd", "ted", "ted_kl")) != (layer_modules is not None):
-            raise ValueError(f"method {method!r} and layer_modules do not fit together")
+        if (layer_modules is None) != (layer_distance is None):
+            raise ValueError("layer_modules and layer_distance come together")
         self.student = student
         self.layer_modules = layer_modules
-        self.method = method
+        self.layer_distance = layer_distance
         self.alpha_kd = alpha_kd
         self.alpha_layer = alpha_layer
         self.temperature = temperature
@@ -166,18 +123,15 @@ class StudentDistillation(nn.Module):
         self.fused = fused
         self.compute_dtype = compute_dtype
 
-    def _head_input(self, hidden: Tensor) -> Tensor:
-        return _to(hidden, self.compute_dtype)
-
     def forward(
         self, input_ids: Tensor, labels: Tensor, tapped: TappedOutputs | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         n_layers = len(self.layer_modules.layers) if self.layer_modules is not None else 0
         out = self.student(input_ids, output_layers=range(n_layers), return_logits=False)
-        top = self._head_input(out.last_hidden)
+        top = to_compute_dtype(out.last_hidden, self.compute_dtype)
         weight = self.student.lm_head_weight
         parts: dict[str, Tensor] = {}
-        if self.method == "lm" or self.alpha_kd == 0.0:
+        if self.alpha_kd == 0.0:
             loss = ce = cross_entropy(top, weight, labels, fused=self.fused)
             parts["loss_ce"] = ce.detach()
         else:
@@ -185,7 +139,7 @@ class StudentDistillation(nn.Module):
                 top,
                 weight,
                 labels,
-                self._head_input(tapped.last_hidden),
+                to_compute_dtype(tapped.last_hidden, self.compute_dtype),
                 tapped.head_weight,
                 temperature=self.temperature,
                 alpha_kd=self.alpha_kd,
@@ -194,23 +148,7 @@ class StudentDistillation(nn.Module):
         if self.layer_modules is None:
             return loss, parts
         student_states = self.layer_modules([out.hidden_states[k] for k in range(n_layers)])
-        if self.method == "ted_kl":
-            per_layer = [
-                kl_distillation(
-                    self._head_input(self.student.ln_f(g_s)),
-                    weight,
-                    self._head_input(g_t),
-                    tapped.head_weight,
-                    labels,
-                    temperature=self.temperature,
-                    fused=self.fused,
-                )
-                for g_s, g_t in zip(student_states, tapped.layer_states, strict=True)
-            ]
-        else:
-            per_layer = [
-                mse(s, t) for s, t in zip(student_states, tapped.layer_states, strict=True)
-            ]
+        per_layer = self.layer_distance(student_states, tapped, labels)
         distance = combine_layers(per_layer, self.layer_reduction)
         parts["loss_layer"] = distance.detach()
         parts.update({f"loss_layer_{k}": d.detach() for k, d in enumerate(per_layer)})

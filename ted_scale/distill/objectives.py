@@ -1,4 +1,4 @@
-"""The training objectives of DESIGN.md, each in a fused form and a plain full-logits form.
+"""The training objectives of docs/design.md, each in a fused form and a plain full-logits form.
 
 - CE: next-token cross-entropy, mean over tokens.
 - KD: KL(softmax(z_t / T) || softmax(z_s / T)) * T^2, mean over tokens.
@@ -6,7 +6,7 @@
   teacher states and learnable projections; TED-KL replaces each MSE by KD between the filters'
   predictions through the heads.
 
-Tokens whose label is ``IGNORE`` count for neither CE nor KD. All loss math is fp32.
+Tokens whose label is ``IGNORE_INDEX`` count for neither CE nor KD. All loss math is fp32.
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ted_scale.data.loader import IGNORE_INDEX
 from ted_scale.kernels import fused_linear_ce_kd, fused_linear_cross_entropy, fused_linear_kl_div
 
-IGNORE = -100
 Reduction = Literal["sum", "mean"]
 
 
 def cross_entropy(hidden: Tensor, head_weight: Tensor, labels: Tensor, *, fused: bool) -> Tensor:
     """Mean CE of ``hidden`` [B, T, d] (already final-normed) through ``head_weight`` [V, d]."""
     if fused:
-        return fused_linear_cross_entropy(hidden, head_weight, labels, ignore_index=IGNORE)
+        return fused_linear_cross_entropy(hidden, head_weight, labels, ignore_index=IGNORE_INDEX)
     logits = F.linear(hidden, head_weight).float()
-    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE)
+    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def kl_distillation(
@@ -47,7 +47,7 @@ def kl_distillation(
     student_hidden [B, T, ds] with student_weight [V, ds]; teacher_hidden [B, T, dt] with
     teacher_weight [V, dt]; both hidden states already final-normed.
     """
-    keep = labels != IGNORE
+    keep = labels != IGNORE_INDEX
     if fused:
         return fused_linear_kl_div(
             student_hidden,
@@ -83,11 +83,11 @@ def cross_entropy_and_kd(
             teacher_weight,
             temperature=temperature,
             kd_weight=alpha_kd,
-            ignore_index=IGNORE,
+            ignore_index=IGNORE_INDEX,
         )
     z_s = F.linear(student_hidden, student_weight).float()
-    keep = labels != IGNORE
-    ce = F.cross_entropy(z_s.flatten(0, -2), labels.flatten(), ignore_index=IGNORE)
+    keep = labels != IGNORE_INDEX
+    ce = F.cross_entropy(z_s.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX)
     z_t = F.linear(teacher_hidden, teacher_weight).float()
     kd = _kl_from_logits(z_s[keep], z_t[keep], temperature)
     return ce + alpha_kd * kd, ce.detach(), kd.detach()
@@ -110,6 +110,13 @@ def mse(student: Tensor, teacher: Tensor) -> Tensor:
     the subtraction saves nothing of it for the backward pass.
     """
     return (student.float() - teacher.float()).square().mean()
+
+
+def mse_distance(
+    student_states: Sequence[Tensor], teacher_states: Sequence[Tensor]
+) -> list[Tensor]:
+    """Per-layer ``mse`` between matched states: D_TED's and LWD's layer terms."""
+    return [mse(s, t) for s, t in zip(student_states, teacher_states, strict=True)]
 
 
 def combine_layers(per_layer: Sequence[Tensor], reduction: Reduction) -> Tensor:

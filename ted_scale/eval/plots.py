@@ -22,9 +22,10 @@ LAYER_PLOTS = {
     "filter_loss.png": re.compile(r"loss_filter_(\d+)"),
 }
 EVAL_KEYS = {"eval_heldout_ppl": "held-out perplexity", "eval_lambada_acc": "LAMBADA accuracy"}
-# Figure 2's training loss is that of the student (Stage II, or plain LM training); Stage I's
-# summed filter losses live on another scale and get their own per-filter figure.
-STUDENT_STAGES = ("stage2", "lm")
+# Figure 2's training loss is that of the student: the phases that report the next-token loss
+# ``loss_ce`` (whichever method named them); Stage I's summed filter losses live on another scale
+# and get their own per-filter figure.
+STUDENT_PART = "loss_ce"
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -50,12 +51,14 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 def _series(
-    records: list[dict], key: str, stages: tuple[str, ...] | None = None
+    records: list[dict], key: str, student_only: bool = False
 ) -> dict[str, tuple[list[int], list[float]]]:
-    """stage -> (steps, values) of `key` (only `stages` when given), skipping non-finite values."""
+    """stage -> (steps, values) of `key`, skipping non-finite values; with `student_only`, only
+    the stages that train the student (they report `STUDENT_PART`)."""
+    student = {r.get("stage") for r in records if STUDENT_PART in r}
     out: dict[str, tuple[list[int], list[float]]] = {}
     for r in records:
-        if stages is not None and r.get("stage") not in stages:
+        if student_only and r.get("stage") not in student:
             continue
         value = r.get(key)
         if isinstance(value, (int, float)) and math.isfinite(value):
@@ -65,13 +68,11 @@ def _series(
     return out
 
 
-def _plot_lines(
-    ax, runs: dict[str, list[dict]], key: str, stages: tuple[str, ...] | None = None
-) -> bool:
+def _plot_lines(ax, runs: dict[str, list[dict]], key: str, student_only: bool = False) -> bool:
     """One line per (run, stage) of `key`; the stage is named only when a run has several."""
     drew = False
     for name, records in runs.items():
-        series = _series(records, key, stages)
+        series = _series(records, key, student_only)
         for stage, (steps, values) in series.items():
             ax.plot(steps, values, label=name if len(series) == 1 else f"{name} ({stage})")
             drew = True
@@ -96,7 +97,7 @@ def plot_runs(runs: dict[str, str | os.PathLike], out_dir: str | os.PathLike) ->
         written.append(out_dir / filename)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    if _plot_lines(ax, metrics, "loss", STUDENT_STAGES):
+    if _plot_lines(ax, metrics, "loss", student_only=True):
         ax.set(xlabel="step", ylabel="training loss", title="Student training loss")
         ax.legend()
         save(fig, "loss.png")

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ted_scale.data.loader import IGNORE_INDEX
 from ted_scale.model import GPT
-
-IGNORE_INDEX = -100
+from ted_scale.precision import autocast, compute_dtype
 
 
 @dataclass
@@ -54,12 +54,6 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _rows_nll(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """logits [N, V] fp32, targets [N] -> (nll [N], correct [N])."""
     nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[:, None]).squeeze(1)
@@ -78,7 +72,7 @@ def score_tokens(
     """
     mask = targets != IGNORE_INDEX
     scored = targets[mask]  # [N]
-    with _autocast(input_ids.device):
+    with autocast(input_ids.device, compute_dtype("auto", input_ids.device)):
         out = model(input_ids, return_logits=not fused)
     if fused:
         hidden = out.last_hidden[mask].float()  # [N, d]: only the scored rows

@@ -10,6 +10,10 @@ import torch
 from ted_scale.model.gpt import GPT
 
 
+class ModelMismatchError(ValueError):
+    """Teacher, student and data do not fit together."""
+
+
 def student_from_teacher(
     teacher: GPT, teacher_blocks: Sequence[int], *, dropout: float | None = None
 ) -> GPT:

@@ -6,7 +6,8 @@ Layout of ``run_dir/checkpoints``::
     latest                  the newest complete tag, replaced atomically after `complete`
 
 A save killed half-way leaves a tag without ``complete``; resuming ignores it and falls back to
-the newest complete tag, so the previous checkpoint stays loadable.
+the newest complete tag, so the previous checkpoint stays loadable. Tags are ordered by the run's
+phase plan (which the method decides), then by step.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 import random
 import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,36 +24,22 @@ import numpy as np
 import torch
 
 from ted_scale.io import atomic_write_text
-from ted_scale.train.distributed import barrier
+from ted_scale.parallel import barrier
 
-# Training phases in the order a run goes through them.
-PHASES = ("stage1_teacher", "stage1_student", "stage2", "lm")
 _TAG = re.compile(r"^(?P<phase>[a-z0-9_]+)-step(?P<step>\d{8})$")
 
 
 @dataclass(frozen=True, order=True)
 class CheckpointTag:
+    """A checkpoint's place in the run: the phase's index in the plan, then the step."""
+
     phase_index: int
     step: int
-
-    @property
-    def phase(self) -> str:
-        return PHASES[self.phase_index]
+    phase: str = field(compare=False)
 
     @property
     def name(self) -> str:
         return f"{self.phase}-step{self.step:08d}"
-
-    @classmethod
-    def parse(cls, name: str) -> CheckpointTag | None:
-        m = _TAG.match(name)
-        if not m or m["phase"] not in PHASES:
-            return None
-        return cls(PHASES.index(m["phase"]), int(m["step"]))
-
-    @classmethod
-    def of(cls, phase: str, step: int) -> CheckpointTag:
-        return cls(PHASES.index(phase), step)
 
 
 def rng_state() -> dict[str, Any]:
@@ -74,17 +62,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, root: Path, *, rank: int, keep: int) -> None:
+    """The checkpoints of one run and their cadence: every ``interval`` steps (0: never in the
+    middle of a phase) and at each phase's last step. ``phases``: the run's phase names in order."""
+
+    def __init__(
+        self, root: Path, phases: Sequence[str], *, rank: int, keep: int, interval: int
+    ) -> None:
         self.root = root
+        self.phases = list(phases)
         self.rank = rank
         self.keep = keep
+        self.interval = interval
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return step == total_steps or bool(self.interval and step % self.interval == 0)
+
+    def tag(self, phase: str, step: int) -> CheckpointTag:
+        return CheckpointTag(self.phases.index(phase), step, phase)
+
+    def parse(self, name: str) -> CheckpointTag | None:
+        """The tag a directory name stands for, or None (not a tag, or a phase not in the plan)."""
+        m = _TAG.match(name)
+        if not m or m["phase"] not in self.phases:
+            return None
+        return self.tag(m["phase"], int(m["step"]))
 
     def complete_tags(self) -> list[CheckpointTag]:
         if not self.root.is_dir():
             return []
-        tags = (
-            CheckpointTag.parse(p.name) for p in self.root.iterdir() if (p / "complete").exists()
-        )
+        tags = (self.parse(p.name) for p in self.root.iterdir() if (p / "complete").exists())
         return sorted(t for t in tags if t is not None)
 
     def latest(self) -> CheckpointTag | None:
@@ -99,7 +105,7 @@ class CheckpointManager:
         if resume == "auto":
             return self.latest()
         path = Path(resume)
-        tag = CheckpointTag.parse(path.name)
+        tag = self.parse(path.name)
         if tag is None or not (path / "complete").exists():
             raise FileNotFoundError(
                 f"resume={resume!r} is not a complete ted_scale checkpoint directory"

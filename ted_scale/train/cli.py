@@ -1,14 +1,18 @@
-"""The training entry point behind ``launch/pretrain_ted.py``: clean errors, exit codes."""
+"""The training entry point behind ``launch/pretrain_ted.py``: plug-ins, clean errors, exit codes."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import sys
+from pathlib import Path
 
 from ted_scale.config import ConfigError, load_run_config
 from ted_scale.data import DataError
 from ted_scale.distill.filter_io import FilterMismatchError
+from ted_scale.model import ModelMismatchError
 from ted_scale.model.hf import CheckpointMismatchError
-from ted_scale.train.models import ModelMismatchError
+from ted_scale.parallel.dims import ParallelLayoutError
 
 # Errors whose message tells the user what to fix: printed without a traceback.
 USER_ERRORS = (
@@ -17,15 +21,36 @@ USER_ERRORS = (
     FilterMismatchError,
     CheckpointMismatchError,
     ModelMismatchError,
+    ParallelLayoutError,
     FileNotFoundError,
     FileExistsError,
 )
 
 
-def main(config_path: str, overrides: list[str]) -> int:
-    from ted_scale.train.trainer import NonFiniteLossError, train
+def load_plugin(name: str) -> None:
+    """Import a module that registers methods: a dotted module name or a ``.py`` file path."""
+    if name.endswith(".py"):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"--plugin {name}: no such file")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+        return
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"--plugin {name}: {e}") from e
+
+
+def main(config_path: str, overrides: list[str], plugins: list[str] = ()) -> int:
+    from ted_scale.train.nonfinite import NonFiniteLossError
+    from ted_scale.train.trainer import train
 
     try:
+        for plugin in plugins:
+            load_plugin(plugin)
         config = load_run_config(config_path, overrides)
         train(config)
     except (*USER_ERRORS, NonFiniteLossError) as e:

@@ -1,27 +1,32 @@
-"""The DeepSpeed engine around the trained module (student with its filters, or Stage I filters)."""
+"""The DeepSpeed engine around a phase's trained module, told the run's data-parallel group."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
+from ted_scale.config import ConfigError
 from ted_scale.config.schema import RunConfig
+from ted_scale.model import GPT
+from ted_scale.parallel import ParallelDims
 from ted_scale.train.optim import build_optimizer, warmup_linear_decay
 
 
-def gradient_accumulation_steps(config: RunConfig, world_size: int) -> int:
-    per_step = config.batch.micro_batch_size * world_size
+def gradient_accumulation_steps(config: RunConfig, dp_size: int) -> int:
+    """Micro-batches per optimizer step on each rank; ``global_batch_size`` counts the sequences of
+    all data-parallel ranks (tensor-parallel ranks share theirs)."""
+    per_step = config.batch.micro_batch_size * dp_size
     if config.batch.global_batch_size % per_step:
-        raise ValueError(
+        raise ConfigError(
             f"batch.global_batch_size ({config.batch.global_batch_size}) must be a multiple of "
-            f"micro_batch_size x ranks = {config.batch.micro_batch_size} x {world_size}"
+            f"batch.micro_batch_size x data-parallel ranks = {config.batch.micro_batch_size} x "
+            f"{dp_size}"
         )
     return config.batch.global_batch_size // per_step
 
 
-def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
+def deepspeed_config(config: RunConfig, dp_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config. Precision is handled by torch.autocast around the forward, so
     DeepSpeed keeps fp32 master weights and its own fp16/bf16 modes stay off."""
     zero: dict[str, Any] = {"stage": config.deepspeed.zero_stage}
@@ -33,10 +38,13 @@ def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
     ds = {
         "train_batch_size": config.batch.global_batch_size,
         "train_micro_batch_size_per_gpu": config.batch.micro_batch_size,
-        "gradient_accumulation_steps": gradient_accumulation_steps(config, world_size),
+        "gradient_accumulation_steps": gradient_accumulation_steps(config, dp_size),
         "gradient_clipping": config.optim.grad_clip,
         "zero_optimization": zero,
         "steps_per_print": 2**31 - 1,
+        # The client optimizer is torch's AdamW with a step that can be dropped (SkippableAdamW);
+        # DeepSpeed's ZeRO only knows the exact class.
+        "zero_allow_untested_optimizer": True,
         "wall_clock_breakdown": False,
     }
     if config.deepspeed.offload_optimizer:
@@ -47,15 +55,17 @@ def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
 
 
 def build_engine(
-    module: nn.Module, config: RunConfig, *, world_size: int, total_steps: int, lr: float
+    module: nn.Module, config: RunConfig, dims: ParallelDims, *, total_steps: int, lr: float
 ):
     """Wrap ``module`` in a DeepSpeed engine with AdamW and the warm-up/decay schedule."""
     import deepspeed
 
-    if config.deepspeed.zero_stage == 3 and hasattr(module, "student"):
-        # The tied LM head is used outside the embedding module's forward: ZeRO-3 must gather it
-        # for the whole forward of the top module.
-        deepspeed.zero.register_external_parameter(module, module.student.wte.weight)
+    if config.deepspeed.zero_stage == 3:
+        # A trained model's tied LM head is used outside the embedding module's forward: ZeRO-3
+        # must gather it for the whole forward of the top module.
+        for model in module.modules():
+            if isinstance(model, GPT):
+                deepspeed.zero.register_external_parameter(module, model.wte.weight)
     optimizer = build_optimizer(module, config.optim, lr)
     scheduler = warmup_linear_decay(
         optimizer,
@@ -67,13 +77,7 @@ def build_engine(
         model=module,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(config, world_size),
+        config=deepspeed_config(config, dims.dp_size),
+        mpu=dims.deepspeed_mpu(),
     )
     return engine, scheduler
-
-
-def autocast_dtype(config: RunConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA under ``precision: auto``; None means fp32 throughout."""
-    if config.precision == "fp32" or (config.precision == "auto" and device.type != "cuda"):
-        return None
-    return torch.bfloat16

@@ -1,5 +1,9 @@
 """Evaluation every ``eval.interval`` steps: held-out perplexity on the first batches of the test
-split and LAMBADA on a fixed subset. Rank 0 evaluates; the other ranks wait at the barrier."""
+split and LAMBADA on a fixed subset. Rank 0 evaluates; the other ranks wait at the barrier.
+
+Every input is read when the evaluator is built, at start-up, so a bad LAMBADA file or test split
+stops the run before step 1 rather than after hours of training.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,12 @@ from ted_scale.data.loader import DistributedBatchLoader, PackedTokens
 from ted_scale.eval.heldout import heldout_perplexity
 from ted_scale.eval.lambada import evaluate_lambada, load_lambada
 from ted_scale.model import GPT
-from ted_scale.train.distributed import barrier, gathered_state
+from ted_scale.parallel import barrier, gathered_state
 
 
 class InTrainingEval:
+    """Scores a phase's ``evaluated`` model at the ``eval.interval`` cadence."""
+
     def __init__(
         self,
         config: RunConfig,
@@ -27,7 +33,11 @@ class InTrainingEval:
         self.tokenizer = tokenizer
         self.heldout = heldout
         self.is_main = is_main
+        self.interval = config.eval.interval
         self.passages = load_lambada(config.eval.lambada_path)[: config.eval.lambada_examples]
+
+    def due(self, step: int) -> bool:
+        return step % self.interval == 0
 
     def __call__(self, model: GPT, device: torch.device) -> dict[str, float]:
         """Metrics of ``model`` (empty on ranks other than 0).

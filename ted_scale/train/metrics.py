@@ -1,7 +1,7 @@
 """Where a run reports: ``metrics.jsonl``, TensorBoard scalars and a console progress bar.
 
 Only the main rank writes. Loss parts arrive as tensors and are synchronised with the host once per
-log interval, never once per micro-batch.
+log interval, never once per micro-batch. ``StepLog`` owns the logging cadence of one phase.
 """
 
 from __future__ import annotations
@@ -18,9 +18,13 @@ from tqdm.auto import tqdm
 
 
 class LossAverager:
-    """Sums detached loss tensors on the device between log lines; one host sync per ``pop``."""
+    """Sums detached loss tensors on the device between log lines; one host sync per ``pop``.
 
-    def __init__(self) -> None:
+    group: the data-parallel group the means are averaged over (None: no averaging).
+    """
+
+    def __init__(self, group: torch.distributed.ProcessGroup | None = None) -> None:
+        self.group = group
         self.sums: dict[str, Tensor] = {}
         self.count = 0
 
@@ -36,9 +40,9 @@ class LossAverager:
             return {}
         keys = sorted(self.sums)
         stacked = torch.stack([self.sums[k] for k in keys]) / self.count
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(stacked)
-            stacked /= torch.distributed.get_world_size()
+        if self.group is not None:
+            torch.distributed.all_reduce(stacked, group=self.group)
+            stacked /= torch.distributed.get_world_size(self.group)
         self.sums.clear()
         self.count = 0
         return dict(zip(keys, stacked.tolist(), strict=True))
@@ -116,12 +120,52 @@ class Throughput:
         return out
 
 
-def progress_bar(total: int, initial: int, desc: str, *, enabled: bool) -> tqdm:
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=desc,
-        unit="step",
-        disable=not enabled,
-        dynamic_ncols=True,
-    )
+class StepLog:
+    """One phase's metrics: loss parts averaged per micro-batch, a line every ``interval`` steps
+    and at the last one (``step``, ``stage`` = the phase, losses, ``lr``, throughput, extras), and
+    the progress bar."""
+
+    def __init__(
+        self,
+        writer: MetricsWriter,
+        phase: str,
+        *,
+        interval: int,
+        total_steps: int,
+        start_step: int,
+        throughput: Throughput,
+        group: torch.distributed.ProcessGroup | None,
+        show_bar: bool,
+    ) -> None:
+        self.writer = writer
+        self.phase = phase
+        self.interval = interval
+        self.total_steps = total_steps
+        self.throughput = throughput
+        self.losses = LossAverager(group)
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc=phase,
+            unit="step",
+            disable=not show_bar,
+            dynamic_ncols=True,
+        )
+
+    def add(self, parts: dict[str, Tensor]) -> None:
+        """One micro-batch's loss parts (detached tensors)."""
+        self.losses.add(parts)
+
+    def step_done(self, step: int, tokens: int, extras) -> None:
+        """Count ``tokens``; at the cadence, write the line (``extras()`` adds lr, timings...)."""
+        self.throughput.add_tokens(tokens)
+        self.bar.update(1)
+        if step % self.interval and step != self.total_steps:
+            return
+        record = {"step": step, "stage": self.phase, **self.losses.pop()}
+        record.update(**extras(), **self.throughput.pop())
+        self.writer.write(record)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+
+    def close(self) -> None:
+        self.bar.close()

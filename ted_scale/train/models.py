@@ -3,7 +3,6 @@ other before any training starts."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,20 +13,7 @@ from ted_scale.config.schema import RunConfig
 from ted_scale.data import DataError
 from ted_scale.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from ted_scale.distill.layer_map import resolve_layer_map
-from ted_scale.model import GPT, load_pretrained, student_from_teacher
-
-
-class ModelMismatchError(ValueError):
-    """Teacher, student and data do not fit together."""
-
-
-def weights_fingerprint(model: GPT) -> str:
-    """sha256 over every tensor's name, shape and fp32 bytes: the identity of a set of weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+from ted_scale.model import GPT, ModelMismatchError, load_pretrained, student_from_teacher
 
 
 def folder_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerFast | None:

@@ -9,7 +9,25 @@ from torch.optim.lr_scheduler import LambdaLR
 from ted_scale.config.schema import OptimConfig
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig, lr: float) -> torch.optim.AdamW:
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next step can be dropped, leaving weights and optimizer state untouched.
+
+    Without ZeRO, DeepSpeed steps the client optimizer itself; it reads ``overflow`` afterwards,
+    exactly as from its own ZeRO optimizers, so a dropped step is counted in ``skipped_steps`` and
+    the learning-rate schedule does not advance.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_next = False
+        self.overflow = False
+
+    def step(self, closure=None):
+        self.overflow, self.skip_next = self.skip_next, False
+        return None if self.overflow else super().step(closure)
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig, lr: float) -> SkippableAdamW:
     """AdamW over the trainable parameters; biases and LayerNorm weights get no weight decay."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -20,7 +38,7 @@ def build_optimizer(model: nn.Module, config: OptimConfig, lr: float) -> torch.o
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(
+    return SkippableAdamW(
         [g for g in groups if g["params"]],
         lr=lr,
         betas=config.betas,

@@ -1,0 +1,131 @@
+"""The method seam: what a distillation method provides, and what it builds from.
+
+A method is one module in this package. It owns its config section (a dataclass the config loader
+validates under its own key), its phases in order, and for each phase the trained module with its
+loss, what it taps from the frozen teacher, and its FLOP count per token. The trainer, the
+benchmark, checkpoints, plots and the progress file only see ``Phase`` objects; none of them names
+a method or a phase (docs/design.md, "How to add a method").
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from ted_scale.config.schema import ScheduleConfig
+from ted_scale.distill.modules import FrozenTapper
+from ted_scale.flops import FROZEN, TRAINED, forward_flops, head_flops
+from ted_scale.model import GPT, export_hf
+from ted_scale.parallel import barrier, gathered_state
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ted_scale.config.schema import RunConfig
+
+PhaseKind = Literal["filters", "distill"]
+"""``stage: filters`` runs a method's ``filters`` phases, ``stage: distill`` the ``distill`` ones,
+``stage: all`` both, in the method's order."""
+
+
+@dataclass(frozen=True)
+class PlannedPhase:
+    name: str
+    kind: PhaseKind
+
+
+@dataclass
+class Phase:
+    """One training phase, ready to run.
+
+    trained: what the DeepSpeed engine wraps; ``forward(input_ids, labels, tapped)`` returns
+        ``(loss, parts)`` with ``parts`` a dict of detached scalar tensors (``loss_ce`` ...).
+    tapper: the frozen side, run on each micro-batch (ahead, on a side stream, when prefetching);
+        None when nothing frozen is needed.
+    flops_per_token: seq_len -> training FLOPs per token of one step.
+    evaluated: the model the in-training evaluation scores (None: no evaluation in this phase).
+    finish: run on every rank after the phase's last step (save filters, export a model).
+    """
+
+    name: str
+    trained: nn.Module
+    tapper: FrozenTapper | None
+    schedule: ScheduleConfig
+    flops_per_token: Callable[[int], float]
+    evaluated: GPT | None = None
+    finish: Callable[[], None] = field(default=lambda: None)
+
+
+@dataclass
+class MethodContext:
+    """What a method builds its phases from: the run's config and models, where to put files, and
+    the rank's place. The trainer and the benchmark each make one."""
+
+    config: RunConfig
+    teacher: GPT | None
+    student: GPT
+    layer_map: list[int]
+    device: torch.device
+    compute_dtype: torch.dtype | None
+    run_dir: Path
+    tokenizer: PreTrainedTokenizerBase | None = None
+    is_main: bool = True
+    log: Callable[[str], None] = print
+
+    def save_on_main(self, module: nn.Module, write: Callable[[dict], None]) -> None:
+        """Gather ``module``'s full state (a collective under ZeRO-3), hand it to ``write`` on the
+        main rank, and wait for it there."""
+        state = gathered_state(module)
+        if self.is_main:
+            write(state)
+        barrier()
+
+    def export(self, model: GPT, name: str) -> None:
+        """Write ``model`` (gathered) with the run's tokenizer as the HF folder ``run_dir/name``."""
+
+        def write(state: dict) -> None:
+            copy = GPT(model.config)
+            copy.load_state_dict(state)
+            path = export_hf(copy, self.run_dir / name, self.tokenizer)
+            self.log(f"{name.removesuffix('_hf')} exported to {path}")
+
+        self.save_on_main(model, write)
+
+
+def student_flops(ctx: MethodContext, seq_len: int, *, kd: bool) -> float:
+    """FLOPs per token shared by every student phase: the frozen teacher's trunk (and head for
+    KD) forward, the student's trunk and head forward and backward."""
+    teacher, student = ctx.teacher, ctx.student
+    vocab = student.config.vocab_size
+    frozen = forward_flops(teacher.blocks, seq_len)
+    if kd:
+        frozen += head_flops(vocab, teacher.config.n_embd)
+    trained = forward_flops(student.blocks, seq_len) + head_flops(vocab, student.config.n_embd)
+    return FROZEN * frozen + TRAINED * trained
+
+
+class Method(ABC):
+    """Base of every method: subclasses set the class attributes and implement the two methods.
+
+    name: the value of ``method:`` that selects it.
+    section: ``(key, dataclass)`` of its own config section, or None.
+    needs_teacher: whether the run builds the frozen teacher.
+    """
+
+    name: ClassVar[str]
+    section: ClassVar[tuple[str, type] | None] = None
+    needs_teacher: ClassVar[bool] = True
+
+    @abstractmethod
+    def plan(self, config: RunConfig) -> list[PlannedPhase]:
+        """The method's phases in order (all of them; ``stage:`` selects among them)."""
+
+    @abstractmethod
+    def build(self, phase: str, ctx: MethodContext) -> Phase:
+        """Build ``phase`` (a name from ``plan``); earlier phases have finished."""

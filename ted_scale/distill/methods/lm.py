@@ -1,0 +1,40 @@
+"""``lm``: one model trained on next-token CE alone: teacher pre-training, transfer fine-tuning,
+and the "student alone" baseline every distillation method must beat."""
+
+from __future__ import annotations
+
+from ted_scale.distill.methods import register
+from ted_scale.distill.methods.base import Method, MethodContext, Phase, PlannedPhase
+from ted_scale.distill.modules import StudentDistillation
+from ted_scale.flops import TRAINED, forward_flops, head_flops
+
+
+@register
+class LM(Method):
+    name = "lm"
+    needs_teacher = False
+
+    def plan(self, config) -> list[PlannedPhase]:
+        return [PlannedPhase("lm", "distill")]
+
+    def build(self, phase: str, ctx: MethodContext) -> Phase:
+        model = ctx.student.to(ctx.device)
+        trained = StudentDistillation(
+            model, fused=ctx.config.fused_loss, compute_dtype=ctx.compute_dtype
+        )
+        c = model.config
+
+        def flops_per_token(seq_len: int) -> float:
+            return TRAINED * (
+                forward_flops(model.blocks, seq_len) + head_flops(c.vocab_size, c.n_embd)
+            )
+
+        return Phase(
+            phase,
+            trained,
+            None,
+            ctx.config.stage2,
+            flops_per_token,
+            evaluated=model,
+            finish=lambda: ctx.export(model, "student_hf"),
+        )

@@ -1,0 +1,296 @@
+"""TED (task-aware layer-wise distillation) and its TED-KL variant (docs/design.md, "The method").
+
+Stage I (``stage1_teacher``): the teacher is frozen and its K filters g_t^k train through its own
+frozen head (final LayerNorm + tied LM head): loss = sum_k CE(head(g_t^k(H_t^{M(k)}))). With
+``filters.student_filters: train`` a second Stage I (``stage1_student``) trains student filters
+the same way on the frozen student. Stage II (``stage2``): teacher and teacher filters frozen; the
+student and its filters train on CE + alpha_kd * KD + alpha_layer * D_TED, with
+D_TED = sum_k MSE(g_t^k(H_t^{M(k)}), g_s^k(H_s^k)); TED-KL replaces each MSE by KD between the
+filters' predictions through the heads.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ted_scale.distill.filter_io import (
+    FilterRecord,
+    check_record,
+    load_filters_into,
+    read_record,
+    save_filters,
+    weights_fingerprint,
+)
+from ted_scale.distill.filters import FilterArch, FilterBank, build_filters
+from ted_scale.distill.methods import register
+from ted_scale.distill.methods.base import (
+    Method,
+    MethodContext,
+    Phase,
+    PlannedPhase,
+    student_flops,
+)
+from ted_scale.distill.modules import (
+    FrozenTapper,
+    StudentDistillation,
+    TappedOutputs,
+    to_compute_dtype,
+)
+from ted_scale.distill.objectives import cross_entropy, kl_distillation, mse_distance
+from ted_scale.flops import FROZEN, TRAINED, forward_flops, head_flops
+from ted_scale.model import GPT, ModelMismatchError
+from ted_scale.parallel import barrier, gathered_state
+from ted_scale.precision import storage_dtype
+
+
+@dataclass
+class FilterConfig:
+    """TED's section (``filters:``)."""
+
+    arch: FilterArch = "linear"
+    student_filters: Literal["copy", "train", "random"] = "copy"
+    """Student filters: copies of the teacher's at M(k), trained like them on the frozen student,
+    or randomly initialised."""
+    mlp_hidden: int | None = None
+    """Hidden width of ``mlp`` filters (default: the output width)."""
+
+
+class FilterTraining(nn.Module):
+    """Stage I: filters trained through a frozen model's own head; loss = sum_k CE_k.
+
+    The head (final LayerNorm + tied LM head) belongs to the frozen model and is kept out of this
+    module's parameters, so the optimizer and ZeRO never see it.
+    """
+
+    def __init__(
+        self,
+        filters: FilterBank,
+        frozen_model: GPT,
+        *,
+        fused: bool,
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.filters = filters
+        self._frozen_head = (frozen_model.ln_f, frozen_model.wte)  # a tuple is not registered
+        self.fused = fused
+        self.compute_dtype = compute_dtype
+
+    def forward(
+        self, input_ids: Tensor, labels: Tensor, tapped: TappedOutputs
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``input_ids`` is unused (the frozen model already ran on it); the signature is the
+        trained side's common one."""
+        ln_f, wte = self._frozen_head
+        # The frozen model ran under inference mode; its states become the filters' inputs, which
+        # autograd must save, so they are copied into ordinary tensors (K x [B, T, d], cheap).
+        states = [h.clone() for h in tapped.layer_states]
+        per_layer = [
+            cross_entropy(
+                to_compute_dtype(ln_f(g), self.compute_dtype), wte.weight, labels, fused=self.fused
+            )
+            for g in self.filters(states)
+        ]
+        loss = torch.stack(per_layer).sum()
+        parts = {f"loss_filter_{k}": ce.detach() for k, ce in enumerate(per_layer)}
+        return loss, parts
+
+
+def ted_kl_distance(
+    student: GPT, *, temperature: float, fused: bool, compute_dtype: torch.dtype | None
+):
+    """TED-KL's per-layer term: KD between the student filters' predictions through the student's
+    head and the teacher filters' (final-normed) predictions through the teacher's head."""
+
+    def distance(states: list[Tensor], tapped: TappedOutputs, labels: Tensor) -> list[Tensor]:
+        return [
+            kl_distillation(
+                to_compute_dtype(student.ln_f(g_s), compute_dtype),
+                student.lm_head_weight,
+                to_compute_dtype(g_t, compute_dtype),
+                tapped.head_weight,
+                labels,
+                temperature=temperature,
+                fused=fused,
+            )
+            for g_s, g_t in zip(states, tapped.layer_states, strict=True)
+        ]
+
+    return distance
+
+
+@register
+class TED(Method):
+    name = "ted"
+    section = ("filters", FilterConfig)
+    normed_filter_outputs = False  # TED-KL compares the filters' outputs through the heads
+
+    def plan(self, config) -> list[PlannedPhase]:
+        phases = [PlannedPhase("stage1_teacher", "filters")]
+        if config.filters.student_filters == "train":
+            phases.append(PlannedPhase("stage1_student", "filters"))
+        return [*phases, PlannedPhase("stage2", "distill")]
+
+    def build(self, phase: str, ctx: MethodContext) -> Phase:
+        if phase == "stage1_teacher":
+            return self._stage1(phase, ctx, ctx.teacher, ctx.layer_map)
+        if phase == "stage1_student":
+            frozen = copy.deepcopy(ctx.student).to(ctx.device)
+            return self._stage1(phase, ctx, frozen, list(range(frozen.config.n_layer)))
+        return self._stage2(ctx)
+
+    # ------------------------------------------------------------------------- filters
+    @staticmethod
+    def _new_filters(
+        ctx: MethodContext, model: GPT, layers: list[int], *, random_init: bool = False
+    ) -> FilterBank:
+        return build_filters(
+            ctx.config.filters.arch,
+            model,
+            layers,
+            d_out=ctx.teacher.config.n_embd,
+            mlp_hidden=ctx.config.filters.mlp_hidden,
+            random_init=random_init,
+        ).to(ctx.device, dtype=torch.float32)  # block filters copy a bf16 teacher's blocks
+
+    @staticmethod
+    def _record(ctx: MethodContext) -> FilterRecord:
+        return FilterRecord(
+            teacher=ctx.config.teacher.pretrained or "random",
+            teacher_fingerprint=weights_fingerprint(ctx.teacher),
+            layer_map=ctx.layer_map,
+            arch=ctx.config.filters.arch,
+            d_in=ctx.teacher.config.n_embd,
+            d_out=ctx.teacher.config.n_embd,
+        )
+
+    def _filters_dir(self, ctx: MethodContext) -> Path:
+        return Path(ctx.config.filters_from or ctx.run_dir / "filters")
+
+    def _teacher_filters(self, ctx: MethodContext) -> FilterBank:
+        """The Stage I teacher filters from disk, checked against this teacher and map."""
+        filters_dir = self._filters_dir(ctx)
+        bank = self._new_filters(ctx, ctx.teacher, ctx.layer_map)
+        check_record(read_record(filters_dir), self._record(ctx), filters_dir)
+        load_filters_into(bank, filters_dir, "teacher")
+        return bank.to(dtype=storage_dtype(ctx.compute_dtype))
+
+    def _student_filters(self, ctx: MethodContext, teacher_filters: FilterBank) -> FilterBank:
+        layers = list(range(ctx.student.config.n_layer))
+        mode = ctx.config.filters.student_filters
+        d_s, d_t = ctx.student.config.n_embd, ctx.teacher.config.n_embd
+        if mode in ("copy", "train") and d_s != d_t:
+            raise ModelMismatchError(
+                f"filters.student_filters={mode} needs the student width ({d_s}) to equal the "
+                f"teacher's ({d_t})"
+            )
+        if mode == "copy":
+            # Filter k is the teacher's filter at M(k), structure and all (a block filter keeps
+            # the teacher's later blocks, however many the student has after block k).
+            bank = copy.deepcopy(teacher_filters)
+            bank.layers = layers
+        else:
+            bank = self._new_filters(ctx, ctx.student, layers, random_init=mode == "random")
+            if mode == "train":
+                load_filters_into(bank, self._filters_dir(ctx), "student")
+        return bank.float().requires_grad_(True).train()
+
+    # ------------------------------------------------------------------------- phases
+    def _stage1(self, name: str, ctx: MethodContext, model: GPT, layers: list[int]) -> Phase:
+        bank = self._new_filters(ctx, model, layers)
+        vocab, d = model.config.vocab_size, model.config.n_embd
+
+        def flops_per_token(seq_len: int) -> float:
+            trunk = forward_flops(model.blocks[: max(layers) + 1], seq_len)
+            trained = forward_flops(bank, seq_len) + len(layers) * head_flops(vocab, d)
+            return FROZEN * trunk + TRAINED * trained
+
+        def finish() -> None:
+            banks = {"teacher": bank}
+            if name == "stage1_student":
+                banks = {"teacher": self._teacher_filters(ctx), "student": bank}
+            states = {role: gathered_state(b) for role, b in banks.items()}
+            if ctx.is_main:
+                save_filters(states, self._record(ctx), ctx.run_dir / "filters")
+                ctx.log(f"filters saved to {ctx.run_dir / 'filters'}")
+            barrier()
+
+        return Phase(
+            name,
+            FilterTraining(
+                bank, model, fused=ctx.config.fused_loss, compute_dtype=ctx.compute_dtype
+            ),
+            FrozenTapper(model, layers),
+            ctx.config.stage1,
+            flops_per_token,
+            finish=finish,
+        )
+
+    def _stage2(self, ctx: MethodContext) -> Phase:
+        config, teacher, student = ctx.config, ctx.teacher, ctx.student
+        teacher_filters = self._teacher_filters(ctx)
+        student_filters = self._student_filters(ctx, teacher_filters)
+        teacher_filters.eval().requires_grad_(False)
+        alpha_kd = config.distill.alpha_kd
+        if self.normed_filter_outputs:
+            transform = lambda states: [teacher.ln_f(g) for g in teacher_filters(states)]  # noqa: E731
+            distance = ted_kl_distance(
+                student,
+                temperature=config.distill.temperature,
+                fused=config.fused_loss,
+                compute_dtype=ctx.compute_dtype,
+            )
+        else:
+            transform = teacher_filters
+            distance = lambda states, tapped, _: mse_distance(states, tapped.layer_states)  # noqa: E731
+        tapper = FrozenTapper(
+            teacher,
+            ctx.layer_map,
+            transform=transform,
+            with_top=alpha_kd > 0 or self.normed_filter_outputs,
+        )
+        trained = StudentDistillation(
+            student.to(ctx.device),
+            layer_modules=student_filters,
+            layer_distance=distance,
+            alpha_kd=alpha_kd,
+            alpha_layer=config.distill.alpha_layer,
+            temperature=config.distill.temperature,
+            layer_reduction=config.distill.layer_reduction,
+            fused=config.fused_loss,
+            compute_dtype=ctx.compute_dtype,
+        )
+        vocab, d_s, d_t = student.config.vocab_size, student.config.n_embd, teacher.config.n_embd
+        k = len(student_filters.filters)
+
+        def flops_per_token(seq_len: int) -> float:
+            frozen = forward_flops(teacher_filters, seq_len)
+            trained_ = forward_flops(student_filters, seq_len)
+            if self.normed_filter_outputs:
+                frozen += k * head_flops(vocab, d_t)
+                trained_ += k * head_flops(vocab, d_s)
+            return (
+                student_flops(ctx, seq_len, kd=alpha_kd > 0) + FROZEN * frozen + TRAINED * trained_
+            )
+
+        return Phase(
+            "stage2",
+            trained,
+            tapper,
+            config.stage2,
+            flops_per_token,
+            evaluated=student,
+            finish=lambda: ctx.export(student, "student_hf"),
+        )
+
+
+@register
+class TEDKL(TED):
+    name = "ted_kl"
+    normed_filter_outputs = True

@@ -1,0 +1,64 @@
+"""FLOPs per token of the pieces of a training step, and the peak rates MFU is measured against.
+
+Counting convention (as in the PaLM/Megatron papers): a matmul of [m, k] x [k, n] costs 2mkn FLOPs;
+a backward pass costs twice its forward (gradients for inputs and weights). Per token, counted from
+the modules themselves so that any shape (pruned heads, other FFN widths, any filter) is right:
+
+- every ``nn.Linear`` d_in -> d_out: 2 d_in d_out (a GPT-2 block's four projections: 24 d^2);
+- every attention layer of inner width h (heads x head_dim) over context T: 4 T h / 2 (scores and
+  values; half of the causal T x T square is masked);
+- an LM head application: 2 V d.
+
+Frozen modules run forward only (1x); trained modules forward and backward (3x). Heads whose
+weight is frozen still need the input gradient; they are counted as a full backward for
+simplicity (a 2x-vs-3x difference on one matmul). Each method sums these in its own FLOP count
+(``ted_scale.distill.methods``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ted_scale.model.gpt import CausalSelfAttention
+
+# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity), from the vendors' data sheets.
+PEAK_BF16_TFLOPS = {
+    "A100": 312.0,
+    "H100 SXM": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200": 989.0,
+}
+
+TRAINED = 3.0  # forward + backward
+FROZEN = 1.0  # forward only
+
+
+def forward_flops(module: nn.Module, seq_len: int) -> float:
+    """Forward FLOPs per token of every linear layer and attention inside ``module``."""
+    total = 0.0
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            total += 2 * m.in_features * m.out_features
+        elif isinstance(m, CausalSelfAttention):
+            total += 2 * seq_len * m.qkv_proj.out_features // 3
+    return total
+
+
+def head_flops(vocab: int, width: int) -> float:
+    """Forward FLOPs per token of one LM-head application [d] -> [V]."""
+    return 2 * vocab * width
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    """The bf16 peak of this GPU, or None (CPU, or a GPU not in the table: no MFU reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if all(word in name for word in key.split()):
+            return PEAK_BF16_TFLOPS[key]
+    if "H100" in name:
+        return PEAK_BF16_TFLOPS["H100 SXM"]
+    return None

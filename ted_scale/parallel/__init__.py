@@ -1,0 +1,9 @@
+"""Process groups and the parallel dimensions of a run (data-parallel x tensor-parallel).
+
+Every component that talks to other ranks asks ``ParallelDims`` which group to use; nothing else
+in the project reads the global rank as a data-parallel rank (docs/design.md, "Parallelism").
+"""
+
+from ted_scale.parallel.dims import ParallelDims, barrier, gathered_state, init_parallel
+
+__all__ = ["ParallelDims", "barrier", "gathered_state", "init_parallel"]

@@ -1,0 +1,176 @@
+"""Process-group set-up that works under ``deepspeed``, ``torchrun`` and plain ``python``, and the
+parallel dimensions built on it.
+
+World = data-parallel (DP) x tensor-parallel (TP). Ranks of one TP group hold shards of the same
+weights and read the same micro-batch; DP groups read disjoint data and average gradients. The
+groups come from a PyTorch ``DeviceMesh`` of shape (dp, tp); DeepSpeed is handed them through its
+``mpu`` interface, so ZeRO partitions and all-reduces over the DP group only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+class ParallelLayoutError(ValueError):
+    """The world size and the requested parallel sizes do not fit together."""
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """This rank's place in the (dp, tp) layout and the groups to talk over.
+
+    ``dp_group`` / ``tp_group`` are process groups (the default group stands for the whole world
+    when a dimension spans it).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    dp_size: int
+    tp_size: int
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh.get_local_rank("dp")
+
+    @property
+    def tp_rank(self) -> int:
+        return self.mesh.get_local_rank("tp")
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("dp")
+
+    @property
+    def tp_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("tp")
+
+    @property
+    def layout(self) -> str:
+        """The layout as the run's first line states it, e.g. ``dp=2 tp=1``."""
+        return f"dp={self.dp_size} tp={self.tp_size}"
+
+    def deepspeed_mpu(self) -> _DeepSpeedMPU:
+        """The groups in the interface DeepSpeed's ``initialize(mpu=...)`` reads."""
+        return _DeepSpeedMPU(self)
+
+
+class _DeepSpeedMPU:
+    """Megatron's ``mpu`` interface over ``ParallelDims`` (model parallel = tensor parallel)."""
+
+    def __init__(self, dims: ParallelDims) -> None:
+        self.dims = dims
+
+    def get_data_parallel_group(self) -> dist.ProcessGroup:
+        return self.dims.dp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.dims.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.dims.dp_size
+
+    def get_model_parallel_group(self) -> dist.ProcessGroup:
+        return self.dims.tp_group
+
+    def get_model_parallel_rank(self) -> int:
+        return self.dims.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.dims.tp_size
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_parallel(tensor_parallel_size: int = 1) -> ParallelDims:
+    """Join (or, for a plain ``python`` run, create) the process group, pick this rank's device,
+    and lay the world out as (dp, tp).
+
+    CPU ranks use gloo and DeepSpeed's CPU accelerator; GPU ranks use NCCL, one GPU per local rank.
+    """
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        # Must be set before deepspeed is imported: its accelerator is chosen once, at import.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:  # plain `python`: a group of one
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+        )
+    import deepspeed
+
+    # DeepSpeed still calls collectives that this torch deprecates; the warning is not actionable.
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+    )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    world_size = dist.get_world_size()
+    if world_size % tensor_parallel_size:
+        raise ParallelLayoutError(
+            f"parallel.tensor_parallel_size={tensor_parallel_size} does not divide the world size "
+            f"{world_size}: world = data-parallel x tensor-parallel"
+        )
+    dp_size = world_size // tensor_parallel_size
+    mesh = init_device_mesh(
+        device.type, (dp_size, tensor_parallel_size), mesh_dim_names=("dp", "tp")
+    )
+    return ParallelDims(
+        rank=dist.get_rank(),
+        world_size=world_size,
+        local_rank=local_rank,
+        device=device,
+        dp_size=dp_size,
+        tp_size=tensor_parallel_size,
+        mesh=mesh,
+    )
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gathered_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A full CPU state dict of ``module``, gathering ZeRO-3 partitions when there are any."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    context = contextlib.nullcontext()
+    if params:
+        import deepspeed
+
+        context = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    with context:
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}

@@ -1,0 +1,240 @@
+"""The method seam: registry, config sections, the recorded losses of every built-in method, a
+plug-in method trained and resumed through the launch script, and the benchmark timing the very
+step the trainer runs.
+
+This file is also the plug-in itself: ``launch/pretrain_ted.py --plugin tests/test_methods.py``
+imports it, which registers ``toy_match`` below.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from ted_scale.config import ConfigError, load_run_config
+from ted_scale.config.parse import bounded
+from ted_scale.distill.methods import (
+    Method,
+    MethodContext,
+    Phase,
+    PlannedPhase,
+    get_method,
+    method_names,
+    register,
+)
+from ted_scale.distill.modules import FrozenTapper, TappedOutputs
+from ted_scale.distill.objectives import cross_entropy, mse
+
+REPO = Path(__file__).resolve().parents[1]
+RECORD = Path(__file__).parent / "data" / "method_losses.json"
+
+
+# ---------------------------------------------------------------------------- a plug-in method
+@dataclass
+class ToyMatchConfig:
+    weight: float = bounded(0.5, ge=0.0)
+    """Weight of the match term."""
+
+
+class ToyMatch(nn.Module):
+    """CE + weight * MSE(student's final-normed top state, the teacher's)."""
+
+    def __init__(self, student, weight: float) -> None:
+        super().__init__()
+        self.student = student
+        self.weight = weight
+
+    def forward(
+        self, input_ids: Tensor, labels: Tensor, tapped: TappedOutputs
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        top = self.student(input_ids, return_logits=False).last_hidden
+        ce = cross_entropy(top, self.student.lm_head_weight, labels, fused=True)
+        match = mse(top, tapped.last_hidden)
+        return ce + self.weight * match, {"loss_ce": ce.detach(), "loss_match": match.detach()}
+
+
+@register
+class ToyMatchMethod(Method):
+    name = "toy_match"
+    section = ("toy_match", ToyMatchConfig)
+
+    def plan(self, config) -> list[PlannedPhase]:
+        return [PlannedPhase("match", "distill")]
+
+    def build(self, phase: str, ctx: MethodContext) -> Phase:
+        student = ctx.student.to(ctx.device)
+        return Phase(
+            phase,
+            ToyMatch(student, ctx.config.toy_match.weight),
+            FrozenTapper(ctx.teacher, [], with_top=True),
+            ctx.config.stage2,
+            lambda seq_len: 1.0,
+            evaluated=student,
+            finish=lambda: ctx.export(student, "student_hf"),
+        )
+
+
+# ---------------------------------------------------------------------------- registry and config
+def test_registry_lists_the_builtin_methods_and_names_the_closest_for_a_typo():
+    assert {"lm", "kd", "lwd", "ted", "ted_kl"} <= set(method_names())
+    with pytest.raises(ConfigError, match=r"got 'tedkl'; did you mean 'ted_kl'\?"):
+        load_run_config(REPO / "configs" / "tiny-ted.yaml", ["method=tedkl"])
+
+
+def test_a_methods_section_is_validated_under_its_own_key():
+    config = load_run_config(
+        REPO / "configs" / "tiny-kd.yaml", ["method=toy_match", "toy_match.weight=0.25"]
+    )
+    assert config.toy_match.weight == 0.25 and config.filters.arch == "linear"
+    with pytest.raises(ConfigError, match=r"toy_match\.weight must be >= 0\.0"):
+        load_run_config(REPO / "configs" / "tiny-kd.yaml", ["toy_match.weight=-1"])
+    with pytest.raises(ConfigError, match=r"unknown key 'toy_match\.wieght'; did you mean"):
+        load_run_config(REPO / "configs" / "tiny-kd.yaml", ["toy_match.wieght=1"])
+
+
+def test_stage_lm_is_short_for_method_lm():
+    config = load_run_config(REPO / "configs" / "tiny-kd.yaml", ["stage=lm"])
+    assert (config.method, config.stage) == ("lm", "all")
+
+
+def test_the_trainer_names_no_method_and_no_phase():
+    """Methods own their names: ted_scale/train/ must run any of them without knowing which."""
+    names = "|".join(re.escape(n) for n in ["ted", "ted_kl", "kd", "lwd", "lm"])
+    phases = "stage1_teacher|stage1_student|stage2"
+    pattern = re.compile(rf"[\"']({names}|{phases})[\"']")
+    offenders = [
+        f"{path.name}:{i}: {line.strip()}"
+        for path in sorted((REPO / "ted_scale" / "train").glob("*.py"))
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not offenders, offenders
+
+
+# ---------------------------------------------------------------------------- recorded losses
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+RUNS = {
+    "stage1": ("tiny-ted.yaml", ["stage=filters"]),
+    "ted": ("tiny-ted.yaml", ["stage=all"]),
+    "ted_kl": ("tiny-ted.yaml", ["stage=all", "method=ted_kl"]),
+    "kd": ("tiny-kd.yaml", []),
+    "lwd": ("tiny-lwd.yaml", []),
+    "lm": ("tiny-kd.yaml", ["method=lm", "student.init=random"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_fixed_seed_five_steps_reproduce_the_recorded_losses_bit_for_bit(name, tiny_data, tmp_path):
+    """Losses recorded with the trainer as it was before methods became plug-ins (1 thread, fp32):
+    the restructuring must not change a single bit."""
+    from ted_scale.train.trainer import Trainer
+
+    config_file, extra = RUNS[name]
+    common = ["log.interval=1", "checkpoint.interval=0", "stage1.max_steps=5"]
+    common += ["stage2.max_steps=5", f"data.path={tiny_data}", f"output_dir={tmp_path}"]
+    Trainer(load_run_config(REPO / "configs" / config_file, [*common, *extra])).run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    got = [
+        [r["stage"], r["step"], {k: v for k, v in r.items() if k.startswith("loss")}]
+        for r in records
+        if "loss" in r
+    ]
+    assert got == json.loads(RECORD.read_text())[name]
+
+
+# ---------------------------------------------------------------------------- the plug-in end to end
+def _launch(env, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, str(REPO / "launch" / "pretrain_ted.py"), "--plugin", __file__, *args]
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_a_plugin_method_trains_and_resumes_after_kill_through_the_launch_script(
+    tiny_data, tmp_path, subprocess_env
+):
+    common = [
+        "--config", str(REPO / "configs" / "tiny-kd.yaml"), f"data.path={tiny_data}",
+        "method=toy_match", "toy_match.weight=0.3", "log.interval=1", "stage2.max_steps=8",
+        "checkpoint.interval=3", "checkpoint.keep=10",
+    ]  # fmt: skip
+    full = _launch(subprocess_env, *common, f"output_dir={tmp_path / 'full'}")
+    out = full.communicate(timeout=300)[0]
+    assert full.returncode == 0, out
+
+    run = tmp_path / "killed"
+    proc = _launch(subprocess_env, *common, f"output_dir={run}")
+    marker = run / "checkpoints" / "match-step00000003" / "complete"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the run ended before its step-3 checkpoint"
+    resumed = _launch(subprocess_env, *common, f"output_dir={run}", "resume=auto")
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out
+    assert "match: resumed from" in out
+
+    def losses(path: Path) -> list:
+        lines = (path / "metrics.jsonl").read_text().splitlines()
+        return [(r["stage"], r["step"], r["loss"], r["loss_match"]) for r in map(json.loads, lines)]
+
+    assert losses(run) == losses(tmp_path / "full")
+    assert [s for s, *_ in losses(run)] == ["match"] * 8
+    assert (run / "student_hf" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------- benchmark == trainer
+@pytest.mark.parametrize("method", method_names())
+def test_the_benchmark_times_the_trainers_step(method, tiny_data, tmp_path):
+    """For every registered method: the benchmark's step and the trainer's step, built from the
+    same configuration, give the same loss parts on the same batch."""
+    from ted_scale.bench.throughput import Preset, ProjectStep, Spec, bench_config
+    from ted_scale.config.parse import dump_yaml
+    from ted_scale.train.trainer import Trainer
+
+    preset = Preset(4, 2, 64, 4, 512, 64, 2, warmup=0, steps=1, instrumented=0)
+    spec = Spec(method, True, False, "sdpa")
+    bench = ProjectStep(preset, spec, torch.device("cpu"), tmp_path / "bench", seed=7)
+
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(dump_yaml(bench_config(preset, spec, seed=7)))
+    trainer = Trainer(
+        load_run_config(config_file, [f"data.path={tiny_data}", f"output_dir={tmp_path / 'run'}"])
+    )
+    for planned in trainer.plan:
+        phase = trainer.method.build(planned.name, trainer.ctx)
+        if planned.kind == "filters":
+            phase.finish()
+    torch.manual_seed(0)
+    ids = torch.randint(0, 512, (2, 64))
+    labels = torch.randint(0, 512, (2, 64))
+
+    def parts(trained: nn.Module, tapper) -> dict[str, float]:
+        trained.eval()  # dropout off: the same function on both sides
+        tapped = tapper(ids) if tapper is not None else None
+        return {k: float(v) for k, v in trained(ids, labels, tapped)[1].items()}
+
+    expected = parts(phase.trained, phase.tapper)
+    assert parts(bench.module, bench.tapper) == expected
+    assert bench.flops_per_token(64) == phase.flops_per_token(64)
+    if get_method(method).needs_teacher:
+        assert "loss_kd" in expected  # the paper's alpha_kd: every distillation method taps the top
