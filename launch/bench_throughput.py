@@ -60,6 +60,16 @@ def main() -> None:
         "once per kernel with HF's equivalent",
     )  # fmt: skip
     parser.add_argument(
+        "--compile", type=_choices(("on", "off")), default=None,
+        help="torch.compile the student and teacher blocks (model.compile) "
+        "[default: on,off on CUDA, off on CPU]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--engine", action="store_true",
+        help="also run the trainer's own loop (DeepSpeed engine, loader on a synthetic shard set) "
+        "per configuration and report its tokens/s beside the plain step's",
+    )  # fmt: skip
+    parser.add_argument(
         "--threads", type=int, default=None,
         help="torch CPU threads per configuration [default: torch's, one per core]; on a machine "
         "shared with other work, fewer threads than cores keep OpenMP from stalling",
@@ -72,12 +82,13 @@ def main() -> None:
 
     cuda = torch.cuda.is_available()
     prefetch = args.prefetch or (["on", "off"] if cuda else ["off"])
+    compile_ = args.compile or (["on", "off"] if cuda else ["off"])
     specs = configurations(
         args.methods, [f == "on" for f in args.fused], [p == "on" for p in prefetch],
-        args.attention, cuda=cuda,
+        args.attention, cuda=cuda, compile=[c == "on" for c in compile_],
     )  # fmt: skip
     print(f"{len(specs)} configurations, each in a fresh process:")
-    result = run_suite(args.preset, specs, threads=args.threads)
+    result = run_suite(args.preset, specs, threads=args.threads, engine=args.engine)
     print()
     print(format_table(result))
     out = args.out or Path("runs/bench") / f"throughput-{args.preset}.json"

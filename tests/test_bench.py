@@ -83,3 +83,24 @@ def test_isolated_worker_process():
 def test_prefetch_configuration_on_cuda():
     row = run_configuration("micro", Spec("ted", True, True, "auto"), isolate=True)
     assert row["prefetch"] and row["tokens_per_s"] > 0 and row["dtype"] == "bf16"
+
+
+def test_engine_mode_runs_the_trainers_loop_beside_the_plain_step():
+    row = run_configuration(
+        "micro", Spec("kd", True, False, "sdpa"), isolate=False, threads=1, engine=True
+    )
+    assert row["engine_tokens_per_s"] > 0 and len(row["engine_tokens_per_s_all"]) >= 1
+    assert row["engine_vs_plain"] == pytest.approx(
+        row["engine_tokens_per_s"] / row["tokens_per_s"]
+    )
+    table = format_table({**_one_row_result(row)})
+    assert "trainer loop (--engine)" in table
+
+
+def _one_row_result(row: dict) -> dict:
+    return {"preset": "micro", "device": "cpu", "torch_threads": 1, "rows": [row], "targets": {}}
+
+
+def test_compile_switch_names_its_configurations():
+    specs = configurations(["lm"], [True], [False], ["sdpa"], cuda=False, compile=[True, False])
+    assert [s.name for s in specs] == ["lm/fused/compiled/sdpa", "lm/fused/sdpa", "reference/sdpa"]

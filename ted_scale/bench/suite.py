@@ -19,19 +19,27 @@ from dataclasses import asdict
 
 import torch
 
-from ted_scale.bench.throughput import PIECES, PRESETS, Spec, measure
+from ted_scale.bench.throughput import PIECES, PRESETS, Spec, measure_row
+from ted_scale.distill.methods import get_method
 
 SPEEDUP_TARGET, MEMORY_TARGET, FLOP_RATIO_TOLERANCE, MFU_TARGET = 1.3, 0.6, 0.10, 0.45
 
 
 def configurations(
-    methods: list[str], fused: list[bool], prefetch: list[bool], attention: list[str], *, cuda: bool
+    methods: list[str],
+    fused: list[bool],
+    prefetch: list[bool],
+    attention: list[str],
+    *,
+    cuda: bool,
+    compile: list[bool] = (False,),
 ) -> list[Spec]:
     """Every combination, deduplicated (prefetch needs CUDA and a teacher), then one reference
     per attention kernel."""
     specs: list[Spec] = []
-    for method, f, p, a in itertools.product(methods, fused, prefetch, attention):
-        spec = Spec(method, f, p and cuda and method != "lm", a)
+    for method, f, p, a, c in itertools.product(methods, fused, prefetch, attention, compile):
+        has_teacher = get_method(method).needs_teacher
+        spec = Spec(method, f, p and cuda and has_teacher, a, compile=c)
         if spec not in specs:
             specs.append(spec)
     specs += [Spec("ted", False, False, a, impl="reference") for a in attention]
@@ -39,9 +47,10 @@ def configurations(
 
 
 def run_configuration(
-    preset: str, spec: Spec, *, isolate: bool, threads: int | None = None
+    preset: str, spec: Spec, *, isolate: bool, threads: int | None = None, engine: bool = False
 ) -> dict:
     """One row: in a fresh interpreter (``isolate``, clean peak memory) or in this process.
+    ``engine`` adds the trainer's own loop on the same configuration (``measure_row``).
 
     threads: torch's CPU threads (None: torch's default, one per core). On a machine shared with
     other work, fewer threads than cores avoid OpenMP threads spinning against each other.
@@ -50,7 +59,7 @@ def run_configuration(
         before = torch.get_num_threads()
         torch.set_num_threads(threads or before)
         try:
-            return measure(PRESETS[preset], spec)
+            return measure_row(PRESETS[preset], spec, engine)
         finally:
             torch.set_num_threads(before)
     cmd = [
@@ -59,6 +68,8 @@ def run_configuration(
     ]  # fmt: skip
     if threads:
         cmd += ["--threads", str(threads)]
+    if engine:
+        cmd.append("--engine")
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{spec.name} failed:\n{done.stderr[-4000:]}")
@@ -66,12 +77,20 @@ def run_configuration(
 
 
 def run_suite(
-    preset: str, specs: list[Spec], *, isolate: bool = True, threads: int | None = None, log=print
+    preset: str,
+    specs: list[Spec],
+    *,
+    isolate: bool = True,
+    threads: int | None = None,
+    engine: bool = False,
+    log=print,
 ) -> dict:
     """Measure every configuration; return the rows with their ratios and the targets."""
     rows = []
     for spec in specs:
-        rows.append(run_configuration(preset, spec, isolate=isolate, threads=threads))
+        rows.append(
+            run_configuration(preset, spec, isolate=isolate, threads=threads, engine=engine)
+        )
         r = rows[-1]
         log(f"  {r['name']:32s} {r['tokens_per_s']:10.0f} tok/s  {r['peak_mib']:8.0f} MiB")
     add_ratios(rows)
@@ -89,7 +108,7 @@ def add_ratios(rows: list[dict]) -> None:
     """``vs_reference`` (speed and memory over the reference with the same attention kernel) and
     ``vs_student`` (step time and FLOPs over the student-alone step with the same switches)."""
     refs = {r["attention"]: r for r in rows if r["impl"] == "reference"}
-    lms = {(r["fused"], r["attention"]): r for r in rows if r["method"] == "lm"}
+    lms = {(r["fused"], r["attention"], r["compile"]): r for r in rows if r["method"] == "lm"}
     for r in rows:
         ref = refs.get(r["attention"])
         if ref is not None:
@@ -97,7 +116,7 @@ def add_ratios(rows: list[dict]) -> None:
                 "speed": r["tokens_per_s"] / ref["tokens_per_s"],
                 "memory": r["peak_mib"] / ref["peak_mib"],
             }
-        lm = lms.get((r["fused"], r["attention"]))
+        lm = lms.get((r["fused"], r["attention"], r["compile"]))
         if lm is not None and r["impl"] != "reference":
             time_ratio = r["step_ms"] / lm["step_ms"]
             flop_ratio = r["flops_per_token"] / lm["flops_per_token"]
@@ -166,6 +185,15 @@ def format_table(result: dict) -> str:
     for r in rows:
         split = r["time_split_ms"]
         lines.append(f"{r['name']:32s} " + " ".join(f"{split[p]:15.1f}" for p in PIECES))
+    engine_rows = [r for r in rows if "engine_tokens_per_s" in r]
+    if engine_rows:
+        lines.append("")
+        lines.append(f"{'trainer loop (--engine)':32s} {'tok/s':>9s} {'plain':>9s} {'ratio':>6s}")
+        for r in engine_rows:
+            lines.append(
+                f"{r['name']:32s} {r['engine_tokens_per_s']:9.0f} {r['tokens_per_s']:9.0f} "
+                f"{r['engine_vs_plain']:6.3f}"
+            )
     lines.append("")
     for name, t in result["targets"].items():
         detail = {k: v for k, v in t.items() if k not in ("verdict", "want", "config")}

@@ -49,8 +49,13 @@ from ted_scale.config.schema import OptimConfig, RunConfig
 from ted_scale.distill.layer_map import paper_layer_map
 from ted_scale.distill.methods import MethodContext, get_method, run_config_class
 from ted_scale.flops import device_peak_tflops
-from ted_scale.precision import autocast, compute_dtype
-from ted_scale.train.models import build_student, build_teacher, teacher_layer_map
+from ted_scale.precision import autocast, compute_dtype, storage_dtype
+from ted_scale.train.models import (
+    build_student,
+    build_teacher,
+    compile_models,
+    teacher_layer_map,
+)
 from ted_scale.train.optim import build_optimizer
 from ted_scale.train.prefetch import TeacherFeed
 from ted_scale.train.trainer import seed_everything
@@ -98,6 +103,7 @@ class Spec:
     prefetch: bool
     attention: str
     impl: str = "ted_scale"
+    compile: bool = False
 
     @property
     def name(self) -> str:
@@ -105,7 +111,8 @@ class Spec:
             return f"reference/{self.attention}"
         loss = "fused" if self.fused else "unfused"
         prefetch = "/prefetch" if self.prefetch else ""
-        return f"{self.method}/{loss}{prefetch}/{self.attention}"
+        compiled = "/compiled" if self.compile else ""
+        return f"{self.method}/{loss}{prefetch}{compiled}/{self.attention}"
 
 
 def bench_config(preset: Preset, spec: Spec, *, seed: int = 0) -> RunConfig:
@@ -127,7 +134,7 @@ def bench_config(preset: Preset, spec: Spec, *, seed: int = 0) -> RunConfig:
             "n_layer": preset.student_layers,
             "dropout": DROPOUT,
         },
-        "model": {"attention": spec.attention},
+        "model": {"attention": spec.attention, "compile": spec.compile},
         "distill": {"alpha_kd": ALPHA_KD, "alpha_layer": ALPHA_LAYER, "temperature": TEMPERATURE},
         "batch": {"global_batch_size": preset.micro_batch, "micro_batch_size": preset.micro_batch},
     }
@@ -161,7 +168,8 @@ class ProjectStep:
         teacher = build_teacher(config) if method.needs_teacher else None
         student = build_student(config, teacher)
         if teacher is not None:
-            teacher.to(device, dtype=self.compute_dtype or torch.float32)
+            teacher.to(device, dtype=storage_dtype(self.compute_dtype))
+        compile_models(config, device, teacher, student)
         ctx = MethodContext(
             config=config,
             teacher=teacher,
@@ -333,11 +341,23 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
     parser.add_argument("--spec", required=True, help="a Spec as a JSON object")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--engine", action="store_true", help="also time the trainer's loop")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    row = measure(PRESETS[args.preset], Spec(**json.loads(args.spec)))
-    print(json.dumps(row))
+    print(json.dumps(measure_row(PRESETS[args.preset], Spec(**json.loads(args.spec)), args.engine)))
+
+
+def measure_row(preset: Preset, spec: Spec, engine: bool) -> dict:
+    """``measure``, and with ``engine`` the trainer's own loop on the same configuration
+    (``ted_scale.bench.engine``) beside it: ``engine_tokens_per_s`` and ``engine_vs_plain``."""
+    row = measure(preset, spec)
+    if engine and spec.impl != "reference":
+        from ted_scale.bench.engine import measure_engine
+
+        row.update(measure_engine(preset, spec))
+        row["engine_vs_plain"] = row["engine_tokens_per_s"] / row["tokens_per_s"]
+    return row
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ class ModelConfig:
     attention: Literal["auto", "sdpa", "flash", "eager"] = "auto"
     activation_checkpointing: bool = False
     """Recompute each student block in the backward pass (less memory, ~30 % more compute)."""
+    compile: bool | None = None
+    """``torch.compile`` each block of the student and the frozen teacher; null: on with CUDA,
+    off on a CPU (where inductor's compile time rarely pays for itself)."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ from ted_scale.data import DataError
 from ted_scale.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from ted_scale.distill.layer_map import resolve_layer_map
 from ted_scale.model import GPT, ModelMismatchError, load_pretrained, student_from_teacher
+from ted_scale.model.compile import compile_blocks, compile_enabled
 
 
 def folder_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerFast | None:
@@ -73,6 +74,14 @@ def build_student(config: RunConfig, teacher: GPT | None) -> GPT:
         arch = replace(shape, n_layer=config.student.n_layer, dropout=config.student.dropout)
         student = GPT(arch, **kwargs)
     return student.train().requires_grad_(True)
+
+
+def compile_models(config: RunConfig, device: torch.device, *models: GPT | None) -> None:
+    """Compile the blocks of every model given when ``model.compile`` says so on ``device``."""
+    if compile_enabled(config.model.compile, device):
+        for model in models:
+            if model is not None:
+                compile_blocks(model)
 
 
 def _set_dropout(model: GPT, p: float) -> None:

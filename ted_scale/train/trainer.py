@@ -33,6 +33,7 @@ from ted_scale.train.models import (
     build_student,
     build_teacher,
     check_compatible,
+    compile_models,
     run_tokenizer,
     teacher_layer_map,
 )
@@ -70,6 +71,7 @@ class Trainer:
         self.compute_dtype = compute_dtype(config.precision, self.device)
         if self.teacher is not None:
             self.teacher.to(self.device, dtype=storage_dtype(self.compute_dtype))
+        compile_models(config, self.device, self.teacher, self.student)
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints",
             [p.name for p in self.plan],

@@ -1,0 +1,88 @@
+"""The trainer's own loop, timed: what ``launch/pretrain_ted.py`` achieves per step.
+
+``bench_throughput.py --engine`` runs, beside each configuration's plain step, the real trainer on
+the same configuration (``bench_config``): DeepSpeed engine at the config's ZeRO stage, the
+memory-mapped loader on a prepared synthetic shard set, the trainer's metrics, one rank. The
+synthetic set is made by ``prepare`` itself from random words over a word-level tokenizer with the
+preset's vocabulary, so every piece of the data path is the real one. Tokens/s is that of the
+fastest logged step after the warm-up, as the plain step's is its fastest step.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from ted_scale.bench.throughput import Preset, Spec, bench_config
+from ted_scale.config.parse import dump_yaml
+from ted_scale.data.prepare import PrepareConfig, prepare
+from ted_scale.data.tokenizer import EOS_TOKEN
+
+WORDS_PER_DOC = 200
+
+
+def synthetic_dataset(vocab: int, seq_len: int, num_tokens: int, out: Path, *, seed: int = 0) -> Path:
+    """A prepared data directory of about ``num_tokens`` random tokens, ``vocab`` ids in all."""
+    words = [EOS_TOKEN] + [f"w{i}" for i in range(vocab - 1)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=EOS_TOKEN))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer_dir = out / "word_tokenizer"
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN).save_pretrained(
+        tokenizer_dir
+    )
+    rng = random.Random(seed)
+    corpus = out / "corpus.txt"
+    n_docs = max(2, num_tokens // WORDS_PER_DOC + 1)
+    corpus.write_text(
+        "\n".join(
+            " ".join(words[rng.randrange(1, vocab)] for _ in range(WORDS_PER_DOC))
+            for _ in range(n_docs)
+        )
+        + "\n"
+    )
+    data = out / "data"
+    prepare(
+        PrepareConfig(
+            input=str(corpus),
+            out=str(data),
+            tokenizer=str(tokenizer_dir),
+            seq_len=seq_len,
+            test_fraction=0.05,
+            num_workers=0,
+            one_doc_per_line=True,
+            verbose=False,
+        )
+    )
+    return data
+
+
+def measure_engine(preset: Preset, spec: Spec, *, zero_stage: int = 1) -> dict:
+    """Run the trainer on ``spec``'s configuration for the preset's warm-up + timed steps."""
+    from ted_scale.config import load_run_config
+    from ted_scale.train.trainer import Trainer
+
+    steps = preset.warmup + preset.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tokens = (steps + 4) * preset.micro_batch * (preset.seq_len + 1) * 2
+        data = synthetic_dataset(preset.vocab, preset.seq_len, tokens, tmp)
+        config_file = tmp / "config.yaml"
+        config_file.write_text(dump_yaml(bench_config(preset, spec)))
+        run = tmp / "run"
+        overrides = [
+            f"data.path={data}", f"output_dir={run}", f"teacher_prefetch={'on' if spec.prefetch else 'off'}",
+            f"deepspeed.zero_stage={zero_stage}", "stage1.max_steps=1", f"stage2.max_steps={steps}",
+            "log.interval=1", "log.tensorboard=false", "log.progress_bar=false",
+            "checkpoint.interval=0", "eval.interval=0",
+        ]  # fmt: skip
+        trainer = Trainer(load_run_config(config_file, overrides))
+        trainer.run()
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last_phase = trainer.plan[-1].name
+    rates = [r["tokens_per_s"] for r in records if r["stage"] == last_phase][preset.warmup :]
+    return {"engine_tokens_per_s": max(rates), "engine_tokens_per_s_all": rates, "zero_stage": zero_stage}
