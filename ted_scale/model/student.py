@@ -24,10 +24,15 @@ def student_from_teacher(
         raise ValueError(
             f"teacher blocks {list(teacher_blocks)} must be non-empty and in 0..{n - 1}"
         )
+    tc = teacher.config
     config = replace(
-        teacher.config,
+        tc,
         n_layer=len(teacher_blocks),
-        dropout=teacher.config.dropout if dropout is None else dropout,
+        dropout=tc.dropout if dropout is None else dropout,
+        # A pruned teacher's blocks keep their own shapes.
+        n_head_per_layer=tc.n_head_per_layer and [tc.n_head_per_layer[b] for b in teacher_blocks],
+        n_inner_per_layer=tc.n_inner_per_layer
+        and [tc.n_inner_per_layer[b] for b in teacher_blocks],
     )
     student = GPT(config, activation_checkpointing=teacher.activation_checkpointing)
     student.set_attention(teacher.blocks[0].attn.implementation)
