@@ -81,6 +81,18 @@ class GPTConfig:
         return tuple(self.n_inner_per_layer or [width] * self.n_layer)
 
 
+# Per-block tensors whose width follows the block's heads or FFN neurons:
+# name suffix -> (dimension, equal groups along it ([q; k; v] is 3), "heads" | "inner").
+SHAPED_TENSORS = {
+    "attn.qkv_proj.weight": (0, 3, "heads"),
+    "attn.qkv_proj.bias": (0, 3, "heads"),
+    "attn.out_proj.weight": (1, 1, "heads"),
+    "mlp.up_proj.weight": (0, 1, "inner"),
+    "mlp.up_proj.bias": (0, 1, "inner"),
+    "mlp.down_proj.weight": (1, 1, "inner"),
+}
+
+
 @dataclass(frozen=True)
 class Subnet:
     """A prefix sub-network: block l keeps its first ``heads[l]`` heads and ``inner[l]`` neurons.

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
-from ted_scale.model.gpt import GPT, GPTConfig
+from ted_scale.model.gpt import GPT, SHAPED_TENSORS, GPTConfig
 
 # (our suffix, HF suffix, transposed) for the tensors of one block.
 _BLOCK_TENSORS = (
@@ -49,18 +49,6 @@ _TOP_TENSORS = (
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint tensor does not fit the model it is loaded into."""
-
-
-# Per-block tensors whose width follows the block's heads or FFN neurons, in our layout:
-# suffix -> (dimension, groups along it, "heads" | "inner"). qkv rows are [q; k; v], 3 groups.
-_SHAPED_TENSORS = {
-    "attn.qkv_proj.weight": (0, 3, "heads"),
-    "attn.qkv_proj.bias": (0, 3, "heads"),
-    "attn.out_proj.weight": (1, 1, "heads"),
-    "mlp.up_proj.weight": (0, 1, "inner"),
-    "mlp.up_proj.bias": (0, 1, "inner"),
-    "mlp.down_proj.weight": (1, 1, "inner"),
-}
 
 
 def config_from_hf(hf_config: GPT2Config, *, dropout: float | None = None) -> GPTConfig:
@@ -151,8 +139,8 @@ def state_dict_from_hf(hf_state: dict[str, Tensor], config: GPTConfig) -> dict[s
         for mine, theirs, transposed in _BLOCK_TENSORS:
             name = f"transformer.h.{i}.{theirs}"
             t = hf_state[name].t() if transposed else hf_state[name]
-            if mine in _SHAPED_TENSORS:
-                dim, groups, kind = _SHAPED_TENSORS[mine]
+            if mine in SHAPED_TENSORS:
+                dim, groups, kind = SHAPED_TENSORS[mine]
                 t = _fit(t, dim, groups, widths[kind], name=name)
             ours[f"blocks.{i}.{mine}"] = t
     return ours
@@ -168,8 +156,8 @@ def state_dict_to_hf(state: dict[str, Tensor], config: GPTConfig) -> dict[str, T
         for mine, hf, transposed in _BLOCK_TENSORS:
             name = f"blocks.{i}.{mine}"
             t = state[name]
-            if mine in _SHAPED_TENSORS:
-                dim, groups, kind = _SHAPED_TENSORS[mine]
+            if mine in SHAPED_TENSORS:
+                dim, groups, kind = SHAPED_TENSORS[mine]
                 t = _fit(t, dim, groups, widths[kind], name=name)
             theirs[f"transformer.h.{i}.{hf}"] = t.t() if transposed else t
     return {k: v.contiguous() for k, v in theirs.items()}
