@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ted_scale.data.loader import IGNORE_INDEX
 from ted_scale.kernels import fused_linear_cross_entropy
 from ted_scale.model.gpt import GPT, SHAPED_TENSORS, GPTConfig, Subnet
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -57,9 +56,10 @@ def mask_importance(
     """
     param = next(model.parameters())
     config = model.config
+    dtype = torch.promote_types(param.dtype, torch.float32)  # bf16 models still sum in fp32
 
     def ones(n: int) -> Tensor:
-        return torch.ones(n, dtype=param.dtype, device=param.device, requires_grad=True)
+        return torch.ones(n, dtype=dtype, device=param.device, requires_grad=True)
 
     head_mask = [ones(h) for h in config.layer_heads]
     neuron_mask = [ones(n) for n in config.layer_inner]
