@@ -104,10 +104,6 @@ class Subnet:
     heads: tuple[int, ...]
     inner: tuple[int, ...]
 
-    @classmethod
-    def full(cls, config: GPTConfig) -> Subnet:
-        return cls(config.layer_heads, config.layer_inner)
-
     def check(self, config: GPTConfig) -> None:
         """Raise ValueError unless this fits inside a model of shape ``config``."""
         for name, have, limit in (
@@ -171,6 +167,12 @@ class PrefixLinear(nn.Linear):
         return F.linear(x, w.reshape(-1, self.in_features), b.reshape(-1))
 
 
+def _project(proj: PrefixLinear, x: Tensor, keep: int | None) -> Tensor:
+    """``proj(x)``, on a prefix of ``keep`` features when given. The whole-model path calls the
+    module with ``x`` alone, as an engine that replaces projections by name expects."""
+    return proj(x) if keep is None else proj(x, keep)
+
+
 class CausalSelfAttention(nn.Module):
     """Causal self-attention with ``n_head`` heads of width ``head_dim`` (``n_head`` may be 0)."""
 
@@ -191,19 +193,23 @@ class CausalSelfAttention(nn.Module):
         """x [B, T, C] -> [B, T, C], using the first ``n_active`` heads (default all);
         ``head_mask`` [n_head] scales each head's output (its first ``n_active`` entries used)."""
         B, T, _ = x.shape
-        h = self.n_head if n_active is None else n_active
-        width = h * self.head_dim
-        if h == 0:  # no heads: the sublayer adds only its output bias
-            return self.resid_dropout(self.out_proj(x.new_zeros(B, T, 0), 0))
-        q, k, v = self.qkv_proj(x, width).split(width, dim=2)
+        keep = None if n_active in (None, self.n_head) else n_active * self.head_dim
+        if (self.n_head if keep is None else n_active) == 0:
+            # No heads: the sublayer adds only its output bias.
+            return self.resid_dropout(_project(self.out_proj, x.new_zeros(B, T, 0), keep))
+        qkv = _project(self.qkv_proj, x, keep)
+        # The heads present, read off the output: a projection sharded by heads into
+        # [q_r; k_r; v_r] per rank (tensor parallelism) gives this rank's heads.
+        h = qkv.shape[-1] // (3 * self.head_dim)
+        q, k, v = qkv.split(h * self.head_dim, dim=2)
         # [B, T, h * head_dim] -> [B, h, T, head_dim]
         q, k, v = (t.view(B, T, h, self.head_dim).transpose(1, 2) for t in (q, k, v))
         dropout_p = self.attn_dropout if self.training else 0.0
         y = causal_attention(q, k, v, dropout_p=dropout_p, implementation=self.implementation)
         if head_mask is not None:
             y = y * head_mask[:h].view(1, h, 1, 1).to(y.dtype)
-        y = y.transpose(1, 2).reshape(B, T, width)
-        return self.resid_dropout(self.out_proj(y, width))
+        y = y.transpose(1, 2).reshape(B, T, h * self.head_dim)
+        return self.resid_dropout(_project(self.out_proj, y, keep))
 
 
 class MLP(nn.Module):
@@ -221,10 +227,11 @@ class MLP(nn.Module):
     ) -> Tensor:
         """x [B, T, C] -> [B, T, C], using the first ``n_active`` neurons (default all);
         ``neuron_mask`` [n_inner] scales each neuron's activation (first ``n_active`` used)."""
-        a = F.gelu(self.up_proj(x, n_active), approximate="tanh")
+        keep = None if n_active == self.n_inner else n_active
+        a = F.gelu(_project(self.up_proj, x, keep), approximate="tanh")
         if neuron_mask is not None:
             a = a * neuron_mask[: a.shape[-1]].to(a.dtype)
-        return self.dropout(self.down_proj(a, n_active))
+        return self.dropout(_project(self.down_proj, a, keep))
 
 
 class Block(nn.Module):
@@ -243,6 +250,7 @@ class Block(nn.Module):
         head_mask: Tensor | None = None,
         neuron_mask: Tensor | None = None,
     ) -> Tensor:
+        """x [B, T, C] -> [B, T, C]; the optional arguments as in ``GPT.forward``, for this block."""
         x = x + self.attn(self.ln_1(x), n_heads, head_mask)
         return x + self.mlp(self.ln_2(x), n_inner, neuron_mask)
 
