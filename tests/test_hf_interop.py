@@ -1,3 +1,4 @@
+import json
 from dataclasses import replace
 
 import pytest
@@ -80,3 +81,13 @@ def test_padding_that_is_not_zero_is_refused_on_import(tiny_config):
         hf.transformer.h[1].mlp.c_fc.weight[:, 100] = 1.0  # a padded neuron of block 1
     with pytest.raises(CheckpointMismatchError, match=r"transformer\.h\.1\.mlp\.c_fc\.weight"):
         from_hf_model(hf)
+
+
+def test_a_malformed_per_layer_shape_in_config_json_names_the_folder_and_key(tiny_config, tmp_path):
+    export_hf(pruned_gpt(tiny_config), tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    config = json.loads(path.read_text())
+    config["n_head_per_layer"] = [4, 1, 0]
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"hf: config: n_head_per_layer has 3 entries"):
+        load_pretrained(tmp_path / "hf")

@@ -193,7 +193,10 @@ def from_hf_model(
     With ``config`` given, the checkpoint must fit that shape; a mismatch names the tensor and
     both shapes.
     """
-    hf_config = config_from_hf(hf_model.config)
+    try:
+        hf_config = config_from_hf(hf_model.config)
+    except ValueError as e:
+        raise ValueError(f"{source}: config: {e}") from e
     model = GPT(config or hf_config, **model_kwargs)
     state = {k: v.float() for k, v in hf_model.state_dict().items()}
     try:
