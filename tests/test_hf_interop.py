@@ -1,9 +1,12 @@
+import json
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
 from ted_scale.data.tokenizer import train_bpe_tokenizer
-from ted_scale.model import GPT, GPTConfig, export_hf, load_pretrained
+from ted_scale.model import GPT, GPTConfig, export_hf, from_hf_model, load_pretrained, to_hf_model
 from ted_scale.model.hf import CheckpointMismatchError, config_to_hf
 
 
@@ -38,3 +41,53 @@ def test_loading_a_checkpoint_of_another_shape_names_the_tensor_and_both_shapes(
     wider = GPTConfig(vocab_size=101, n_positions=64, n_embd=64, n_layer=4, n_head=4)
     with pytest.raises(CheckpointMismatchError, match=r"'wte.weight'.*\(101, 48\).*\(101, 64\)"):
         load_pretrained(tmp_path / "hf", config=wider)
+
+
+def pruned_gpt(tiny_config) -> GPT:
+    """A model whose blocks differ: 4, 1, 0 and 3 heads, FFN widths 192, 7, 50 and 0."""
+    torch.manual_seed(0)
+    config = replace(tiny_config, n_head_per_layer=[4, 1, 0, 3], n_inner_per_layer=[192, 7, 50, 0])
+    model = GPT(config).eval()
+    with torch.no_grad():  # nonzero biases, so a zero-width sublayer still adds something
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def test_a_non_uniform_model_round_trips_through_hf_and_loads_with_auto_model(
+    tiny_config, tmp_path
+):
+    model = pruned_gpt(tiny_config)
+    export_hf(model, tmp_path / "hf")
+    loaded = load_pretrained(tmp_path / "hf").eval()
+    assert loaded.config.layer_heads == (4, 1, 0, 3)
+    assert loaded.config.layer_inner == (192, 7, 50, 0)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    # HF holds the padded shape: every block n_head heads and the widest FFN.
+    assert auto.transformer.h[2].attn.c_attn.weight.shape == (48, 3 * 48)
+    assert auto.transformer.h[3].mlp.c_fc.weight.shape == (48, 192)
+    ids = torch.randint(0, 101, (2, 64))
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(auto(ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_padding_that_is_not_zero_is_refused_on_import(tiny_config):
+    hf = to_hf_model(pruned_gpt(tiny_config))
+    with torch.no_grad():
+        hf.transformer.h[1].mlp.c_fc.weight[:, 100] = 1.0  # a padded neuron of block 1
+    with pytest.raises(CheckpointMismatchError, match=r"transformer\.h\.1\.mlp\.c_fc\.weight"):
+        from_hf_model(hf)
+
+
+def test_a_malformed_per_layer_shape_in_config_json_names_the_folder_and_key(tiny_config, tmp_path):
+    export_hf(pruned_gpt(tiny_config), tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    config = json.loads(path.read_text())
+    config["n_head_per_layer"] = [4, 1, 0]
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"hf: config: n_head_per_layer has 3 entries"):
+        load_pretrained(tmp_path / "hf")

@@ -33,3 +33,18 @@ def test_student_rejects_blocks_outside_the_teacher(blocks):
     teacher = GPT(GPTConfig(vocab_size=50, n_positions=16, n_embd=32, n_layer=4, n_head=2))
     with pytest.raises(ValueError, match="teacher blocks"):
         student_from_teacher(teacher, blocks)
+
+
+def test_a_student_of_a_pruned_teacher_keeps_each_copied_blocks_shape():
+    config = GPTConfig(
+        vocab_size=50,
+        n_positions=16,
+        n_embd=32,
+        n_layer=4,
+        n_head=2,
+        n_head_per_layer=[2, 1, 0, 2],
+        n_inner_per_layer=[128, 9, 3, 0],
+    )
+    student = student_from_teacher(GPT(config), [1, 3])
+    assert student.config.layer_heads == (1, 2)
+    assert student.config.layer_inner == (9, 0)

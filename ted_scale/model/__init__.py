@@ -1,6 +1,6 @@
-"""The GPT-2 model, its Hugging Face interop and student initialisation."""
+"""The GPT-2 model, its Hugging Face interop, student initialisation and structured pruning."""
 
-from ted_scale.model.gpt import GPT, GPTConfig, GPTOutput
+from ted_scale.model.gpt import GPT, GPTConfig, GPTOutput, Subnet
 from ted_scale.model.hf import export_hf, from_hf_model, load_pretrained, to_hf_model
 from ted_scale.model.student import ModelMismatchError, student_from_teacher
 
@@ -9,6 +9,7 @@ __all__ = [
     "GPTConfig",
     "GPTOutput",
     "ModelMismatchError",
+    "Subnet",
     "export_hf",
     "from_hf_model",
     "load_pretrained",

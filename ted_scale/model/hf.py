@@ -2,6 +2,14 @@
 
 HF's GPT-2 stores its projections as ``Conv1D`` (weight [in, out]); ours are ``nn.Linear``
 (weight [out, in]), so those weights are transposed on the way in and out.
+
+A model of non-uniform shape (docs/design.md "Models of non-uniform shape") is exported zero-padded
+to ``n_head`` heads and the widest FFN in every block: a padded head has zero q, k, v and output
+weights and a padded neuron zero weights and bias, so it adds exactly nothing (gelu(0) = 0) and HF
+computes the same logits. transformers 5 has no head pruning (``pruned_heads`` is gone) and GPT-2
+has one ``n_inner`` for all blocks, so padding is the exact form HF loads. The true shape is kept in
+the config as ``n_head_per_layer`` / ``n_inner_per_layer`` (keys HF ignores), and import trims the
+padding back, refusing if a padded entry is not zero.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import torch
 from torch import Tensor
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
-from ted_scale.model.gpt import GPT, GPTConfig
+from ted_scale.model.gpt import GPT, SHAPED_TENSORS, GPTConfig
 
 # (our suffix, HF suffix, transposed) for the tensors of one block.
 _BLOCK_TENSORS = (
@@ -44,10 +52,13 @@ class CheckpointMismatchError(ValueError):
 
 
 def config_from_hf(hf_config: GPT2Config, *, dropout: float | None = None) -> GPTConfig:
-    if hf_config.n_inner not in (None, 4 * hf_config.n_embd):
-        raise ValueError(f"n_inner={hf_config.n_inner} is not supported (only 4 * n_embd)")
     if hf_config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"activation {hf_config.activation_function!r} is not tanh-GELU")
+    if getattr(hf_config, "pruned_heads", None):
+        raise ValueError(
+            "pruned_heads is not supported (transformers 5 removed head pruning); "
+            "ted_scale exports pruned models zero-padded with n_head_per_layer instead"
+        )
     return GPTConfig(
         vocab_size=hf_config.vocab_size,
         n_positions=hf_config.n_positions,
@@ -56,17 +67,27 @@ def config_from_hf(hf_config: GPT2Config, *, dropout: float | None = None) -> GP
         n_head=hf_config.n_head,
         dropout=hf_config.resid_pdrop if dropout is None else dropout,
         layer_norm_epsilon=hf_config.layer_norm_epsilon,
+        n_inner=hf_config.n_inner,
+        n_head_per_layer=getattr(hf_config, "n_head_per_layer", None),
+        n_inner_per_layer=getattr(hf_config, "n_inner_per_layer", None),
     )
 
 
 def config_to_hf(config: GPTConfig, *, eos_token_id: int | None = None) -> GPT2Config:
     eos = config.vocab_size - 1 if eos_token_id is None else eos_token_id
+    inner = _hf_inner(config)
+    shape = {}  # the true shape of a non-uniform model; HF itself sees the padded one
+    if any(h != config.n_head for h in config.layer_heads):
+        shape["n_head_per_layer"] = list(config.layer_heads)
+    if any(n != inner for n in config.layer_inner):
+        shape["n_inner_per_layer"] = list(config.layer_inner)
     return GPT2Config(
         vocab_size=config.vocab_size,
         n_positions=config.n_positions,
         n_embd=config.n_embd,
         n_layer=config.n_layer,
         n_head=config.n_head,
+        n_inner=None if inner == 4 * config.n_embd else inner,
         resid_pdrop=config.dropout,
         embd_pdrop=config.dropout,
         attn_pdrop=config.dropout,
@@ -75,26 +96,69 @@ def config_to_hf(config: GPTConfig, *, eos_token_id: int | None = None) -> GPT2C
         bos_token_id=eos,
         eos_token_id=eos,
         tie_word_embeddings=True,
+        **shape,
     )
 
 
-def state_dict_from_hf(hf_state: dict[str, Tensor], n_layer: int) -> dict[str, Tensor]:
-    """HF GPT-2 tensors -> this model's names and layouts."""
+def _hf_inner(config: GPTConfig) -> int:
+    """HF's one FFN width: the widest block's."""
+    return max(config.layer_inner, default=4 * config.n_embd)
+
+
+def _fit(t: Tensor, dim: int, groups: int, size: int, *, name: str) -> Tensor:
+    """Zero-pad or trim each of the ``groups`` equal parts of ``t`` along ``dim`` to ``size``;
+    trimming refuses to drop a nonzero entry (that would change the model's outputs)."""
+    parts = t.unflatten(dim, (groups, t.shape[dim] // groups))
+    have = parts.shape[dim + 1]
+    if size < have:
+        if parts.narrow(dim + 1, size, have - size).any():
+            raise CheckpointMismatchError(
+                f"tensor {name!r}: entries beyond width {size} (the block's declared shape) are "
+                "not zero, so they are not padding"
+            )
+        parts = parts.narrow(dim + 1, 0, size)
+    elif size > have:
+        pad = list(parts.shape)
+        pad[dim + 1] = size - have
+        parts = torch.cat([parts, parts.new_zeros(pad)], dim=dim + 1)
+    return parts.flatten(dim, dim + 1)
+
+
+def _block_widths(config: GPTConfig, i: int, *, padded: bool) -> dict[str, int]:
+    """Widths of block ``i``'s head- and neuron-shaped tensors, true or padded to HF's shape."""
+    heads = config.n_head if padded else config.layer_heads[i]
+    inner = _hf_inner(config) if padded else config.layer_inner[i]
+    return {"heads": heads * config.head_dim, "inner": inner}
+
+
+def state_dict_from_hf(hf_state: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
+    """HF GPT-2 tensors -> this model's names and layouts, padding trimmed to ``config``'s shape."""
     ours = {mine: hf_state[theirs] for mine, theirs in _TOP_TENSORS}
-    for i in range(n_layer):
+    for i in range(config.n_layer):
+        widths = _block_widths(config, i, padded=False)
         for mine, theirs, transposed in _BLOCK_TENSORS:
-            t = hf_state[f"transformer.h.{i}.{theirs}"]
-            ours[f"blocks.{i}.{mine}"] = t.t() if transposed else t
+            name = f"transformer.h.{i}.{theirs}"
+            t = hf_state[name].t() if transposed else hf_state[name]
+            if mine in SHAPED_TENSORS:
+                dim, groups, kind = SHAPED_TENSORS[mine]
+                t = _fit(t, dim, groups, widths[kind], name=name)
+            ours[f"blocks.{i}.{mine}"] = t
     return ours
 
 
-def state_dict_to_hf(state: dict[str, Tensor], n_layer: int) -> dict[str, Tensor]:
-    """This model's tensors -> HF GPT-2 names and layouts (the tied ``lm_head`` included)."""
+def state_dict_to_hf(state: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
+    """This model's tensors -> HF GPT-2 names and layouts (the tied ``lm_head`` included), each
+    block zero-padded to ``n_head`` heads and the widest FFN."""
     theirs = {hf: state[mine] for mine, hf in _TOP_TENSORS}
     theirs["lm_head.weight"] = state["wte.weight"]
-    for i in range(n_layer):
+    for i in range(config.n_layer):
+        widths = _block_widths(config, i, padded=True)
         for mine, hf, transposed in _BLOCK_TENSORS:
-            t = state[f"blocks.{i}.{mine}"]
+            name = f"blocks.{i}.{mine}"
+            t = state[name]
+            if mine in SHAPED_TENSORS:
+                dim, groups, kind = SHAPED_TENSORS[mine]
+                t = _fit(t, dim, groups, widths[kind], name=name)
             theirs[f"transformer.h.{i}.{hf}"] = t.t() if transposed else t
     return {k: v.contiguous() for k, v in theirs.items()}
 
@@ -129,11 +193,18 @@ def from_hf_model(
     With ``config`` given, the checkpoint must fit that shape; a mismatch names the tensor and
     both shapes.
     """
-    hf_config = config_from_hf(hf_model.config)
+    try:
+        hf_config = config_from_hf(hf_model.config)
+    except ValueError as e:
+        raise ValueError(f"{source}: config: {e}") from e
     model = GPT(config or hf_config, **model_kwargs)
     state = {k: v.float() for k, v in hf_model.state_dict().items()}
+    try:
+        ours = state_dict_from_hf(state, hf_config)
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"{source}: {e}") from e
     with torch.no_grad():
-        load_state_checked(model, state_dict_from_hf(state, hf_config.n_layer), source=source)
+        load_state_checked(model, ours, source=source)
     return model
 
 
@@ -149,7 +220,7 @@ def to_hf_model(model: GPT, *, eos_token_id: int | None = None) -> GPT2LMHeadMod
     """A ``GPT2LMHeadModel`` with this model's weights (fp32, CPU)."""
     hf_model = GPT2LMHeadModel(config_to_hf(model.config, eos_token_id=eos_token_id))
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    hf_model.load_state_dict(state_dict_to_hf(state, model.config.n_layer))
+    hf_model.load_state_dict(state_dict_to_hf(state, model.config))
     hf_model.tie_weights()
     return hf_model
 

@@ -28,10 +28,17 @@ def student_from_teacher(
         raise ValueError(
             f"teacher blocks {list(teacher_blocks)} must be non-empty and in 0..{n - 1}"
         )
+
+    def mapped(per_layer: list[int] | None) -> list[int] | None:
+        """A pruned teacher's per-block shapes, for the copied blocks."""
+        return None if per_layer is None else [per_layer[b] for b in teacher_blocks]
+
     config = replace(
         teacher.config,
         n_layer=len(teacher_blocks),
         dropout=teacher.config.dropout if dropout is None else dropout,
+        n_head_per_layer=mapped(teacher.config.n_head_per_layer),
+        n_inner_per_layer=mapped(teacher.config.n_inner_per_layer),
     )
     student = GPT(config, activation_checkpointing=teacher.activation_checkpointing)
     student.set_attention(teacher.blocks[0].attn.implementation)
