@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +36,32 @@ def subprocess_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in dist_keys}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return env
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread: two threads fight over two shared cores, and one is faster for the
+    tiny models of the tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def kill_at():
+    """``kill_at(proc, marker)``: wait until ``marker`` exists (or ``proc`` ends), then SIGKILL
+    ``proc``; fails when the marker never appeared."""
+
+    def kill(proc: subprocess.Popen, marker: Path, timeout: float = 300) -> None:
+        deadline = time.time() + timeout
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert marker.exists(), f"the run ended before writing {marker}"
+
+    return kill
 
 
 @pytest.fixture

@@ -90,9 +90,7 @@ def test_engine_mode_runs_the_trainers_loop_beside_the_plain_step():
         "micro", Spec("kd", True, False, "sdpa"), isolate=False, threads=1, engine=True
     )
     assert row["engine_tokens_per_s"] > 0 and len(row["engine_tokens_per_s_all"]) >= 1
-    assert row["engine_vs_plain"] == pytest.approx(
-        row["engine_tokens_per_s"] / row["tokens_per_s"]
-    )
+    assert row["engine_vs_plain"] == pytest.approx(row["engine_tokens_per_s"] / row["tokens_per_s"])
     table = format_table({**_one_row_result(row)})
     assert "trainer loop (--engine)" in table
 

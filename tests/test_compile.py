@@ -17,16 +17,9 @@ from ted_scale.config import load_run_config
 from ted_scale.distill.methods import method_names
 from ted_scale.train.trainer import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
 PRESET = Preset(4, 2, 64, 4, 512, 64, 2, warmup=0, steps=1, instrumented=0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _loss_and_grads(method: str, compiled: bool, run_dir: Path):

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from ted_scale.distill.methods import (
 from ted_scale.distill.modules import FrozenTapper, TappedOutputs
 from ted_scale.distill.objectives import cross_entropy, mse
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
 RECORD = Path(__file__).parent / "data" / "method_losses.json"
 
@@ -121,12 +120,6 @@ def test_the_trainer_names_no_method_and_no_phase():
 
 
 # ---------------------------------------------------------------------------- recorded losses
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 RUNS = {
@@ -167,7 +160,7 @@ def _launch(env, *args: str) -> subprocess.Popen:
 
 
 def test_a_plugin_method_trains_and_resumes_after_kill_through_the_launch_script(
-    tiny_data, tmp_path, subprocess_env
+    tiny_data, tmp_path, subprocess_env, kill_at
 ):
     common = [
         "--config", str(REPO / "configs" / "tiny-kd.yaml"), f"data.path={tiny_data}",
@@ -179,14 +172,10 @@ def test_a_plugin_method_trains_and_resumes_after_kill_through_the_launch_script
     assert full.returncode == 0, out
 
     run = tmp_path / "killed"
-    proc = _launch(subprocess_env, *common, f"output_dir={run}")
-    marker = run / "checkpoints" / "match-step00000003" / "complete"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists(), "the run ended before its step-3 checkpoint"
+    kill_at(
+        _launch(subprocess_env, *common, f"output_dir={run}"),
+        run / "checkpoints" / "match-step00000003" / "complete",
+    )
     resumed = _launch(subprocess_env, *common, f"output_dir={run}", "resume=auto")
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, out

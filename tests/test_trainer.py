@@ -4,10 +4,8 @@ errors. Multi-rank runs are in test_trainer_distributed.py."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from ted_scale.distill.filter_io import FilterMismatchError
 from ted_scale.model import ModelMismatchError
 from ted_scale.train.trainer import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -39,15 +38,6 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two threads fight over two shared cores; one is faster for these tiny models.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_stage1_trains_only_filters_and_stage2_leaves_teacher_and_its_filters_untouched(
@@ -209,7 +199,7 @@ def _run_cli(env: dict[str, str], *args: str) -> subprocess.Popen:
 
 
 def test_killed_run_resumes_from_its_checkpoint_with_the_uninterrupted_losses(
-    tiny_data, tmp_path, subprocess_env
+    tiny_data, tmp_path, subprocess_env, kill_at
 ):
     """The killed and resumed run also looks the teacher one micro-batch ahead (prefetch on),
     the uninterrupted one does not: the resumed loader must not count the prefetched batch."""
@@ -230,14 +220,10 @@ def test_killed_run_resumes_from_its_checkpoint_with_the_uninterrupted_losses(
     assert full.wait(timeout=300) == 0, full.stdout.read()
 
     run = tmp_path / "killed"
-    proc = _run_cli(subprocess_env, *common, f"output_dir={run}", "teacher_prefetch=on")
-    marker = run / "checkpoints" / "stage2-step00000003" / "complete"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists(), "the run ended before its step-3 checkpoint"
+    kill_at(
+        _run_cli(subprocess_env, *common, f"output_dir={run}", "teacher_prefetch=on"),
+        run / "checkpoints" / "stage2-step00000003" / "complete",
+    )
     resumed = _run_cli(
         subprocess_env, *common, f"output_dir={run}", "resume=auto", "teacher_prefetch=on"
     )

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ted_scale.config.schema import ScheduleConfig
-from ted_scale.distill.modules import FrozenTapper
+from ted_scale.distill.filters import FilterBank
+from ted_scale.distill.modules import FrozenTapper, LayerDistance, StudentDistillation
 from ted_scale.flops import FROZEN, TRAINED, forward_flops, head_flops
 from ted_scale.model import GPT, export_hf
 from ted_scale.parallel import barrier, gathered_state
@@ -85,6 +86,46 @@ class MethodContext:
         if self.is_main:
             write(state)
         barrier()
+
+    def distillation(
+        self,
+        *,
+        layer_modules: FilterBank | None = None,
+        layer_distance: LayerDistance | None = None,
+    ) -> StudentDistillation:
+        """The student's objective CE + alpha_kd * KD [+ alpha_layer * D] with the run's shared
+        knobs (``distill:``, ``fused_loss``, the precision)."""
+        distill = self.config.distill
+        return StudentDistillation(
+            self.student.to(self.device),
+            layer_modules=layer_modules,
+            layer_distance=layer_distance,
+            alpha_kd=distill.alpha_kd,
+            alpha_layer=distill.alpha_layer,
+            temperature=distill.temperature,
+            layer_reduction=distill.layer_reduction,
+            fused=self.config.fused_loss,
+            compute_dtype=self.compute_dtype,
+        )
+
+    def student_phase(
+        self,
+        name: str,
+        trained: nn.Module,
+        tapper: FrozenTapper | None,
+        flops_per_token: Callable[[int], float],
+    ) -> Phase:
+        """A phase training the student on the ``stage2`` schedule: evaluated in training,
+        exported as ``student_hf/`` at its end."""
+        return Phase(
+            name,
+            trained,
+            tapper,
+            self.config.stage2,
+            flops_per_token,
+            evaluated=self.student,
+            finish=lambda: self.export(self.student, "student_hf"),
+        )
 
     def export(self, model: GPT, name: str) -> None:
         """Write ``model`` (gathered) with the run's tokenizer as the HF folder ``run_dir/name``."""

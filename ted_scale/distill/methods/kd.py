@@ -10,7 +10,7 @@ from ted_scale.distill.methods.base import (
     PlannedPhase,
     student_flops,
 )
-from ted_scale.distill.modules import FrozenTapper, StudentDistillation
+from ted_scale.distill.modules import FrozenTapper
 
 
 @register
@@ -21,22 +21,10 @@ class KD(Method):
         return [PlannedPhase("stage2", "distill")]
 
     def build(self, phase: str, ctx: MethodContext) -> Phase:
-        distill = ctx.config.distill
-        kd = distill.alpha_kd > 0
-        student = ctx.student.to(ctx.device)
-        trained = StudentDistillation(
-            student,
-            alpha_kd=distill.alpha_kd,
-            temperature=distill.temperature,
-            fused=ctx.config.fused_loss,
-            compute_dtype=ctx.compute_dtype,
-        )
-        return Phase(
+        kd = ctx.config.distill.alpha_kd > 0
+        return ctx.student_phase(
             phase,
-            trained,
+            ctx.distillation(),
             FrozenTapper(ctx.teacher, [], with_top=True) if kd else None,
-            ctx.config.stage2,
             lambda seq_len: student_flops(ctx, seq_len, kd=kd),
-            evaluated=student,
-            finish=lambda: ctx.export(student, "student_hf"),
         )

@@ -18,23 +18,14 @@ class LM(Method):
         return [PlannedPhase("lm", "distill")]
 
     def build(self, phase: str, ctx: MethodContext) -> Phase:
-        model = ctx.student.to(ctx.device)
-        trained = StudentDistillation(
-            model, fused=ctx.config.fused_loss, compute_dtype=ctx.compute_dtype
-        )
-        c = model.config
+        c = ctx.student.config
 
         def flops_per_token(seq_len: int) -> float:
-            return TRAINED * (
-                forward_flops(model.blocks, seq_len) + head_flops(c.vocab_size, c.n_embd)
-            )
+            trunk = forward_flops(ctx.student.blocks, seq_len)
+            return TRAINED * (trunk + head_flops(c.vocab_size, c.n_embd))
 
-        return Phase(
-            phase,
-            trained,
-            None,
-            ctx.config.stage2,
-            flops_per_token,
-            evaluated=model,
-            finish=lambda: ctx.export(model, "student_hf"),
+        # No teacher: distill.alpha_kd is ignored, the objective is plain next-token CE.
+        trained = StudentDistillation(
+            ctx.student.to(ctx.device), fused=ctx.config.fused_loss, compute_dtype=ctx.compute_dtype
         )
+        return ctx.student_phase(phase, trained, None, flops_per_token)

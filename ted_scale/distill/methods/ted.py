@@ -38,7 +38,6 @@ from ted_scale.distill.methods.base import (
 )
 from ted_scale.distill.modules import (
     FrozenTapper,
-    StudentDistillation,
     TappedOutputs,
     to_compute_dtype,
 )
@@ -255,17 +254,7 @@ class TED(Method):
             transform=transform,
             with_top=alpha_kd > 0 or self.normed_filter_outputs,
         )
-        trained = StudentDistillation(
-            student.to(ctx.device),
-            layer_modules=student_filters,
-            layer_distance=distance,
-            alpha_kd=alpha_kd,
-            alpha_layer=config.distill.alpha_layer,
-            temperature=config.distill.temperature,
-            layer_reduction=config.distill.layer_reduction,
-            fused=config.fused_loss,
-            compute_dtype=ctx.compute_dtype,
-        )
+        trained = ctx.distillation(layer_modules=student_filters, layer_distance=distance)
         vocab, d_s, d_t = student.config.vocab_size, student.config.n_embd, teacher.config.n_embd
         k = len(student_filters.filters)
 
@@ -279,15 +268,7 @@ class TED(Method):
                 student_flops(ctx, seq_len, kd=alpha_kd > 0) + FROZEN * frozen + TRAINED * trained_
             )
 
-        return Phase(
-            "stage2",
-            trained,
-            tapper,
-            config.stage2,
-            flops_per_token,
-            evaluated=student,
-            finish=lambda: ctx.export(student, "student_hf"),
-        )
+        return ctx.student_phase("stage2", trained, tapper, flops_per_token)
 
 
 @register
