@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from ted_scale.bench.ceiling import GemmShape, measure_ceiling, step_shapes
 from ted_scale.bench.suite import configurations, format_table, run_configuration, run_suite
 from ted_scale.bench.throughput import PIECES, Spec
 from ted_scale.distill.methods import method_names
@@ -71,6 +72,46 @@ def test_ratios_and_targets(micro_result):
     assert targets["mfu"]["verdict"] == "n/a"
     table = format_table(micro_result)
     assert "reference/sdpa" in table and "ted_vs_reference" in table
+
+
+def test_cpu_mfu_is_achieved_flops_over_the_measured_ceiling(micro_result):
+    ceiling = micro_result["cpu_ceiling"]
+    assert ceiling["threads"] == 1 and ceiling["gflops"] > 0
+    assert {s["name"] for s in ceiling["shapes"]} >= {"lm head", "lm head grad weight", "qkv"}
+    for r in micro_result["rows"]:
+        assert r["cpu_mfu"] == pytest.approx(r["tflops"] * 1e12 / (ceiling["gflops"] * 1e9))
+    table = format_table(micro_result)
+    assert "CPU MFU" in table and f"{micro_result['rows'][0]['cpu_mfu']:.1%}" in table
+
+
+def test_step_shapes_count_every_matmul_of_the_step():
+    n, d, vocab, student, teacher = 64, 32, 100, 2, 4
+    shapes = step_shapes(n, d, vocab, student, teacher)
+    flops = {s.name: s.flops * s.count for s in shapes}
+    # LM head: student and teacher forward, the student's two backward products.
+    assert flops["lm head"] == 2 * (2 * n * d * vocab)
+    assert flops["lm head grad input"] == flops["lm head grad weight"] == 2 * n * d * vocab
+    # Blocks: 12 d^2 weights per layer, forward in both models, backward (x2) in the student.
+    total = sum(flops.values())
+    assert total == 2 * n * (12 * d * d) * (teacher + 3 * student) + 4 * (2 * n * d * vocab)
+
+
+def test_ceiling_weights_each_shape_by_its_flops():
+    shapes = [GemmShape(64, 64, 64, count=10, name="small"), GemmShape(256, 4096, 2048, name="big")]
+    ceiling = measure_ceiling(shapes, seconds_per_shape=0.01, max_flops=2**26)
+    small, big = ceiling.shapes
+    assert small["measured"] == [64, 64, 64]
+    assert big["measured"] == [256, 1024, 1024]  # halved down to MIN_DIM, no further
+    weights = [s.flops * s.count for s in shapes]
+    expected = sum(weights) / sum(
+        w / (r["gflops"] * 1e9) for w, r in zip(weights, ceiling.shapes, strict=True)
+    )
+    assert ceiling.gflops * 1e9 == pytest.approx(expected)
+    assert (
+        min(small["gflops"], big["gflops"]) <= ceiling.gflops <= max(small["gflops"], big["gflops"])
+    )
+    with pytest.raises(ValueError, match="at least one shape"):
+        measure_ceiling([])
 
 
 def test_isolated_worker_process():
