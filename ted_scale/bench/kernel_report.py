@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from ted_scale.bench.losses import PRESETS as LOSS_PRESETS
-from ted_scale.config.parse import load_config
-from ted_scale.config.schema import RunConfig
+from ted_scale.config import load_run_config
 from ted_scale.kernels import default_chunk_size, triton_ops
 from ted_scale.kernels.aot import MAX_SHARED_BYTES, CompiledKernel, compile_launch
+from ted_scale.precision import compute_dtype, storage_dtype
 
 TARGETS = (80, 90)
 H100_BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3
@@ -85,12 +85,12 @@ def gpt2_problem() -> Problem:
 
 def config_problems(pattern: str = TINY_CONFIGS, root: str | Path = ".") -> list[Problem]:
     """One problem per distinct (vocab, width, tokens, dtype) among the run configs matching
-    ``pattern`` under ``root``; bf16 unless a config asks for ``precision: fp32``."""
+    ``pattern`` under ``root``; logits in the dtype the config's precision gives on CUDA."""
     found: dict[tuple, list[str]] = {}
     for path in sorted(Path(root).glob(pattern)):
-        cfg = load_config(RunConfig, path)
+        cfg = load_run_config(path)
         arch = cfg.teacher.arch
-        dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16
+        dtype = storage_dtype(compute_dtype(cfg.precision, torch.device("cuda")))
         key = (arch.vocab_size, arch.n_embd, cfg.batch.micro_batch_size * arch.n_positions, dtype)
         found.setdefault(key, []).append(path.stem)
     if not found:
