@@ -102,7 +102,9 @@ def compile_launch(launch: Launch, capability: int, *, use_cache: bool = True) -
     source = ASTSource(fn, signature, constexprs, attrs)
     env_vars = get_cache_invalidating_env_vars()
     key = hashlib.sha256(get_cache_key(source, backend, options, env_vars).encode()).hexdigest()
-    path = cache_dir() / f"{fn.__name__}-sm{capability}-{key[:32]}.json"
+    path = (
+        cache_dir() / f"{fn.__name__}-sm{capability}-v1-{key[:32]}.json"
+    )  # v1: CompiledKernel fields
     if use_cache and path.exists():
         return CompiledKernel(**json.loads(path.read_text()))
 
