@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from ted_scale.bench.ceiling import GemmShape, measure_ceiling, step_shapes
 from ted_scale.bench.suite import configurations, format_table, run_configuration, run_suite
@@ -94,22 +95,26 @@ def test_step_shapes_count_every_matmul_of_the_step():
     # Blocks: 12 d^2 weights per layer, forward in both models, backward (x2) in the student.
     total = sum(flops.values())
     assert total == 2 * n * (12 * d * d) * (teacher + 3 * student) + 4 * (2 * n * d * vocab)
+    # At GPT-2's vocabulary the LM head's products come in the fused loss's 256-row chunks.
+    by_name = {s.name: s for s in step_shapes(512, 256, 50257, 2, 4)}
+    head = by_name["lm head"]
+    assert (head.m, head.k, head.n, head.count) == (256, 256, 50257, 4)
+    weight_grad = by_name["lm head grad weight"]
+    assert (weight_grad.m, weight_grad.k, weight_grad.n, weight_grad.count) == (50257, 256, 256, 2)
 
 
 def test_ceiling_weights_each_shape_by_its_flops():
-    shapes = [GemmShape(64, 64, 64, count=10, name="small"), GemmShape(256, 4096, 2048, name="big")]
-    ceiling = measure_ceiling(shapes, seconds_per_shape=0.01, max_flops=2**26)
-    small, big = ceiling.shapes
-    assert small["measured"] == [64, 64, 64]
-    assert big["measured"] == [256, 1024, 1024]  # halved down to MIN_DIM, no further
+    shapes = [GemmShape(64, 64, 64, count=10, name="small"), GemmShape(256, 512, 384, name="big")]
+    ceiling = measure_ceiling(shapes, seconds_per_shape=0.01)
+    assert ceiling.threads == torch.get_num_threads()
+    assert [(r["name"], r["m"], r["k"], r["n"]) for r in ceiling.shapes] == [
+        ("small", 64, 64, 64), ("big", 256, 512, 384),
+    ]  # fmt: skip
     weights = [s.flops * s.count for s in shapes]
-    expected = sum(weights) / sum(
-        w / (r["gflops"] * 1e9) for w, r in zip(weights, ceiling.shapes, strict=True)
-    )
+    rates = [r["gflops"] * 1e9 for r in ceiling.shapes]
+    expected = sum(weights) / sum(w / r for w, r in zip(weights, rates, strict=True))
     assert ceiling.gflops * 1e9 == pytest.approx(expected)
-    assert (
-        min(small["gflops"], big["gflops"]) <= ceiling.gflops <= max(small["gflops"], big["gflops"])
-    )
+    assert min(rates) <= ceiling.gflops * 1e9 <= max(rates)
     with pytest.raises(ValueError, match="at least one shape"):
         measure_ceiling([])
 

@@ -2,14 +2,16 @@
 
 The throughput benchmark divides each configuration's achieved FLOP/s by this rate ("CPU MFU"),
 so a figure says how far the whole step is from what the machine's matrix units do on the same
-matrices. Per shape, ``C = A @ B`` runs into a preallocated output (as the fused losses do) for a
-short time budget after one warm-up call; its rate is the fastest call's (the least disturbed on a
-shared machine, as the benchmark's own step times). The overall rate weights each shape by the
-FLOPs the step spends on it: total FLOPs / total time at the per-shape rates.
+matrices. Per shape, ``C = A @ B`` runs into a preallocated output (as the fused losses do) after
+one warm-up call, until a short time budget and ``min_calls`` are spent; its rate is the fastest
+call's (the least disturbed on a shared machine, as the benchmark's own step times). The overall
+rate weights each shape by the FLOPs the step spends on it: total FLOPs / total time at the
+per-shape rates.
 
-A dimension is halved (largest first, not below ``MIN_DIM``) until one call is at most
-``max_flops``: at these sizes the blocked GEMM's rate no longer depends on it, and the whole
-measurement stays well under a few seconds even at the LM head's [B*T, d] x [d, V].
+Shapes are measured as they are, never scaled down: a [256, 256] x [256, 50257] product runs at
+half the rate of the same product cut to 3,141 columns on this kind of machine (its 51 MB operands
+leave the caches), so a cut shape would overstate the ceiling. Each matmul runs ``1 + min_calls``
+times, fewer than one benchmark configuration's warm-up and timed steps run it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-MIN_DIM = 1024
+from ted_scale.kernels import default_chunk_size
 
 
 @dataclass(frozen=True)
@@ -43,54 +45,45 @@ def step_shapes(
 ) -> list[GemmShape]:
     """The matmuls of a distillation step (attention's own batched products aside).
 
-    tokens: B*T rows. The student's LM head and blocks run forward and both backward products
-    (grad input [N, n] x [n, k], grad weight [n, N] x [N, k] for a k -> n projection); the frozen teacher's forward only,
-    its LM head included when ``teacher_layers`` > 0. Block projections: qkv d -> 3d, attention out
-    d -> d, MLP d -> 4d and 4d -> d.
+    tokens: B*T rows; the LM head's products take ``default_chunk_size(vocab)`` rows at a time, as
+    the fused losses run them. Each projection k -> n of the student runs forward ([N, k] x [k, n])
+    and both backward products (grad input [N, n] x [n, k], grad weight [n, N] x [N, k]); the
+    frozen teacher's run forward only, its LM head included when ``teacher_layers`` > 0. Block
+    projections: qkv d -> 3d, attention out d -> d, MLP d -> 4d and 4d -> d.
     """
-    n, d = tokens, width
     shapes: dict[tuple[int, int, int], list] = {}
 
-    def add(m: int, k: int, nn: int, count: int, name: str) -> None:
-        entry = shapes.setdefault((m, k, nn), [0, name])
-        entry[0] += count
+    def linear(rows: int, k: int, n: int, forward: int, backward: int, name: str) -> None:
+        for mkn, count, label in (
+            ((rows, k, n), forward, name),
+            ((rows, n, k), backward, f"{name} grad input"),
+            ((n, rows, k), backward, f"{name} grad weight"),
+        ):
+            if count:
+                shapes.setdefault(mkn, [0, label])[0] += count
 
-    def linear(k: int, out: int, forward: int, backward: int, name: str) -> None:
-        add(n, k, out, forward, name)
-        add(n, out, k, backward, f"{name} grad input")
-        add(out, n, k, backward, f"{name} grad weight")
-
-    linear(d, vocab, 1 + (teacher_layers > 0), 1, "lm head")
-    for k, out, name in ((d, 3 * d, "qkv"), (d, d, "attn out"), (d, 4 * d, "mlp up"),
-                         (4 * d, d, "mlp down")):  # fmt: skip
-        linear(k, out, student_layers + teacher_layers, student_layers, name)
-    # Forward-only uses leave zero-count backward shapes behind: drop them.
-    return [GemmShape(*mkn, count, name) for mkn, (count, name) in shapes.items() if count > 0]
-
-
-def _measured_shape(shape: GemmShape, max_flops: int) -> tuple[int, int, int]:
-    dims = [shape.m, shape.k, shape.n]
-    while 2 * dims[0] * dims[1] * dims[2] > max_flops:
-        i = max(range(3), key=lambda j: dims[j])
-        if dims[i] // 2 < MIN_DIM:
-            break
-        dims[i] //= 2
-    return dims[0], dims[1], dims[2]
+    chunk = min(tokens, default_chunk_size(vocab))
+    chunks = -(-tokens // chunk)
+    linear(chunk, width, vocab, (1 + (teacher_layers > 0)) * chunks, chunks, "lm head")
+    d = width
+    for k, n, name in ((d, 3 * d, "qkv"), (d, d, "attn out"), (d, 4 * d, "mlp up"),
+                       (4 * d, d, "mlp down")):  # fmt: skip
+        linear(tokens, k, n, student_layers + teacher_layers, student_layers, name)
+    return [GemmShape(*mkn, count, name) for mkn, (count, name) in shapes.items()]
 
 
 @dataclass(frozen=True)
 class Ceiling:
     threads: int
     gflops: float  # FLOP-weighted over the shapes
-    shapes: list[dict]  # per shape: m, k, n, count, name, measured [m, k, n], gflops
+    shapes: list[dict]  # per shape: name, m, k, n, count, gflops
 
 
 def measure_ceiling(
     shapes: Sequence[GemmShape],
     *,
     seconds_per_shape: float = 0.05,
-    max_flops: int = 2**29,
-    min_calls: int = 3,
+    min_calls: int = 2,
 ) -> Ceiling:
     """The sustained fp32 GEMM rate (GFLOP/s) per shape and overall, at torch's thread count.
 
@@ -102,7 +95,7 @@ def measure_ceiling(
     g = torch.Generator().manual_seed(0)
     rows, total_flops, total_s = [], 0.0, 0.0
     for shape in shapes:
-        m, k, n = _measured_shape(shape, max_flops)
+        m, k, n = shape.m, shape.k, shape.n
         a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
         out = torch.empty(m, n)
         torch.mm(a, b, out=out)  # warm-up: page in the output, pack buffers
@@ -114,8 +107,8 @@ def measure_ceiling(
             best, spent, calls = min(best, elapsed), spent + elapsed, calls + 1
         rate = 2 * m * k * n / best
         rows.append({
-            "name": shape.name, "m": shape.m, "k": shape.k, "n": shape.n, "count": shape.count,
-            "measured": [m, k, n], "gflops": rate / 1e9,
+            "name": shape.name, "m": m, "k": k, "n": n, "count": shape.count,
+            "gflops": rate / 1e9,
         })  # fmt: skip
         total_flops += shape.flops * shape.count
         total_s += shape.flops * shape.count / rate
