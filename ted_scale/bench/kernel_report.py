@@ -102,7 +102,8 @@ def config_problems(pattern: str = TINY_CONFIGS, root: str | Path = ".") -> list
 
 
 def launches(problem: Problem, dtype: torch.dtype) -> dict[str, triton_ops.Launch]:
-    """Each kernel's GPU launch for one chunk of ``problem`` (meta tensors: nothing allocated)."""
+    """Each kernel's GPU launch for one chunk of ``problem`` (meta tensors: nothing allocated).
+    Temperature and KD weight are fp32 arguments, never specialised on: any value compiles alike."""
     n, vocab = problem.chunk_rows, problem.vocab
 
     def empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
