@@ -5,7 +5,13 @@ import json
 import pytest
 import torch
 
-from ted_scale.bench.ceiling import GemmShape, measure_ceiling, step_shapes
+from ted_scale.bench.ceiling import (
+    Ceiling,
+    GemmShape,
+    best_ceiling,
+    measure_ceiling,
+    step_shapes,
+)
 from ted_scale.bench.suite import configurations, format_table, run_configuration, run_suite
 from ted_scale.bench.throughput import PIECES, Spec
 from ted_scale.distill.methods import method_names
@@ -78,6 +84,8 @@ def test_ratios_and_targets(micro_result):
 def test_cpu_mfu_is_achieved_flops_over_the_measured_ceiling(micro_result):
     ceiling = micro_result["cpu_ceiling"]
     assert ceiling["threads"] == 1 and ceiling["gflops"] > 0
+    # Measured before and after the configurations; per shape the faster counts.
+    assert ceiling["gflops"] >= max(ceiling["start_gflops"], ceiling["end_gflops"]) * (1 - 1e-9)
     assert {s["name"] for s in ceiling["shapes"]} >= {"lm head", "lm head grad weight", "qkv"}
     for r in micro_result["rows"]:
         assert r["cpu_mfu"] == pytest.approx(r["tflops"] * 1e12 / (ceiling["gflops"] * 1e9))
@@ -117,6 +125,20 @@ def test_ceiling_weights_each_shape_by_its_flops():
     assert min(rates) <= ceiling.gflops * 1e9 <= max(rates)
     with pytest.raises(ValueError, match="at least one shape"):
         measure_ceiling([])
+
+
+def test_best_ceiling_takes_the_faster_measurement_per_shape():
+    def shape(name, m, rate):
+        return {"name": name, "m": m, "k": 8, "n": 8, "count": 1, "gflops": rate}
+
+    start = Ceiling(1, 0.0, [shape("a", 8, 10.0), shape("b", 24, 40.0)])
+    end = Ceiling(1, 0.0, [shape("a", 8, 20.0), shape("b", 24, 30.0)])
+    best = best_ceiling(start, end)
+    assert [s["gflops"] for s in best.shapes] == [20.0, 40.0]
+    # FLOP-weighted: 1 unit of work at 20 and 3 units at 40 take 1/20 + 3/40 = 1/8 per 4 units.
+    assert best.gflops == pytest.approx(32.0)
+    with pytest.raises(ValueError, match="same shapes"):
+        best_ceiling(start, Ceiling(1, 0.0, [shape("a", 8, 1.0)]))
 
 
 def test_isolated_worker_process():

@@ -79,6 +79,21 @@ class Ceiling:
     shapes: list[dict]  # per shape: name, m, k, n, count, gflops
 
 
+def _overall_gflops(shapes: list[dict]) -> float:
+    """Total FLOPs / total time of the shapes at their rates."""
+    work = [2 * s["m"] * s["k"] * s["n"] * s["count"] for s in shapes]
+    return sum(work) / sum(w / s["gflops"] for w, s in zip(work, shapes, strict=True))
+
+
+def best_ceiling(a: Ceiling, b: Ceiling) -> Ceiling:
+    """Per shape the faster of two measurements of the same shapes (say, at the start and the end
+    of a benchmark run on a shared machine, whose load changes the rate twofold), overall again."""
+    if [(s["m"], s["k"], s["n"]) for s in a.shapes] != [(s["m"], s["k"], s["n"]) for s in b.shapes]:
+        raise ValueError("best_ceiling needs two measurements of the same shapes")
+    shapes = [max(x, y, key=lambda s: s["gflops"]) for x, y in zip(a.shapes, b.shapes, strict=True)]
+    return Ceiling(a.threads, _overall_gflops(shapes), shapes)
+
+
 def measure_ceiling(
     shapes: Sequence[GemmShape],
     *,
@@ -93,7 +108,7 @@ def measure_ceiling(
     if not shapes:
         raise ValueError("measure_ceiling needs at least one shape")
     g = torch.Generator().manual_seed(0)
-    rows, total_flops, total_s = [], 0.0, 0.0
+    rows = []
     for shape in shapes:
         m, k, n = shape.m, shape.k, shape.n
         a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
@@ -110,6 +125,4 @@ def measure_ceiling(
             "name": shape.name, "m": m, "k": k, "n": n, "count": shape.count,
             "gflops": rate / 1e9,
         })  # fmt: skip
-        total_flops += shape.flops * shape.count
-        total_s += shape.flops * shape.count / rate
-    return Ceiling(torch.get_num_threads(), total_flops / total_s / 1e9, rows)
+    return Ceiling(torch.get_num_threads(), _overall_gflops(rows), rows)
