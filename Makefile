@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: setup
 
 bench: setup
 	$(PY) launch/bench_throughput.py --preset cpu
+
+# Every GPU-only check (cuda tests, gpt2 benchmarks, kernel report) into runs/gpu-check/report.md.
+gpu-check: setup
+	$(PY) launch/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs/demo

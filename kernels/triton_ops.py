@@ -5,18 +5,50 @@ flash attention), so a row never has to fit in one block; the second writes the 
 the logits in place. Same contracts as `reference.py`. CPU tensors run under TRITON_INTERPRET=1.
 """
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-# Largest V-block: 16K fp32 values per tensor over 32 warps keeps a row's working set in registers.
-_MAX_BLOCK = 16384
+# Largest V-block, and logits per thread and tensor on a GPU. 4 K-blocks at 4 logits per thread
+# (1024 threads) keep the CE + KD kernel at <= 46 registers of the 64 a 1024-thread block may use,
+# on sm_80 and sm_90 (`launch/bench_losses.py --kernel-report`); 16 K-blocks spilled there, and they
+# left 30 % of the lanes masked at V = 50,257 (6 % now).
+_MAX_BLOCK = 4096
+_LOGITS_PER_THREAD = 4
 
 
 def _launch_config(vocab: int, device: torch.device) -> dict[str, int]:
+    """V-block and warps; the GPU config for CUDA tensors and for meta tensors (`aot.py` compiles
+    those launches ahead of time), a small one for the CPU interpreter."""
     block = min(_MAX_BLOCK, triton.next_power_of_2(vocab))
-    return {"BLOCK": block, "num_warps": 32 if device.type == "cuda" else 4}
+    if device.type == "cpu":
+        return {"BLOCK": block, "num_warps": 4}
+    return {"BLOCK": block, "num_warps": max(1, block // (32 * _LOGITS_PER_THREAD))}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: the grid and every argument by name (constexprs and num_warps too)."""
+
+    kernel: triton.JITFunction
+    grid: tuple[int]
+    args: dict[str, Any]
+    num_warps: int
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](**self.args, num_warps=self.num_warps)
+
+
+def _launch(kernel: triton.JITFunction, logits: Tensor, **args: Any) -> Launch:
+    """A launch of ``kernel`` with one program per row of logits [n, V]."""
+    n, vocab = logits.shape
+    config = _launch_config(vocab, logits.device)
+    num_warps = config.pop("num_warps")
+    return Launch(kernel, (n,), {**args, "V": vocab, **config}, num_warps)
 
 
 @triton.jit
@@ -124,23 +156,62 @@ def _kl_div_kernel(
         tl.store(logits_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=in_row)
 
 
+def cross_entropy_launch(
+    logits: Tensor, targets: Tensor, row_weight: Tensor, loss: Tensor
+) -> Launch:
+    """The launch of `cross_entropy_`: logits [n, V], targets [n] long, row_weight and loss [n]
+    fp32."""
+    return _launch(
+        _cross_entropy_kernel,
+        logits,
+        logits_ptr=logits,
+        stride=logits.stride(0),
+        targets_ptr=targets.contiguous(),
+        row_weight_ptr=row_weight.contiguous(),
+        loss_ptr=loss,
+    )
+
+
 def cross_entropy_(logits: Tensor, targets: Tensor, row_weight: Tensor) -> Tensor:
     """Cross-entropy per row; logits [n, V] become dloss/dlogits. See `reference.cross_entropy_`."""
-    n, vocab = logits.shape
-    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
-    _cross_entropy_kernel[(n,)](
-        logits,
-        logits.stride(0),
-        targets.contiguous(),
-        row_weight.contiguous(),
-        loss,
-        vocab,
-        **_launch_config(vocab, logits.device),
-    )
+    loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    cross_entropy_launch(logits, targets, row_weight, loss)()
     return loss
 
 
-def _kl_div_launch(
+def kl_div_launch(
+    logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor | None,
+    row_weight: Tensor,
+    ce: Tensor,
+    kd: Tensor,
+    temperature: float,
+    kd_weight: float,
+) -> Launch:
+    """The launch of `kl_div_` (targets None) and `cross_entropy_kl_div_`: logits and
+    teacher_logits [n, V], targets [n] long, row_weight, ce and kd [n] fp32."""
+    with_ce = targets is not None
+    return _launch(
+        _kl_div_kernel,
+        logits,
+        logits_ptr=logits,
+        teacher_ptr=teacher_logits,
+        stride=logits.stride(0),
+        teacher_stride=teacher_logits.stride(0),
+        # An unread placeholder without CE.
+        targets_ptr=targets.contiguous() if with_ce else row_weight,
+        row_weight_ptr=row_weight.contiguous(),
+        ce_ptr=ce,
+        kd_ptr=kd,
+        inv_t=1.0 / temperature,
+        temperature=float(temperature),
+        kd_weight=float(kd_weight),
+        WITH_CE=with_ce,
+    )
+
+
+def _kl_div(
     logits: Tensor,
     teacher_logits: Tensor,
     targets: Tensor | None,
@@ -148,26 +219,9 @@ def _kl_div_launch(
     temperature: float,
     kd_weight: float,
 ) -> tuple[Tensor, Tensor]:
-    n, vocab = logits.shape
-    ce = torch.empty(n, dtype=torch.float32, device=logits.device)
+    ce = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     kd = torch.empty_like(ce)
-    with_ce = targets is not None
-    _kl_div_kernel[(n,)](
-        logits,
-        teacher_logits,
-        logits.stride(0),
-        teacher_logits.stride(0),
-        targets.contiguous() if with_ce else row_weight,  # an unread placeholder without CE
-        row_weight.contiguous(),
-        ce,
-        kd,
-        vocab,
-        1.0 / temperature,
-        float(temperature),
-        float(kd_weight),
-        WITH_CE=with_ce,
-        **_launch_config(vocab, logits.device),
-    )
+    kl_div_launch(logits, teacher_logits, targets, row_weight, ce, kd, temperature, kd_weight)()
     return ce, kd
 
 
@@ -175,7 +229,7 @@ def kl_div_(
     logits: Tensor, teacher_logits: Tensor, row_weight: Tensor, temperature: float
 ) -> Tensor:
     """KL * T^2 per row; student logits become the gradient. See `reference.kl_div_`."""
-    return _kl_div_launch(logits, teacher_logits, None, row_weight, temperature, 1.0)[1]
+    return _kl_div(logits, teacher_logits, None, row_weight, temperature, 1.0)[1]
 
 
 def cross_entropy_kl_div_(
@@ -187,4 +241,4 @@ def cross_entropy_kl_div_(
     kd_weight: float,
 ) -> tuple[Tensor, Tensor]:
     """CE and KD rows from one logits chunk. See `reference.cross_entropy_kl_div_`."""
-    return _kl_div_launch(logits, teacher_logits, targets, row_weight, temperature, kd_weight)
+    return _kl_div(logits, teacher_logits, targets, row_weight, temperature, kd_weight)

@@ -3,7 +3,15 @@
 import json
 
 import pytest
+import torch
 
+from ted_scale.bench.ceiling import (
+    Ceiling,
+    GemmShape,
+    best_ceiling,
+    measure_ceiling,
+    step_shapes,
+)
 from ted_scale.bench.suite import configurations, format_table, run_configuration, run_suite
 from ted_scale.bench.throughput import PIECES, Spec
 from ted_scale.distill.methods import method_names
@@ -71,6 +79,66 @@ def test_ratios_and_targets(micro_result):
     assert targets["mfu"]["verdict"] == "n/a"
     table = format_table(micro_result)
     assert "reference/sdpa" in table and "ted_vs_reference" in table
+
+
+def test_cpu_mfu_is_achieved_flops_over_the_measured_ceiling(micro_result):
+    ceiling = micro_result["cpu_ceiling"]
+    assert ceiling["threads"] == 1 and ceiling["gflops"] > 0
+    # Measured before and after the configurations; per shape the faster counts.
+    assert ceiling["gflops"] >= max(ceiling["start_gflops"], ceiling["end_gflops"]) * (1 - 1e-9)
+    assert {s["name"] for s in ceiling["shapes"]} >= {"lm head", "lm head grad weight", "qkv"}
+    for r in micro_result["rows"]:
+        assert r["cpu_mfu"] == pytest.approx(r["tflops"] * 1e12 / (ceiling["gflops"] * 1e9))
+    table = format_table(micro_result)
+    assert "CPU MFU" in table and f"{micro_result['rows'][0]['cpu_mfu']:.1%}" in table
+
+
+def test_step_shapes_count_every_matmul_of_the_step():
+    n, d, vocab, student, teacher = 64, 32, 100, 2, 4
+    shapes = step_shapes(n, d, vocab, student, teacher)
+    flops = {s.name: s.flops * s.count for s in shapes}
+    # LM head: student and teacher forward, the student's two backward products.
+    assert flops["lm head"] == 2 * (2 * n * d * vocab)
+    assert flops["lm head grad input"] == flops["lm head grad weight"] == 2 * n * d * vocab
+    # Blocks: 12 d^2 weights per layer, forward in both models, backward (x2) in the student.
+    total = sum(flops.values())
+    assert total == 2 * n * (12 * d * d) * (teacher + 3 * student) + 4 * (2 * n * d * vocab)
+    # At GPT-2's vocabulary the LM head's products come in the fused loss's 256-row chunks.
+    by_name = {s.name: s for s in step_shapes(512, 256, 50257, 2, 4)}
+    head = by_name["lm head"]
+    assert (head.m, head.k, head.n, head.count) == (256, 256, 50257, 4)
+    weight_grad = by_name["lm head grad weight"]
+    assert (weight_grad.m, weight_grad.k, weight_grad.n, weight_grad.count) == (50257, 256, 256, 2)
+
+
+def test_ceiling_weights_each_shape_by_its_flops():
+    shapes = [GemmShape(64, 64, 64, count=10, name="small"), GemmShape(256, 512, 384, name="big")]
+    ceiling = measure_ceiling(shapes, seconds_per_shape=0.01)
+    assert ceiling.threads == torch.get_num_threads()
+    assert [(r["name"], r["m"], r["k"], r["n"]) for r in ceiling.shapes] == [
+        ("small", 64, 64, 64), ("big", 256, 512, 384),
+    ]  # fmt: skip
+    weights = [s.flops * s.count for s in shapes]
+    rates = [r["gflops"] * 1e9 for r in ceiling.shapes]
+    expected = sum(weights) / sum(w / r for w, r in zip(weights, rates, strict=True))
+    assert ceiling.gflops * 1e9 == pytest.approx(expected)
+    assert min(rates) <= ceiling.gflops * 1e9 <= max(rates)
+    with pytest.raises(ValueError, match="at least one shape"):
+        measure_ceiling([])
+
+
+def test_best_ceiling_takes_the_faster_measurement_per_shape():
+    def shape(name, m, rate):
+        return {"name": name, "m": m, "k": 8, "n": 8, "count": 1, "gflops": rate}
+
+    start = Ceiling(1, 0.0, [shape("a", 8, 10.0), shape("b", 24, 40.0)])
+    end = Ceiling(1, 0.0, [shape("a", 8, 20.0), shape("b", 24, 30.0)])
+    best = best_ceiling(start, end)
+    assert [s["gflops"] for s in best.shapes] == [20.0, 40.0]
+    # FLOP-weighted: 1 unit of work at 20 and 3 units at 40 take 1/20 + 3/40 = 1/8 per 4 units.
+    assert best.gflops == pytest.approx(32.0)
+    with pytest.raises(ValueError, match="same shapes"):
+        best_ceiling(start, Ceiling(1, 0.0, [shape("a", 8, 1.0)]))
 
 
 def test_isolated_worker_process():

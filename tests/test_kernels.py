@@ -34,7 +34,7 @@ BACKENDS = [
     ),
 ]
 
-# V above the Triton kernels' 16K block: rows span two blocks, the second one partly masked.
+# V above the Triton kernels' 4K block: rows span five blocks, the last one partly masked.
 VOCAB, D_STUDENT, D_TEACHER, T, KD_WEIGHT = 20_000, 16, 24, 2.0, 2.5
 FP32_TOL, BF16_TOL = 1e-5, 2e-2
 

@@ -7,6 +7,12 @@ Targets (benchmarks, not tests; each reported PASS, MISS or n/a):
    their FLOP counts: the distillation overhead costs what its arithmetic says, no more.
 3. ``mfu``: the TED step's MFU >= 45 % on an H100 (``gpt2`` preset; n/a without a GPU in the
    peak table).
+
+On a CPU each run starts by measuring the machine's fp32 GEMM ceiling at the step's own matmul
+shapes and the configurations' thread count (``ceiling.py``), and measures it again at the end
+(the faster of the two per shape counts: on a shared machine a busy moment would otherwise lower
+the ceiling and inflate every ratio); every row then gets its "CPU MFU", achieved FLOP/s over
+that ceiling.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from dataclasses import asdict
 
 import torch
 
-from ted_scale.bench.throughput import PIECES, PRESETS, Spec, measure_row
+from ted_scale.bench.ceiling import Ceiling, best_ceiling, measure_ceiling, step_shapes
+from ted_scale.bench.throughput import PIECES, PRESETS, Preset, Spec, measure_row
 from ted_scale.distill.methods import get_method
 
 SPEEDUP_TARGET, MEMORY_TARGET, FLOP_RATIO_TOLERANCE, MFU_TARGET = 1.3, 0.6, 0.10, 0.45
@@ -85,7 +92,16 @@ def run_suite(
     engine: bool = False,
     log=print,
 ) -> dict:
-    """Measure every configuration; return the rows with their ratios and the targets."""
+    """Measure every configuration; return the rows with their ratios and the targets.
+
+    On a CPU the GEMM ceiling (``cpu_ceiling``, GFLOP/s) is measured in this process at
+    ``threads`` before and after the configurations (``start_gflops``, ``end_gflops``; the faster
+    per shape counts), and each row gets ``cpu_mfu`` = its achieved FLOP/s / the ceiling.
+    """
+    start = None if torch.cuda.is_available() else cpu_ceiling(PRESETS[preset], threads)
+    if start is not None:
+        log(f"  CPU fp32 GEMM ceiling at the step's shapes: {start.gflops:.1f} GFLOP/s "
+            f"({start.threads} threads)")  # fmt: skip
     rows = []
     for spec in specs:
         rows.append(
@@ -94,14 +110,38 @@ def run_suite(
         r = rows[-1]
         log(f"  {r['name']:32s} {r['tokens_per_s']:10.0f} tok/s  {r['peak_mib']:8.0f} MiB")
     add_ratios(rows)
+    ceiling = None
+    if start is not None:
+        end = cpu_ceiling(PRESETS[preset], threads)
+        log(f"  CPU fp32 GEMM ceiling again: {end.gflops:.1f} GFLOP/s")
+        best = best_ceiling(start, end)
+        ceiling = {**asdict(best), "start_gflops": start.gflops, "end_gflops": end.gflops}
+    for r in rows:
+        r["cpu_mfu"] = ceiling and r["tflops"] * 1e3 / ceiling["gflops"]
     return {
         "preset": preset,
         "config": asdict(PRESETS[preset]),
         "device": rows[0]["device"],
         "torch_threads": rows[0]["torch_threads"],
+        "cpu_ceiling": ceiling,
         "rows": rows,
         "targets": targets(rows),
     }
+
+
+def cpu_ceiling(preset: Preset, threads: int | None) -> Ceiling:
+    """``measure_ceiling`` at the TED step's matmuls for ``preset`` with ``threads`` torch threads
+    (None: torch's default)."""
+    shapes = step_shapes(
+        preset.micro_batch * preset.seq_len, preset.width, preset.vocab,
+        preset.student_layers, preset.teacher_layers,
+    )  # fmt: skip
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        return measure_ceiling(shapes)
+    finally:
+        torch.set_num_threads(before)
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -167,18 +207,23 @@ def targets(rows: list[dict]) -> dict[str, dict]:
 def format_table(result: dict) -> str:
     """The console table: one line per configuration, then the step split and the targets."""
     rows = result["rows"]
+    ceiling = result.get("cpu_ceiling")
     lines = [
-        f"preset {result['preset']} on {result['device']} ({result['torch_threads']} torch threads)",
+        f"preset {result['preset']} on {result['device']} ({result['torch_threads']} torch threads)"
+        + (f"; CPU fp32 GEMM ceiling {ceiling['gflops']:.1f} GFLOP/s" if ceiling else ""),
         f"{'configuration':32s} {'tok/s':>9s} {'step ms':>8s} {'TFLOP/s':>8s} {'MFU':>6s} "
-        f"{'peak MiB':>9s} {'xref spd':>8s} {'xref mem':>8s} {'t/t_lm':>6s} {'F/F_lm':>6s}",
+        f"{'CPU MFU':>7s} {'peak MiB':>9s} {'xref spd':>8s} {'xref mem':>8s} {'t/t_lm':>6s} "
+        f"{'F/F_lm':>6s}",
     ]
     for r in rows:
         ref, lm = r.get("vs_reference", {}), r.get("vs_student", {})
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        cpu_mfu = f"{r['cpu_mfu']:.1%}" if r.get("cpu_mfu") is not None else "-"
         lines.append(
             f"{r['name']:32s} {r['tokens_per_s']:9.0f} {r['step_ms']:8.1f} {r['tflops']:8.3f} "
-            f"{mfu:>6s} {r['peak_mib']:9.0f} {_fmt(ref.get('speed'))} {_fmt(ref.get('memory'))} "
-            f"{_fmt(lm.get('time_ratio'), 6)} {_fmt(lm.get('flop_ratio'), 6)}"
+            f"{mfu:>6s} {cpu_mfu:>7s} {r['peak_mib']:9.0f} {_fmt(ref.get('speed'))} "
+            f"{_fmt(ref.get('memory'))} {_fmt(lm.get('time_ratio'), 6)} "
+            f"{_fmt(lm.get('flop_ratio'), 6)}"
         )
     lines.append("")
     lines.append(f"{'step split (ms)':32s} " + " ".join(f"{p:>15s}" for p in PIECES))
