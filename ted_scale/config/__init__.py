@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from ted_scale.config.parse import ConfigError, dump_yaml, load_config, to_dict
+from ted_scale.config.run_record import ConfigRecord, record_invocation
 from ted_scale.config.schema import RunConfig
 
 
@@ -23,4 +24,13 @@ def save_resolved(config: RunConfig, run_dir: str | os.PathLike) -> Path:
     return path
 
 
-__all__ = ["ConfigError", "RunConfig", "dump_yaml", "load_run_config", "save_resolved", "to_dict"]
+__all__ = [
+    "ConfigError",
+    "ConfigRecord",
+    "RunConfig",
+    "dump_yaml",
+    "load_run_config",
+    "record_invocation",
+    "save_resolved",
+    "to_dict",
+]

@@ -7,13 +7,13 @@ HF's GPT-2 stores its projections as ``Conv1D`` (weight [in, out]); ours are ``n
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
+from ted_scale.io import atomic_replace_dir
 from ted_scale.model.gpt import GPT, GPTConfig
 
 # (our suffix, HF suffix, transposed) for the tensors of one block.
@@ -159,21 +159,14 @@ def export_hf(
 ) -> Path:
     """Write ``model`` (and ``tokenizer``) as an HF folder that ``AutoModelForCausalLM`` loads.
 
-    The folder is written under a temporary name and renamed, so a reader never sees half of it.
+    The folder is replaced whole (:func:`ted_scale.io.atomic_replace_dir`): a reader never sees
+    half of it.
     """
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
     eos = tokenizer.eos_token_id if tokenizer is not None else None
     hf_model = to_hf_model(model, eos_token_id=eos)
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export
-    hf_model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
+    with atomic_replace_dir(out_dir) as tmp:
+        hf_model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return out_dir

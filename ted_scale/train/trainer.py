@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ted_scale.config import ConfigError, RunConfig, save_resolved
+from ted_scale.config import ConfigError, RunConfig, record_invocation
 from ted_scale.config.schema import ScheduleConfig
 from ted_scale.data.loader import DistributedBatchLoader, PackedTokens, open_split
 from ted_scale.data.tokenizer import tokenizer_fingerprint
@@ -57,6 +57,7 @@ from ted_scale.train.models import (
     weights_fingerprint,
 )
 from ted_scale.train.prefetch import TeacherFeed
+from ted_scale.train.run_lock import RunLock
 
 
 class NonFiniteLossError(RuntimeError):
@@ -97,7 +98,10 @@ class Trainer:
             self.teacher.to(self.dist.device, dtype=self.autocast or torch.float32)
         self.fused = config.fused_loss
         self.checkpoints = CheckpointManager(
-            self.run_dir / "checkpoints", rank=self.dist.rank, keep=config.checkpoint.keep
+            self.run_dir / "checkpoints",
+            rank=self.dist.rank,
+            keep=config.checkpoint.keep,
+            log=self._log_console,
         )
         self.metrics = MetricsWriter(
             self.run_dir, enabled=self.main, tensorboard=config.log.tensorboard
@@ -116,7 +120,20 @@ class Trainer:
                     "or resume=auto"
                 )
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved(config, self.run_dir)
+            self.lock = RunLock(self.run_dir).acquire()
+            if self.lock.previous:
+                self._log_console(f"took over the lock of a run that is gone: {self.lock.previous}")
+            resuming = (self.run_dir / "progress.json").exists() or any(
+                (self.run_dir / "checkpoints").glob("*/complete")
+            )
+            record = record_invocation(config, self.run_dir, resuming=resuming)
+            for warning in record.warnings:
+                self._log_console(f"warning: {warning}")
+            if record.changes:
+                changed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in record.changes.items())
+                self._log_console(
+                    f"config changed since {record.path.parent}/config.yaml: {changed}"
+                )
         barrier()
 
     def _progress(self) -> dict[str, Any]:
@@ -184,6 +201,8 @@ class Trainer:
             f"{self.total_tokens / max(wall, 1e-9):,.0f} tokens/s overall; outputs in {self.run_dir}"
         )
         self.metrics.close()
+        if self.main:
+            self.lock.release()
 
     def _filter_record(self, d_in: int) -> FilterRecord:
         return FilterRecord(
@@ -380,10 +399,10 @@ class Trainer:
             loader.load_state_dict(client["loader"])
             step = client["step"]
             self.total_tokens = client.get("total_tokens", 0)
-            self.metrics.truncate_after(phase.name, step)
             self._log_console(
                 f"{phase.name}: resumed from {self.checkpoints.root / tag.name} at step {step}"
             )
+        self.metrics.truncate_after(phase.name, step)  # step 0: lines of a run killed before
         tokens_per_step = config.batch.global_batch_size * loader.dataset.seq_len
         throughput = Throughput(
             phase.flops_per_token(loader.dataset.seq_len), self.dist.world_size, self.peak_tflops
