@@ -143,7 +143,8 @@ class DeepSpeedConfig:
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"
-    seed: int = 1234
+    seed: int = bounded(1234, ge=0, lt=2**32)
+    """Seeds Python, NumPy and torch (NumPy takes 0 <= seed < 2**32)."""
     stage: Stage = "all"
     """``filters`` (Stage I), ``distill`` (Stage II), ``all`` (both), or ``lm`` (train one model
     with plain next-token loss: teacher pre-training or fine-tuning for transfer)."""

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -74,7 +75,10 @@ def load_filters_into(bank: FilterBank, filters_dir: Path, name: str) -> None:
     path = filters_dir / f"{name}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"missing filter weights {path}")
-    state = load_file(path)
+    try:
+        state = load_file(path)
+    except SafetensorError as e:
+        raise FilterMismatchError(f"{path}: truncated or not a safetensors file ({e})") from None
     own = bank.state_dict()
     for key, tensor in state.items():
         if key not in own or own[key].shape != tensor.shape:

@@ -43,6 +43,37 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint tensor does not fit the model it is loaded into."""
 
 
+class ModelFolderError(ValueError):
+    """A local HF model folder lacks a file, or holds a truncated or unreadable one."""
+
+
+def check_model_folder(folder: Path) -> None:
+    """A local model folder must hold a readable ``config.json`` and a complete
+    ``model.safetensors`` (or a sharded index); the error names the file."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    config = folder / "config.json"
+    try:
+        json.loads(config.read_text())
+    except FileNotFoundError:
+        raise ModelFolderError(f"{config}: missing (an HF model folder needs it)") from None
+    except (OSError, ValueError) as e:
+        raise ModelFolderError(f"{config}: truncated or not JSON ({e})") from None
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        if (folder / "model.safetensors.index.json").is_file():
+            return
+        found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+        raise ModelFolderError(f"{weights}: missing (the folder holds {found})")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise ModelFolderError(f"{weights}: truncated or not a safetensors file ({e})") from None
+
+
 def config_from_hf(hf_config: GPT2Config, *, dropout: float | None = None) -> GPTConfig:
     if hf_config.n_inner not in (None, 4 * hf_config.n_embd):
         raise ValueError(f"n_inner={hf_config.n_inner} is not supported (only 4 * n_embd)")
@@ -141,6 +172,8 @@ def load_pretrained(
     name_or_path: str | os.PathLike, *, config: GPTConfig | None = None, **model_kwargs
 ) -> GPT:
     """Load an HF GPT-2 checkpoint (a hub name such as ``gpt2``, or a local folder), fp32 on CPU."""
+    if Path(name_or_path).is_dir():
+        check_model_folder(Path(name_or_path))
     hf_model = GPT2LMHeadModel.from_pretrained(str(name_or_path), dtype=torch.float32)
     return from_hf_model(hf_model, config=config, source=str(name_or_path), **model_kwargs)
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ted_scale.config import ConfigError
 from ted_scale.config.schema import RunConfig
 from ted_scale.train.optim import build_optimizer, warmup_linear_decay
 
@@ -14,7 +15,7 @@ from ted_scale.train.optim import build_optimizer, warmup_linear_decay
 def gradient_accumulation_steps(config: RunConfig, world_size: int) -> int:
     per_step = config.batch.micro_batch_size * world_size
     if config.batch.global_batch_size % per_step:
-        raise ValueError(
+        raise ConfigError(
             f"batch.global_batch_size ({config.batch.global_batch_size}) must be a multiple of "
             f"micro_batch_size x ranks = {config.batch.micro_batch_size} x {world_size}"
         )
@@ -42,8 +43,39 @@ def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
     if config.deepspeed.offload_optimizer:
         # The client optimizer is torch's AdamW; it steps the offloaded fp32 states on the CPU.
         ds["zero_force_ds_cpu_optimizer"] = False
+    managed = {k: ds[k] for k in _BATCH_KEYS}
     ds.update(config.deepspeed.extra)
+    _check_extra(config.deepspeed.extra, managed, ds)
     return ds
+
+
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def _check_extra(extra: dict[str, Any], managed: dict[str, Any], ds: dict[str, Any]) -> None:
+    """Refuse ``deepspeed.extra`` values as ConfigErrors naming the key, before DeepSpeed asserts."""
+    for key, ours in managed.items():
+        if key in extra and extra[key] != ours:
+            raise ConfigError(
+                f"deepspeed.extra.{key}={extra[key]!r} contradicts the batch keys ({key} = {ours} "
+                "from batch.global_batch_size, batch.micro_batch_size and the rank count): "
+                "set batch.* instead"
+            )
+    for key in ("fp16", "bf16"):
+        if isinstance(extra.get(key), dict) and extra[key].get("enabled"):
+            raise ConfigError(
+                f"deepspeed.extra.{key}.enabled: precision is set by the `precision` key "
+                "(torch.autocast with fp32 master weights); DeepSpeed's own mode is not supported"
+            )
+    if not extra:
+        return
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig(ds)
+    except (AssertionError, ValueError, TypeError, KeyError) as e:
+        reason = " ".join(str(e).split())
+        raise ConfigError(f"deepspeed.extra: DeepSpeed rejects the config: {reason}") from None
 
 
 def build_engine(

@@ -44,7 +44,12 @@ from ted_scale.model import GPT, export_hf
 from ted_scale.train import flops
 from ted_scale.train.checkpoint import CheckpointManager, CheckpointTag
 from ted_scale.train.distributed import DistInfo, barrier, gathered_state, init_distributed
-from ted_scale.train.engine import autocast_dtype, build_engine, gradient_accumulation_steps
+from ted_scale.train.engine import (
+    autocast_dtype,
+    build_engine,
+    deepspeed_config,
+    gradient_accumulation_steps,
+)
 from ted_scale.train.evaluation import InTrainingEval
 from ted_scale.train.metrics import LossAverager, MetricsWriter, Throughput, progress_bar
 from ted_scale.train.models import (
@@ -85,6 +90,7 @@ class Trainer:
         self.dist: DistInfo = init_distributed()
         self.run_dir = Path(config.output_dir)
         self.main = self.dist.is_main
+        deepspeed_config(config, self.dist.world_size)  # batch and deepspeed.extra, checked now
         self._prepare_run_dir()
         seed_everything(config.seed)
         self.tokenizer = run_tokenizer(config)
