@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +96,11 @@ def safe_torch_load(path: str | Path, map_location: Any = None) -> Any:
         with torch.serialization.safe_globals(_allowed_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        found = re.search(r"(?:Unsupported global: GLOBAL|Unsupported operand) ?([\w.]*)", str(e))
+        what = f" ({found.group(0).strip()})" if found else ""
         raise UnsafeCheckpointError(
             f"{path}: refused to load: it holds Python objects outside the allow-list of a "
-            f"checkpoint, and loading it could run code ({reason})"
+            f"checkpoint{what}, and loading it could run code"
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise UnsafeCheckpointError(f"{path}: unreadable checkpoint file ({e})") from None

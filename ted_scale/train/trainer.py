@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ted_scale.config import ConfigError, RunConfig, record_invocation
+from ted_scale.config import ConfigError, RunConfig
 from ted_scale.config.schema import ScheduleConfig
 from ted_scale.data.loader import DistributedBatchLoader, PackedTokens, open_split
 from ted_scale.data.tokenizer import tokenizer_fingerprint
@@ -62,7 +62,7 @@ from ted_scale.train.models import (
     weights_fingerprint,
 )
 from ted_scale.train.prefetch import TeacherFeed
-from ted_scale.train.run_lock import RunLock
+from ted_scale.train.run_dir import claim_run_dir
 
 
 class NonFiniteLossError(RuntimeError):
@@ -118,28 +118,8 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- set-up
     def _prepare_run_dir(self) -> None:
-        config = self.config
         if self.main:
-            if config.resume == "never" and self.run_dir.exists() and any(self.run_dir.iterdir()):
-                raise FileExistsError(
-                    f"{self.run_dir} is not empty and resume=never: choose another output_dir "
-                    "or resume=auto"
-                )
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.lock = RunLock(self.run_dir).acquire()
-            if self.lock.previous:
-                self._log_console(f"took over the lock of a run that is gone: {self.lock.previous}")
-            resuming = (self.run_dir / "progress.json").exists() or any(
-                (self.run_dir / "checkpoints").glob("*/complete")
-            )
-            record = record_invocation(config, self.run_dir, resuming=resuming)
-            for warning in record.warnings:
-                self._log_console(f"warning: {warning}")
-            if record.changes:
-                changed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in record.changes.items())
-                self._log_console(
-                    f"config changed since {record.path.parent}/config.yaml: {changed}"
-                )
+            self.lock = claim_run_dir(self.config, self.run_dir, self._log_console)
         barrier()
 
     def _progress(self) -> dict[str, Any]:
