@@ -23,7 +23,8 @@ p.add_argument(
     "--out",
     required=True,
     help="output directory: manifest.json, tokenizer/, train/ and test/ shards;\n"
-    "re-running on an interrupted DIR resumes it",
+    "re-running on an interrupted DIR resumes it (a DIR holding files it did not\n"
+    "write, or an input changed since, is refused, naming them)",
 )
 tok = p.add_mutually_exclusive_group()
 tok.add_argument(

@@ -19,7 +19,11 @@ def claim_run_dir(config: RunConfig, run_dir: Path, log: Callable[[str], None]) 
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir).acquire()
     if lock.previous:
-        log(f"took over the lock of a run that is gone: {lock.previous}")
+        old = lock.previous
+        log(
+            f"took over the lock left in {lock.path} by pid {old.get('pid', '?')} on host "
+            f"{old.get('host', '?')} (started {old.get('started', '?')}): that run is gone"
+        )
     resuming = (run_dir / "progress.json").exists() or any(
         (run_dir / "checkpoints").glob("*/complete")
     )
