@@ -2,11 +2,13 @@
 
 The lock is an ``flock`` held for the life of the process, so the kernel releases it when the
 holder dies, kill -9 included: a lock file left by a dead run is simply taken over (and said so).
+A run that ends, by success or by an error, removes the file.
 The host and pid inside the file are for the message a second invocation prints.
 """
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import os
@@ -71,6 +73,8 @@ class RunLock:
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         os.fsync(fd)
         self._fd = _HELD[key] = fd
+        # Any exit but a kill (errors included) removes the file: one left behind means a crash.
+        atexit.register(self.release)
         return self
 
     def release(self) -> None:
@@ -83,6 +87,7 @@ class RunLock:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
+        atexit.unregister(self.release)
 
 
 def _read_holder(fd: int) -> dict:
