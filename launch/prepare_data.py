@@ -9,6 +9,7 @@ import sys
 
 from ted_scale.data import DataError
 from ted_scale.data.prepare import PrepareConfig, prepare
+from ted_scale.io import os_error_message
 
 d = PrepareConfig(input="", out="")
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -22,7 +23,8 @@ p.add_argument(
     "--out",
     required=True,
     help="output directory: manifest.json, tokenizer/, train/ and test/ shards;\n"
-    "re-running on an interrupted DIR resumes it",
+    "re-running on an interrupted DIR resumes it (a DIR holding files it did not\n"
+    "write, or an input changed since, is refused, naming them)",
 )
 tok = p.add_mutually_exclusive_group()
 tok.add_argument(
@@ -101,4 +103,7 @@ try:
     prepare(PrepareConfig(**vars(p.parse_args())))
 except DataError as e:
     print(f"prepare_data: error: {e}", file=sys.stderr)
+    sys.exit(2)
+except OSError as e:  # full or read-only disk, a file in the way: path and errno's meaning
+    print(f"prepare_data: error: {os_error_message(e)}", file=sys.stderr)
     sys.exit(2)

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ted_scale.config import ConfigError, load_run_config, save_resolved
+from ted_scale.config import ConfigError, load_run_config, record_invocation
 from ted_scale.config.schema import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def test_errors_in_a_file_name_the_file(tmp_path):
 
 def test_resolved_config_round_trips_through_the_run_directory(tmp_path):
     config = load_run_config(None, ["method=kd", "optim.betas=[0.5, 0.6]"])
-    path = save_resolved(config, tmp_path)
+    path = record_invocation(config, tmp_path, resuming=False).path
     assert load_run_config(path) == config
     assert yaml.safe_load(path.read_text())["method"] == "kd"
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -224,3 +225,121 @@ def test_directory_source_reads_txt_jsonl_and_parquet_in_path_order(tmp_path):
 def test_shard_dtype_is_uint16_up_to_65536_tokens_then_uint32():
     assert token_dtype(50257) == "uint16" and token_dtype(65536) == "uint16"
     assert token_dtype(65537) == "uint32"
+
+
+# --------------------------------------------------------------------------- owned files, inputs
+def test_foreign_files_in_out_are_refused_by_name_and_never_deleted(corpus, tmp_path):
+    src, _ = corpus
+    out = tmp_path / "d"
+    (out / "train").mkdir(parents=True)
+    notes = out / "train" / "notes.txt"
+    notes.write_text("my notes")
+    (out / "results.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"did not write: results.csv, train/notes.txt"):
+        _prepare(src, out)
+    assert notes.read_text() == "my notes" and (out / "results.csv").exists()
+
+
+def test_an_interrupted_preparation_resumes_only_without_foreign_files_and_input_changes(
+    corpus, tmp_path
+):
+    src, _ = corpus
+    changed = tmp_path / "wiki.txt"
+    changed.write_bytes(src.read_bytes())
+    out = tmp_path / "killed"
+    args = ["--input", str(changed), "--out", str(out), "--train-tokenizer", "400",
+            "--seq-len", "32", "--shard-tokens", "1500", "--num-workers", "0"]  # fmt: skip
+    assert _run_cli(args, env={KILL_AFTER_SHARDS_ENV: "2"}).returncode == -9
+    mine = out / "train" / "shard_00099.bin"  # looks like a shard, was not written by it
+    mine.write_bytes(b"mine")
+    with pytest.raises(DataError, match=r"did not write: train/shard_00099.bin"):
+        _prepare(changed, out)
+    assert mine.read_bytes() == b"mine"
+    mine.unlink()
+
+    with changed.open("a") as f:
+        f.write("\nA new document appended after the kill.\n")
+    with pytest.raises(
+        DataError,
+        match=rf"the input changed since this preparation was interrupted \({changed.resolve()} size",
+    ):
+        _prepare(changed, out)
+    assert not (out / "manifest.json").exists()
+
+
+def test_nothing_to_do_only_when_the_input_is_unchanged(corpus, tmp_path):
+    src, _ = corpus
+    mine = tmp_path / "wiki.txt"
+    mine.write_bytes(src.read_bytes())
+    _prepare(mine, tmp_path / "d")
+    _prepare(mine, tmp_path / "d")  # unchanged: nothing to do
+    with mine.open("a") as f:
+        f.write("\nOne more document.\n")
+    with pytest.raises(DataError, match=r"prepared from another version of the input"):
+        _prepare(mine, tmp_path / "d")
+
+
+def test_old_shards_are_not_reused_when_the_manifest_was_removed(corpus, tmp_path):
+    src, _ = corpus
+    _prepare(src, tmp_path / "d")
+    (tmp_path / "d" / "manifest.json").unlink()
+    with pytest.raises(DataError, match=r"did not write: test/shard_00000.bin"):
+        _prepare(src, tmp_path / "d")
+
+
+# --------------------------------------------------------------------------- clear errors
+def test_a_seq_len_that_leaves_the_test_split_empty_is_an_error(corpus, tmp_path):
+    src, _ = corpus
+    with pytest.raises(DataError, match=r"test split has \d+ tokens .*fewer than one sample"):
+        _prepare(src, tmp_path / "d", test_fraction=0.01, seq_len=2000)
+
+
+def test_a_tokenizer_smaller_than_asked_is_recorded_with_its_real_size(tmp_path, capsys):
+    src = tmp_path / "small.txt"
+    src.write_text("tiny corpus\n\nwith few words\n")
+    prepare(
+        PrepareConfig(
+            input=str(src), out=str(tmp_path / "d"), train_tokenizer=5000, seq_len=2,
+            test_fraction=0.0, num_workers=0,
+        )
+    )  # fmt: skip
+    m = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    size = len(load_tokenizer(str(tmp_path / "d" / "tokenizer")))
+    assert size < 5000 and m["tokenizer"]["vocab_size"] == size
+    assert m["tokenizer"]["name"] == f"bpe-{size}"
+    assert f"the corpus yields only {size} tokens" in capsys.readouterr().err
+
+
+def test_a_manifest_seq_len_that_disagrees_with_the_shards_is_named(corpus, tmp_path):
+    src, _ = corpus
+    _prepare(src, tmp_path / "d")
+    path = tmp_path / "d" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["seq_len"] = 64
+    path.write_text(json.dumps(m))
+    with pytest.raises(DataError, match=r"seq_len 64 disagrees with the seq_len 32"):
+        open_split(tmp_path / "d", "train")
+
+
+def test_token_ids_beyond_the_vocabulary_are_named_with_shard_and_offset(corpus, tmp_path):
+    src, _ = corpus
+    _prepare(src, tmp_path / "d", test_fraction=0.0)
+    shard = tmp_path / "d" / "train" / "shard_00000.bin"
+    tokens = np.fromfile(shard, dtype=np.uint16)
+    tokens[5] = 4000  # vocabulary is 400
+    tokens.tofile(shard)
+    ds = open_split(tmp_path / "d", "train", verify_checksums="never")
+    with pytest.raises(DataError, match=rf"{shard}: token id 4000 at offset 5 is outside"):
+        ds.sample(0)
+
+
+def test_an_out_under_a_file_is_one_line_naming_the_path(corpus, tmp_path):
+    src, _ = corpus
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = _run_cli(["--input", str(src), "--out", str(blocker / "d"), "--train-tokenizer", "300"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == (
+        f"prepare_data: error: {blocker / 'd'}: Not a directory "
+        "(ENOTDIR: a part of the path is a file, not a directory)"
+    )

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
 from ted_scale.data.tokenizer import train_bpe_tokenizer
 from ted_scale.model import GPT, GPTConfig, export_hf, from_hf_model, load_pretrained, to_hf_model
-from ted_scale.model.hf import CheckpointMismatchError, config_to_hf
+from ted_scale.model.hf import CheckpointMismatchError, ModelFolderError, config_to_hf
 
 
 def test_export_then_import_reproduces_weights_exactly(tiny_gpt, tmp_path):
@@ -91,3 +91,49 @@ def test_a_malformed_per_layer_shape_in_config_json_names_the_folder_and_key(tin
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"hf: config: n_head_per_layer has 3 entries"):
         load_pretrained(tmp_path / "hf")
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "model.safetensors").unlink(), r"model.safetensors: missing \(the folder"),
+        (lambda d: _truncate(d / "model.safetensors"), r"model.safetensors: truncated or not a"),
+        (lambda d: (d / "config.json").unlink(), r"config.json: missing"),
+    ],
+    ids=["no-weights", "truncated-weights", "no-config"],
+)
+def test_a_damaged_model_folder_is_named_by_file(tiny_gpt, tmp_path, damage, message):
+    export_hf(tiny_gpt, tmp_path / "hf")
+    damage(tmp_path / "hf")
+    with pytest.raises(ModelFolderError, match=message):
+        load_pretrained(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_model_folders_damaged_tokenizer_is_named_never_replaced(tiny_gpt, tmp_path, damage):
+    from ted_scale.data import DataError
+    from ted_scale.train.models import folder_tokenizer
+
+    tokenizer = train_bpe_tokenizer(["hello world, a tiny corpus"] * 8, vocab_size=300)
+    export_hf(tiny_gpt, tmp_path / "hf", tokenizer)
+    spec = tmp_path / "hf" / "tokenizer.json"
+    spec.unlink() if damage == "missing" else _truncate(spec)
+    with pytest.raises(DataError, match=rf"{spec}: {damage}"):
+        folder_tokenizer(str(tmp_path / "hf"))
+
+
+def test_a_truncated_filters_file_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    from ted_scale.distill.filter_io import FilterMismatchError, load_filters_into
+    from ted_scale.distill.filters import FilterBank
+
+    bank = FilterBank([torch.nn.Linear(8, 8)], [0])
+    save_file(bank.state_dict(), tmp_path / "teacher.safetensors")
+    _truncate(tmp_path / "teacher.safetensors")
+    with pytest.raises(FilterMismatchError, match=r"teacher.safetensors: truncated"):
+        load_filters_into(bank, tmp_path, "teacher")

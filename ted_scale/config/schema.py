@@ -156,7 +156,8 @@ class DeepSpeedConfig:
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"
-    seed: int = 1234
+    seed: int = bounded(1234, ge=0, lt=2**32)
+    """Seeds Python, NumPy and torch (NumPy takes 0 <= seed < 2**32)."""
     stage: Stage = "all"
     """Which of the method's phases run: ``filters`` (Stage I: its preparation phases),
     ``distill`` (Stage II: the phases that train the student), ``all`` (every phase, in order).

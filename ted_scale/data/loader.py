@@ -38,6 +38,7 @@ class PackedTokens:
         self.manifest = manifest
         self.seq_len = manifest.seq_len
         self.eos_id = manifest.tokenizer.eos_id
+        self.vocab_size = manifest.tokenizer.vocab_size
         info = manifest.splits[split]
         self.num_samples = info.num_samples
         dtype = np.dtype(DTYPES[manifest.dtype])
@@ -77,7 +78,20 @@ class PackedTokens:
         """Window [seq_len + 1] (int64) of sample i: input_ids = w[:-1], labels = w[1:]."""
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range [0, {self.num_samples})")
-        return self.tokens(i * self.seq_len, self.seq_len + 1)
+        window = self.tokens(i * self.seq_len, self.seq_len + 1)
+        if window.max(initial=0) >= self.vocab_size:
+            self._bad_token(i * self.seq_len + int(np.argmax(window >= self.vocab_size)))
+        return window
+
+    def _bad_token(self, position: int) -> None:
+        """Raise naming the shard, offset and id of an out-of-vocabulary token."""
+        k = int(np.searchsorted(self.offsets, position, side="right")) - 1
+        offset = position - int(self.offsets[k])
+        path = self.data_dir / self.manifest.splits[self.split].shards[k].path
+        raise DataError(
+            f"{path}: token id {int(self.shards[k][offset])} at offset {offset} is outside the "
+            f"vocabulary of {self.vocab_size} tokens (corrupted shard, or another tokenizer)"
+        )
 
     def document_starts(self) -> np.ndarray:
         """Global stream positions [num_documents] (int64) where documents begin."""

@@ -77,6 +77,8 @@ class Manifest:
     stats: dict[str, int] = field(default_factory=dict)
     # The preparation settings that determine the bytes (used to resume or refuse a mismatch).
     settings: dict[str, Any] = field(default_factory=dict)
+    # ted_scale.data.sources.input_fingerprint of the input it was prepared from.
+    inputs: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,14 +109,26 @@ class Manifest:
                 splits=splits,
                 stats=dict(d.get("stats", {})),
                 settings=dict(d.get("settings", {})),
+                inputs=dict(d.get("inputs", {})),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise DataError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
         if m.dtype not in DTYPES:
             raise DataError(f"{where}: unknown dtype {m.dtype!r}")
+        if m.settings.get("seq_len", m.seq_len) != m.seq_len:
+            raise DataError(
+                f"{where}: seq_len {m.seq_len} disagrees with the seq_len "
+                f"{m.settings['seq_len']} the shards were prepared with"
+            )
         for name, s in m.splits.items():
             if sum(sh.num_tokens for sh in s.shards) != s.num_tokens:
                 raise DataError(f"{where}: split {name!r} shard sizes do not add up to num_tokens")
+            if s.num_samples != num_samples(s.num_tokens, m.seq_len):
+                raise DataError(
+                    f"{where}: seq_len {m.seq_len} disagrees with split {name!r}: its "
+                    f"{s.num_tokens} tokens make {num_samples(s.num_tokens, m.seq_len)} samples "
+                    f"of {m.seq_len}, the manifest says {s.num_samples}"
+                )
         return m
 
 

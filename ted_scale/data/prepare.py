@@ -4,6 +4,10 @@ Streaming end to end: documents are read lazily, tokenised in bounded chunks by 
 processes with the Rust tokenizer's batch API, and written to fixed-size shards as they fill;
 memory is one shard buffer per split plus the chunks in flight.
 
+Owned files only: `.prepare.json` records the settings, the input and tokenizer fingerprints and
+every file the preparation writes (before writing it). A re-run resumes only with equal settings
+and fingerprints, deletes only recorded files, and refuses an `--out` holding anything else.
+
 Resumable: a shard is complete once its file is renamed into place. A re-run with the same
 settings keeps complete shards, re-reads the source (cheap: documents in finished shards are
 hashed for their split but not tokenised), drops the already-written prefix of the one document
@@ -15,9 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import sys
 import time
@@ -44,7 +48,13 @@ from ted_scale.data.manifest import (
     token_dtype,
     write_manifest,
 )
-from ted_scale.data.sources import SourceSpec, SourceStats, iter_documents
+from ted_scale.data.sources import (
+    SourceSpec,
+    SourceStats,
+    fingerprint_change,
+    input_fingerprint,
+    iter_documents,
+)
 from ted_scale.data.tokenizer import (
     DEFAULT_TOKENIZER,
     backend_path,
@@ -52,9 +62,15 @@ from ted_scale.data.tokenizer import (
     tokenizer_fingerprint,
     train_bpe_tokenizer,
 )
-from ted_scale.io import atomic_write_bytes, atomic_write_json, file_sha256
+from ted_scale.io import (
+    atomic_replace_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_sha256,
+    replace_dir_leftovers,
+)
 
-STATE_NAME = ".prepare.json"  # settings of an unfinished run, to refuse resuming with others
+STATE_NAME = ".prepare.json"  # the record of an unfinished run: see PrepareState
 CHUNK_CHARS = 1 << 20  # text per worker task: large enough to amortise IPC
 # Test hook: SIGKILL this process right after the N-th shard of this run is renamed into place.
 KILL_AFTER_SHARDS_ENV = "TED_SCALE_PREPARE_KILL_AFTER_SHARDS"
@@ -118,22 +134,26 @@ def prepare(cfg: PrepareConfig) -> Manifest:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = cfg.settings()
+    inputs = input_fingerprint(cfg.source())
     if manifest_path(out).exists():
         manifest = load_manifest(out)
         _check_same_settings(out / "manifest.json", manifest.settings, settings)
-        _log(cfg, f"{out}: already prepared with these settings, nothing to do")
+        if not manifest.inputs:
+            _log(cfg, f"{out}: warning: the manifest records no input fingerprint, input unchecked")
+        elif change := fingerprint_change(manifest.inputs, inputs):
+            raise DataError(
+                f"{out} was prepared from another version of the input ({change}); "
+                "use another --out or delete it"
+            )
+        _log(cfg, f"{out}: already prepared with these settings and input, nothing to do")
         return manifest
-    state = out / STATE_NAME
-    if state.exists():
-        import json
+    state = PrepareState.open(out, settings, inputs)
 
-        _check_same_settings(state, json.loads(state.read_text()), settings)
-    else:
-        atomic_write_json(state, settings)
-
-    tok_info = _prepare_tokenizer(cfg, out)
+    tok_info = _prepare_tokenizer(cfg, out, state)
     dtype = token_dtype(tok_info.vocab_size)
-    writers = {s: ShardWriter(out, s, np.dtype(DTYPES[dtype]), cfg.shard_tokens) for s in SPLITS}
+    writers = {
+        s: ShardWriter(out, s, np.dtype(DTYPES[dtype]), cfg.shard_tokens, state) for s in SPLITS
+    }
     stats, doc_counts = _tokenize_and_write(cfg, out, tok_info, writers)
 
     splits = {}
@@ -146,6 +166,12 @@ def prepare(cfg: PrepareConfig) -> Manifest:
             f"train split has {splits['train'].num_tokens} tokens: fewer than one sample of "
             f"seq_len + 1 = {cfg.seq_len + 1}"
         )
+    if cfg.test_fraction > 0 and splits["test"].num_samples == 0:
+        raise DataError(
+            f"test split has {splits['test'].num_tokens} tokens ({splits['test'].num_documents} "
+            f"documents): fewer than one sample of seq_len + 1 = {cfg.seq_len + 1}; lower "
+            "--seq-len, raise --test-fraction, or use --test-fraction 0 for no test split"
+        )
     manifest = Manifest(
         seq_len=cfg.seq_len,
         dtype=dtype,
@@ -154,9 +180,10 @@ def prepare(cfg: PrepareConfig) -> Manifest:
         splits=splits,
         stats=dataclasses.asdict(stats),
         settings=settings,
+        inputs=inputs,
     )
     write_manifest(out, manifest)
-    state.unlink()
+    state.path.unlink()
     _log(cfg, summary(manifest))
     return manifest
 
@@ -196,16 +223,17 @@ def _is_test(text: str, seed: int, test_fraction: float) -> bool:
     return int.from_bytes(h.digest(), "little") < test_fraction * 2**64
 
 
-def _prepare_tokenizer(cfg: PrepareConfig, out: Path) -> TokenizerInfo:
+def _prepare_tokenizer(cfg: PrepareConfig, out: Path, state: PrepareState) -> TokenizerInfo:
     """Load or train the tokenizer and save it to `out/tokenizer` (kept as is on resume)."""
     tok_dir = out / "tokenizer"
-    name = cfg.tokenizer if cfg.train_tokenizer is None else f"bpe-{cfg.train_tokenizer}"
     if tok_dir.exists():
         tok = load_tokenizer(str(tok_dir))
         if cfg.train_tokenizer is None:
             wanted = tokenizer_fingerprint(load_tokenizer(cfg.tokenizer))
             if wanted != tokenizer_fingerprint(tok):
                 raise DataError(f"{tok_dir} is not the tokenizer {cfg.tokenizer!r}")
+        if state.data.get("tokenizer_sha256") not in (None, tokenizer_fingerprint(tok)):
+            raise DataError(f"{tok_dir} is not the tokenizer this preparation started with")
     else:
         if cfg.train_tokenizer is None:
             tok = load_tokenizer(cfg.tokenizer)
@@ -217,13 +245,103 @@ def _prepare_tokenizer(cfg: PrepareConfig, out: Path) -> TokenizerInfo:
                 if not _is_test(d, cfg.seed, cfg.test_fraction)
             )
             tok = train_bpe_tokenizer(train_docs, cfg.train_tokenizer)
-        tmp = out / "tokenizer.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tok.save_pretrained(str(tmp))
-        os.replace(tmp, tok_dir)
-    return TokenizerInfo(
-        name=name, vocab_size=len(tok), eos_id=tok.eos_token_id, sha256=tokenizer_fingerprint(tok)
-    )
+            if len(tok) < cfg.train_tokenizer:
+                _log(
+                    cfg,
+                    f"warning: --train-tokenizer {cfg.train_tokenizer}: the corpus yields only "
+                    f"{len(tok)} tokens; the tokenizer and manifest record {len(tok)}",
+                )
+        state.record("tokenizer")
+        with atomic_replace_dir(tok_dir) as tmp:
+            tok.save_pretrained(str(tmp))
+    sha = tokenizer_fingerprint(tok)
+    state.set_tokenizer(sha)
+    name = cfg.tokenizer if cfg.train_tokenizer is None else f"bpe-{len(tok)}"
+    return TokenizerInfo(name=name, vocab_size=len(tok), eos_id=tok.eos_token_id, sha256=sha)
+
+
+class PrepareState:
+    """`.prepare.json`: settings, input fingerprint (sources.input_fingerprint), tokenizer
+    fingerprint and the files written so far, each recorded before it is written.
+
+    Only recorded files (and the temporary names of their atomic writes) are ever deleted; an
+    `--out` holding any other file is refused, naming it.
+    """
+
+    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+        self.path = path
+        self.out = path.parent
+        self.data = data
+
+    @classmethod
+    def open(cls, out: Path, settings: dict[str, Any], inputs: dict[str, Any]) -> PrepareState:
+        """Resume the record in `out` (same settings and input) or start one in a clean `out`."""
+        path = out / STATE_NAME
+        if path.exists():
+            try:
+                data = json.loads(path.read_text())
+                old_settings, old_inputs = data["settings"], data["inputs"]
+                assert isinstance(data["written"], list)
+            except (ValueError, KeyError, TypeError, AssertionError):
+                raise DataError(
+                    f"{path}: not a preparation record of this ted_scale version; "
+                    f"delete {out} and prepare again"
+                ) from None
+            _check_same_settings(path, old_settings, settings)
+            if change := fingerprint_change(old_inputs, inputs):
+                raise DataError(
+                    f"{out}: the input changed since this preparation was interrupted "
+                    f"({change}); its shards cannot be reused: delete {out} or use another --out"
+                )
+        else:
+            data = {"settings": settings, "inputs": inputs, "written": []}
+        state = cls(path, data)
+        foreign = state.foreign_files()
+        if foreign:
+            more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+            raise DataError(
+                f"{out} holds files that ted_scale did not write: {', '.join(foreign[:5])}{more}; "
+                "use an empty or new --out (nothing was deleted)"
+            )
+        if not path.exists():
+            state.save()
+        return state
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+    def record(self, rel: str) -> None:
+        """Note `rel` (relative to out) as this preparation's own, before writing it."""
+        if rel not in self.data["written"]:
+            self.data["written"].append(rel)
+            self.save()
+
+    def set_tokenizer(self, sha256: str) -> None:
+        if self.data.get("tokenizer_sha256") != sha256:
+            self.data["tokenizer_sha256"] = sha256
+            self.save()
+
+    def owns(self, rel: str) -> bool:
+        """Whether `rel` is a recorded file, inside a recorded directory, or a temporary name of
+        one (atomic_write_bytes: `.NAME.*.tmp`; atomic_replace_dir: its leftovers)."""
+        written = set(self.data["written"])
+        parts = Path(rel).parts
+        if rel in written or parts[0] in written:
+            return True
+        for name in written:
+            leftovers = {p.name for p in replace_dir_leftovers(self.out / name)}
+            if parts[0] in leftovers:
+                return True
+        parent, base = str(Path(rel).parent), Path(rel).name
+        if base.startswith(".") and base.endswith(".tmp"):
+            original = base[1:].rsplit(".", 2)[0]
+            return str(Path(parent) / original).removeprefix("./") in written | {STATE_NAME}
+        return False
+
+    def foreign_files(self) -> list[str]:
+        """Files under out that this preparation did not write, sorted."""
+        files = (p.relative_to(self.out) for p in self.out.rglob("*") if not p.is_dir())
+        return sorted(str(p) for p in files if str(p) != STATE_NAME and not self.owns(str(p)))
 
 
 class ChunkEncoder:
@@ -340,8 +458,11 @@ class ShardWriter:
     they already hold).
     """
 
-    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int):
+    def __init__(
+        self, out: Path, split: str, dtype: np.dtype, shard_tokens: int, state: PrepareState
+    ):
         self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
+        self.state = state
         self.dir = out / split
         self.dir.mkdir(exist_ok=True)
         self.shards: list[ShardInfo] = []
@@ -354,7 +475,8 @@ class ShardWriter:
             self.shards.append(info)
         kept = {Path(p).name for sh in self.shards for p in (sh.path, sh.doc_starts)}
         for stale in self.dir.iterdir():
-            if stale.name not in kept:  # partial shards and temporary files of a killed run
+            rel = f"{split}/{stale.name}"
+            if stale.name not in kept and state.owns(rel):  # partial shards, temporary files
                 stale.unlink()
         self.resume_skip_docs = max(0, starts_seen - 1)
         self.resume_drop_tokens = len(self.shards) * shard_tokens - last_start
@@ -402,6 +524,8 @@ class ShardWriter:
         starts = (
             np.concatenate(self.starts).astype(np.uint32) if self.starts else np.empty(0, np.uint32)
         )
+        self.state.record(docs)
+        self.state.record(path)
         # Doc starts first: a shard file in place implies its doc-start file is complete.
         atomic_write_bytes(self.out / docs, starts.tobytes())
         atomic_write_bytes(self.out / path, data.tobytes())

@@ -14,6 +14,7 @@ import glob
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ted_scale.data import DataError
 
@@ -65,6 +66,42 @@ def iter_documents(spec: SourceSpec, stats: SourceStats) -> Iterator[str]:
             f"no documents in {spec.input!r} ({stats.files} files, {stats.empty_skipped} empty "
             f"documents, {stats.bad_records_skipped} bad records skipped)"
         )
+
+
+def input_fingerprint(spec: SourceSpec) -> dict[str, Any]:
+    """What identifies the input without reading it: for local files, each one's resolved path,
+    size and modification time (ns) in reading order; for an HF dataset, its name, configuration
+    and split (the hub gives no cheap content identity)."""
+    files = resolve_files(spec.input, SourceStats())
+    if files is None:
+        return {"hf_dataset": spec.input, "hf_config": spec.hf_config, "hf_split": spec.hf_split}
+    entries = []
+    for p in files:
+        st = p.stat()
+        entries.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    return {"files": entries}
+
+
+def fingerprint_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """None if equal, else a short account of the first differences between two fingerprints."""
+    if old == new:
+        return None
+    if "files" not in old or "files" not in new:
+        return f"input {old} -> {new}"
+    before = {path: (size, mtime) for path, size, mtime in old["files"]}
+    after = {path: (size, mtime) for path, size, mtime in new["files"]}
+    notes = [f"{p} removed" for p in before if p not in after]
+    notes += [f"{p} added" for p in after if p not in before]
+    for p in before.keys() & after.keys():
+        (s0, m0), (s1, m1) = before[p], after[p]
+        if s0 != s1:
+            notes.append(f"{p} size {s0} -> {s1} bytes")
+        elif m0 != m1:
+            notes.append(f"{p} modified since")
+    if not notes:
+        notes.append("file order changed")
+    more = f" and {len(notes) - 3} more" if len(notes) > 3 else ""
+    return "; ".join(sorted(notes)[:3]) + more
 
 
 def resolve_files(input: str, stats: SourceStats) -> list[Path] | None:

@@ -17,7 +17,18 @@ DEFAULT_TOKENIZER = "gpt2"
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
-    """Load a fast HF tokenizer (hub name or local folder); it must define an EOS token."""
+    """Load a fast HF tokenizer (hub name or local folder); it must define an EOS token.
+
+    A local folder must hold a complete ``tokenizer.json``: a missing or truncated one is named,
+    never replaced by a tokenizer rebuilt from whatever else the folder holds."""
+    if Path(name_or_path).is_dir():
+        spec = backend_path(name_or_path)
+        try:
+            json.loads(spec.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DataError(f"{spec}: missing (a tokenizer folder needs it)") from None
+        except (OSError, ValueError) as e:
+            raise DataError(f"{spec}: truncated or not JSON ({e})") from None
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
     except (OSError, ValueError) as e:
@@ -26,6 +37,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
         raise DataError(f"tokenizer {name_or_path!r} has no fast (Rust) version")
     if tok.eos_token_id is None:
         raise DataError(f"tokenizer {name_or_path!r} defines no EOS token")
+    if len(tok) < 2:
+        raise DataError(f"tokenizer {name_or_path!r} is empty ({len(tok)} tokens)")
     return tok
 
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ted_scale.distill.filters import FilterBank
+from ted_scale.io import atomic_replace_dir
 
 FORMAT_VERSION = 1
 
@@ -48,18 +48,13 @@ def save_filters(states: dict[str, dict[str, Tensor]], record: FilterRecord, out
     """Write each bank's state dict as ``out_dir/<name>.safetensors`` and the record as
     ``filters.json``.
 
-    Files go to a temporary directory that is renamed into place: ``filters/`` is whole or absent.
+    ``filters/`` is replaced whole (:func:`ted_scale.io.atomic_replace_dir`).
     """
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, state in states.items():
-        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        save_file(state, tmp / f"{name}.safetensors", metadata={"format": "pt"})
-    (tmp / "filters.json").write_text(json.dumps(asdict(record), indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_replace_dir(out_dir) as tmp:
+        for name, state in states.items():
+            state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+            save_file(state, tmp / f"{name}.safetensors", metadata={"format": "pt"})
+        (tmp / "filters.json").write_text(json.dumps(asdict(record), indent=2) + "\n")
 
 
 def read_record(filters_dir: Path) -> FilterRecord:
@@ -90,7 +85,10 @@ def load_filters_into(bank: FilterBank, filters_dir: Path, name: str) -> None:
     path = filters_dir / f"{name}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"missing filter weights {path}")
-    state = load_file(path)
+    try:
+        state = load_file(path)
+    except SafetensorError as e:
+        raise FilterMismatchError(f"{path}: truncated or not a safetensors file ({e})") from None
     own = bank.state_dict()
     for key, tensor in state.items():
         if key not in own or own[key].shape != tensor.shape:

@@ -15,13 +15,13 @@ padding back, refusing if a padded entry is not zero.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
+from ted_scale.io import atomic_replace_dir
 from ted_scale.model.gpt import GPT, SHAPED_TENSORS, GPTConfig
 
 # (our suffix, HF suffix, transposed) for the tensors of one block.
@@ -49,6 +49,37 @@ _TOP_TENSORS = (
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint tensor does not fit the model it is loaded into."""
+
+
+class ModelFolderError(ValueError):
+    """A local HF model folder lacks a file, or holds a truncated or unreadable one."""
+
+
+def check_model_folder(folder: Path) -> None:
+    """A local model folder must hold a readable ``config.json`` and a complete
+    ``model.safetensors`` (or a sharded index); the error names the file."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    config = folder / "config.json"
+    try:
+        json.loads(config.read_text())
+    except FileNotFoundError:
+        raise ModelFolderError(f"{config}: missing (an HF model folder needs it)") from None
+    except (OSError, ValueError) as e:
+        raise ModelFolderError(f"{config}: truncated or not JSON ({e})") from None
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        if (folder / "model.safetensors.index.json").is_file():
+            return
+        found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+        raise ModelFolderError(f"{weights}: missing (the folder holds {found})")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise ModelFolderError(f"{weights}: truncated or not a safetensors file ({e})") from None
 
 
 def config_from_hf(hf_config: GPT2Config, *, dropout: float | None = None) -> GPTConfig:
@@ -212,6 +243,8 @@ def load_pretrained(
     name_or_path: str | os.PathLike, *, config: GPTConfig | None = None, **model_kwargs
 ) -> GPT:
     """Load an HF GPT-2 checkpoint (a hub name such as ``gpt2``, or a local folder), fp32 on CPU."""
+    if Path(name_or_path).is_dir():
+        check_model_folder(Path(name_or_path))
     hf_model = GPT2LMHeadModel.from_pretrained(str(name_or_path), dtype=torch.float32)
     return from_hf_model(hf_model, config=config, source=str(name_or_path), **model_kwargs)
 
@@ -230,21 +263,14 @@ def export_hf(
 ) -> Path:
     """Write ``model`` (and ``tokenizer``) as an HF folder that ``AutoModelForCausalLM`` loads.
 
-    The folder is written under a temporary name and renamed, so a reader never sees half of it.
+    The folder is replaced whole (:func:`ted_scale.io.atomic_replace_dir`): a reader never sees
+    half of it.
     """
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
     eos = tokenizer.eos_token_id if tokenizer is not None else None
     hf_model = to_hf_model(model, eos_token_id=eos)
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export
-    hf_model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
+    with atomic_replace_dir(out_dir) as tmp:
+        hf_model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return out_dir

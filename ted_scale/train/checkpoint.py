@@ -2,29 +2,36 @@
 
 Layout of ``run_dir/checkpoints``::
 
-    <phase>-step00000100/   DeepSpeed's files, rng_rank<r>.pt, then `complete` written last
+    <phase>-step00000100/   DeepSpeed's files, rng_rank<r>.safetensors, then `complete` last
     latest                  the newest complete tag, replaced atomically after `complete`
 
 A save killed half-way leaves a tag without ``complete``; resuming ignores it and falls back to
-the newest complete tag, so the previous checkpoint stays loadable. Tags are ordered by the run's
-phase plan (which the method decides), then by step.
+the newest complete tag, so the previous checkpoint stays loadable. ``complete`` records the
+sha256 of every file of the tag; a resume checks them and falls back, saying so, past a
+corrupted or truncated checkpoint. Nothing a resume reads can run code (safe_checkpoint.py).
+Tags are ordered by the run's phase plan (which the method decides), then by step.
 """
 
 from __future__ import annotations
 
-import random
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
+from ted_scale.config import ConfigError
 from ted_scale.io import atomic_write_text
 from ted_scale.parallel import barrier
+from ted_scale.train.safe_checkpoint import (
+    complete_record,
+    load_rng_state,
+    make_loads_safe,
+    rng_file,
+    save_rng_state,
+    verify_checkpoint,
+)
 
 _TAG = re.compile(r"^(?P<phase>[a-z0-9_]+)-step(?P<step>\d{8})$")
 
@@ -42,37 +49,26 @@ class CheckpointTag:
         return f"{self.phase}-step{self.step:08d}"
 
 
-def rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 class CheckpointManager:
     """The checkpoints of one run and their cadence: every ``interval`` steps (0: never in the
     middle of a phase) and at each phase's last step. ``phases``: the run's phase names in order."""
 
     def __init__(
-        self, root: Path, phases: Sequence[str], *, rank: int, keep: int, interval: int
+        self,
+        root: Path,
+        phases: Sequence[str],
+        *,
+        rank: int,
+        keep: int,
+        interval: int,
+        log: Callable[[str], None] = print,
     ) -> None:
         self.root = root
         self.phases = list(phases)
         self.rank = rank
         self.keep = keep
         self.interval = interval
+        self.log = log
 
     def due(self, step: int, total_steps: int) -> bool:
         return step == total_steps or bool(self.interval and step % self.interval == 0)
@@ -99,19 +95,42 @@ class CheckpointManager:
         return tags[-1] if tags else None
 
     def resolve(self, resume: str) -> CheckpointTag | None:
-        """What ``resume`` (``auto``, ``never`` or a tag directory) points at."""
+        """What ``resume`` (``auto``, ``never`` or a tag directory) points at, checksums checked.
+
+        ``auto`` takes the newest intact checkpoint, naming each damaged one it passes over; an
+        explicit tag directory must be intact.
+        """
         if resume == "never":
             return None
         if resume == "auto":
-            return self.latest()
+            tags = self.complete_tags()
+            for newer, tag in enumerate(reversed(tags)):
+                problem = verify_checkpoint(self.root / tag.name)
+                if problem is None:
+                    if newer:
+                        self.log(f"resuming from {self.root / tag.name}, the newest intact one")
+                    return tag
+                self.log(f"checkpoint {self.root / tag.name} is damaged, skipped: {problem}")
+            if tags:
+                raise FileNotFoundError(
+                    f"{self.root}: no intact checkpoint to resume from (see above); "
+                    "use resume=never in a new output_dir to start afresh"
+                )
+            return None
         path = Path(resume)
+        if path.resolve().parent != self.root.resolve():
+            raise ConfigError(
+                f"resume={resume!r} is not a checkpoint of this run ({self.root}): to continue "
+                f"the run in {path.resolve().parent.parent}, set output_dir to it"
+            )
         tag = self.parse(path.name)
         if tag is None or not (path / "complete").exists():
             raise FileNotFoundError(
                 f"resume={resume!r} is not a complete ted_scale checkpoint directory"
             )
-        if path.resolve().parent != self.root.resolve():
-            raise ValueError(f"resume={resume!r} must be inside this run's {self.root}")
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise FileNotFoundError(f"resume={resume!r} is damaged: {problem}")
         return tag
 
     def save(self, engine, tag: CheckpointTag, client_state: dict[str, Any]) -> Path:
@@ -123,10 +142,10 @@ class CheckpointManager:
         engine.save_checkpoint(
             str(self.root), tag=tag.name, client_state=client_state, save_latest=False
         )
-        torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
+        save_rng_state(rng_file(path, self.rank))
         barrier()
         if self.rank == 0:
-            atomic_write_text(path / "complete", tag.name + "\n")
+            atomic_write_text(path / "complete", complete_record(tag.name, path))
             atomic_write_text(self.root / "latest", tag.name + "\n")
             for old in self.complete_tags()[: -self.keep]:
                 shutil.rmtree(self.root / old.name, ignore_errors=True)
@@ -135,12 +154,13 @@ class CheckpointManager:
 
     def load(self, engine, tag: CheckpointTag) -> dict[str, Any]:
         """Restore engine, optimizer, scheduler and this rank's RNG; return the client state."""
+        make_loads_safe(engine)
         path, client_state = engine.load_checkpoint(
             str(self.root), tag=tag.name, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if path is None:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {self.root / tag.name}")
-        rng_file = self.root / tag.name / f"rng_rank{self.rank}.pt"
-        if rng_file.exists():  # absent when resuming with more ranks than were saved
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        rng = rng_file(self.root / tag.name, self.rank)
+        if rng.exists():  # absent when resuming with more ranks than were saved
+            load_rng_state(rng)
         return client_state

@@ -10,9 +10,12 @@ from pathlib import Path
 from ted_scale.config import ConfigError, load_run_config
 from ted_scale.data import DataError
 from ted_scale.distill.filter_io import FilterMismatchError
+from ted_scale.io import os_error_message
 from ted_scale.model import ModelMismatchError
-from ted_scale.model.hf import CheckpointMismatchError
+from ted_scale.model.hf import CheckpointMismatchError, ModelFolderError
 from ted_scale.parallel.dims import ParallelLayoutError
+from ted_scale.train.run_lock import RunLockedError
+from ted_scale.train.safe_checkpoint import UnsafeCheckpointError
 
 # Errors whose message tells the user what to fix: printed without a traceback.
 USER_ERRORS = (
@@ -20,10 +23,11 @@ USER_ERRORS = (
     DataError,
     FilterMismatchError,
     CheckpointMismatchError,
+    ModelFolderError,
     ModelMismatchError,
     ParallelLayoutError,
-    FileNotFoundError,
-    FileExistsError,
+    RunLockedError,
+    UnsafeCheckpointError,
 )
 
 
@@ -55,5 +59,8 @@ def main(config_path: str, overrides: list[str], plugins: list[str] = ()) -> int
         train(config)
     except (*USER_ERRORS, NonFiniteLossError) as e:
         print(f"pretrain_ted: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # full or read-only disk, a file in the way: path and errno's meaning
+        print(f"pretrain_ted: error: {os_error_message(e)}", file=sys.stderr)
         return 2
     return 0

@@ -50,8 +50,39 @@ def deepspeed_config(config: RunConfig, dp_size: int) -> dict[str, Any]:
     if config.deepspeed.offload_optimizer:
         # The client optimizer is torch's AdamW; it steps the offloaded fp32 states on the CPU.
         ds["zero_force_ds_cpu_optimizer"] = False
+    managed = {k: ds[k] for k in _BATCH_KEYS}
     ds.update(config.deepspeed.extra)
+    _check_extra(config.deepspeed.extra, managed, ds)
     return ds
+
+
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def _check_extra(extra: dict[str, Any], managed: dict[str, Any], ds: dict[str, Any]) -> None:
+    """Refuse ``deepspeed.extra`` values as ConfigErrors naming the key, before DeepSpeed asserts."""
+    for key, ours in managed.items():
+        if key in extra and extra[key] != ours:
+            raise ConfigError(
+                f"deepspeed.extra.{key}={extra[key]!r} contradicts the batch keys ({key} = {ours} "
+                "from batch.global_batch_size, batch.micro_batch_size and the rank count): "
+                "set batch.* instead"
+            )
+    for key in ("fp16", "bf16"):
+        if isinstance(extra.get(key), dict) and extra[key].get("enabled"):
+            raise ConfigError(
+                f"deepspeed.extra.{key}.enabled: precision is set by the `precision` key "
+                "(torch.autocast with fp32 master weights); DeepSpeed's own mode is not supported"
+            )
+    if not extra:
+        return
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig(ds)
+    except (AssertionError, ValueError, TypeError, KeyError) as e:
+        reason = " ".join(str(e).split())
+        raise ConfigError(f"deepspeed.extra: DeepSpeed rejects the config: {reason}") from None
 
 
 def build_engine(

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ted_scale.io import atomic_write_text
+
 
 class LossAverager:
     """Sums detached loss tensors on the device between log lines; one host sync per ``pop``.
@@ -77,17 +79,23 @@ class MetricsWriter:
             self.tb.flush()
 
     def truncate_after(self, stage: str, step: int) -> None:
-        """Drop lines logged after a checkpoint that is being resumed, so none appear twice."""
+        """Drop lines of ``stage`` logged after ``step`` (the checkpoint being resumed, or 0 for a
+        stage that starts afresh), so none appear twice; also a last line that a kill cut short.
+        """
         if not self.enabled or not self.path.exists():
             return
+        lines = self.path.read_text().splitlines()
         kept = []
-        for line in self.path.read_text().splitlines():
-            record = json.loads(line)
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                if number == len(lines):  # a line half-written by a killed run
+                    continue
+                raise ValueError(f"{self.path}:{number}: not a JSON metrics line") from None
             if record.get("stage") == stage and record.get("step", 0) > step:
                 continue
             kept.append(line)
-        from ted_scale.io import atomic_write_text
-
         atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
 
     def close(self) -> None:

@@ -16,10 +16,13 @@ from ted_scale.distill.layer_map import resolve_layer_map
 from ted_scale.model import GPT, ModelMismatchError, load_pretrained, student_from_teacher
 from ted_scale.model.compile import compile_blocks, compile_enabled
 
+# Any of these in a model folder means it ships a tokenizer, which must then load whole.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
+
 
 def folder_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerFast | None:
     """The tokenizer saved beside a local HF model folder, if there is one."""
-    if name_or_path and (Path(name_or_path) / "tokenizer.json").is_file():
+    if name_or_path and any((Path(name_or_path) / f).is_file() for f in TOKENIZER_FILES):
         return load_tokenizer(name_or_path)
     return None
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ted_scale.config import ConfigError, RunConfig, save_resolved
+from ted_scale.config import ConfigError, RunConfig
 from ted_scale.data.loader import DistributedBatchLoader, PackedTokens, open_split
 from ted_scale.data.tokenizer import tokenizer_fingerprint
 from ted_scale.distill.methods import MethodContext, Phase, get_method
@@ -26,7 +26,7 @@ from ted_scale.io import atomic_write_json
 from ted_scale.parallel import barrier, init_parallel
 from ted_scale.precision import autocast, compute_dtype, storage_dtype
 from ted_scale.train.checkpoint import CheckpointManager, CheckpointTag
-from ted_scale.train.engine import build_engine, gradient_accumulation_steps
+from ted_scale.train.engine import build_engine, deepspeed_config, gradient_accumulation_steps
 from ted_scale.train.evaluation import InTrainingEval
 from ted_scale.train.metrics import MetricsWriter, StepLog, Throughput
 from ted_scale.train.models import (
@@ -39,6 +39,7 @@ from ted_scale.train.models import (
 )
 from ted_scale.train.nonfinite import NonFiniteGuard
 from ted_scale.train.prefetch import TeacherFeed
+from ted_scale.train.run_dir import claim_run_dir
 
 
 def seed_everything(seed: int) -> None:
@@ -62,6 +63,7 @@ class Trainer:
                 f"stage={config.stage} with method={config.method}: nothing to do "
                 f"(the method's phases: {phases})"
             )
+        deepspeed_config(config, self.dims.dp_size)  # batch and deepspeed.extra, checked now
         self._prepare_run_dir()
         seed_everything(config.seed)
         self.tokenizer = run_tokenizer(config)
@@ -78,6 +80,7 @@ class Trainer:
             rank=self.dims.rank,
             keep=config.checkpoint.keep,
             interval=config.checkpoint.interval,
+            log=self._log_console,
         )
         self.metrics = MetricsWriter(
             self.run_dir, enabled=self.main, tensorboard=config.log.tensorboard
@@ -102,15 +105,9 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- set-up
     def _prepare_run_dir(self) -> None:
-        config = self.config
+        """Lock the run directory (one run per directory) and record this invocation's config."""
         if self.main:
-            if config.resume == "never" and self.run_dir.exists() and any(self.run_dir.iterdir()):
-                raise FileExistsError(
-                    f"{self.run_dir} is not empty and resume=never: choose another output_dir "
-                    "or resume=auto"
-                )
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved(config, self.run_dir)
+            self.lock = claim_run_dir(self.config, self.run_dir, self._log_console)
         barrier()
 
     def _progress(self) -> dict[str, Any]:
@@ -174,6 +171,8 @@ class Trainer:
             f"{self.total_tokens / max(wall, 1e-9):,.0f} tokens/s overall; outputs in {self.run_dir}"
         )
         self.metrics.close()
+        if self.main:
+            self.lock.release()
 
     # ----------------------------------------------------------------------------- the loop
     def train_phase(self, phase: Phase, tag: CheckpointTag | None) -> None:
@@ -197,10 +196,10 @@ class Trainer:
             loader.load_state_dict(client["loader"])
             step = client["step"]
             self.total_tokens = client.get("total_tokens", 0)
-            self.metrics.truncate_after(phase.name, step)
             self._log_console(
                 f"{phase.name}: resumed from {self.checkpoints.root / tag.name} at step {step}"
             )
+        self.metrics.truncate_after(phase.name, step)  # step 0: lines of a run killed before
         seq_len = loader.dataset.seq_len
         tokens_per_step = config.batch.global_batch_size * seq_len
         feed = TeacherFeed(loader, phase.tapper, self.device, prefetch=self._prefetch())

@@ -1,0 +1,209 @@
+"""What a resume reads cannot run code, is checked against its checksums, and is not shared with a
+second run; the config record and metrics survive kills and changed resumes (issue 17)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ted_scale.config import ConfigError, load_run_config
+from ted_scale.train.run_lock import RunLockedError
+from ted_scale.train.safe_checkpoint import UnsafeCheckpointError, complete_record
+from ted_scale.train.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = ("stage2.max_steps=2", "checkpoint.interval=1", "checkpoint.keep=5", "log.interval=1")
+
+
+def _config(data: Path, out: Path, *overrides: str):
+    return load_run_config(
+        REPO / "configs" / "tiny-kd.yaml",
+        [f"data.path={data}", f"output_dir={out}", "log.tensorboard=false", *STEPS, *overrides],
+    )
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_data, tmp_path_factory) -> Path:
+    """A 2-step KD run (ZeRO-1) with checkpoints at steps 1 and 2."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    torch.set_num_threads(1)
+    Trainer(_config(tiny_data, run)).run()
+    return run
+
+
+def _copy_to_resume(finished_run: Path, tmp_path: Path) -> Path:
+    """A copy of the finished run whose stage is not marked done, so the next run resumes it."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "progress.json").unlink()
+    return run
+
+
+class _CreatesFile:
+    """Unpickling this creates a file: the stand-in for arbitrary code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pickle_that_runs_code_is_refused_for_every_file_a_resume_reads(
+    finished_run, tiny_data, tmp_path
+):
+    tag = "stage2-step00000002"
+    names = sorted(p.name for p in (finished_run / "checkpoints" / tag).iterdir())
+    assert {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"} <= set(names)
+    for name in names:
+        if name == "complete":
+            continue
+        case = tmp_path / name
+        run = _copy_to_resume(finished_run, case)
+        ckpt = run / "checkpoints" / tag
+        marker = case / "code_ran"
+        torch.save({"state": _CreatesFile(marker)}, ckpt / name)
+        # The attacker also rewrites the checksums: only the loader itself can stop this.
+        (ckpt / "complete").write_text(complete_record(tag, ckpt))
+        with pytest.raises(UnsafeCheckpointError, match=rf"{ckpt / name}: "):
+            Trainer(_config(tiny_data, run)).run()
+        assert not marker.exists(), f"loading {name} ran code"
+
+
+def test_a_corrupted_newest_checkpoint_is_named_and_the_run_falls_back_to_the_intact_one(
+    finished_run, tiny_data, tmp_path, capsys
+):
+    run = _copy_to_resume(finished_run, tmp_path)
+    newest = run / "checkpoints" / "stage2-step00000002" / "mp_rank_00_model_states.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, `complete` still in place
+    Trainer(_config(tiny_data, run)).run()
+    out = capsys.readouterr().out
+    assert f"{newest}: checksum mismatch" in out
+    assert "resuming from" in out and "stage2-step00000001, the newest intact one" in out
+    # Step 2 was recomputed from step 1 and gives the uninterrupted run's numbers.
+    again = [(r["step"], r["loss"]) for r in _metrics(run) if "loss" in r]
+    assert again == [(r["step"], r["loss"]) for r in _metrics(finished_run) if "loss" in r]
+
+
+def test_a_second_run_on_a_locked_directory_is_refused_and_a_dead_holders_lock_taken_over(
+    tiny_data, tmp_path, subprocess_env, capsys
+):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from ted_scale.train.run_lock import "
+            "RunLock; RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); "
+            "time.sleep(120)",
+            str(run),
+        ],
+        env=subprocess_env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockedError, match=rf"in use by another run \(pid {holder.pid} on"):
+            Trainer(_config(tiny_data, run))
+        assert not (run / "config.yaml").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    Trainer(_config(tiny_data, run, "stage2.max_steps=1")).run()
+    assert (
+        f"took over the lock left in {run / '.lock'} by pid {holder.pid} on host"
+        in capsys.readouterr().out
+    )
+    assert not (run / ".lock").exists()  # released at the end
+
+
+def test_a_half_written_metrics_line_is_dropped_on_resume(finished_run, tiny_data, tmp_path):
+    run = _copy_to_resume(finished_run, tmp_path)
+    shutil.rmtree(run / "checkpoints" / "stage2-step00000002")
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "stage": "stage2", "lo')  # the kill came mid-line
+    Trainer(_config(tiny_data, run)).run()
+    assert [(r["stage"], r["step"]) for r in _metrics(run)] == [("stage2", 1), ("stage2", 2)]
+    assert _metrics(run)[1]["loss"] == _metrics(finished_run)[1]["loss"]
+
+
+def test_a_kill_before_the_first_checkpoint_leaves_no_duplicated_metrics_lines(
+    finished_run, tiny_data, tmp_path
+):
+    run = _copy_to_resume(finished_run, tmp_path)
+    shutil.rmtree(run / "checkpoints")  # killed after logging steps 1-2, before any checkpoint
+    Trainer(_config(tiny_data, run)).run()
+    assert [(r["stage"], r["step"]) for r in _metrics(run)] == [("stage2", 1), ("stage2", 2)]
+
+
+def test_a_resume_keeps_the_original_config_and_names_changed_keys(
+    finished_run, tiny_data, tmp_path, capsys
+):
+    run = _copy_to_resume(finished_run, tmp_path)
+    original = (run / "config.yaml").read_bytes()
+    with pytest.raises(ConfigError, match=r"seed: 1234 -> 7.*restore those values"):
+        Trainer(_config(tiny_data, run, "seed=7"))
+    assert (run / "config.yaml").read_bytes() == original
+    assert not (run / "config.2.yaml").exists()
+
+    Trainer(_config(tiny_data, run, "optim.lr=0.5", "log.interval=2")).run()
+    out = capsys.readouterr().out
+    assert "warning: optim.lr changed (0.001 -> 0.5) but is ignored by this resume" in out
+    assert "log.interval: 1 -> 2" in out
+    assert (run / "config.yaml").read_bytes() == original
+    assert "lr: 0.5" in (run / "config.2.yaml").read_text()
+
+
+def test_resume_pointing_into_another_run_is_a_config_error(finished_run, tiny_data, tmp_path):
+    other = finished_run / "checkpoints" / "stage2-step00000001"
+    with pytest.raises(ConfigError, match=rf"resume='{other}' is not a checkpoint of this run"):
+        Trainer(_config(tiny_data, tmp_path / "run", f"resume={other}")).run()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("seed=-1", r"seed must be >= 0, got -1"),
+        (
+            "deepspeed.extra={train_batch_size: 7}",
+            r"deepspeed.extra.train_batch_size=7 contradicts",
+        ),
+        ("deepspeed.extra={zero_optimization: {bogus: 1}}", r"deepspeed.extra: DeepSpeed rejects"),
+        ("deepspeed.extra={bf16: {enabled: true}}", r"deepspeed.extra.bf16.enabled: precision"),
+    ],
+)
+def test_bad_seed_and_deepspeed_extra_are_config_errors_before_any_file_is_written(
+    tiny_data, tmp_path, override, message
+):
+    with pytest.raises(ConfigError, match=message):
+        Trainer(_config(tiny_data, tmp_path / "run", override))
+    assert not (tmp_path / "run").exists()
+
+
+def test_global_batch_not_divisible_by_micro_batch_times_ranks_is_a_config_error(tiny_data):
+    from ted_scale.train.engine import gradient_accumulation_steps
+
+    config = _config(tiny_data, Path("unused"))
+    with pytest.raises(ConfigError, match=r"multiple of micro_batch_size x ranks = 4 x 3"):
+        gradient_accumulation_steps(config, world_size=3)
