@@ -205,5 +205,7 @@ def test_global_batch_not_divisible_by_micro_batch_times_ranks_is_a_config_error
     from ted_scale.train.engine import gradient_accumulation_steps
 
     config = _config(tiny_data, Path("unused"))
-    with pytest.raises(ConfigError, match=r"multiple of micro_batch_size x ranks = 4 x 3"):
-        gradient_accumulation_steps(config, world_size=3)
+    with pytest.raises(
+        ConfigError, match=r"multiple of batch.micro_batch_size x data-parallel ranks = 4 x 3"
+    ):
+        gradient_accumulation_steps(config, dp_size=3)

@@ -22,10 +22,10 @@ LAYER_PLOTS = {
     "filter_loss.png": re.compile(r"loss_filter_(\d+)"),
 }
 EVAL_KEYS = {"eval_heldout_ppl": "held-out perplexity", "eval_lambada_acc": "LAMBADA accuracy"}
-# Figure 2's training loss is that of the student: the phases that report the next-token loss
-# ``loss_ce`` (whichever method named them); Stage I's summed filter losses live on another scale
-# and get their own per-filter figure.
-STUDENT_PART = "loss_ce"
+# Figure 2's training loss is that of the student, whichever method named its phases; a phase that
+# trains filters (it reports ``loss_filter_k``: Stage I) sums losses on another scale, and gets
+# its own per-filter figure instead.
+FILTER_PART = "loss_filter_"
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -53,12 +53,12 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 def _series(
     records: list[dict], key: str, student_only: bool = False
 ) -> dict[str, tuple[list[int], list[float]]]:
-    """stage -> (steps, values) of `key`, skipping non-finite values; with `student_only`, only
-    the stages that train the student (they report `STUDENT_PART`)."""
-    student = {r.get("stage") for r in records if STUDENT_PART in r}
+    """stage -> (steps, values) of `key`, skipping non-finite values; with `student_only`, without
+    the stages that train filters."""
+    filters = {r.get("stage") for r in records if any(k.startswith(FILTER_PART) for k in r)}
     out: dict[str, tuple[list[int], list[float]]] = {}
     for r in records:
-        if student_only and r.get("stage") not in student:
+        if student_only and r.get("stage") in filters:
             continue
         value = r.get(key)
         if isinstance(value, (int, float)) and math.isfinite(value):
