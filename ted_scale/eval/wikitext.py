@@ -141,10 +141,10 @@ def load_wikitext_hf(split: str = "test", *, max_articles: int | None = None) ->
     its articles joined by "\\n" (needs the hub or its cache)."""
     from datasets import load_dataset  # heavy import, only for this path
 
+    if split not in _HF_SPLITS:
+        raise EvalError(f"no WikiText split {split!r} (have {sorted(_HF_SPLITS)})")
     try:
-        pages = load_dataset(*HF_DATASET, split=_HF_SPLITS[split])["page"]
-    except KeyError:
-        raise EvalError(f"no WikiText split {split!r} (have {sorted(_HF_SPLITS)})") from None
+        pages = list(load_dataset(*HF_DATASET, split=_HF_SPLITS[split])["page"])
     except Exception as e:  # the hub raises many types (connection, missing config, ...)
         raise EvalError(f"cannot load {'/'.join(HF_DATASET)}: {e}") from None
     return "\n".join(pages[:max_articles] if max_articles is not None else pages)
