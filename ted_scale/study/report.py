@@ -75,6 +75,13 @@ def row_result(
     return out
 
 
+def _budget(raw: dict[str, Any], stage: str) -> str:
+    steps = raw.get(stage, {}).get("max_steps")
+    batch = raw.get("batch", {}).get("global_batch_size")
+    lr = raw.get(stage, {}).get("lr") or raw.get("optim", {}).get("lr")
+    return f"{steps} steps of {batch} sequences, lr {lr}"
+
+
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -186,8 +193,9 @@ def write_report(study: StudyConfig, outcome: dict[str, Any], wall_seconds: floa
         "",
         f"Corpus `{study.corpus.path}` (BPE {study.corpus.vocab_size}, {study.corpus.seq_len}-"
         f"token samples, {100 * study.corpus.test_fraction:.0f} % of chapters held out); "
-        f"seeds {study.seeds}; every student row has the same Stage II budget (steps, batch, "
-        "optimizer) and starts from the teacher's blocks at the paper's layer map.",
+        f"seeds {study.seeds}. Every student row starts from the teacher's blocks at the "
+        f"paper's layer map and has the same Stage II budget: {_budget(study.student, 'stage2')}; "
+        f"TED's and TED-KL's Stage I (filter training) adds {_budget(study.student, 'stage1')}.",
         "",
         "| model | held-out ppl | WikiText-2 token ppl | WikiText-2 word ppl | pre-training FLOPs |",
         "|---|---:|---:|---:|---:|",
