@@ -243,9 +243,17 @@ def write_report(study: StudyConfig, outcome: dict[str, Any], wall_seconds: floa
         elif r["status"] != "done":
             md.append(f"- {r['name']}: {r['status']}; failures: {r.get('failures', {})}.")
     md.append(f"- Figures: {', '.join(f'`{p}`' for p in figures.values())}.")
+    done = [teacher] + [
+        read_done(paths.run_dir(r.name, s))
+        for r in all_rows
+        for s in study.seeds
+        if is_done(paths.run_dir(r.name, s))
+    ]
+    run_seconds = sum(d.get("train_seconds", 0) + d.get("eval_seconds", 0) for d in done)
     md.append(
         f"- Machine: {os.cpu_count()} CPU cores, {platform.platform()}; this invocation took "
-        f"{wall_seconds / 60:.1f} min."
+        f"{wall_seconds / 60:.1f} min; the finished runs took {run_seconds / 60:.1f} min of "
+        f"training and evaluation in all ({study.workers} at a time)."
     )
     out_md = paths.root / "results.md"
     atomic_write_text(out_md, "\n".join(md) + "\n")
@@ -261,6 +269,7 @@ def write_report(study: StudyConfig, outcome: dict[str, Any], wall_seconds: floa
             "lambada": {"included": lambada, "note": outcome["lambada"]},
             "figures": figures,
             "wall_seconds": round(wall_seconds, 1),
+            "run_seconds": round(run_seconds, 1),
         },
     )
     return out_md
