@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from ted_scale.config import ConfigError
 from ted_scale.io import atomic_write_json
 from ted_scale.study.aggregate import metric_by_seed, paired_difference, summarize
-from ted_scale.study.config import StudyConfig, SweepPoint
+from ted_scale.study.config import StudyConfig, SweepPoint, load_study_config
 from ted_scale.study.plan import DONE_FILE, StudyPaths, is_done, rows
 from ted_scale.study.report import write_report
 from ted_scale.study.runner import Job, StudyError, execute, plan_jobs
 
+ROOT = Path(__file__).resolve().parent.parent
 UNKNOWN = "not_a_method"  # stays unknown to the trainer whatever methods it gains
 
 
@@ -59,7 +61,20 @@ def test_unknown_method_is_a_missing_row_not_a_job(tmp_path):
     assert set(missing) == {UNKNOWN} and "method" in missing[UNKNOWN]
     assert {j.row.name for j in jobs} == {"alone", "kd", "ted", "ted a=0.3"}
     assert len(jobs) == 4 * 3  # every other row, every seed
-    assert [r.name for r in rows(_study(tmp_path))][0] == "alone"
+    assert rows(_study(tmp_path))[0].name == "alone"
+
+
+def test_shipped_study_config_plans_every_row(tmp_path):
+    """configs/study-cpu.yaml: >= 3 seeds, every run config accepted by the trainer's loader."""
+    study = load_study_config(ROOT / "configs" / "study-cpu.yaml", [f"output_dir={tmp_path}"])
+    jobs, missing = plan_jobs(study, StudyPaths(tmp_path))
+    assert len(study.seeds) >= 3 and {"kd", "lwd", "ted", "ted_kl"} <= set(study.methods)
+    planned = {j.row.name for j in jobs}
+    assert planned | set(missing) == {r.name for r in rows(study)}
+    assert len(jobs) == len(planned) * len(study.seeds)
+    sweep = [p.overrides for p in study.sweep]
+    assert len({o["distill.alpha_layer"] for o in sweep if "distill.alpha_layer" in o} | {0.1}) >= 3
+    assert {"filters.arch": "mlp"} in sweep
 
 
 def test_bad_study_keys_are_refused_by_the_trainers_loader(tmp_path):
@@ -118,7 +133,9 @@ def test_report_has_mean_std_paired_rows_and_the_missing_method(tmp_path):
     _fake_done(paths.teacher, 20.0, 100.0)
     (paths.teacher / "metrics.jsonl").write_text(
         "".join(
-            json.dumps({"step": s, "stage": "lm", "loss": 5 - s / 100, "eval_heldout_ppl": 40 - s / 10})
+            json.dumps(
+                {"step": s, "stage": "lm", "loss": 5 - s / 100, "eval_heldout_ppl": 40 - s / 10}
+            )
             + "\n"
             for s in range(10, 60, 10)
         )
