@@ -1,11 +1,11 @@
-# The two commands of the README: `make test` and `make demo`. Both set up .venv first.
+# The commands of the README: `make test`, `make demo` and `make study`. All set up .venv first.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup test demo lint bench gpu-check clean
+.PHONY: setup test demo study lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,9 @@ lint: setup
 demo: setup
 	$(PY) launch/demo.py
 
+study: setup
+	$(PY) launch/study.py --config configs/study-cpu.yaml
+
 bench: setup
 	$(PY) launch/bench_throughput.py --preset cpu
 
@@ -37,4 +40,4 @@ gpu-check: setup
 	$(PY) launch/gpu_check.py
 
 clean:
-	rm -rf $(VENV) runs/demo
+	rm -rf $(VENV) runs/demo runs/study

@@ -12,6 +12,8 @@ import sys
 from ted_scale.data import DataError
 from ted_scale.eval import EvalError
 from ted_scale.eval.suite import SOURCES, format_summary, run_evaluation
+from ted_scale.eval.wikitext import PROTOCOLS
+from ted_scale.eval.wikitext import SOURCES as WIKITEXT_SOURCES
 from ted_scale.io import atomic_write_json
 
 
@@ -22,11 +24,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="prepared data directory (for heldout: its test split)")
     p.add_argument("--out", required=True, help="results JSON file (written atomically)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--stride", type=int, help="WikiText window stride (default: half the window)")
+    p.add_argument(
+        "--wikitext-protocol",
+        choices=PROTOCOLS,
+        default="lm-eval",
+        help="lm-eval: per article, disjoint windows, as lm-evaluation-harness (comparable with "
+        "published numbers); stream: one stream, overlapping windows (see --stride)",
+    )
+    p.add_argument("--stride", type=int, help="stream protocol's window step (default: half)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--no-detokenize", action="store_true", help="score WikiText as released")
     p.add_argument("--lambada-source", choices=SOURCES, default="bundled")
-    p.add_argument("--wikitext-source", choices=SOURCES, default="bundled")
+    p.add_argument(
+        "--wikitext-source",
+        choices=WIKITEXT_SOURCES,
+        default="auto",
+        help="hf: the raw release (wikitext-2-raw-v1); bundled: the tokenised release shipped "
+        "with ted_scale (wikitext-2-v1); auto: hf when the HF hub answers, else bundled",
+    )
     p.add_argument("--max-examples", type=int, help="cap passages / articles / batches")
     args = p.parse_args(argv)
     try:
@@ -40,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             detokenize=not args.no_detokenize,
             lambada_source=args.lambada_source,
             wikitext_source=args.wikitext_source,
+            wikitext_protocol=args.wikitext_protocol,
             max_examples=args.max_examples,
         )
         atomic_write_json(args.out, results)

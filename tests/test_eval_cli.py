@@ -55,8 +55,12 @@ def test_evaluate_writes_contract_keys(run_dir, tmp_path, capsys):
         "3",
         "--batch-size",
         "2",
+        "--wikitext-protocol",
+        "stream",
         "--stride",
         "8",
+        "--wikitext-source",
+        "bundled",
         "--device",
         "cpu",
     ]
@@ -64,11 +68,18 @@ def test_evaluate_writes_contract_keys(run_dir, tmp_path, capsys):
     results = json.loads(out.read_text())
     assert set(results["lambada"]) >= {"accuracy", "perplexity", "num_examples"}
     assert set(results["wikitext"]) >= {
+        "protocol",
+        "source",
         "token_perplexity",
         "word_perplexity",
+        "byte_perplexity",
+        "bits_per_byte",
         "num_tokens",
         "num_words",
+        "num_bytes",
     }
+    assert results["wikitext"]["protocol"] == "stream"
+    assert results["wikitext"]["source"].startswith("wikitext-2-v1 (bundled")
     assert results["lambada"]["num_examples"] == 3
     assert results["wikitext"]["stride"] == 8 and results["wikitext"]["detokenized"] is True
     assert results["model"] == str(run_dir / "student_hf")
@@ -99,6 +110,12 @@ def test_heldout_without_data_dir_is_refused(run_dir, tmp_path, capsys):
     argv = ["--model", str(run_dir), "--tasks", "heldout", "--out", str(tmp_path / "r.json")]
     assert _main("evaluate.py")(argv) == 2
     assert "needs --data" in capsys.readouterr().err
+
+
+def test_stride_without_stream_protocol_is_refused(run_dir, tmp_path, capsys):
+    argv = ["--model", str(run_dir), "--tasks", "wikitext", "--stride", "8"]
+    assert _main("evaluate.py")([*argv, "--out", str(tmp_path / "r.json")]) == 2
+    assert "--stride applies to --wikitext-protocol stream only" in capsys.readouterr().err
 
 
 def test_run_directory_without_student_is_refused(tmp_path):
@@ -135,6 +152,8 @@ def _results(accuracy: float, ppl: float) -> dict:
     return {
         "lambada": {"accuracy": accuracy, "perplexity": ppl, "num_examples": 5153},
         "wikitext": {
+            "protocol": "lm-eval",
+            "source": "wikitext-2-v1 (bundled)",
             "token_perplexity": 30.0,
             "word_perplexity": ppl + 1,
             "num_tokens": 1,
@@ -165,7 +184,11 @@ def test_report_turns_four_results_into_table(tmp_path, capsys):
         == 0
     )
     lines = out.read_text().splitlines()
-    assert [line.split("|")[1].strip() for line in lines[2:]] == ["teacher", "KD", "LWD", "TED"]
+    assert [line.split("|")[1].strip() for line in lines[2:6]] == ["teacher", "KD", "LWD", "TED"]
+    assert lines[7] == (
+        "WikiText ppl: word perplexity; protocol lm-eval; source wikitext-2-v1 (bundled)."
+    )
+    assert lines[9] == "WikiText ppl: word perplexity; protocol not recorded; source not recorded."
     assert "LAMBADA acc (%) (zero-shot)" in lines[0] and "WikiText ppl (transfer)" in lines[0]
     assert lines[2] == "| teacher | 34.10 | 36.10 | 35.10 | 32.50 | – | – | – | – |"
     assert lines[5] == "| TED | 44.50 | 46.50 | 45.50 | 25.00 | – | 21.25 | – | – |"

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +24,14 @@ from ted_scale.eval import EvalError
 from ted_scale.eval.heldout import evaluate_heldout
 from ted_scale.eval.lambada import evaluate_lambada, load_lambada
 from ted_scale.eval.models import load_model
-from ted_scale.eval.wikitext import detokenize, evaluate_wikitext, load_wikitext, sliding_windows
+from ted_scale.eval.wikitext import (
+    count_words,
+    detokenize,
+    evaluate_wikitext,
+    load_wikitext,
+    sliding_windows,
+    split_articles,
+)
 from ted_scale.model import GPT, GPTConfig, export_hf
 
 WINDOW = 32
@@ -146,14 +156,100 @@ def test_wikitext_matches_transformers(model_dir, reference, stride, detok):
     model, tokenizer, _ = load_model(model_dir)
     text = load_wikitext(max_articles=1)[:3000]
     got = evaluate_wikitext(
-        model, tokenizer, text, stride=stride, batch_size=6, detokenize_text=detok
+        model,
+        tokenizer,
+        text,
+        protocol="stream",
+        stride=stride,
+        batch_size=6,
+        detokenize_text=detok,
     )
     hf, tok = reference
     total, n = _reference_wikitext_nll(hf, tok, detokenize(text) if detok else text, stride)
-    words = len(text.split())
+    words = len(re.split(r"\s+", text))
     assert (got["num_tokens"], got["num_words"], got["detokenized"]) == (n, words, detok)
     assert got["token_perplexity"] == pytest.approx(math.exp(total / n), rel=RTOL)
     assert got["word_perplexity"] == pytest.approx(math.exp(total / words), rel=RTOL)
+
+
+def _reference_lm_eval_nll(hf, tok, article: str) -> tuple[float, int]:
+    """By hand: the article detokenised, EOS-prefixed, cut into disjoint windows of WINDOW
+    targets; target t (1-based) sits in the window ending at min(ceil(t / WINDOW) * WINDOW, n),
+    whose inputs are the WINDOW tokens before that end (fewer at the start)."""
+    stream = [tok.eos_token_id, *tok(detokenize(article), add_special_tokens=False)["input_ids"]]
+    n = len(stream) - 1
+    cache: dict[int, torch.Tensor] = {}
+    total = 0.0
+    for t in range(1, n + 1):
+        end = min(math.ceil(t / WINDOW) * WINDOW, n)
+        begin = max(0, end - WINDOW)
+        if begin not in cache:
+            cache[begin] = _log_probs(hf, stream[begin:end])
+        total -= cache[begin][t - 1 - begin, stream[t]].item()
+    return total, n
+
+
+def test_wikitext_lm_eval_protocol_matches_hand_computation(model_dir, reference):
+    """Per article, EOS first, disjoint windows; words and bytes counted on the text as released."""
+    model, tokenizer, _ = load_model(model_dir)
+    text = load_wikitext(max_articles=2)
+    articles = split_articles(text)
+    got = evaluate_wikitext(model, tokenizer, text, batch_size=5)
+    parts = [_reference_lm_eval_nll(*reference, a) for a in articles]
+    total, n = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    words = sum(len(re.split(r"\s+", a)) for a in articles)
+    num_bytes = sum(len(a.encode("utf-8")) for a in articles)
+    assert len(articles) == 2 and all(n_a > WINDOW for _, n_a in parts)  # several windows each
+    assert (got["protocol"], got["num_articles"], got["stride"]) == ("lm-eval", 2, WINDOW)
+    assert (got["num_tokens"], got["num_words"], got["num_bytes"]) == (n, words, num_bytes)
+    assert got["token_perplexity"] == pytest.approx(math.exp(total / n), rel=RTOL)
+    assert got["word_perplexity"] == pytest.approx(math.exp(total / words), rel=RTOL)
+    assert got["byte_perplexity"] == pytest.approx(math.exp(total / num_bytes), rel=RTOL)
+    assert got["bits_per_byte"] == pytest.approx(total / num_bytes / math.log(2), rel=RTOL)
+
+
+def test_wikitext_articles_and_words_as_the_harness_counts_them():
+    text = " \n = A = \n \n x y \n = = S = = \n z \n = B = \n w \n"
+    articles = split_articles(text)
+    assert articles == [" = A = \n \n x y \n = = S = = \n z ", " = B = \n w \n"]
+    assert [count_words(a) for a in articles] == [13, 6]  # leading/trailing "" count as words
+    whole = load_wikitext()
+    assert len(split_articles(whole)) == 62
+    assert sum(count_words(a) for a in split_articles(whole)) == 241335  # lm-eval's count
+    assert split_articles(load_wikitext(max_articles=3)) == split_articles(whole)[:3]
+
+
+def test_wikitext_protocol_matches_lm_evaluation_harness(model_dir, tmp_path):
+    """lm-eval's own wikitext task (its detokenizer, rolling windows and counts) on the same
+    model and articles; runs only where lm-eval is installed (it is not a dependency)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    text = load_wikitext(max_articles=2)
+    with (tmp_path / "pages.jsonl").open("w") as f:
+        f.writelines(json.dumps({"page": a}) + "\n" for a in split_articles(text))
+    stock = Path(lm_eval.__file__).parent / "tasks" / "wikitext"
+    shutil.copy(stock / "preprocess_wikitext.py", tmp_path)
+    yaml = (stock / "wikitext.yaml").read_text()
+    yaml = yaml.replace("task: wikitext", "task: wikitext_local").replace(
+        "dataset_name: wikitext-2-raw-v1",
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'pages.jsonl'}",
+    )
+    yaml = yaml.replace("dataset_path: EleutherAI/wikitext_document_level", "dataset_path: json")
+    yaml = yaml.replace("training_split: train\nvalidation_split: validation\n", "")
+    (tmp_path / "wikitext_local.yaml").write_text(yaml)
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={model_dir},dtype=float32",
+        tasks=["wikitext_local"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        batch_size=8,
+        device="cpu",
+    )["results"]["wikitext_local"]
+    model, tokenizer, _ = load_model(model_dir)
+    got = evaluate_wikitext(model, tokenizer, text)
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert got[metric] == pytest.approx(results[f"{metric},none"], rel=1e-6)
 
 
 def test_evaluating_twice_gives_identical_numbers(model_dir):
@@ -184,7 +280,13 @@ def test_smaller_stride_does_not_raise_perplexity(model_dir):
     model, tokenizer, _ = load_model(model_dir)
     ppl = {
         s: evaluate_wikitext(
-            model, tokenizer, _train_text(), stride=s, batch_size=16, detokenize_text=False
+            model,
+            tokenizer,
+            _train_text(),
+            protocol="stream",
+            stride=s,
+            batch_size=16,
+            detokenize_text=False,
         )["token_perplexity"]
         for s in (WINDOW, WINDOW // 2, WINDOW // 8)
     }

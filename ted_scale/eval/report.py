@@ -54,7 +54,22 @@ def table1(zero_shot: dict[str, dict], transfer: dict[str, dict] | None = None) 
         cells = [_cell(zero_shot.get(name), *col[1:]) for col in COLUMNS]
         cells += [_cell(transfer.get(name), *col[1:]) for col in COLUMNS]
         lines.append("| " + " | ".join([name, *cells]) + " |")
-    return "\n".join(lines) + "\n"
+    notes = wikitext_notes([*zero_shot.values(), *transfer.values()])
+    return "\n".join(lines) + "\n" + "".join(f"\n{note}\n" for note in notes)
+
+
+def wikitext_notes(results: list[dict]) -> list[str]:
+    """One line per distinct WikiText (protocol, source) among `results`, saying what was scored.
+
+    Word perplexities from different protocols or sources are not comparable (the tokenised
+    release's `<unk>` and the per-article vs stream windows move them by percents).
+    """
+    seen = dict.fromkeys(
+        (r["wikitext"].get("protocol", "not recorded"), r["wikitext"].get("source", "not recorded"))
+        for r in results
+        if isinstance(r.get("wikitext"), dict)
+    )
+    return [f"WikiText ppl: word perplexity; protocol {p}; source {s}." for p, s in seen]
 
 
 def parse_named(items: list[str], flag: str) -> dict[str, str]:

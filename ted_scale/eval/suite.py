@@ -12,10 +12,10 @@ from ted_scale.eval import EvalError
 from ted_scale.eval.heldout import evaluate_heldout
 from ted_scale.eval.lambada import evaluate_lambada, load_lambada, load_lambada_hf
 from ted_scale.eval.models import load_model
-from ted_scale.eval.wikitext import evaluate_wikitext, load_wikitext, load_wikitext_hf
+from ted_scale.eval.wikitext import PROTOCOLS, evaluate_wikitext, load_wikitext_source
 
 TASKS = ("lambada", "wikitext", "heldout")
-SOURCES = ("bundled", "hf")
+SOURCES = ("bundled", "hf")  # LAMBADA's; WikiText adds "auto" (wikitext.SOURCES)
 
 
 def run_evaluation(
@@ -28,13 +28,15 @@ def run_evaluation(
     device: str | None = None,
     detokenize: bool = True,
     lambada_source: str = "bundled",
-    wikitext_source: str = "bundled",
+    wikitext_source: str = "auto",
+    wikitext_protocol: str = "lm-eval",
     max_examples: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Evaluate one model on `tasks` (a subset of TASKS).
 
     max_examples caps the LAMBADA passages, WikiText articles and held-out batches (smoke runs).
+    wikitext_protocol: `lm-eval` (the harness's per-article protocol) or `stream` (with `stride`).
     Returns {"model", "device", task: {...metrics, "source", "seconds"} for each task}.
     """
     unknown = [t for t in tasks if t not in TASKS]
@@ -42,9 +44,12 @@ def run_evaluation(
         raise EvalError(f"unknown or no tasks {unknown or list(tasks)} (choose from {TASKS})")
     if "heldout" in tasks and data_dir is None:
         raise EvalError("the heldout task needs --data DIR (a prepare_data.py output)")
-    for name, source in (("lambada", lambada_source), ("wikitext", wikitext_source)):
-        if source not in SOURCES:
-            raise EvalError(f"--{name}-source {source!r}: choose from {SOURCES}")
+    if lambada_source not in SOURCES:
+        raise EvalError(f"--lambada-source {lambada_source!r}: choose from {SOURCES}")
+    if wikitext_protocol not in PROTOCOLS:
+        raise EvalError(f"--wikitext-protocol {wikitext_protocol!r}: choose from {PROTOCOLS}")
+    if stride is not None and wikitext_protocol != "stream":
+        raise EvalError("--stride applies to --wikitext-protocol stream only")
     if batch_size < 1:
         raise EvalError(f"batch size must be >= 1, got {batch_size}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,23 +69,18 @@ def run_evaluation(
             )
             out["source"] = lambada_source
         elif task == "wikitext":
-            text = (
-                load_wikitext_hf(max_articles=max_examples)
-                if wikitext_source == "hf"
-                else load_wikitext(max_articles=max_examples)
-            )
+            text, source = load_wikitext_source(wikitext_source, max_articles=max_examples)
             out = evaluate_wikitext(
                 model,
                 tokenizer,
                 text,
+                protocol=wikitext_protocol,
                 stride=stride,
                 batch_size=batch_size,
                 detokenize_text=detokenize,
                 progress=progress,
             )
-            out["source"] = (
-                "wikitext-103-raw-v1" if wikitext_source == "hf" else "wikitext-2 (bundled)"
-            )
+            out["source"] = source
         else:
             out = evaluate_heldout(
                 model,
@@ -107,9 +107,10 @@ def format_summary(results: dict) -> str:
     if "wikitext" in results:
         r = results["wikitext"]
         lines.append(
-            f"wikitext  token ppl {r['token_perplexity']:.3f}  word ppl {r['word_perplexity']:.3f}  "
-            f"({r['num_tokens']} tokens, {r['num_words']} words, stride {r['stride']}, "
-            f"detokenized {r['detokenized']})"
+            f"wikitext  word ppl {r['word_perplexity']:.3f}  byte ppl {r['byte_perplexity']:.4f}  "
+            f"bits/byte {r['bits_per_byte']:.4f}  token ppl {r['token_perplexity']:.3f}  "
+            f"({r['num_articles']} articles, {r['num_tokens']} tokens, {r['num_words']} words; "
+            f"protocol {r['protocol']}, {r['source']})"
         )
     if "heldout" in results:
         r = results["heldout"]

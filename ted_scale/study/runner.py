@@ -1,0 +1,300 @@
+"""Run a study: prepare the corpus, pre-train and evaluate the teacher, then train and evaluate
+every (row, seed) student, `workers` at a time, each as subprocesses of the public entries
+(`launch/prepare_data.py`, `launch/pretrain_ted.py`, `launch/evaluate.py`).
+
+Resumable: a run whose `study.json` exists is skipped; an interrupted run resumes from its own
+checkpoints (`resume: auto`), and an interrupted corpus preparation resumes too.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ted_scale.data.tokenizer import load_tokenizer
+from ted_scale.distill.layer_map import resolve_layer_map
+from ted_scale.eval.datafiles import asset
+from ted_scale.eval.plots import read_metrics
+from ted_scale.io import atomic_write_json
+from ted_scale.model import export_hf, load_pretrained, student_from_teacher
+from ted_scale.study.config import StudyConfig
+from ted_scale.study.plan import (
+    DONE_FILE,
+    Row,
+    StudyPaths,
+    is_done,
+    read_done,
+    rows,
+    student_config,
+    teacher_config,
+    write_run_config,
+)
+
+LAUNCH = Path(__file__).resolve().parents[2] / "launch"
+STAGE_I = ("stage1_teacher", "stage1_student")
+STAGE_II = ("stage2", "lm")
+
+
+class StudyError(RuntimeError):
+    """A step of the study failed; the message names it and its log file."""
+
+
+@dataclass
+class Job:
+    """One student run to train and evaluate."""
+
+    row: Row
+    seed: int
+    run_dir: Path
+    config_path: Path
+
+
+def log(message: str) -> None:
+    print(f"[study {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run_logged(cmd: Sequence[str | os.PathLike], log_path: Path, threads: int) -> None:
+    """Run `cmd`, appending its output to `log_path`; StudyError naming the log if it fails."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a") as f:
+        f.write(f"$ {' '.join(str(c) for c in cmd)}\n")
+        f.flush()
+        proc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode:
+        tail = log_path.read_text().strip().splitlines()[-1:] or [""]
+        raise StudyError(f"{Path(str(cmd[1])).name} failed (see {log_path}): {tail[0]}")
+
+
+def corpus_file(study: StudyConfig, paths: StudyPaths) -> Path:
+    """The corpus as a file `prepare_data.py` reads (a bundled `.gz` is decompressed once)."""
+    spec = study.corpus.path
+    if not spec.startswith("bundled:"):
+        return Path(spec)
+    name = spec.removeprefix("bundled:")
+    out = paths.corpus_dir / name.removesuffix(".gz")
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        with gzip.open(asset(name), "rb") as src, tmp.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+        tmp.rename(out)
+    return out
+
+
+def prepare_corpus(study: StudyConfig, paths: StudyPaths, threads: int) -> None:
+    if (paths.data / "manifest.json").is_file():
+        return
+    c = study.corpus
+    log(f"preparing {c.path}: BPE of {c.vocab_size} tokens, {c.seq_len}-token samples")
+    cmd = [sys.executable, LAUNCH / "prepare_data.py", "--input", corpus_file(study, paths)]
+    cmd += ["--out", paths.data, "--train-tokenizer", c.vocab_size, "--seq-len", c.seq_len]
+    cmd += ["--test-fraction", c.test_fraction, "--quiet"]
+    run_logged(cmd, paths.root / "logs" / "prepare.log", threads)
+
+
+def phase_flops(run_dir: Path, tokens_per_step: int) -> dict[str, float | None]:
+    """Training FLOPs of Stage I and of Stage II (or LM training), from `metrics.jsonl`.
+
+    A phase's FLOPs per token are the trainer's own count (`tflops_per_device / tokens_per_s`,
+    one rank); its tokens are its last logged step times `tokens_per_step`.
+    """
+    by_phase: dict[str, float] = {}
+    for record in read_metrics(run_dir / "metrics.jsonl"):
+        rate, tflops = record.get("tokens_per_s"), record.get("tflops_per_device")
+        if rate and tflops is not None and record.get("stage") in STAGE_I + STAGE_II:
+            by_phase[record["stage"]] = tflops * 1e12 / rate * record["step"] * tokens_per_step
+    stage1 = [v for k, v in by_phase.items() if k in STAGE_I]
+    stage2 = [v for k, v in by_phase.items() if k in STAGE_II]
+    return {"stage1": sum(stage1) if stage1 else None, "stage2": sum(stage2) if stage2 else None}
+
+
+def tokens_per_step(raw: dict[str, Any], seq_len: int) -> int:
+    return int(raw.get("batch", {}).get("global_batch_size", 4000)) * seq_len
+
+
+def evaluate(
+    study: StudyConfig, paths: StudyPaths, run_dir: Path, lambada: bool, threads: int
+) -> dict[str, Any]:
+    """Held-out, WikiText-2 test (and LAMBADA) results of a trained run, via `evaluate.py`.
+
+    One call per task whose size cap differs (`--max-examples` caps every task of a call).
+    """
+    e = study.eval
+    base = [sys.executable, LAUNCH / "evaluate.py", "--model", run_dir, "--data", paths.data]
+    base += ["--batch-size", e.batch_size, "--wikitext-source", e.wikitext_source]
+    calls: dict[str, int | None] = {"heldout": None, "wikitext": e.wikitext_articles}
+    if lambada:
+        calls["lambada"] = e.lambada_examples
+    results: dict[str, Any] = {}
+    for task, cap in calls.items():
+        out = run_dir / "eval" / f"{task}.json"
+        cmd = [*base, "--tasks", task, "--out", out]
+        run_logged(cmd + (["--max-examples", cap] if cap else []), run_dir / "study.log", threads)
+        results |= {k: v for k, v in read_json(out).items() if k == task}
+    return results
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def train_and_evaluate(
+    study: StudyConfig,
+    paths: StudyPaths,
+    run_dir: Path,
+    config_path: Path,
+    raw: dict[str, Any],
+    *,
+    lambada: bool,
+    threads: int,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """Train `config_path` into `run_dir`, evaluate it, and write its `study.json`."""
+    start = time.perf_counter()
+    cmd = [sys.executable, LAUNCH / "pretrain_ted.py", "--config", config_path]
+    run_logged(cmd, run_dir / "study.log", threads)
+    trained = time.perf_counter()
+    results = evaluate(study, paths, run_dir, lambada, threads)
+    done = {
+        **extra,
+        "eval": results,
+        "flops": phase_flops(run_dir, tokens_per_step(raw, study.corpus.seq_len)),
+        "train_seconds": round(trained - start, 1),
+        "eval_seconds": round(time.perf_counter() - trained, 1),
+    }
+    atomic_write_json(run_dir / DONE_FILE, done)
+    return done
+
+
+def export_student_init(study: StudyConfig, paths: StudyPaths) -> None:
+    """The teacher's blocks at the layer map as an HF folder: the CE-only baseline's start."""
+    if (paths.student_init / "config.json").is_file():
+        return
+    teacher_dir = paths.teacher / "student_hf"
+    teacher = load_pretrained(str(teacher_dir))
+    student = study.student.get("student", {})
+    layer_map = resolve_layer_map(
+        student.get("layer_map"), len(teacher.blocks), int(student.get("n_layer", 6))
+    )
+    export_hf(
+        student_from_teacher(teacher, layer_map), paths.student_init, load_tokenizer(teacher_dir)
+    )
+
+
+def lambada_decision(study: StudyConfig, teacher_eval: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the students are scored on LAMBADA, and why (written into the report)."""
+    mode = study.eval.lambada
+    if mode == "never":
+        return False, "LAMBADA left out by the study config (eval.lambada: never)."
+    if mode == "always":
+        return True, "LAMBADA scored for every model (eval.lambada: always)."
+    acc = teacher_eval.get("lambada", {}).get("accuracy", 0.0)
+    if acc < study.eval.lambada_min_accuracy:
+        return False, (
+            f"LAMBADA left out: the teacher predicts {100 * acc:.2f} % of its last words "
+            f"(below {100 * study.eval.lambada_min_accuracy:.0f} %); a model this small, trained "
+            "only on the study corpus with its own tokenizer, cannot do the task, and a column of "
+            "near-zero accuracies would compare nothing."
+        )
+    return True, f"LAMBADA kept: the teacher's accuracy is {100 * acc:.2f} %."
+
+
+def plan_jobs(study: StudyConfig, paths: StudyPaths) -> tuple[list[Job], dict[str, str]]:
+    """Every (row, seed) run still to do, and the rows the installed trainer cannot run."""
+    jobs: list[Job] = []
+    missing: dict[str, str] = {}
+    for row in rows(study):
+        for seed in study.seeds:
+            run_dir = paths.run_dir(row.name, seed)
+            config_path = paths.root / "configs" / f"{run_dir.name}.yaml"
+            reason = write_run_config(student_config(study, paths, row, seed), config_path)
+            if reason is not None:
+                missing[row.name] = reason
+                break
+            if not is_done(run_dir):
+                jobs.append(Job(row, seed, run_dir, config_path))
+    return jobs, missing
+
+
+def execute(jobs: Sequence[Job], workers: int, work: Callable[[Job], None]) -> dict[str, str]:
+    """Run `work(job)` for each job, `workers` at a time; {run name: error} for those that fail."""
+    failures: dict[str, str] = {}
+
+    def guarded(job: Job) -> None:
+        try:
+            work(job)
+        except StudyError as e:
+            failures[job.run_dir.name] = str(e)
+            log(f"FAILED {job.run_dir.name}: {e}")
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(guarded, jobs))
+    return failures
+
+
+def run_study(study: StudyConfig) -> dict[str, Any]:
+    """Run (or finish) the study; returns {"missing": rows not implemented, "failures": ...}."""
+    paths = StudyPaths(Path(study.output_dir))
+    paths.root.mkdir(parents=True, exist_ok=True)
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // study.workers)
+    prepare_corpus(study, paths, cores)
+
+    raw_teacher = teacher_config(study, paths)
+    teacher_yaml = paths.root / "configs" / "teacher.yaml"
+    write_run_config(raw_teacher, teacher_yaml)
+    if not is_done(paths.teacher):
+        log("pre-training the teacher")
+        train_and_evaluate(
+            study,
+            paths,
+            paths.teacher,
+            teacher_yaml,
+            raw_teacher,
+            lambada=study.eval.lambada != "never",
+            threads=cores,
+            extra={"row": "teacher", "method": "lm"},
+        )
+    teacher_done = read_done(paths.teacher)
+    lambada, lambada_note = lambada_decision(study, teacher_done["eval"])
+    export_student_init(study, paths)
+
+    jobs, missing = plan_jobs(study, paths)
+    for name, reason in missing.items():
+        log(f"row {name!r}: not yet implemented by the installed trainer ({reason})")
+    raws = {job.run_dir: student_config(study, paths, job.row, job.seed) for job in jobs}
+    log(f"{len(jobs)} student runs to do, {study.workers} at a time, {threads} thread(s) each")
+
+    def work(job: Job) -> None:
+        start = time.perf_counter()
+        log(f"start {job.run_dir.name}")
+        train_and_evaluate(
+            study,
+            paths,
+            job.run_dir,
+            job.config_path,
+            raws[job.run_dir],
+            lambada=lambada,
+            threads=threads,
+            extra={"row": job.row.name, "method": job.row.method, "seed": job.seed},
+        )
+        log(f"done  {job.run_dir.name} in {time.perf_counter() - start:.0f} s")
+
+    failures = execute(jobs, study.workers, work)
+    return {
+        "missing": missing,
+        "failures": failures,
+        "lambada": lambada_note,
+        "lambada_included": lambada,
+    }

@@ -1,0 +1,167 @@
+"""The study's aggregation (mean, std, paired differences), resume-skip, and missing-method rows."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from ted_scale.config import ConfigError
+from ted_scale.io import atomic_write_json
+from ted_scale.study.aggregate import metric_by_seed, paired_difference, summarize
+from ted_scale.study.config import StudyConfig, SweepPoint, load_study_config
+from ted_scale.study.plan import DONE_FILE, StudyPaths, is_done, rows
+from ted_scale.study.report import write_report
+from ted_scale.study.runner import Job, StudyError, execute, plan_jobs
+
+ROOT = Path(__file__).resolve().parent.parent
+UNKNOWN = "not_a_method"  # stays unknown to the trainer whatever methods it gains
+
+
+def _study(tmp_path, methods=("kd", "ted", UNKNOWN), seeds=(1, 2, 3)) -> StudyConfig:
+    return StudyConfig(
+        output_dir=str(tmp_path / "study"),
+        seeds=list(seeds),
+        student={"student": {"n_layer": 2}, "stage2": {"max_steps": 5}},
+        methods=list(methods),
+        sweep=[SweepPoint("ted a=0.3", overrides={"distill.alpha_layer": 0.3})],
+    )
+
+
+def test_summarize_gives_mean_and_sample_std():
+    assert summarize([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
+    assert summarize([4.0]) == {"mean": 4.0, "std": None, "n": 1}
+    assert summarize([]) == {"mean": None, "std": None, "n": 0}
+
+
+def test_paired_difference_uses_common_seeds_only():
+    row = {1: 10.0, 2: 12.0, 3: 11.0, 4: 99.0}
+    ted = {1: 9.0, 2: 10.0, 3: 10.0}
+    d = paired_difference(row, ted)
+    assert d["seeds"] == [1, 2, 3] and d["n"] == 3
+    assert d["mean"] == pytest.approx(4 / 3)
+    assert d["std"] == pytest.approx(math.sqrt(((1 - 4 / 3) ** 2 * 2 + (2 - 4 / 3) ** 2) / 2))
+    # Paired spread is far below the rows' own spread when seeds move both rows together.
+    assert d["std"] < summarize([10.0, 12.0, 11.0])["std"]
+
+
+def test_metric_by_seed_skips_missing_and_non_finite_values():
+    runs = {
+        1: {"eval": {"heldout": {"perplexity": 5.0}}},
+        2: {"eval": {"heldout": {"perplexity": float("inf")}}},
+        3: {"eval": {}},
+    }
+    assert metric_by_seed(runs, ("heldout", "perplexity")) == {1: 5.0}
+
+
+def test_unknown_method_is_a_missing_row_not_a_job(tmp_path):
+    jobs, missing = plan_jobs(_study(tmp_path), StudyPaths(tmp_path / "study"))
+    assert set(missing) == {UNKNOWN} and "method" in missing[UNKNOWN]
+    assert {j.row.name for j in jobs} == {"alone", "kd", "ted", "ted a=0.3"}
+    assert len(jobs) == 4 * 3  # every other row, every seed
+    assert rows(_study(tmp_path))[0].name == "alone"
+
+
+def test_shipped_study_config_plans_every_row(tmp_path):
+    """configs/study-cpu.yaml: >= 3 seeds, every run config accepted by the trainer's loader."""
+    study = load_study_config(ROOT / "configs" / "study-cpu.yaml", [f"output_dir={tmp_path}"])
+    jobs, missing = plan_jobs(study, StudyPaths(tmp_path))
+    assert len(study.seeds) >= 3 and {"kd", "lwd", "ted", "ted_kl"} <= set(study.methods)
+    planned = {j.row.name for j in jobs}
+    assert planned | set(missing) == {r.name for r in rows(study)}
+    assert len(jobs) == len(planned) * len(study.seeds)
+    sweep = [p.overrides for p in study.sweep]
+    assert len({o["distill.alpha_layer"] for o in sweep if "distill.alpha_layer" in o} | {0.1}) >= 3
+    assert {"filters.arch": "mlp"} in sweep
+
+
+def test_bad_study_keys_are_refused_by_the_trainers_loader(tmp_path):
+    study = _study(tmp_path)
+    study.student["distill"] = {"alpha_layr": 0.1}
+    with pytest.raises(ConfigError, match="alpha_layr"):
+        plan_jobs(study, StudyPaths(tmp_path / "study"))
+
+
+def test_finished_runs_are_skipped(tmp_path):
+    study = _study(tmp_path, methods=("ted",), seeds=(1, 2))
+    paths = StudyPaths(tmp_path / "study")
+    done = paths.run_dir("ted", 2)
+    done.mkdir(parents=True)
+    atomic_write_json(done / DONE_FILE, {"eval": {}})
+    jobs, _ = plan_jobs(study, paths)
+    names = [j.run_dir.name for j in jobs]
+    assert is_done(done) and done.name not in names
+    assert names == ["alone-s1", "alone-s2", "ted-s1", "ted_a_0.3-s1", "ted_a_0.3-s2"]
+
+
+def test_execute_runs_each_job_once_and_collects_failures(tmp_path):
+    jobs = [Job(r, s, tmp_path / f"{r}-s{s}", tmp_path / "c.yaml") for r in "ab" for s in (1, 2)]
+    seen = []
+
+    def work(job: Job) -> None:
+        seen.append(job.run_dir.name)
+        if job.run_dir.name == "b-s2":
+            raise StudyError("boom")
+
+    failures = execute(jobs, 2, work)
+    assert sorted(seen) == ["a-s1", "a-s2", "b-s1", "b-s2"]
+    assert failures == {"b-s2": "boom"}
+
+
+def _fake_done(path, heldout: float, wikitext: float, stage1: float | None = None) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    result = {
+        "eval": {
+            "heldout": {"perplexity": heldout},
+            "wikitext": {
+                "token_perplexity": wikitext,
+                "word_perplexity": 3 * wikitext,
+                "protocol": "lm-eval",
+                "source": "wikitext-2-v1 (bundled)",
+            },
+        },
+        "flops": {"stage1": stage1, "stage2": 1e12},
+    }
+    atomic_write_json(path / DONE_FILE, result)
+
+
+def test_report_has_mean_std_paired_rows_and_the_missing_method(tmp_path):
+    study = _study(tmp_path, seeds=(1, 2, 3))
+    paths = StudyPaths(tmp_path / "study")
+    _fake_done(paths.teacher, 20.0, 100.0)
+    (paths.teacher / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {"step": s, "stage": "lm", "loss": 5 - s / 100, "eval_heldout_ppl": 40 - s / 10}
+            )
+            + "\n"
+            for s in range(10, 60, 10)
+        )
+    )
+    for seed, (kd, ted) in zip((1, 2, 3), ((31.0, 30.0), (33.0, 31.0), (32.0, 31.0)), strict=True):
+        _fake_done(paths.run_dir("kd", seed), kd, 200.0)
+        _fake_done(paths.run_dir("ted", seed), ted, 190.0, stage1=2e11)
+        _fake_done(paths.run_dir("alone", seed), 35.0 + seed, 210.0)
+    outcome = {
+        "missing": {UNKNOWN: "method must be one of ..."},
+        "failures": {},
+        "lambada": "LAMBADA left out: test.",
+        "lambada_included": False,
+    }
+    md = write_report(study, outcome, 1.0).read_text()
+    results = json.loads((paths.root / "results.json").read_text())
+    by_name = {r["name"]: r for r in results["rows"]}
+    assert by_name["kd"]["heldout_ppl"]["mean"] == pytest.approx(32.0)
+    assert by_name["kd"]["heldout_ppl"]["std"] == pytest.approx(1.0)
+    assert by_name["kd"]["paired_vs_ted"]["heldout_ppl"]["mean"] == pytest.approx(4 / 3)
+    assert by_name["ted"]["flops"]["total"] == pytest.approx(1.2e12)
+    assert by_name[UNKNOWN]["status"] == "not yet implemented"
+    assert f"| {UNKNOWN} | not yet implemented |" in md
+    assert "| kd | 3 | 32.00 ± 1.00 |" in md
+    assert "| kd | +1.33 ± 0.58 (3) |" in md
+    assert "| ted a=0.3 | 0 |" in md  # a sweep row with no finished run yet still shows
+    assert "Teacher better than every student row on held-out perplexity: yes." in md
+    assert "protocol lm-eval, source wikitext-2-v1 (bundled)" in md
+    assert (paths.figures / "teacher_curve.png").is_file()
