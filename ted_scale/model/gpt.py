@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ted_scale.model.attention import causal_attention
+from ted_scale.model.attention import causal_attention, causal_attention_with_log_probs
 
 
 @dataclass
@@ -42,11 +42,14 @@ class GPTOutput:
     hidden_states: block index (0-based) -> residual stream after that block, [B, T, n_embd].
     last_hidden: final LayerNorm output, [B, T, n_embd] (the LM head's input).
     logits: [B, T, vocab_size], or None when the caller fuses the LM head into its loss.
+    attention_log_probs: the ``attention_layer`` block's attention log-probabilities
+        [B, n_head, T, T] (-inf above the diagonal), or None.
     """
 
     hidden_states: dict[int, Tensor] = field(default_factory=dict)
     last_hidden: Tensor | None = None
     logits: Tensor | None = None
+    attention_log_probs: Tensor | None = None
 
 
 class CausalSelfAttention(nn.Module):
@@ -59,15 +62,21 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.implementation = "auto"
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, return_log_probs: bool = False) -> tuple[Tensor, Tensor | None]:
+        """x [B, T, C] -> (output [B, T, C], attention log-probabilities [B, n_head, T, T] when
+        ``return_log_probs``, computed by the explicit softmax path, else None)."""
         B, T, C = x.shape
         q, k, v = self.qkv_proj(x).split(C, dim=2)
         # [B, T, C] -> [B, n_head, T, head_dim]
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         dropout_p = self.attn_dropout if self.training else 0.0
-        y = causal_attention(q, k, v, dropout_p=dropout_p, implementation=self.implementation)
+        log_probs = None
+        if return_log_probs:
+            y, log_probs = causal_attention_with_log_probs(q, k, v, dropout_p=dropout_p)
+        else:
+            y = causal_attention(q, k, v, dropout_p=dropout_p, implementation=self.implementation)
         y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(self.out_proj(y))
+        return self.resid_dropout(self.out_proj(y)), log_probs
 
 
 class MLP(nn.Module):
@@ -90,8 +99,15 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        return self.forward_with_attention(x, False)[0]
+
+    def forward_with_attention(
+        self, x: Tensor, with_attention: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """x [B, T, C] -> (x [B, T, C], attention log-probabilities when ``with_attention``)."""
+        attended, log_probs = self.attn(self.ln_1(x), with_attention)
+        x = x + attended
+        return x + self.mlp(self.ln_2(x)), log_probs
 
 
 class GPT(nn.Module):
@@ -150,32 +166,46 @@ class GPT(nn.Module):
 
     def forward(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None,
         *,
+        inputs_embeds: Tensor | None = None,
         output_layers: Sequence[int] = (),
+        attention_layer: int | None = None,
         return_logits: bool = True,
         stop_after: int | None = None,
     ) -> GPTOutput:
-        """Run the model on ``input_ids`` [B, T].
+        """Run the model on ``input_ids`` [B, T], or on given token embeddings.
 
+        inputs_embeds: [B, T, n_embd] used in place of the token embeddings of ``input_ids``
+            (which must then be None); position embeddings are added as usual.
         output_layers: 0-based block indices whose residual-stream outputs are returned.
+        attention_layer: a block whose attention log-probabilities are returned (that block runs
+            the explicit softmax path; the others keep the configured kernel).
         return_logits: compute logits [B, T, V]; pass False when the loss fuses the LM head.
         stop_after: skip every block after this index (and the final LayerNorm and head).
         """
-        T = input_ids.shape[1]
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        tokens = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        T = tokens.shape[1]
         if T > self.config.n_positions:
             raise ValueError(f"sequence length {T} exceeds n_positions={self.config.n_positions}")
         wanted = set(output_layers)
-        if wanted and (min(wanted) < 0 or max(wanted) >= len(self.blocks)):
-            raise ValueError(f"output_layers {sorted(wanted)} outside 0..{len(self.blocks) - 1}")
-        positions = torch.arange(T, device=input_ids.device)
-        x = self.drop(self.wte(input_ids) + self.wpe(positions))
+        checked = wanted | ({attention_layer} if attention_layer is not None else set())
+        if checked and (min(checked) < 0 or max(checked) >= len(self.blocks)):
+            raise ValueError(f"output_layers {sorted(checked)} outside 0..{len(self.blocks) - 1}")
+        positions = torch.arange(T, device=tokens.device)
+        x = self.drop(tokens + self.wpe(positions))
         out = GPTOutput()
         for i, block in enumerate(self.blocks):
+            with_attention = i == attention_layer
+            run = block.forward_with_attention
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x, log_probs = checkpoint(run, x, with_attention, use_reentrant=False)
             else:
-                x = block(x)
+                x, log_probs = run(x, with_attention)
+            if with_attention:
+                out.attention_log_probs = log_probs
             if i in wanted:
                 out.hidden_states[i] = x
             if stop_after is not None and i >= stop_after:
