@@ -122,13 +122,18 @@ class MixupDraw:
     def _draw(self) -> float:
         if self.alpha == 0.0:
             return 1.0
-        concentration = torch.full((self.ranks,), self.alpha, dtype=torch.float64)
-        a = torch._standard_gamma(concentration, generator=self.generator)
-        b = torch._standard_gamma(concentration, generator=self.generator)
-        lam = (a / (a + b))[self.rank].item()  # Beta(alpha, alpha) from two Gammas
-        if lam != lam:  # 0 / 0: both Gammas underflowed (tiny alpha), where Beta is 0 or 1
+        # The slots one at a time, so the stream does not depend on the number of ranks.
+        lambdas = [self._beta() for _ in range(self.ranks)]
+        return lambdas[self.rank]
+
+    def _beta(self) -> float:
+        """max(lambda, 1 - lambda), lambda ~ Beta(alpha, alpha) as a / (a + b) of two Gammas."""
+        concentration = torch.tensor([self.alpha], dtype=torch.float64)
+        a = torch._standard_gamma(concentration, generator=self.generator).item()
+        b = torch._standard_gamma(concentration, generator=self.generator).item()
+        if a + b == 0.0:  # both underflowed (tiny alpha), where Beta puts its mass on 0 and 1
             return 1.0
-        return max(lam, 1.0 - lam)
+        return max(a / (a + b), b / (a + b))
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "batches": self.batches}
