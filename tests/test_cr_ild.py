@@ -240,16 +240,20 @@ def test_mixup_draw_is_the_same_over_any_layout_of_ranks_and_resumes_exactly():
         draw.start(10)
         return [draw(torch.zeros(2, 3))["mix_lambda"] for _ in range(n)]
 
-    single = lambdas(0, 1, 8)
-    assert all(0.5 <= x < 1.0 for x in single) and len(set(single)) == 8
-    assert lambdas(0, 2, 4) == single[0::2] and lambdas(1, 2, 4) == single[1::2]
+    single = lambdas(0, 1, 10)
+    assert all(0.5 <= x < 1.0 for x in single) and len(set(single)) == 10
+    assert lambdas(0, 2, 5) == single[0::2] and lambdas(1, 2, 5) == single[1::2]
     draw = MixupDraw(1.0, seed=5, rank=0, ranks=1, micro_batches_per_step=4, ramp="linear")
     lambdas(0, 1, 3, draw)
     resumed = MixupDraw(1.0, seed=5, rank=0, ranks=1, micro_batches_per_step=4, ramp="linear")
     resumed.load_state_dict(draw.state_dict())
-    assert lambdas(0, 1, 5, resumed) == single[3:]
+    assert lambdas(0, 1, 7, resumed) == single[3:]
     ramps = [draw(torch.zeros(2, 3))["ramp"] for _ in range(5)]
     assert ramps == [0.0, 0.1, 0.1, 0.1, 0.1]  # batches 3..7 of 4 per step over 10 steps
+    on_two = MixupDraw(1.0, seed=5, rank=1, ranks=2, micro_batches_per_step=2, ramp="linear")
+    on_two.load_state_dict(draw.state_dict())  # 8 slots drawn by one rank: 2 steps of 4
+    on_two.start(10)
+    assert on_two(torch.zeros(2, 3)) == {"mix_lambda": single[9], "ramp": 0.2}
     degenerate = MixupDraw(0.0, seed=5, rank=0, ranks=1, micro_batches_per_step=1, ramp="none")
     assert {degenerate(torch.zeros(2, 3))["mix_lambda"] for _ in range(5)} == {1.0}
 
@@ -300,7 +304,7 @@ def test_teacher_and_student_see_the_same_mixed_embeddings_through_the_prefetch_
     for teacher_embeds, student_embeds in zip(seen["teacher"], student_mixed, strict=False):
         assert torch.equal(teacher_embeds, student_embeds)
     assert len(set(draws)) == 4 and all(0.5 <= x < 1.0 for x in draws)
-    assert feed.consumed_draw_state()["batches"] == 4  # the prefetched draw is not counted
+    assert feed.consumed_draw_state()["slots"] == 4  # the prefetched draw is not counted
 
 
 def _launch(env, *args: str) -> subprocess.Popen:

@@ -49,9 +49,12 @@ def _run(env, launcher: list[str], out: Path, data: Path, *overrides: str) -> li
 
 
 def _assert_same_losses(a, b) -> None:
+    """Same phases, steps and logged parts; values within 1e-4 (the reduction order differs)."""
+    assert [[v is None for v in r] for r in a] == [[v is None for v in r] for r in b]
     assert [r[:2] for r in a] == [r[:2] for r in b]
     for x, y in zip(a, b, strict=True):
-        assert x[2:] == pytest.approx(y[2:], rel=1e-4, abs=1e-9)
+        numbers = [(u, v) for u, v in zip(x[2:], y[2:], strict=True) if v is not None]
+        assert [u for u, _ in numbers] == pytest.approx([v for _, v in numbers], rel=1e-4)
 
 
 @pytest.mark.skipif(

@@ -87,7 +87,8 @@ class MixupDraw:
     One lambda per global micro-batch slot: every data-parallel rank draws all ``ranks`` lambdas of
     a slot group from the same seeded generator and keeps its own, so the lambdas (and the losses)
     do not depend on how the global batch is laid out over ranks and accumulation steps. The state
-    (generator and batch count) is checkpointed by the trainer.
+    (generator and global slots drawn) is checkpointed by the trainer; it resumes on any number of
+    ranks.
     """
 
     def __init__(
@@ -106,25 +107,20 @@ class MixupDraw:
         self.ramp = ramp
         self.total_steps: int | None = None
         self.generator = torch.Generator().manual_seed(seed)
-        self.batches = 0
+        self.slots = 0  # global micro-batch slots drawn so far
 
     def start(self, total_steps: int) -> None:
         self.total_steps = total_steps
 
     def __call__(self, input_ids: Tensor) -> dict[str, Any]:
-        step = self.batches // self.micro_batches_per_step  # optimizer steps done before this one
-        self.batches += 1
+        step = self.slots // (self.micro_batches_per_step * self.ranks)  # steps done before it
         ramp = 1.0
         if self.ramp == "linear" and self.total_steps is not None:
             ramp = step / self.total_steps
-        return {"mix_lambda": self._draw(), "ramp": ramp}
-
-    def _draw(self) -> float:
-        if self.alpha == 0.0:
-            return 1.0
-        # The slots one at a time, so the stream does not depend on the number of ranks.
-        lambdas = [self._beta() for _ in range(self.ranks)]
-        return lambdas[self.rank]
+        # Every slot of the group in turn, so the stream does not depend on the number of ranks.
+        lambdas = [self._beta() if self.alpha > 0 else 1.0 for _ in range(self.ranks)]
+        self.slots += self.ranks
+        return {"mix_lambda": lambdas[self.rank], "ramp": ramp}
 
     def _beta(self) -> float:
         """max(lambda, 1 - lambda), lambda ~ Beta(alpha, alpha) as a / (a + b) of two Gammas."""
@@ -136,11 +132,11 @@ class MixupDraw:
         return max(a / (a + b), b / (a + b))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "batches": self.batches}
+        return {"generator": self.generator.get_state(), "slots": self.slots}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
-        self.batches = state["batches"]
+        self.slots = state["slots"]
 
 
 def mixed_token_embeddings(model: GPT, input_ids: Tensor, mix_lambda: float) -> Tensor:
