@@ -1,9 +1,9 @@
 """Micro-batches with the teacher's outputs attached, computed one micro-batch ahead on a side CUDA
 stream while the student trains on the current one.
 
-The teacher's work depends only on the input batch (and the phase's per-batch draw, made here
-when the batch is made, so both sides get the same one), so while the student runs forward and backward
-on micro-batch i, the teacher (and its frozen filters) run on micro-batch i+1 on their own stream.
+The teacher's work depends only on the input batch (and the phase's per-batch draw, made here with
+the batch so that both sides get the same one), so while the student runs forward and backward on
+micro-batch i, the teacher (and its frozen filters) run on micro-batch i+1 on their own stream.
 The hand-over is a CUDA event: the student's stream waits on it, not on the whole device. Tensors
 made on the side stream are ``record_stream``-ed onto the consumer's stream, so the caching
 allocator recycles their memory only after the student is done with them: two sets of teacher
