@@ -57,6 +57,23 @@ def _mean_weights(keep: Tensor) -> Tensor:
     return keep / keep.sum().clamp(min=1.0)
 
 
+def _ce_targets(
+    targets: Tensor, targets2: Tensor | None, mix: float, ignore_index: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(targets [N] or [N, 2] in [0, V), their CE weights of the same shape, the mean weights
+    of the first targets' kept rows [N]). With targets2: weights mix and 1 - mix, each target's
+    CE a mean over its own kept rows."""
+    keep = targets != ignore_index
+    row_weight = _mean_weights(keep)
+    safe = targets.long().masked_fill(~keep, 0)
+    if targets2 is None:
+        return safe, row_weight, row_weight
+    keep2 = targets2 != ignore_index
+    safe2 = targets2.long().masked_fill(~keep2, 0)
+    weights = torch.stack([mix * row_weight, (1.0 - mix) * _mean_weights(keep2)], dim=1)
+    return torch.stack([safe, safe2], dim=1), weights, row_weight
+
+
 ChunkOp = Callable[[slice, Tensor, Tensor | None], None]
 
 
@@ -131,22 +148,20 @@ def _scaled_grads(ctx, grad_output: Tensor, num_inputs: int) -> tuple[Tensor | N
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, backend):
+    def forward(ctx, hidden, weight, targets, targets2, mix, ignore_index, chunk_size, backend):
         ops = _chunk_ops(backend, hidden.device)
-        keep = targets != ignore_index
-        row_weight = _mean_weights(keep)
-        safe_targets = targets.long().masked_fill(~keep, 0)
+        safe_targets, ce_weight, _ = _ce_targets(targets, targets2, mix, ignore_index)
         loss_rows = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
 
         def chunk_op(rows: slice, logits: Tensor, _: None) -> None:
-            loss_rows[rows] = ops.cross_entropy_(logits, safe_targets[rows], row_weight[rows])
+            loss_rows[rows] = ops.cross_entropy_(logits, safe_targets[rows], ce_weight[rows])
 
         _run_chunks(ctx, hidden, weight, chunk_size, chunk_op)
         return loss_rows.sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return _scaled_grads(ctx, grad_loss, 6)
+        return _scaled_grads(ctx, grad_loss, 8)
 
 
 class _LinearKLDiv(torch.autograd.Function):
@@ -179,6 +194,8 @@ class _LinearCrossEntropyKLDiv(torch.autograd.Function):
         hidden,
         weight,
         targets,
+        targets2,
+        mix,
         teacher_hidden,
         teacher_weight,
         temperature,
@@ -188,17 +205,17 @@ class _LinearCrossEntropyKLDiv(torch.autograd.Function):
         backend,
     ):
         ops = _chunk_ops(backend, hidden.device)
-        keep = targets != ignore_index
-        row_weight = _mean_weights(keep)  # KD averages over the same rows as CE
-        safe_targets = targets.long().masked_fill(~keep, 0)
+        # KD averages over the rows the (first) targets keep.
+        safe_targets, ce_weight, row_weight = _ce_targets(targets, targets2, mix, ignore_index)
         teacher_weight = teacher_weight.to(teacher_hidden.dtype)
         ce_rows = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
         kd_rows = torch.empty_like(ce_rows)
 
         def chunk_op(rows: slice, logits: Tensor, teacher_logits: Tensor) -> None:
             ce_rows[rows], kd_rows[rows] = ops.cross_entropy_kl_div_(
-                logits, teacher_logits, safe_targets[rows], row_weight[rows], temperature, kd_weight
-            )
+                logits, teacher_logits, safe_targets[rows], row_weight[rows], temperature,
+                kd_weight, ce_weight[rows],
+            )  # fmt: skip
 
         _run_chunks(ctx, hidden, weight, chunk_size, chunk_op, (teacher_hidden, teacher_weight))
         ce, kd = ce_rows.sum(), kd_rows.sum()
@@ -207,7 +224,7 @@ class _LinearCrossEntropyKLDiv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_ce, grad_kd):
-        return _scaled_grads(ctx, grad_loss, 10)
+        return _scaled_grads(ctx, grad_loss, 12)
 
 
 def _rows(hidden: Tensor) -> Tensor:
@@ -228,6 +245,8 @@ def fused_linear_cross_entropy(
     targets: Tensor,
     *,
     ignore_index: int = -100,
+    targets2: Tensor | None = None,
+    mix: float = 1.0,
     chunk_size: int | None = None,
     backend: Backend = "auto",
 ) -> Tensor:
@@ -237,13 +256,23 @@ def fused_linear_cross_entropy(
         hidden: [..., d] hidden states (e.g. after the final LayerNorm).
         weight: [V, d] LM-head weight; gets a gradient when it requires one.
         targets: [...] long next-token ids, ignore_index where no loss applies.
+        targets2: [...] a second set of targets (mixup's partner): the loss becomes
+            mix * CE(targets) + (1 - mix) * CE(targets2), each a mean over its kept tokens, from
+            the same logits.
         chunk_size: rows per logits chunk (default `default_chunk_size(V)`).
         backend: "auto" (Triton for CUDA tensors), "triton" or "torch" per-chunk ops.
     Returns: fp32 scalar; 0 with zero gradients when no target is kept.
     """
-    _check_tokens(hidden, targets)
+    _check_tokens(hidden, targets, targets2)
     return _LinearCrossEntropy.apply(
-        _rows(hidden), weight, targets.reshape(-1), ignore_index, chunk_size, backend
+        _rows(hidden),
+        weight,
+        targets.reshape(-1),
+        None if targets2 is None else targets2.reshape(-1),
+        mix,
+        ignore_index,
+        chunk_size,
+        backend,
     )
 
 
@@ -292,21 +321,27 @@ def fused_linear_ce_kd(
     temperature: float,
     kd_weight: float,
     ignore_index: int = -100,
+    targets2: Tensor | None = None,
+    mix: float = 1.0,
     chunk_size: int | None = None,
     backend: Backend = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Stage II's CE + kd_weight * KD with one student logits matmul per chunk.
 
     Both terms are means over the tokens whose target != ignore_index (KD skips ignored tokens
-    too). Shapes as in `fused_linear_cross_entropy` and `fused_linear_kl_div`.
+    too). With targets2, CE is mix * CE(targets) + (1 - mix) * CE(targets2) as in
+    `fused_linear_cross_entropy` (KD still over the first targets' tokens). Shapes as in
+    `fused_linear_cross_entropy` and `fused_linear_kl_div`.
 
     Returns: (loss, ce, kd) fp32 scalars; only loss is differentiable.
     """
-    _check_tokens(student_hidden, targets, teacher_hidden[..., 0])
+    _check_tokens(student_hidden, targets, teacher_hidden[..., 0], targets2)
     return _LinearCrossEntropyKLDiv.apply(
         _rows(student_hidden),
         student_weight,
         targets.reshape(-1),
+        None if targets2 is None else targets2.reshape(-1),
+        mix,
         _rows(teacher_hidden),
         teacher_weight,
         temperature,

@@ -5,6 +5,8 @@ per-row losses already multiplied by `row_weight` [n] (fp32; 0 drops a row, 1/co
 sum a mean), and overwrites the student logits in place with d(sum of returned rows)/d(logits),
 so the caller never holds a second [n, V] buffer (teacher logits may be clobbered as scratch).
 Targets must lie in [0, V): callers replace ignored targets by 0 and give those rows weight 0.
+A row's CE may have k targets ([n, k] targets with [n, k] weights: sum_i w_i CE(x, t_i), the
+mixup CE lambda * CE(y) + (1 - lambda) * CE(y_rev) in one logits pass); [n] means k = 1.
 `triton_ops` has the same functions.
 
 A chunk (51 MB for 256 GPT-2 rows) is far bigger than the CPU caches, so every element-wise op
@@ -48,13 +50,19 @@ def _exp_rows_(x: Tensor, scale: float, out: Tensor) -> tuple[Tensor, Tensor]:
     return m * scale + total.log(), total
 
 
-def _cross_entropy_block_(x: Tensor, targets: Tensor, row_weight: Tensor) -> Tensor:
-    """CE rows of fp32 logits x [b, V]; overwrites x with their gradient w * (softmax - onehot)."""
-    target_logit = x.gather(1, targets).squeeze(1)
+def _per_target(targets: Tensor, weights: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+    """Rows of targets [n] or [n, k] and their weights as [b, k] each."""
+    b = targets[rows].shape[0]
+    return targets[rows].view(b, -1), weights[rows].view(b, -1)
+
+
+def _cross_entropy_block_(x: Tensor, targets: Tensor, w: Tensor) -> Tensor:
+    """CE rows sum_i w_i (lse - x[t_i]) of fp32 logits x [b, V] with targets, weights w [b, k];
+    overwrites x with their gradient sum_i w_i * (softmax - onehot(t_i))."""
+    target_logit = x.gather(1, targets)
     lse, total = _exp_rows_(x, 1.0, x)
-    w = row_weight[:, None]
-    x.mul_(w / total).scatter_add_(1, targets, -w)
-    return row_weight * (lse.squeeze(1) - target_logit)
+    x.mul_(w.sum(dim=1, keepdim=True) / total).scatter_add_(1, targets, -w)
+    return (w * (lse - target_logit)).sum(dim=1)
 
 
 def _kd_block_(
@@ -62,11 +70,13 @@ def _kd_block_(
     t: Tensor,
     scratch: Tensor,
     targets: Tensor | None,
+    ce_weight: Tensor | None,
     row_weight: Tensor,
     temperature: float,
     kd_weight: float,
 ) -> tuple[Tensor | None, Tensor]:
-    """T^2 KL(p_t || p_s) rows (and CE rows unless targets is None) of fp32 logits x [b, V].
+    """T^2 KL(p_t || p_s) rows (and CE rows unless targets is None) of fp32 logits x [b, V];
+    targets and their CE weights are [b, k], row_weight [b] weighs KD.
 
     Overwrites x with d(CE + kd_weight * KD)/dx; t (fp32 teacher logits) and scratch [k, b, V]
     (k = 1, or 2 with CE) are clobbered. With a = x/T, b = t/T and e_b = exp(b - max b), as in the Triton kernel:
@@ -78,30 +88,31 @@ def _kd_block_(
     cross = t.sub_(x).mul_(e_t).sum(dim=-1, keepdim=True) * inv_t
     ce = None
     if targets is not None:
-        target_logit = x.gather(1, targets).squeeze(1)
+        target_logit = x.gather(1, targets)
         e_ce = scratch[1]
         lse_ce, total_ce = _exp_rows_(x, 1.0, e_ce)
-        ce = row_weight * (lse_ce.squeeze(1) - target_logit)
+        ce = (ce_weight * (lse_ce - target_logit)).sum(dim=1)
     lse_s, total_s = _exp_rows_(x, inv_t, x)
     kd = row_weight * temperature**2 * (cross / total_t - lse_t + lse_s).squeeze(1)
-    # gradient: kd_weight * w * T * (p_s - p_t) [+ w * (softmax(x) - onehot)]
-    w = row_weight[:, None]
-    scale = kd_weight * temperature * w
+    # gradient: kd_weight * w * T * (p_s - p_t) [+ sum_i w_i * (softmax(x) - onehot(t_i))]
+    scale = kd_weight * temperature * row_weight[:, None]
     x.mul_(scale / total_s).addcmul_(e_t, -scale / total_t)
     if targets is not None:
-        x.addcmul_(e_ce, w / total_ce).scatter_add_(1, targets, -w)
+        x.addcmul_(e_ce, ce_weight.sum(dim=1, keepdim=True) / total_ce)
+        x.scatter_add_(1, targets, -ce_weight)
     return ce, kd
 
 
 def cross_entropy_(logits: Tensor, targets: Tensor, row_weight: Tensor) -> Tensor:
     """Cross-entropy per row; logits [n, V] become dloss/dlogits.
 
-    Args: logits [n, V]; targets [n] long in [0, V); row_weight [n] fp32. Returns [n] fp32.
+    Args: logits [n, V]; targets [n] (or [n, k]) long in [0, V); row_weight [n] (or [n, k],
+    one weight per target) fp32. Returns [n] fp32.
     """
     loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     for rows in _blocks(*logits.shape):
         x = logits[rows].float()  # the same view when logits are fp32: computed in place
-        loss[rows] = _cross_entropy_block_(x, targets[rows, None], row_weight[rows])
+        loss[rows] = _cross_entropy_block_(x, *_per_target(targets, row_weight, rows))
         if x.dtype != logits.dtype:
             logits[rows] = x
     return loss
@@ -111,6 +122,7 @@ def _kd_chunk_(
     logits: Tensor,
     teacher_logits: Tensor,
     targets: Tensor | None,
+    ce_weight: Tensor | None,
     row_weight: Tensor,
     temperature: float,
     kd_weight: float,
@@ -124,10 +136,12 @@ def _kd_chunk_(
     for rows in _blocks(n, vocab):
         x = logits[rows].float()
         b = x.shape[0]
-        block_targets = None if targets is None else targets[rows, None]
+        block_targets = block_ce_weight = None
+        if targets is not None:
+            block_targets, block_ce_weight = _per_target(targets, ce_weight, rows)
         block_ce, kd[rows] = _kd_block_(
-            x, teacher_logits[rows].float(), scratch[:, :b], block_targets, row_weight[rows],
-            temperature, kd_weight,
+            x, teacher_logits[rows].float(), scratch[:, :b], block_targets, block_ce_weight,
+            row_weight[rows], temperature, kd_weight,
         )  # fmt: skip
         if ce is not None:
             ce[rows] = block_ce
@@ -143,7 +157,7 @@ def kl_div_(
 
     Args: logits, teacher_logits [n, V]; row_weight [n] fp32. Returns [n] fp32.
     """
-    return _kd_chunk_(logits, teacher_logits, None, row_weight, temperature, 1.0)[1]
+    return _kd_chunk_(logits, teacher_logits, None, None, row_weight, temperature, 1.0)[1]
 
 
 def cross_entropy_kl_div_(
@@ -153,10 +167,15 @@ def cross_entropy_kl_div_(
     row_weight: Tensor,
     temperature: float,
     kd_weight: float,
+    ce_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """CE and KD rows from one student logits chunk; logits become d(CE + kd_weight*KD)/dlogits.
 
-    Args: logits, teacher_logits [n, V]; targets [n] long in [0, V); row_weight [n] fp32 (shared by
-    both terms). Returns (ce [n], kd [n]) fp32.
+    Args: logits, teacher_logits [n, V]; targets [n] (or [n, k]) long in [0, V); row_weight [n]
+    fp32, KD's weights and CE's too unless ce_weight [n] (or [n, k], one per target) is given.
+    Returns (ce [n], kd [n]) fp32.
     """
-    return _kd_chunk_(logits, teacher_logits, targets, row_weight, temperature, kd_weight)
+    ce_weight = row_weight if ce_weight is None else ce_weight
+    return _kd_chunk_(
+        logits, teacher_logits, targets, ce_weight, row_weight, temperature, kd_weight
+    )

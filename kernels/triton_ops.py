@@ -59,29 +59,58 @@ def _online_lse_step(x, m, s):
 
 
 @triton.jit
+def _weight_sum(weights_ptr, row, K: tl.constexpr):
+    """Sum of a row's K target weights."""
+    total = 0.0
+    for j in tl.static_range(K):
+        total += tl.load(weights_ptr + row * K + j)
+    return total
+
+
+@triton.jit
+def _weighted_target_logits(x, cols, targets_ptr, weights_ptr, row, K: tl.constexpr):
+    """sum_j w_j x[t_j] over the block's columns for the row's K targets."""
+    total = 0.0
+    for j in tl.static_range(K):
+        target = tl.load(targets_ptr + row * K + j)
+        total += tl.load(weights_ptr + row * K + j) * tl.sum(tl.where(cols == target, x, 0.0))
+    return total
+
+
+@triton.jit
+def _weighted_onehots(cols, targets_ptr, weights_ptr, row, K: tl.constexpr):
+    """sum_j w_j onehot(t_j) over the block's columns."""
+    total = tl.zeros(cols.shape, dtype=tl.float32)
+    for j in tl.static_range(K):
+        target = tl.load(targets_ptr + row * K + j)
+        total += tl.where(cols == target, tl.load(weights_ptr + row * K + j), 0.0)
+    return total
+
+
+@triton.jit
 def _cross_entropy_kernel(
-    logits_ptr, stride, targets_ptr, row_weight_ptr, loss_ptr, V, BLOCK: tl.constexpr
+    logits_ptr, stride, targets_ptr, weights_ptr, loss_ptr, V, K: tl.constexpr, BLOCK: tl.constexpr
 ):
+    """sum_j w_j (lse - x[t_j]) over the row's K targets; the logits become its gradient."""
     row = tl.program_id(0).to(tl.int64)
     logits_ptr += row * stride
-    target = tl.load(targets_ptr + row)
-    w = tl.load(row_weight_ptr + row)
+    w = _weight_sum(weights_ptr, row, K)
 
     m = -float("inf")
     s = 0.0
-    x_target = 0.0
+    wx = 0.0
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(logits_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
         m, s = _online_lse_step(x, m, s)
-        x_target += tl.sum(tl.where(cols == target, x, 0.0), axis=0)
+        wx += _weighted_target_logits(x, cols, targets_ptr, weights_ptr, row, K)
     lse = m + tl.log(s)
-    tl.store(loss_ptr + row, w * (lse - x_target))
+    tl.store(loss_ptr + row, w * lse - wx)
 
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(logits_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
-        grad = w * (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0))
+        grad = w * tl.exp(x - lse) - _weighted_onehots(cols, targets_ptr, weights_ptr, row, K)
         tl.store(logits_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < V)
 
 
@@ -92,6 +121,7 @@ def _kl_div_kernel(
     stride,
     teacher_stride,
     targets_ptr,
+    ce_weights_ptr,
     row_weight_ptr,
     ce_ptr,
     kd_ptr,
@@ -100,9 +130,11 @@ def _kl_div_kernel(
     temperature,
     kd_weight,
     WITH_CE: tl.constexpr,
+    K: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """KL(p_t || p_s) * T^2, plus CE on the same logits when WITH_CE (gradients summed)."""
+    """KL(p_t || p_s) * T^2, plus CE over K targets on the same logits when WITH_CE (gradients
+    summed)."""
     row = tl.program_id(0).to(tl.int64)
     logits_ptr += row * stride
     teacher_ptr += row * teacher_stride
@@ -118,8 +150,8 @@ def _kl_div_kernel(
     if WITH_CE:  # CE needs lse of the unscaled logits too
         m_x = -float("inf")
         s_x = 0.0
-        target = tl.load(targets_ptr + row)
-        x_target = 0.0
+        w_ce = _weight_sum(ce_weights_ptr, row, K)
+        wx = 0.0
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < V
@@ -136,13 +168,13 @@ def _kl_div_kernel(
         m_b = m_b_new
         if WITH_CE:
             m_x, s_x = _online_lse_step(tl.where(in_row, x, -float("inf")), m_x, s_x)
-            x_target += tl.sum(tl.where(cols == target, x, 0.0), axis=0)
+            wx += _weighted_target_logits(x, cols, targets_ptr, ce_weights_ptr, row, K)
     lse_a = m_a + tl.log(s_a)
     lse_b = m_b + tl.log(s_b)
     tl.store(kd_ptr + row, w * temperature * temperature * (d / s_b - lse_b + lse_a))
     if WITH_CE:
         lse_x = m_x + tl.log(s_x)
-        tl.store(ce_ptr + row, w * (lse_x - x_target))
+        tl.store(ce_ptr + row, w_ce * lse_x - wx)
 
     kd_scale = w * temperature * kd_weight  # d(T^2 KL)/dx = T * (p_s - p_t)
     for start in range(0, V, BLOCK):
@@ -152,23 +184,28 @@ def _kl_div_kernel(
         b = tl.load(teacher_ptr + cols, mask=in_row, other=0.0).to(tl.float32) * inv_t
         grad = kd_scale * (tl.exp(x * inv_t - lse_a) - tl.exp(b - lse_b))
         if WITH_CE:
-            grad += w * (tl.exp(x - lse_x) - tl.where(cols == target, 1.0, 0.0))
+            grad += w_ce * tl.exp(x - lse_x)
+            grad -= _weighted_onehots(cols, targets_ptr, ce_weights_ptr, row, K)
         tl.store(logits_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=in_row)
 
 
-def cross_entropy_launch(
-    logits: Tensor, targets: Tensor, row_weight: Tensor, loss: Tensor
-) -> Launch:
-    """The launch of `cross_entropy_`: logits [n, V], targets [n] long, row_weight and loss [n]
-    fp32."""
+def _num_targets(targets: Tensor) -> int:
+    """K: one target per row ([n]) or K weighted targets per row ([n, K], mixup's two)."""
+    return 1 if targets.dim() == 1 else targets.shape[1]
+
+
+def cross_entropy_launch(logits: Tensor, targets: Tensor, weights: Tensor, loss: Tensor) -> Launch:
+    """The launch of `cross_entropy_`: logits [n, V], targets [n] or [n, K] long, their weights
+    of the same shape and loss [n] fp32."""
     return _launch(
         _cross_entropy_kernel,
         logits,
         logits_ptr=logits,
         stride=logits.stride(0),
         targets_ptr=targets.contiguous(),
-        row_weight_ptr=row_weight.contiguous(),
+        weights_ptr=weights.contiguous(),
         loss_ptr=loss,
+        K=_num_targets(targets),
     )
 
 
@@ -188,10 +225,14 @@ def kl_div_launch(
     kd: Tensor,
     temperature: float,
     kd_weight: float,
+    *,
+    ce_weight: Tensor | None = None,
 ) -> Launch:
     """The launch of `kl_div_` (targets None) and `cross_entropy_kl_div_`: logits and
-    teacher_logits [n, V], targets [n] long, row_weight, ce and kd [n] fp32."""
+    teacher_logits [n, V], targets [n] or [n, K] long with their CE weights ``ce_weight`` (default
+    ``row_weight``), row_weight (KD's), ce and kd [n] fp32."""
     with_ce = targets is not None
+    ce_weight = row_weight if ce_weight is None else ce_weight
     return _launch(
         _kl_div_kernel,
         logits,
@@ -199,8 +240,9 @@ def kl_div_launch(
         teacher_ptr=teacher_logits,
         stride=logits.stride(0),
         teacher_stride=teacher_logits.stride(0),
-        # An unread placeholder without CE.
+        # Unread placeholders without CE.
         targets_ptr=targets.contiguous() if with_ce else row_weight,
+        ce_weights_ptr=ce_weight.contiguous() if with_ce else row_weight,
         row_weight_ptr=row_weight.contiguous(),
         ce_ptr=ce,
         kd_ptr=kd,
@@ -208,6 +250,7 @@ def kl_div_launch(
         temperature=float(temperature),
         kd_weight=float(kd_weight),
         WITH_CE=with_ce,
+        K=_num_targets(targets) if with_ce else 1,
     )
 
 
@@ -215,13 +258,17 @@ def _kl_div(
     logits: Tensor,
     teacher_logits: Tensor,
     targets: Tensor | None,
+    ce_weight: Tensor | None,
     row_weight: Tensor,
     temperature: float,
     kd_weight: float,
 ) -> tuple[Tensor, Tensor]:
     ce = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     kd = torch.empty_like(ce)
-    kl_div_launch(logits, teacher_logits, targets, row_weight, ce, kd, temperature, kd_weight)()
+    kl_div_launch(
+        logits, teacher_logits, targets, row_weight, ce, kd, temperature, kd_weight,
+        ce_weight=ce_weight,
+    )()  # fmt: skip
     return ce, kd
 
 
@@ -229,7 +276,7 @@ def kl_div_(
     logits: Tensor, teacher_logits: Tensor, row_weight: Tensor, temperature: float
 ) -> Tensor:
     """KL * T^2 per row; student logits become the gradient. See `reference.kl_div_`."""
-    return _kl_div(logits, teacher_logits, None, row_weight, temperature, 1.0)[1]
+    return _kl_div(logits, teacher_logits, None, None, row_weight, temperature, 1.0)[1]
 
 
 def cross_entropy_kl_div_(
@@ -239,6 +286,7 @@ def cross_entropy_kl_div_(
     row_weight: Tensor,
     temperature: float,
     kd_weight: float,
+    ce_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """CE and KD rows from one logits chunk. See `reference.cross_entropy_kl_div_`."""
-    return _kl_div(logits, teacher_logits, targets, row_weight, temperature, kd_weight)
+    return _kl_div(logits, teacher_logits, targets, ce_weight, row_weight, temperature, kd_weight)

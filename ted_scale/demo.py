@@ -20,7 +20,8 @@ from ted_scale.eval.datafiles import asset
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 CONFIGS = REPO / "configs"
-STUDENTS = ("kd", "lwd", "ted")
+# Run name (configs/demo-<name>.yaml, with "_" as "-") -> its label in the report and plots.
+STUDENTS = {"kd": "KD", "lwd": "LWD", "ted": "TED", "cr_ild": "CR-ILD"}
 
 
 def _step(n: int, total: int, title: str) -> None:
@@ -94,9 +95,10 @@ def run_demo(out: Path, *, ranks: int = 2) -> None:
     _step(2, 5, "Pre-training a small GPT-2-shaped teacher (6 layers, width 128) from scratch")
     train("demo-teacher.yaml", teacher)
 
-    _step(3, 5, "Distilling a 3-layer student: TED (Stage I + Stage II), then KD and LWD baselines")
-    for name in ("ted", "kd", "lwd"):
-        train(f"demo-{name}.yaml", runs[name], f"teacher.pretrained={teacher / 'student_hf'}")
+    _step(3, 5, "Distilling a 3-layer student: TED (Stage I + Stage II), then KD, LWD and CR-ILD")
+    for name in ("ted", "kd", "lwd", "cr_ild"):
+        config = f"demo-{name.replace('_', '-')}.yaml"
+        train(config, runs[name], f"teacher.pretrained={teacher / 'student_hf'}")
 
     _step(4, 5, "Evaluating teacher and students: held-out text, WikiText-2 test, LAMBADA")
     results = out / "results"
@@ -125,15 +127,8 @@ def run_demo(out: Path, *, ranks: int = 2) -> None:
             sys.executable,
             LAUNCH / "report.py",
             "--results",
-            *(
-                f"{label}={results / f'{name}.json'}"
-                for name, label in (
-                    ("teacher", "teacher"),
-                    ("kd", "KD"),
-                    ("lwd", "LWD"),
-                    ("ted", "TED"),
-                )
-            ),
+            f"teacher={results / 'teacher.json'}",
+            *(f"{label}={results / f'{name}.json'}" for name, label in STUDENTS.items()),
             "--out",
             table,
         ],
@@ -145,7 +140,7 @@ def run_demo(out: Path, *, ranks: int = 2) -> None:
             sys.executable,
             LAUNCH / "plot_metrics.py",
             "--runs",
-            *(f"{name.upper()}={runs[name]}" for name in ("kd", "lwd", "ted")),
+            *(f"{label}={runs[name]}" for name, label in STUDENTS.items()),
             "--out",
             figures,
         ],

@@ -115,6 +115,45 @@ def test_ce_kd_matches_naive_with_kd_over_kept_targets(backend):
     assert_matches(loss, naive_ce_value + KD_WEIGHT * naive_kd, (hidden, weight), FP32_TOL)
 
 
+MIX = 0.7
+
+
+def partner_targets(targets):
+    """Mixup's second targets: the batch reversed, with its own ignored tokens."""
+    partner = targets.flip(0).clone()
+    partner.view(-1)[1::5] = -100
+    return partner
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_targets_cross_entropy_is_the_mixed_ce_in_one_logits_pass(backend):
+    hidden, weight, targets, _, _ = make_inputs()
+    targets2 = partner_targets(targets)
+    loss = fused_linear_cross_entropy(
+        hidden, weight, targets, targets2=targets2, mix=MIX, chunk_size=4, backend=backend
+    )
+    expected = MIX * naive_ce(hidden, weight, targets) + (1 - MIX) * naive_ce(
+        hidden, weight, targets2
+    )
+    assert_matches(loss, expected, (hidden, weight), FP32_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_targets_ce_kd_mixes_ce_and_keeps_kd_over_the_first_targets(backend):
+    hidden, weight, targets, teacher_hidden, teacher_weight = make_inputs()
+    targets2 = partner_targets(targets)
+    loss, ce, kd = fused_linear_ce_kd(
+        hidden, weight, targets, teacher_hidden, teacher_weight, temperature=T,
+        kd_weight=KD_WEIGHT, targets2=targets2, mix=MIX, chunk_size=4, backend=backend,
+    )  # fmt: skip
+    naive_mixed = MIX * naive_ce(hidden, weight, targets) + (1 - MIX) * naive_ce(
+        hidden, weight, targets2
+    )
+    naive_kd = naive_kd_rows(hidden, weight, teacher_hidden, teacher_weight)[targets != -100].mean()
+    assert rel_diff(ce, naive_mixed) <= FP32_TOL and rel_diff(kd, naive_kd) <= FP32_TOL
+    assert_matches(loss, naive_mixed + KD_WEIGHT * naive_kd, (hidden, weight), FP32_TOL)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_inputs_give_fp32_loss_and_bf16_grads_close_to_fp32(backend):
     hidden, weight, targets, teacher_hidden, teacher_weight = make_inputs(dtype=torch.bfloat16)

@@ -107,8 +107,8 @@ def test_stage_lm_is_short_for_method_lm():
 
 def test_the_trainer_names_no_method_and_no_phase():
     """Methods own their names: ted_scale/train/ must run any of them without knowing which."""
-    names = "|".join(re.escape(n) for n in ["ted", "ted_kl", "kd", "lwd", "lm"])
-    phases = "stage1_teacher|stage1_student|stage2"
+    names = "|".join(re.escape(n) for n in method_names())
+    phases = "stage1_teacher|stage1_student|stage2|ild|joint"
     pattern = re.compile(rf"[\"']({names}|{phases})[\"']")
     offenders = [
         f"{path.name}:{i}: {line.strip()}"

@@ -198,14 +198,20 @@ class ProjectStep:
         return self.phase.flops_per_token(seq_len)
 
     def feed(self, batches: list[tuple[Tensor, Tensor]], *, prefetch: bool) -> TeacherFeed:
-        return TeacherFeed(_SyntheticLoader(batches), self.tapper, self.device, prefetch=prefetch)
+        return TeacherFeed(
+            _SyntheticLoader(batches),
+            self.tapper,
+            self.device,
+            prefetch=prefetch,
+            batch_draw=self.phase.batch_draw,
+        )
 
     def step_parts(self, feed: TeacherFeed) -> Iterator[str]:
         """One step; yields after each piece (the trunk's end is marked by a hook)."""
         item = feed.next()
         yield "teacher"
         with autocast(self.device, self.compute_dtype):
-            loss, _ = self.module(item.input_ids, item.labels, item.tapped)
+            loss, _ = self.module(item.input_ids, item.labels, item.tapped, **item.draw)
         yield "losses"
         loss.backward()
         yield "backward"

@@ -163,7 +163,8 @@ class RunConfig:
     ``distill`` (Stage II: the phases that train the student), ``all`` (every phase, in order).
     ``lm`` is short for ``method: lm`` (one model, plain next-token loss)."""
     method: str = "ted"
-    """A registered method: ``ted``, ``ted_kl``, ``kd``, ``lwd``, ``lm`` (student alone)."""
+    """A registered method: ``ted``, ``ted_kl``, ``kd``, ``lwd``, ``cr_ild``, ``lm`` (student
+    alone)."""
     resume: str = "auto"
     """``auto`` continues from the newest complete checkpoint, ``never`` starts afresh (refusing
     a non-empty run directory), or a path to a checkpoint directory."""

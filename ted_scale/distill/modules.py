@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,26 @@ class TappedOutputs:
 
 
 StateTransform = Callable[[list[Tensor]], list[Tensor]]
+
+
+class BatchDraw(Protocol):
+    """Per-micro-batch random choices (mixup's lambda, ...) made where the batch is made, in batch
+    order, so that the frozen side (run ahead when prefetching) and the trained side see the same
+    ones. ``TeacherFeed`` calls it once per micro-batch and passes what it returns as keyword
+    arguments to both the tapper and the trained module's ``forward``; the trainer checkpoints its
+    state as of the last batch the trained side got, so a resumed run draws what it would have."""
+
+    def __call__(self, input_ids: Tensor) -> dict[str, Any]:
+        """The draw for ``input_ids`` [B, T] (this rank's micro-batch)."""
+        ...
+
+    def start(self, total_steps: int) -> None:
+        """Called before the phase's first step with its length in optimizer steps."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class FrozenTapper:

@@ -5,6 +5,8 @@
 - D_TED = sum_k MSE(g_t^k(H_t^{M(k)}), g_s^k(H_s^k)); LWD's D_layer has the same form with the raw
   teacher states and learnable projections; TED-KL replaces each MSE by KD between the filters'
   predictions through the heads.
+- CR-ILD: on a mixup input, CE is lambda * CE(y) + (1 - lambda) * CE(y_rev) (``labels2``, ``mix``);
+  attention relations compare two attention distributions over the causal keys (``attention_kl``).
 
 Tokens whose label is ``IGNORE_INDEX`` count for neither CE nor KD. All loss math is fp32.
 """
@@ -24,12 +26,29 @@ from ted_scale.kernels import fused_linear_ce_kd, fused_linear_cross_entropy, fu
 Reduction = Literal["sum", "mean"]
 
 
-def cross_entropy(hidden: Tensor, head_weight: Tensor, labels: Tensor, *, fused: bool) -> Tensor:
-    """Mean CE of ``hidden`` [B, T, d] (already final-normed) through ``head_weight`` [V, d]."""
+def cross_entropy(
+    hidden: Tensor,
+    head_weight: Tensor,
+    labels: Tensor,
+    *,
+    fused: bool,
+    labels2: Tensor | None = None,
+    mix: float = 1.0,
+) -> Tensor:
+    """Mean CE of ``hidden`` [B, T, d] (already final-normed) through ``head_weight`` [V, d].
+
+    With ``labels2`` [B, T]: mix * CE(labels) + (1 - mix) * CE(labels2) from the same logits.
+    """
     if fused:
-        return fused_linear_cross_entropy(hidden, head_weight, labels, ignore_index=IGNORE_INDEX)
-    logits = F.linear(hidden, head_weight).float()
-    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return fused_linear_cross_entropy(
+            hidden, head_weight, labels, ignore_index=IGNORE_INDEX, targets2=labels2, mix=mix
+        )
+    logits = F.linear(hidden, head_weight).float().flatten(0, -2)
+    ce = F.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE_INDEX)
+    if labels2 is None:
+        return ce
+    ce2 = F.cross_entropy(logits, labels2.flatten(), ignore_index=IGNORE_INDEX)
+    return mix * ce + (1.0 - mix) * ce2
 
 
 def kl_distillation(
@@ -72,8 +91,13 @@ def cross_entropy_and_kd(
     temperature: float,
     alpha_kd: float,
     fused: bool,
+    labels2: Tensor | None = None,
+    mix: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """CE + alpha_kd * KD sharing the student's logits; returns (loss, ce, kd), ce/kd detached."""
+    """CE + alpha_kd * KD sharing the student's logits; returns (loss, ce, kd), ce/kd detached.
+
+    With ``labels2``, CE is the mixed one of ``cross_entropy``; KD stays over ``labels``' tokens.
+    """
     if fused:
         return fused_linear_ce_kd(
             student_hidden,
@@ -84,10 +108,15 @@ def cross_entropy_and_kd(
             temperature=temperature,
             kd_weight=alpha_kd,
             ignore_index=IGNORE_INDEX,
+            targets2=labels2,
+            mix=mix,
         )
     z_s = F.linear(student_hidden, student_weight).float()
     keep = labels != IGNORE_INDEX
     ce = F.cross_entropy(z_s.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX)
+    if labels2 is not None:
+        ce2 = F.cross_entropy(z_s.flatten(0, -2), labels2.flatten(), ignore_index=IGNORE_INDEX)
+        ce = mix * ce + (1.0 - mix) * ce2
     z_t = F.linear(teacher_hidden, teacher_weight).float()
     kd = _kl_from_logits(z_s[keep], z_t[keep], temperature)
     return ce + alpha_kd * kd, ce.detach(), kd.detach()
@@ -117,6 +146,21 @@ def mse_distance(
 ) -> list[Tensor]:
     """Per-layer ``mse`` between matched states: D_TED's and LWD's layer terms."""
     return [mse(s, t) for s, t in zip(student_states, teacher_states, strict=True)]
+
+
+def attention_kl(student_log_probs: Tensor, target_log_probs: Tensor) -> Tensor:
+    """KL(target || student) between attention distributions over the causal keys, summed over
+    keys and averaged over batch, heads and query positions, in fp32.
+
+    Both are log-probabilities [B, n_head, T, T] with -inf above the diagonal (``GPT``'s
+    ``attention_log_probs``); ``target_log_probs`` may be an inference-mode tensor.
+    """
+    T = student_log_probs.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=student_log_probs.device).tril()
+    log_s = student_log_probs.float().masked_fill(~causal, 0.0)
+    log_t = target_log_probs.float().masked_fill(~causal, 0.0)
+    kl = log_t.exp().masked_fill(~causal, 0.0) * (log_t - log_s)
+    return kl.sum(dim=-1).mean()
 
 
 def combine_layers(per_layer: Sequence[Tensor], reduction: Reduction) -> Tensor:

@@ -61,9 +61,18 @@ def causal_attention(
             causal=True,
         )
         return y.transpose(1, 2)
+    return causal_attention_with_log_probs(q, k, v, dropout_p=dropout_p)[0]
+
+
+def causal_attention_with_log_probs(
+    q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """The eager path, also handing over the attention distribution: returns (output [B, n_head,
+    T, head_dim], log-probabilities [B, n_head, T, T], -inf above the diagonal). Used for the one
+    layer whose attention a loss reads; the others keep SDPA or flash."""
     T = q.size(-2)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
     mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = F.dropout(scores.softmax(dim=-1), p=dropout_p)
-    return probs @ v
+    log_probs = scores.masked_fill(~mask, float("-inf")).log_softmax(dim=-1)
+    probs = F.dropout(log_probs.exp(), p=dropout_p)
+    return probs @ v, log_probs

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ted_scale.model.attention import causal_attention
+from ted_scale.model.attention import causal_attention, causal_attention_with_log_probs
 
 
 @dataclass
@@ -132,11 +132,14 @@ class GPTOutput:
     hidden_states: block index (0-based) -> residual stream after that block, [B, T, n_embd].
     last_hidden: final LayerNorm output, [B, T, n_embd] (the LM head's input).
     logits: [B, T, vocab_size], or None when the caller fuses the LM head into its loss.
+    attention_log_probs: the ``attention_layer`` block's attention log-probabilities
+        [B, n_head, T, T] (-inf above the diagonal), or None.
     """
 
     hidden_states: dict[int, Tensor] = field(default_factory=dict)
     last_hidden: Tensor | None = None
     logits: Tensor | None = None
+    attention_log_probs: Tensor | None = None
 
 
 class PrefixLinear(nn.Linear):
@@ -188,15 +191,23 @@ class CausalSelfAttention(nn.Module):
         self.implementation = "auto"
 
     def forward(
-        self, x: Tensor, n_active: int | None = None, head_mask: Tensor | None = None
-    ) -> Tensor:
+        self,
+        x: Tensor,
+        n_active: int | None = None,
+        head_mask: Tensor | None = None,
+        *,
+        return_log_probs: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """x [B, T, C] -> [B, T, C], using the first ``n_active`` heads (default all);
-        ``head_mask`` [n_head] scales each head's output (its first ``n_active`` entries used)."""
+        ``head_mask`` [n_head] scales each head's output (its first ``n_active`` entries used).
+        With ``return_log_probs`` also the attention log-probabilities [B, h, T, T], computed by
+        the explicit softmax path."""
         B, T, _ = x.shape
         keep = None if n_active in (None, self.n_head) else n_active * self.head_dim
         if (self.n_head if keep is None else n_active) == 0:
             # No heads: the sublayer adds only its output bias.
-            return self.resid_dropout(_project(self.out_proj, x.new_zeros(B, T, 0), keep))
+            out = self.resid_dropout(_project(self.out_proj, x.new_zeros(B, T, 0), keep))
+            return (out, x.new_zeros(B, 0, T, T)) if return_log_probs else out
         qkv = _project(self.qkv_proj, x, keep)
         # The heads present, read off the output: a projection sharded by heads into
         # [q_r; k_r; v_r] per rank (tensor parallelism) gives this rank's heads.
@@ -205,11 +216,15 @@ class CausalSelfAttention(nn.Module):
         # [B, T, h * head_dim] -> [B, h, T, head_dim]
         q, k, v = (t.view(B, T, h, self.head_dim).transpose(1, 2) for t in (q, k, v))
         dropout_p = self.attn_dropout if self.training else 0.0
-        y = causal_attention(q, k, v, dropout_p=dropout_p, implementation=self.implementation)
+        if return_log_probs:
+            y, log_probs = causal_attention_with_log_probs(q, k, v, dropout_p=dropout_p)
+        else:
+            y = causal_attention(q, k, v, dropout_p=dropout_p, implementation=self.implementation)
         if head_mask is not None:
             y = y * head_mask[:h].view(1, h, 1, 1).to(y.dtype)
         y = y.transpose(1, 2).reshape(B, T, h * self.head_dim)
-        return self.resid_dropout(_project(self.out_proj, y, keep))
+        out = self.resid_dropout(_project(self.out_proj, y, keep))
+        return (out, log_probs) if return_log_probs else out
 
 
 class MLP(nn.Module):
@@ -253,6 +268,13 @@ class Block(nn.Module):
         """x [B, T, C] -> [B, T, C]; the optional arguments as in ``GPT.forward``, for this block."""
         x = x + self.attn(self.ln_1(x), n_heads, head_mask)
         return x + self.mlp(self.ln_2(x), n_inner, neuron_mask)
+
+    def forward_with_attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The whole block on x [B, T, C], with its attention log-probabilities [B, n_head, T, T]
+        (the explicit softmax path: used for the one block whose attention a loss reads)."""
+        attended, log_probs = self.attn(self.ln_1(x), return_log_probs=True)
+        x = x + attended
+        return x + self.mlp(self.ln_2(x)), log_probs
 
 
 class GPT(nn.Module):
@@ -311,49 +333,69 @@ class GPT(nn.Module):
 
     def forward(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None,
         *,
+        inputs_embeds: Tensor | None = None,
         output_layers: Sequence[int] = (),
+        attention_layer: int | None = None,
         return_logits: bool = True,
         stop_after: int | None = None,
         subnet: Subnet | None = None,
         head_mask: Sequence[Tensor] | None = None,
         neuron_mask: Sequence[Tensor] | None = None,
     ) -> GPTOutput:
-        """Run the model on ``input_ids`` [B, T].
+        """Run the model on ``input_ids`` [B, T], or on given token embeddings.
 
+        inputs_embeds: [B, T, n_embd] used in place of the token embeddings of ``input_ids``
+            (which must then be None); position embeddings are added as usual.
         output_layers: 0-based block indices whose residual-stream outputs are returned.
+        attention_layer: a block whose attention log-probabilities are returned (that block runs
+            the explicit softmax path; the others keep the configured kernel).
         return_logits: compute logits [B, T, V]; pass False when the loss fuses the LM head.
         stop_after: skip every block after this index (and the final LayerNorm and head).
         subnet: run only this prefix sub-network of the shared weights (docs/design.md).
         head_mask: per block, [heads of that block] factors on each head's output.
         neuron_mask: per block, [FFN width of that block] factors on each neuron's activation.
         """
-        T = input_ids.shape[1]
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        tokens = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        T = tokens.shape[1]
         if T > self.config.n_positions:
             raise ValueError(f"sequence length {T} exceeds n_positions={self.config.n_positions}")
         wanted = set(output_layers)
-        if wanted and (min(wanted) < 0 or max(wanted) >= len(self.blocks)):
-            raise ValueError(f"output_layers {sorted(wanted)} outside 0..{len(self.blocks) - 1}")
+        checked = wanted | ({attention_layer} if attention_layer is not None else set())
+        if checked and (min(checked) < 0 or max(checked) >= len(self.blocks)):
+            raise ValueError(f"output_layers {sorted(checked)} outside 0..{len(self.blocks) - 1}")
         if subnet is not None:
             subnet.check(self.config)
+        if attention_layer is not None and (subnet or head_mask or neuron_mask):
+            raise ValueError("attention_layer does not combine with subnet or masks")
         _check_masks("head_mask", head_mask, self.config.layer_heads)
         _check_masks("neuron_mask", neuron_mask, self.config.layer_inner)
-        positions = torch.arange(T, device=input_ids.device)
-        x = self.drop(self.wte(input_ids) + self.wpe(positions))
+        positions = torch.arange(T, device=tokens.device)
+        x = self.drop(tokens + self.wpe(positions))
         out = GPTOutput()
         for i, block in enumerate(self.blocks):
-            args = (
-                x,
-                None if subnet is None else subnet.heads[i],
-                None if subnet is None else subnet.inner[i],
-                None if head_mask is None else head_mask[i],
-                None if neuron_mask is None else neuron_mask[i],
-            )
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, *args, use_reentrant=False)
+            if i == attention_layer:
+                run, args = block.forward_with_attention, (x,)
             else:
-                x = block(*args)
+                run = block
+                args = (
+                    x,
+                    None if subnet is None else subnet.heads[i],
+                    None if subnet is None else subnet.inner[i],
+                    None if head_mask is None else head_mask[i],
+                    None if neuron_mask is None else neuron_mask[i],
+                )
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                result = checkpoint(run, *args, use_reentrant=False)
+            else:
+                result = run(*args)
+            if i == attention_layer:
+                x, out.attention_log_probs = result
+            else:
+                x = result
             if i in wanted:
                 out.hidden_states[i] = x
             if stop_after is not None and i >= stop_after:

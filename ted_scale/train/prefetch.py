@@ -1,8 +1,9 @@
 """Micro-batches with the teacher's outputs attached, computed one micro-batch ahead on a side CUDA
 stream while the student trains on the current one.
 
-The teacher's work depends only on the input batch, so while the student runs forward and backward
-on micro-batch i, the teacher (and its frozen filters) run on micro-batch i+1 on their own stream.
+The teacher's work depends only on the input batch (and the phase's per-batch draw, made here with
+the batch so that both sides get the same one), so while the student runs forward and backward on
+micro-batch i, the teacher (and its frozen filters) run on micro-batch i+1 on their own stream.
 The hand-over is a CUDA event: the student's stream waits on it, not on the whole device. Tensors
 made on the side stream are ``record_stream``-ed onto the consumer's stream, so the caching
 allocator recycles their memory only after the student is done with them: two sets of teacher
@@ -20,14 +21,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ted_scale.data.loader import DistributedBatchLoader
-from ted_scale.distill.modules import FrozenTapper, TappedOutputs
+from ted_scale.distill.modules import BatchDraw, FrozenTapper, TappedOutputs
 
 
 @dataclass
@@ -36,6 +37,8 @@ class FeedItem:
     labels: Tensor  # [B, T]
     tapped: TappedOutputs | None
     loader_state: dict[str, Any]  # the loader's position after this batch
+    draw: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the trained side
+    draw_state: dict[str, Any] | None = None  # the batch draw's state after this batch
 
 
 def _batches(loader: DistributedBatchLoader) -> Iterator[tuple[Tensor, Tensor, dict[str, Any]]]:
@@ -66,15 +69,18 @@ class TeacherFeed:
         device: torch.device,
         *,
         prefetch: bool,
+        batch_draw: BatchDraw | None = None,
     ) -> None:
         self.batches = _batches(loader)
         self.tapper = tapper
+        self.batch_draw = batch_draw
         self.device = device
         self.prefetch = prefetch and tapper is not None
         cuda = device.type == "cuda"
         self.side_stream = torch.cuda.Stream(device) if self.prefetch and cuda else None
         self._pending: tuple[FeedItem, Any, Any] | None = None
         self._last_state = loader.state_dict()
+        self._last_draw_state = batch_draw.state_dict() if batch_draw is not None else None
         self._timings: list[tuple[Any, Any, Any]] = []  # (start, end, consumer reached) events
         self._cpu_teacher_s = 0.0
         self._count = 0
@@ -83,6 +89,9 @@ class TeacherFeed:
         """Copy the next batch to the device and run the teacher on it (on the side stream when
         prefetching); returns the item with its start and ready events."""
         input_ids, labels, state = next(self.batches)
+        draw, draw_state = {}, None
+        if self.batch_draw is not None:
+            draw, draw_state = self.batch_draw(input_ids), self.batch_draw.state_dict()
         cuda = self.device.type == "cuda"
         start = torch.cuda.Event(enable_timing=True) if cuda else None
         ready = torch.cuda.Event(enable_timing=True) if cuda else None
@@ -93,12 +102,12 @@ class TeacherFeed:
             if start is not None:
                 start.record(stream)
             t0 = time.perf_counter()
-            tapped = self.tapper(input_ids) if self.tapper is not None else None
+            tapped = self.tapper(input_ids, **draw) if self.tapper is not None else None
             if not cuda:
                 self._cpu_teacher_s += time.perf_counter() - t0
             if ready is not None:
                 ready.record(stream)
-        return FeedItem(input_ids, labels, tapped, state), start, ready
+        return FeedItem(input_ids, labels, tapped, state, draw, draw_state), start, ready
 
     def next(self) -> FeedItem:
         if self.prefetch:
@@ -118,11 +127,16 @@ class TeacherFeed:
             self._timings.append((start, ready, start))  # same stream: all of it is exposed
         self._count += 1
         self._last_state = item.loader_state
+        self._last_draw_state = item.draw_state
         return item
 
     def consumed_state(self) -> dict[str, Any]:
         """Loader position after the last batch handed out (a prefetched batch is not counted)."""
         return self._last_state
+
+    def consumed_draw_state(self) -> dict[str, Any] | None:
+        """The batch draw's state after the last batch handed out (None without a draw)."""
+        return self._last_draw_state
 
     def timing(self) -> dict[str, float]:
         """Teacher milliseconds per micro-batch since the last call and, on CUDA, the fraction of

@@ -99,6 +99,8 @@ class Trainer:
             run_dir=self.run_dir,
             tokenizer=self.tokenizer,
             is_main=self.main,
+            data_rank=self.dims.dp_rank,
+            data_ranks=self.dims.dp_size,
             log=self._log_console,
         )
         self.total_tokens = 0
@@ -196,13 +198,23 @@ class Trainer:
             loader.load_state_dict(client["loader"])
             step = client["step"]
             self.total_tokens = client.get("total_tokens", 0)
+            if phase.batch_draw is not None:
+                phase.batch_draw.load_state_dict(client["batch_draw"])
             self._log_console(
                 f"{phase.name}: resumed from {self.checkpoints.root / tag.name} at step {step}"
             )
         self.metrics.truncate_after(phase.name, step)  # step 0: lines of a run killed before
+        if phase.batch_draw is not None:
+            phase.batch_draw.start(total_steps)
         seq_len = loader.dataset.seq_len
         tokens_per_step = config.batch.global_batch_size * seq_len
-        feed = TeacherFeed(loader, phase.tapper, self.device, prefetch=self._prefetch())
+        feed = TeacherFeed(
+            loader,
+            phase.tapper,
+            self.device,
+            prefetch=self._prefetch(),
+            batch_draw=phase.batch_draw,
+        )
         guard = NonFiniteGuard(
             engine, limit=config.skip_nonfinite, group=self.dims.dp_group, log=self._log_console
         )
@@ -246,6 +258,7 @@ class Trainer:
                     "phase": phase.name,
                     "loader": feed.consumed_state(),
                     "total_tokens": self.total_tokens,
+                    "batch_draw": feed.consumed_draw_state(),
                 }
                 self.checkpoints.save(engine, self.checkpoints.tag(phase.name, step), client)
             if self.evaluator and phase.evaluated is not None and self.evaluator.due(step):
@@ -260,7 +273,7 @@ class Trainer:
         for micro in range(accum):
             item = feed.next()
             with autocast(self.device, self.compute_dtype):
-                loss, parts = engine(item.input_ids, item.labels, item.tapped)
+                loss, parts = engine(item.input_ids, item.labels, item.tapped, **item.draw)
             engine.backward(loss)
             parts["loss"] = loss.detach()
             log.add(parts)

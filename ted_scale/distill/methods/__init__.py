@@ -1,6 +1,6 @@
 """Distillation methods as plug-ins: ``method: <name>`` selects a registered ``Method``.
 
-Built-in: ``lm`` (one model, next-token CE), ``kd``, ``lwd``, ``ted`` and ``ted_kl``. A method
+Built-in: ``lm`` (one model, next-token CE), ``kd``, ``lwd``, ``ted``, ``ted_kl`` and ``cr_ild``. A method
 registers itself with ``@register`` when its module is imported; the run configuration gains its
 config section (``run_config_class``). How to add one: docs/design.md, "How to add a method".
 """
@@ -77,7 +77,7 @@ def run_config_class() -> type[RunConfig]:
 
 
 # The built-in methods register themselves on import.
-from ted_scale.distill.methods import kd, lm, lwd, ted  # noqa: E402, F401
+from ted_scale.distill.methods import cr_ild, kd, lm, lwd, ted  # noqa: E402, F401
 
 __all__ = [
     "Method",

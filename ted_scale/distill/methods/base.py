@@ -20,7 +20,7 @@ from torch import nn
 
 from ted_scale.config.schema import ScheduleConfig
 from ted_scale.distill.filters import FilterBank
-from ted_scale.distill.modules import FrozenTapper, LayerDistance, StudentDistillation
+from ted_scale.distill.modules import BatchDraw, FrozenTapper, LayerDistance, StudentDistillation
 from ted_scale.flops import FROZEN, TRAINED, forward_flops, head_flops
 from ted_scale.model import GPT, export_hf
 from ted_scale.parallel import barrier, gathered_state
@@ -52,6 +52,8 @@ class Phase:
     flops_per_token: seq_len -> training FLOPs per token of one step.
     evaluated: the model the in-training evaluation scores (None: no evaluation in this phase).
     finish: run on every rank after the phase's last step (save filters, export a model).
+    batch_draw: per-micro-batch random choices handed to the tapper and the trained module as
+        keyword arguments (None: none).
     """
 
     name: str
@@ -61,12 +63,14 @@ class Phase:
     flops_per_token: Callable[[int], float]
     evaluated: GPT | None = None
     finish: Callable[[], None] = field(default=lambda: None)
+    batch_draw: BatchDraw | None = None
 
 
 @dataclass
 class MethodContext:
     """What a method builds its phases from: the run's config and models, where to put files, and
-    the rank's place. The trainer and the benchmark each make one."""
+    the rank's place (``data_rank`` of ``data_ranks``: its data-parallel rank and their number).
+    The trainer and the benchmark each make one."""
 
     config: RunConfig
     teacher: GPT | None
@@ -77,6 +81,8 @@ class MethodContext:
     run_dir: Path
     tokenizer: PreTrainedTokenizerBase | None = None
     is_main: bool = True
+    data_rank: int = 0
+    data_ranks: int = 1
     log: Callable[[str], None] = print
 
     def save_on_main(self, module: nn.Module, write: Callable[[dict], None]) -> None:

@@ -1,0 +1,467 @@
+"""CR-ILD: last-layer intermediate distillation with mixup and consistency regularisation (Ko et
+al., 2023, "Revisiting Intermediate Layer Distillation for Compressing Language Models: An
+Overfitting Perspective"), adapted to causal language models (docs/design.md, "CR-ILD").
+
+Every micro-batch x is mixed with its reverse along the batch: x_mix = lambda * e(x) +
+(1 - lambda) * e(x_rev) on the token embeddings (position embeddings are the same for both), with
+lambda ~ Beta(alpha, alpha), lambda <- max(lambda, 1 - lambda), drawn where the batch is made so the
+teacher (run ahead when prefetching) mixes with the same lambda. On x_mix the student's block k is
+matched with the teacher's block m:
+
+- ILD: MSE(fit(H_s^k), H_t^m) (``hidden``; fit is a learnable Linear when the widths differ) and
+  KL(A_t^m || A_s^k) between the attention distributions over the causal keys (``attention``);
+- consistency: w_ic * r(t) * [lambda D(S(x_mix), sg S(x)) + (1 - lambda) D(S(x_mix), sg S(x_rev))]
+  on the student's own states S (hidden and/or attention, D the object's distance), S(x) from an
+  extra clean-input student pass without gradients; r(t) the progress through the phase;
+- ``two_stage`` (as published): the ``ild`` phase trains on ILD + consistency, then ``stage2`` on
+  CE + alpha_kd * KD on clean inputs. ``joint``: one phase on the mixed input,
+  lambda CE(y) + (1 - lambda) CE(y_rev) + alpha_kd * KD + alpha_layer * (ILD + consistency).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save
+from torch import Tensor, nn
+
+from ted_scale.config.parse import bounded
+from ted_scale.distill.methods import register
+from ted_scale.distill.methods.base import (
+    Method,
+    MethodContext,
+    Phase,
+    PlannedPhase,
+    student_flops,
+)
+from ted_scale.distill.modules import (
+    FrozenTapper,
+    StudentDistillation,
+    TappedOutputs,
+    to_compute_dtype,
+)
+from ted_scale.distill.objectives import (
+    attention_kl,
+    cross_entropy,
+    cross_entropy_and_kd,
+    mse,
+)
+from ted_scale.flops import FROZEN, TRAINED, forward_flops
+from ted_scale.io import atomic_write_bytes
+from ted_scale.model import GPT, ModelMismatchError
+from ted_scale.model.hf import load_state_checked
+
+
+@dataclass
+class CRILDConfig:
+    """CR-ILD's section (``cr_ild:``)."""
+
+    mixup_alpha: float = bounded(1.0, ge=0.0)
+    """lambda ~ Beta(alpha, alpha), then max(lambda, 1 - lambda); 0 is the limit: lambda = 1
+    (no mixing)."""
+    consistency_weight: float = bounded(0.1, ge=0.0)
+    """w_ic; 0 turns the consistency terms (and their clean-input student pass) off."""
+    consistency_ramp: Literal["linear", "none"] = "linear"
+    """r(t): the progress through the phase (0 at its first step), or 1 throughout."""
+    objects: Literal["hidden", "attention", "both"] = "both"
+    """What is distilled (and kept consistent): hidden states, attention distributions, both."""
+    stages: Literal["two_stage", "joint"] = "two_stage"
+    """``two_stage``: ILD phase (``stage1`` schedule), then logit KD (``stage2``); ``joint``: one
+    phase (``stage2`` schedule) with CE + alpha_kd KD + alpha_layer (ILD + consistency)."""
+    hidden_fit: Literal["auto", "linear"] = "auto"
+    """The map from student to teacher states: ``auto`` a learnable Linear when the widths differ
+    and none when they are equal; ``linear`` always a learnable Linear (as LWD's)."""
+    student_layer: int | None = None
+    """0-based student block distilled (default: the last)."""
+    teacher_layer: int | None = None
+    """0-based teacher block it is matched with (default: the last)."""
+
+
+# ------------------------------------------------------------------------------ the mixup draw
+class MixupDraw:
+    """lambda for each micro-batch, and the ramp r(t), drawn where the batch is made.
+
+    One lambda per global micro-batch slot: every data-parallel rank draws all ``ranks`` lambdas of
+    a slot group from the same seeded generator and keeps its own, so the lambdas (and the losses)
+    do not depend on how the global batch is laid out over ranks and accumulation steps. The state
+    (generator and global slots drawn) is checkpointed by the trainer; it resumes on any number of
+    ranks.
+    """
+
+    def __init__(
+        self,
+        alpha: float,
+        *,
+        seed: int,
+        rank: int,
+        ranks: int,
+        micro_batches_per_step: int,
+        ramp: Literal["linear", "none"],
+    ) -> None:
+        self.alpha = alpha
+        self.rank, self.ranks = rank, ranks
+        self.micro_batches_per_step = micro_batches_per_step
+        self.ramp = ramp
+        self.total_steps: int | None = None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.slots = 0  # global micro-batch slots drawn so far
+
+    def start(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+
+    def __call__(self, input_ids: Tensor) -> dict[str, Any]:
+        step = self.slots // (self.micro_batches_per_step * self.ranks)  # steps done before it
+        ramp = 1.0
+        if self.ramp == "linear" and self.total_steps is not None:
+            ramp = step / self.total_steps
+        # Every slot of the group in turn, so the stream does not depend on the number of ranks.
+        lambdas = [self._beta() if self.alpha > 0 else 1.0 for _ in range(self.ranks)]
+        self.slots += self.ranks
+        return {"mix_lambda": lambdas[self.rank], "ramp": ramp}
+
+    def _beta(self) -> float:
+        """max(lambda, 1 - lambda), lambda ~ Beta(alpha, alpha) as a / (a + b) of two Gammas."""
+        concentration = torch.tensor([self.alpha], dtype=torch.float64)
+        a = torch._standard_gamma(concentration, generator=self.generator).item()
+        b = torch._standard_gamma(concentration, generator=self.generator).item()
+        if a + b == 0.0:  # both underflowed (tiny alpha), where Beta puts its mass on 0 and 1
+            return 1.0
+        return max(a / (a + b), b / (a + b))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "slots": self.slots}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.slots = state["slots"]
+
+
+def mixed_token_embeddings(model: GPT, input_ids: Tensor, mix_lambda: float) -> Tensor:
+    """lambda * wte(x) + (1 - lambda) * wte(x_rev) [B, T, d], x_rev = the batch reversed; the
+    model adds the (shared) position embeddings, so wpe mixes to itself."""
+    tokens = model.wte(input_ids)
+    if mix_lambda == 1.0:
+        return tokens
+    return mix_lambda * tokens + (1.0 - mix_lambda) * tokens.flip(0)
+
+
+# ------------------------------------------------------------------------------ the two sides
+@dataclass
+class MixedTapped(TappedOutputs):
+    """The teacher's outputs on x_mix; ``attention_log_probs`` [B, n_head, T, T] of block m."""
+
+    attention_log_probs: Tensor | None = None
+
+
+class MixupTapper(FrozenTapper):
+    """The frozen teacher on x_mix, read at block ``layer`` (hidden state and/or attention)."""
+
+    def __init__(
+        self, model: GPT, layer: int, *, hidden: bool, attention: bool, with_top: bool
+    ) -> None:
+        super().__init__(model, [layer] if hidden else [], with_top=with_top)
+        self.layer = layer
+        self.attention = attention
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: Tensor, mix_lambda: float = 1.0, **_: Any) -> MixedTapped:
+        out = self.model(
+            None,
+            inputs_embeds=mixed_token_embeddings(self.model, input_ids, mix_lambda),
+            output_layers=self.layers,
+            attention_layer=self.layer if self.attention else None,
+            return_logits=False,
+            stop_after=None if self.with_top else self.layer,
+        )
+        tapped = MixedTapped([out.hidden_states[i] for i in self.layers])
+        tapped.attention_log_probs = out.attention_log_probs
+        if self.with_top:
+            tapped.last_hidden, tapped.head_weight = out.last_hidden, self.model.lm_head_weight
+        return tapped
+
+
+class MixupILD(nn.Module):
+    """CR-ILD's trained side on x_mix: [mixed CE + alpha_kd * KD] + alpha_layer * (ILD + w_ic *
+    r(t) * consistency). Without ``lm_loss`` (the ILD phase) only the bracketed layer term trains,
+    with weight 1, and the student runs up to block ``layer`` only.
+
+    fit: student width -> teacher width for the hidden MSE (``nn.Identity`` when they are equal).
+    """
+
+    def __init__(
+        self,
+        student: GPT,
+        fit: nn.Module,
+        *,
+        layer: int,
+        hidden: bool,
+        attention: bool,
+        consistency_weight: float,
+        lm_loss: bool,
+        alpha_kd: float = 0.0,
+        alpha_layer: float = 1.0,
+        temperature: float = 1.0,
+        fused: bool = True,
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self.fit = fit
+        self.layer = layer
+        self.hidden, self.attention = hidden, attention
+        self.consistency_weight = consistency_weight
+        self.lm_loss = lm_loss
+        self.alpha_kd = alpha_kd
+        self.alpha_layer = alpha_layer
+        self.temperature = temperature
+        self.fused = fused
+        self.compute_dtype = compute_dtype
+
+    def _run(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, *, to_top: bool):
+        return self.student(
+            input_ids,
+            inputs_embeds=inputs_embeds,
+            output_layers=[self.layer] if self.hidden else (),
+            attention_layer=self.layer if self.attention else None,
+            return_logits=False,
+            stop_after=None if to_top else self.layer,
+        )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor,
+        tapped: MixedTapped,
+        mix_lambda: float = 1.0,
+        ramp: float = 1.0,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """input_ids, labels [B, T]; ``tapped`` the teacher on x_mix with the same ``mix_lambda``;
+        ``ramp`` r(t). Both keywords come from ``MixupDraw`` (defaults: clean input, full ramp)."""
+        lam = mix_lambda
+        embeds = mixed_token_embeddings(self.student, input_ids, lam)
+        out = self._run(None, embeds, to_top=self.lm_loss)
+        parts: dict[str, Tensor] = {}
+        loss = torch.zeros((), device=input_ids.device)
+        if self.lm_loss:
+            loss = self._lm_loss(out.last_hidden, labels, tapped, lam, parts)
+        ild: list[Tensor] = []
+        mixed_states = {}
+        if self.hidden:
+            mixed_states["hidden"] = h = out.hidden_states[self.layer]
+            parts["loss_hidden"] = d = mse(self.fit(h), tapped.layer_states[0])
+            ild.append(d)
+        if self.attention:
+            mixed_states["attention"] = a = out.attention_log_probs
+            parts["loss_attention"] = d = attention_kl(a, tapped.attention_log_probs)
+            ild.append(d)
+        layer_loss = torch.stack(ild).sum()
+        parts["loss_layer"] = layer_loss
+        if self.consistency_weight > 0.0:
+            consistency = self._consistency(input_ids, mixed_states, lam, parts)
+            parts["loss_consistency"] = weighted = self.consistency_weight * ramp * consistency
+            layer_loss = layer_loss + weighted
+        loss = loss + self.alpha_layer * layer_loss
+        return loss, {k: v.detach() for k, v in parts.items()}
+
+    def _lm_loss(
+        self, top: Tensor, labels: Tensor, tapped: MixedTapped, lam: float, parts: dict
+    ) -> Tensor:
+        """lambda CE(y) + (1 - lambda) CE(y_rev) [+ alpha_kd KD against the teacher on x_mix]."""
+        top = to_compute_dtype(top, self.compute_dtype)
+        weight = self.student.lm_head_weight
+        labels2 = None if lam == 1.0 else labels.flip(0)
+        if self.alpha_kd == 0.0:
+            parts["loss_ce"] = ce = cross_entropy(
+                top, weight, labels, fused=self.fused, labels2=labels2, mix=lam
+            )
+            return ce
+        loss, parts["loss_ce"], parts["loss_kd"] = cross_entropy_and_kd(
+            top,
+            weight,
+            labels,
+            to_compute_dtype(tapped.last_hidden, self.compute_dtype),
+            tapped.head_weight,
+            temperature=self.temperature,
+            alpha_kd=self.alpha_kd,
+            fused=self.fused,
+            labels2=labels2,
+            mix=lam,
+        )
+        return loss
+
+    def _consistency(
+        self, input_ids: Tensor, mixed: dict[str, Tensor], lam: float, parts: dict
+    ) -> Tensor:
+        """sum over objects of lambda D(S(x_mix), sg S(x)) + (1 - lambda) D(S(x_mix), sg S(x_rev));
+        S(x_rev) is S(x) reversed along the batch, so one clean pass serves both."""
+        with torch.no_grad():
+            clean = self._run(input_ids, None, to_top=False)
+        targets = {"hidden": clean.hidden_states.get(self.layer)}
+        targets["attention"] = clean.attention_log_probs
+        distance = {"hidden": mse, "attention": attention_kl}
+        terms = []
+        for name, state in mixed.items():
+            target, fn = targets[name], distance[name]
+            term = lam * fn(state, target) + (1.0 - lam) * fn(state, target.flip(0))
+            parts[f"loss_consistency_{name}"] = term
+            terms.append(term)
+        return torch.stack(terms).sum()
+
+
+# ------------------------------------------------------------------------------ the method
+@register
+class CRILD(Method):
+    name = "cr_ild"
+    section = ("cr_ild", CRILDConfig)
+
+    def plan(self, config) -> list[PlannedPhase]:
+        if config.cr_ild.stages == "joint":
+            return [PlannedPhase("joint", "distill")]
+        # The ILD phase prepares the student that logit KD then trains: Stage I and II.
+        return [PlannedPhase("ild", "filters"), PlannedPhase("stage2", "distill")]
+
+    def build(self, phase: str, ctx: MethodContext) -> Phase:
+        if phase == "stage2":
+            return self._logit_kd(phase, ctx)
+        return self._ild(phase, ctx, joint=phase == "joint")
+
+    @staticmethod
+    def _layers(ctx: MethodContext) -> tuple[int, int]:
+        """(student block k, teacher block m), checked against both depths."""
+        section = ctx.config.cr_ild
+        pair = []
+        for key, chosen, model in (
+            ("student_layer", section.student_layer, ctx.student),
+            ("teacher_layer", section.teacher_layer, ctx.teacher),
+        ):
+            depth = model.config.n_layer
+            index = depth - 1 if chosen is None else chosen
+            if not 0 <= index < depth:
+                raise ModelMismatchError(
+                    f"cr_ild.{key}={chosen}: the {key.split('_')[0]} has blocks 0..{depth - 1}"
+                )
+            pair.append(index)
+        return pair[0], pair[1]
+
+    @staticmethod
+    def _ild_path(ctx: MethodContext) -> Path:
+        return ctx.run_dir / "ild_student.safetensors"
+
+    def _ild(self, name: str, ctx: MethodContext, *, joint: bool) -> Phase:
+        config, teacher = ctx.config, ctx.teacher
+        section = config.cr_ild
+        k, m = self._layers(ctx)
+        hidden = section.objects in ("hidden", "both")
+        attention = section.objects in ("attention", "both")
+        s_cfg, t_cfg = ctx.student.config, teacher.config
+        if attention and s_cfg.n_head != t_cfg.n_head:
+            raise ModelMismatchError(
+                f"cr_ild.objects={section.objects} compares attention distributions head by head: "
+                f"the student has {s_cfg.n_head} heads, the teacher {t_cfg.n_head}"
+            )
+        d_s, d_t = s_cfg.n_embd, t_cfg.n_embd
+        linear = section.hidden_fit == "linear" or d_s != d_t
+        fit = nn.Linear(d_s, d_t) if hidden and linear else nn.Identity()
+        fit.to(ctx.device)
+        student = ctx.student.to(ctx.device)
+        alpha_kd = config.distill.alpha_kd if joint else 0.0
+        trained = MixupILD(
+            student,
+            fit,
+            layer=k,
+            hidden=hidden,
+            attention=attention,
+            consistency_weight=section.consistency_weight,
+            lm_loss=joint,
+            alpha_kd=alpha_kd,
+            alpha_layer=config.distill.alpha_layer if joint else 1.0,
+            temperature=config.distill.temperature,
+            fused=config.fused_loss,
+            compute_dtype=ctx.compute_dtype,
+        )
+        tapper = MixupTapper(teacher, m, hidden=hidden, attention=attention, with_top=alpha_kd > 0)
+        batch = config.batch
+        draw = MixupDraw(
+            section.mixup_alpha,
+            seed=config.seed,
+            rank=ctx.data_rank,
+            ranks=ctx.data_ranks,
+            micro_batches_per_step=batch.global_batch_size
+            // (batch.micro_batch_size * ctx.data_ranks),
+            ramp=section.consistency_ramp,
+        )
+
+        def flops_per_token(seq_len: int) -> float:
+            if joint:
+                total = student_flops(ctx, seq_len, kd=alpha_kd > 0)
+            else:  # both trunks up to the matched blocks, no heads
+                total = FROZEN * forward_flops(teacher.blocks[: m + 1], seq_len)
+                total += TRAINED * forward_flops(student.blocks[: k + 1], seq_len)
+            total += TRAINED * forward_flops(fit, seq_len)
+            if section.consistency_weight > 0:  # the clean-input student pass, no backward
+                total += FROZEN * forward_flops(student.blocks[: k + 1], seq_len)
+            return total
+
+        def finish() -> None:
+            if joint:
+                ctx.export(student, "student_hf")
+                return
+
+            def write(state: dict) -> None:
+                atomic_write_bytes(self._ild_path(ctx), save(_contiguous(state)))
+                ctx.log(f"ILD student saved to {self._ild_path(ctx)}")
+
+            ctx.save_on_main(student, write)
+
+        return Phase(
+            name,
+            trained,
+            tapper,
+            config.stage2 if joint else config.stage1,
+            flops_per_token,
+            evaluated=student,
+            finish=finish,
+            batch_draw=draw,
+        )
+
+    def _logit_kd(self, name: str, ctx: MethodContext) -> Phase:
+        """Stage 2: CE + alpha_kd * KD (T^2-scaled KL at distill.temperature) on clean inputs,
+        from the student the ILD phase saved."""
+        config = ctx.config
+        path = self._ild_path(ctx)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no ILD student at {path}: run the ild phase first (stage: filters or all)"
+            )
+        student = GPT(
+            ctx.student.config,
+            attention=config.model.attention,
+            activation_checkpointing=config.model.activation_checkpointing,
+        )
+        load_state_checked(student, load_file(path), source=str(path))
+        student = student.train().requires_grad_(True).to(ctx.device)
+        alpha_kd = config.distill.alpha_kd
+        kd = alpha_kd > 0
+        trained = StudentDistillation(
+            student,
+            alpha_kd=alpha_kd,
+            temperature=config.distill.temperature,
+            fused=config.fused_loss,
+            compute_dtype=ctx.compute_dtype,
+        )
+        return Phase(
+            name,
+            trained,
+            FrozenTapper(ctx.teacher, [], with_top=True) if kd else None,
+            config.stage2,
+            lambda seq_len: student_flops(ctx, seq_len, kd=kd),
+            evaluated=student,
+            finish=lambda: ctx.export(student, "student_hf"),
+        )
+
+
+def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}

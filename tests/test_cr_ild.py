@@ -1,0 +1,366 @@
+"""CR-ILD (docs/design.md, "CR-ILD"): every loss term against a direct formula written here,
+gradients and the stop-gradient branch included; the mixup draw shared by teacher and student
+through the prefetch path; exact resume after kill -9; the lambda = 1 cross-check against LWD."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ted_scale.config import ConfigError, load_run_config
+from ted_scale.distill.methods import MethodContext, get_method
+from ted_scale.distill.methods.cr_ild import MixupDraw, MixupILD, MixupTapper
+from ted_scale.flops import FROZEN, forward_flops
+from ted_scale.model import GPT, GPTConfig, ModelMismatchError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "tiny-cr-ild.yaml"
+LAMBDA, RAMP, W_IC, ALPHA_KD, ALPHA_LAYER, T = 0.7, 0.4, 0.1, 2.5, 0.1, 2.0
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------- direct formulas
+def _model(n_embd: int, n_layer: int, seed: int) -> GPT:
+    torch.manual_seed(seed)
+    shape = GPTConfig(101, n_positions=16, n_embd=n_embd, n_layer=n_layer, n_head=4, dropout=0.0)
+    model = GPT(shape)
+    for p in model.parameters():  # far from uniform attention and tiny states
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+def direct_forward(
+    model: GPT, ids: Tensor, lam: float, layer: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(hidden after block ``layer`` [B, T, d], its attention probabilities [B, H, T, T], the
+    final-normed top [B, T, d]) on x_mix = lam (wte(x) + wpe) + (1 - lam) (wte(x_rev) + wpe),
+    written out with an explicit softmax in every block."""
+    B, L = ids.shape
+    pos = model.wpe.weight[:L]
+    x = lam * (model.wte.weight[ids] + pos) + (1 - lam) * (model.wte.weight[ids.flip(0)] + pos)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    for i, block in enumerate(model.blocks):
+        C, H = x.shape[-1], block.attn.n_head
+        q, k, v = block.attn.qkv_proj(block.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, L, H, C // H).transpose(1, 2) for t in (q, k, v))
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(C // H)
+        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        x = x + block.attn.out_proj((probs @ v).transpose(1, 2).reshape(B, L, C))
+        x = x + block.mlp.down_proj(F.gelu(block.mlp.up_proj(block.ln_2(x)), approximate="tanh"))
+        if i == layer:
+            hidden, attention = x, probs
+    return hidden, attention, model.ln_f(x)
+
+
+def direct_kl(target: Tensor, student: Tensor) -> Tensor:
+    """sum over causal keys of p_t log(p_t / p_s), mean over batch, heads and queries."""
+    causal = torch.ones(target.shape[-1], target.shape[-1], dtype=torch.bool).tril()
+    target, student = (torch.where(causal, p, torch.ones(())) for p in (target, student))
+    return torch.where(causal, target * (target.log() - student.log()), 0.0).sum(-1).mean()
+
+
+def direct_kd(z_s: Tensor, z_t: Tensor, keep: Tensor) -> Tensor:
+    log_p_s, log_p_t = F.log_softmax(z_s / T, -1), F.log_softmax(z_t / T, -1)
+    rows = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    return rows[keep].mean() * T**2
+
+
+def _batch() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 101, (3, 16), generator=g)
+    labels = torch.randint(0, 101, (3, 16), generator=g)
+    labels[0, :5] = -100
+    return ids, labels
+
+
+def _sides(*, lm_loss: bool) -> tuple[GPT, GPT, MixupILD, MixupTapper]:
+    teacher, student = _model(48, 4, 0), _model(32, 2, 1).train()
+    fit = torch.nn.Linear(32, 48)
+    trained = MixupILD(
+        student, fit, layer=1, hidden=True, attention=True, consistency_weight=W_IC,
+        lm_loss=lm_loss, alpha_kd=ALPHA_KD if lm_loss else 0.0,
+        alpha_layer=ALPHA_LAYER if lm_loss else 1.0, temperature=T, fused=True,
+    )  # fmt: skip
+    tapper = MixupTapper(teacher, 3, hidden=True, attention=True, with_top=lm_loss)
+    return teacher, student, trained, tapper
+
+
+def _grads(loss: Tensor, module: torch.nn.Module) -> list[Tensor]:
+    params = [p for p in module.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+
+
+def _close(actual: Tensor, expected: Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_every_joint_term_and_the_gradient_equal_the_direct_formulas():
+    teacher, student, trained, tapper = _sides(lm_loss=True)
+    ids, labels = _batch()
+    loss, parts = trained(ids, labels, tapper(ids, mix_lambda=LAMBDA), LAMBDA, RAMP)
+
+    h_t, a_t, top_t = (t.detach() for t in direct_forward(teacher, ids, LAMBDA, 3))
+    h_s, a_s, top_s = direct_forward(student, ids, LAMBDA, 1)
+    with torch.no_grad():
+        h_clean, a_clean, _ = direct_forward(student, ids, 1.0, 1)
+    z_s, z_t = top_s @ student.wte.weight.T, top_t @ teacher.wte.weight.T
+    flat = z_s.flatten(0, 1)
+    expected = {
+        "loss_ce": LAMBDA * F.cross_entropy(flat, labels.flatten())
+        + (1 - LAMBDA) * F.cross_entropy(flat, labels.flip(0).flatten()),
+        "loss_kd": direct_kd(z_s, z_t, labels != -100),
+        "loss_hidden": (trained.fit(h_s) - h_t).square().mean(),
+        "loss_attention": direct_kl(a_t, a_s),
+        "loss_consistency_hidden": LAMBDA * (h_s - h_clean).square().mean()
+        + (1 - LAMBDA) * (h_s - h_clean.flip(0)).square().mean(),
+        "loss_consistency_attention": LAMBDA * direct_kl(a_clean, a_s)
+        + (1 - LAMBDA) * direct_kl(a_clean.flip(0), a_s),
+    }
+    expected["loss_layer"] = expected["loss_hidden"] + expected["loss_attention"]
+    expected["loss_consistency"] = (
+        W_IC * RAMP * (expected["loss_consistency_hidden"] + expected["loss_consistency_attention"])
+    )
+    total = (
+        expected["loss_ce"]
+        + ALPHA_KD * expected["loss_kd"]
+        + ALPHA_LAYER * (expected["loss_layer"] + expected["loss_consistency"])
+    )
+    assert parts.keys() == expected.keys()
+    assert all(v > 1e-4 for v in expected.values())  # every term is really there
+    for key, value in expected.items():
+        _close(parts[key], value.detach())
+    _close(loss, total)
+    for got, want in zip(_grads(loss, trained), _grads(total, trained), strict=True):
+        _close(got, want)
+
+
+def test_the_consistency_targets_are_stop_gradient_branches():
+    teacher, student, trained, tapper = _sides(lm_loss=False)
+    ids, labels = _batch()
+    loss, _ = trained(ids, labels, tapper(ids, mix_lambda=LAMBDA), LAMBDA, RAMP)
+    clean_calls = []
+    student.register_forward_hook(lambda *_: clean_calls.append(torch.is_grad_enabled()))
+    trained(ids, labels, tapper(ids, mix_lambda=LAMBDA), LAMBDA, RAMP)
+    assert clean_calls == [True, False]  # the mixed pass, then the clean pass without autograd
+
+    def consistency(detach: bool) -> Tensor:
+        h_s, a_s, _ = direct_forward(student, ids, LAMBDA, 1)
+        h_c, a_c, _ = direct_forward(student, ids, 1.0, 1)
+        if detach:
+            h_c, a_c = h_c.detach(), a_c.detach()
+        hidden = (
+            LAMBDA * (h_s - h_c).square().mean()
+            + (1 - LAMBDA) * (h_s - h_c.flip(0)).square().mean()
+        )
+        attention = LAMBDA * direct_kl(a_c, a_s) + (1 - LAMBDA) * direct_kl(a_c.flip(0), a_s)
+        return W_IC * RAMP * (hidden + attention)
+
+    h_t, a_t, _ = (t.detach() for t in direct_forward(teacher, ids, LAMBDA, 3))
+    h_s, a_s, _ = direct_forward(student, ids, LAMBDA, 1)
+    ild = (trained.fit(h_s) - h_t).square().mean() + direct_kl(a_t, a_s)
+    for got, want in zip(
+        _grads(loss, trained), _grads(ild + consistency(True), trained), strict=True
+    ):
+        _close(got, want)
+    stopped, through = _grads(consistency(True), trained), _grads(consistency(False), trained)
+    assert any(
+        not torch.allclose(s, t, rtol=1e-3, atol=1e-6)
+        for s, t in zip(stopped, through, strict=True)
+    ), "a gradient through the clean pass would have changed the student's gradient"
+
+
+def _ctx(tmp_path: Path, *overrides: str) -> MethodContext:
+    config = load_run_config(CONFIG, [f"output_dir={tmp_path}", *overrides])
+    teacher = _model(64, 4, 0)
+    student = _model(64, 2, 1).train()
+    return MethodContext(
+        config=config, teacher=teacher, student=student, layer_map=[0, 3],
+        device=torch.device("cpu"), compute_dtype=None, run_dir=tmp_path, log=lambda _: None,
+    )  # fmt: skip
+
+
+def test_stage2_is_ce_plus_t2_scaled_kd_from_the_saved_ild_student(tmp_path):
+    ctx = _ctx(tmp_path)
+    method = get_method("cr_ild")
+    assert [(p.name, p.kind) for p in method.plan(ctx.config)] == [
+        ("ild", "filters"),
+        ("stage2", "distill"),
+    ]
+    with pytest.raises(FileNotFoundError, match="run the ild phase first"):
+        method.build("stage2", ctx)
+    method.build("ild", ctx).finish()
+    phase = method.build("stage2", ctx)
+    ids, labels = _batch()
+    loss, parts = phase.trained(ids, labels, phase.tapper(ids))
+    student = phase.trained.student
+    z_s = student.lm_head(student(ids, return_logits=False).last_hidden)
+    z_t = ctx.teacher(ids).logits
+    ce = F.cross_entropy(z_s.flatten(0, 1), labels.flatten())
+    kd = direct_kd(z_s, z_t, labels != -100)
+    _close(parts["loss_ce"], ce.detach())
+    _close(parts["loss_kd"], kd.detach())
+    _close(loss, ce + ALPHA_KD * kd)
+    assert torch.equal(student.wte.weight, ctx.student.wte.weight)
+
+
+def test_flops_count_the_clean_input_pass_and_bad_settings_are_refused(tmp_path):
+    method = get_method("cr_ild")
+    with_c = method.build("ild", _ctx(tmp_path)).flops_per_token(16)
+    ctx = _ctx(tmp_path, "cr_ild.consistency_weight=0")
+    without = method.build("ild", ctx).flops_per_token(16)
+    assert with_c - without == FROZEN * forward_flops(ctx.student.blocks[:2], 16)
+    with pytest.raises(ModelMismatchError, match=r"cr_ild.student_layer=2: the student has blocks"):
+        method.build("ild", _ctx(tmp_path, "cr_ild.student_layer=2"))
+    with pytest.raises(ConfigError, match=r"cr_ild\.objects"):
+        load_run_config(CONFIG, ["cr_ild.objects=logits"])
+
+
+def test_mixup_draw_is_the_same_over_any_layout_of_ranks_and_resumes_exactly():
+    def lambdas(rank: int, ranks: int, n: int, draw: MixupDraw | None = None) -> list[float]:
+        draw = draw or MixupDraw(
+            1.0, seed=5, rank=rank, ranks=ranks, micro_batches_per_step=4 // ranks, ramp="linear"
+        )
+        draw.start(10)
+        return [draw(torch.zeros(2, 3))["mix_lambda"] for _ in range(n)]
+
+    single = lambdas(0, 1, 10)
+    assert all(0.5 <= x < 1.0 for x in single) and len(set(single)) == 10
+    assert lambdas(0, 2, 5) == single[0::2] and lambdas(1, 2, 5) == single[1::2]
+    draw = MixupDraw(1.0, seed=5, rank=0, ranks=1, micro_batches_per_step=4, ramp="linear")
+    lambdas(0, 1, 3, draw)
+    resumed = MixupDraw(1.0, seed=5, rank=0, ranks=1, micro_batches_per_step=4, ramp="linear")
+    resumed.load_state_dict(draw.state_dict())
+    assert lambdas(0, 1, 7, resumed) == single[3:]
+    ramps = [draw(torch.zeros(2, 3))["ramp"] for _ in range(5)]
+    assert ramps == [0.0, 0.1, 0.1, 0.1, 0.1]  # batches 3..7 of 4 per step over 10 steps
+    on_two = MixupDraw(1.0, seed=5, rank=1, ranks=2, micro_batches_per_step=2, ramp="linear")
+    on_two.load_state_dict(draw.state_dict())  # 8 slots drawn by one rank: 2 steps of 4
+    on_two.start(10)
+    assert on_two(torch.zeros(2, 3)) == {"mix_lambda": single[9], "ramp": 0.2}
+    degenerate = MixupDraw(0.0, seed=5, rank=0, ranks=1, micro_batches_per_step=1, ramp="none")
+    assert {degenerate(torch.zeros(2, 3))["mix_lambda"] for _ in range(5)} == {1.0}
+
+
+# ---------------------------------------------------------------------------- through the trainer
+def _config(data: Path, out: Path, *overrides: str):
+    return load_run_config(CONFIG, [f"data.path={data}", f"output_dir={out}", *overrides])
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def test_teacher_and_student_see_the_same_mixed_embeddings_through_the_prefetch_path(
+    tiny_data, tmp_path
+):
+    from ted_scale.train.prefetch import TeacherFeed
+    from ted_scale.train.trainer import Trainer
+
+    trainer = Trainer(_config(tiny_data, tmp_path / "run", "teacher_prefetch=on"))
+    phase = trainer.method.build("ild", trainer.ctx)
+    seen = {"teacher": [], "student": []}
+    for role, model in (("teacher", trainer.teacher), ("student", trainer.student)):
+        model.register_forward_pre_hook(
+            lambda _, args, kwargs, role=role: (
+                seen[role].append(kwargs["inputs_embeds"].clone())
+                if kwargs.get("inputs_embeds") is not None
+                else None
+            ),
+            with_kwargs=True,
+        )
+    phase.batch_draw.start(10)
+    feed = TeacherFeed(
+        trainer._loader("train"), phase.tapper, trainer.device, prefetch=True,
+        batch_draw=phase.batch_draw,
+    )  # fmt: skip
+    draws = []
+    for _ in range(4):
+        item = feed.next()
+        draws.append(item.draw["mix_lambda"])
+        with torch.no_grad():
+            phase.trained(item.input_ids, item.labels, item.tapped, **item.draw)
+    # The teacher ran one micro-batch ahead; the student's mixed pass is the first of its two.
+    assert len(seen["teacher"]) == 5
+    student_mixed = seen["student"]
+    assert len(student_mixed) == 4
+    for teacher_embeds, student_embeds in zip(seen["teacher"], student_mixed, strict=False):
+        assert torch.equal(teacher_embeds, student_embeds)
+    assert len(set(draws)) == 4 and all(0.5 <= x < 1.0 for x in draws)
+    assert feed.consumed_draw_state()["slots"] == 4  # the prefetched draw is not counted
+
+
+def _launch(env, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, str(REPO / "launch" / "pretrain_ted.py"), *args]
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_kill_and_resume_auto_reproduce_the_losses_mixup_included(
+    tiny_data, tmp_path, subprocess_env
+):
+    common = ["--config", str(CONFIG), f"data.path={tiny_data}", "teacher_prefetch=on"]
+    full = _launch(subprocess_env, *common, f"output_dir={tmp_path / 'full'}")
+    out = full.communicate(timeout=300)[0]
+    assert full.returncode == 0, out
+
+    run = tmp_path / "killed"
+    proc = _launch(subprocess_env, *common, f"output_dir={run}")
+    marker = run / "checkpoints" / "ild-step00000003" / "complete"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the run ended before its step-3 checkpoint"
+    resumed = _launch(subprocess_env, *common, f"output_dir={run}", "resume=auto")
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out
+    assert "ild: resumed from" in out
+
+    def losses(path: Path) -> list[dict]:
+        return [
+            {k: v for k, v in r.items() if k.startswith(("loss", "stage", "step"))}
+            for r in _metrics(path)
+        ]
+
+    expected = losses(tmp_path / "full")
+    assert losses(run) == expected
+    assert [r["stage"] for r in expected] == ["ild"] * 6 + ["stage2"] * 6
+    assert all(r["loss_consistency"] > 0 for r in expected[1:6])  # ramped in after step 1
+    assert (run / "student_hf" / "model.safetensors").is_file()
+
+
+def test_without_mixing_and_consistency_the_ild_loss_is_a_last_layer_lwd_runs_layer_loss(
+    tiny_data, tmp_path
+):
+    """A 1-block student: LWD's only layer is the last one, matched with the last teacher block."""
+    from ted_scale.train.trainer import Trainer
+
+    common = ["student.n_layer=1", "stage2.max_steps=5", "log.interval=1", "checkpoint.interval=0"]
+    Trainer(_config(tiny_data, tmp_path / "lwd", *common, "method=lwd")).run()
+    joint = ["cr_ild.stages=joint", "cr_ild.mixup_alpha=0", "cr_ild.consistency_weight=0"]
+    joint += ["cr_ild.objects=hidden", "cr_ild.hidden_fit=linear"]
+    Trainer(_config(tiny_data, tmp_path / "cr_ild", *common, *joint)).run()
+    keys = ("step", "loss", "loss_ce", "loss_kd", "loss_layer")
+    lwd = [[r[k] for k in keys] for r in _metrics(tmp_path / "lwd")]
+    cr_ild = [[r[k] for k in keys] for r in _metrics(tmp_path / "cr_ild")]
+    assert len(lwd) == 5 and lwd == cr_ild
