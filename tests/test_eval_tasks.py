@@ -221,8 +221,8 @@ def test_wikitext_articles_and_words_as_the_harness_counts_them():
 
 def test_wikitext_protocol_matches_lm_evaluation_harness(model_dir, tmp_path):
     """lm-eval's own wikitext task (its detokenizer, rolling windows and counts) on the same
-    model and articles; runs only where lm-eval is installed (it is not a dependency)."""
-    lm_eval = pytest.importorskip("lm_eval")
+    model and articles; lm-eval is a dev dependency, pinned."""
+    import lm_eval
     from lm_eval.tasks import TaskManager
 
     text = load_wikitext(max_articles=2)
