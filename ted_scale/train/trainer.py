@@ -237,18 +237,18 @@ class Trainer:
             f"({accum} accumulation x {config.batch.micro_batch_size} x {self.dims.dp_size} "
             f"data-parallel ranks), {loader.batches_per_epoch} micro-batches per rank per epoch"
         )
+
+        def extras() -> dict[str, float]:  # read only on the steps that write a metrics line
+            return {
+                "lr": scheduler.get_last_lr()[0],
+                "skipped_steps": guard.skipped,
+                **feed.timing(),
+            }
+
         while step < total_steps:
             self._train_step(engine, feed, accum, step + 1, guard, log)
             step += 1
             self.total_tokens += tokens_per_step
-
-            def extras() -> dict[str, float]:
-                return {
-                    "lr": scheduler.get_last_lr()[0],
-                    "skipped_steps": guard.skipped,
-                    **feed.timing(),
-                }
-
             log.step_done(step, tokens_per_step, extras)
             # A checkpoint first, so that a failing evaluation loses nothing; never one of a step
             # whose loss was not finite.
