@@ -130,11 +130,13 @@ class GPTOutput:
     """What a forward pass returns.
 
     hidden_states: block index (0-based) -> residual stream after that block, [B, T, n_embd].
+    embeddings: token + position embeddings after dropout (block 0's input), [B, T, n_embd].
     last_hidden: final LayerNorm output, [B, T, n_embd] (the LM head's input).
     logits: [B, T, vocab_size], or None when the caller fuses the LM head into its loss.
     """
 
     hidden_states: dict[int, Tensor] = field(default_factory=dict)
+    embeddings: Tensor | None = None
     last_hidden: Tensor | None = None
     logits: Tensor | None = None
 
@@ -341,7 +343,7 @@ class GPT(nn.Module):
         _check_masks("neuron_mask", neuron_mask, self.config.layer_inner)
         positions = torch.arange(T, device=input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(positions))
-        out = GPTOutput()
+        out = GPTOutput(embeddings=x)
         for i, block in enumerate(self.blocks):
             args = (
                 x,
