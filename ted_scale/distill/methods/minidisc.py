@@ -23,6 +23,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -94,22 +95,34 @@ class MiniDiscConfig:
             raise ValueError(f"sparsities has a repeated value: {self.sparsities}")
         self.sparsities = values
         self.lam = float(self.lam)
+        if self.final_method == MiniDisc.name:
+            raise ValueError("final_method cannot be minidisc itself")
+        try:
+            get_method(self.final_method)
+        except ConfigError as e:
+            raise ValueError(f"final_method: {e}") from None
 
 
 # ------------------------------------------------------------------------------ the choice
+class Choice(NamedTuple):
+    """best: the candidate with the best score; ta: the TA's sparsity (best, or the target when
+    best is beyond it); scores: score(s) of every candidate."""
+
+    best: float
+    ta: float
+    scores: list[float]
+
+
 def choose_sparsity(
     sparsities: list[float], performances: list[float], lam: float, target: float
-) -> tuple[float, list[float]]:
-    """The TA's sparsity and every candidate's score(s) = performance(s) + lam * s.
-
-    The best score wins (on a tie the larger TA, i.e. the smaller sparsity); a winner beyond the
-    ``target`` sparsity (smaller than the student) is replaced by the target.
-    """
-    scores = [
-        float(p) + float(lam) * float(s) for s, p in zip(sparsities, performances, strict=True)
-    ]
-    best = max(range(len(scores)), key=lambda i: (scores[i], -sparsities[i]))
-    return min(float(sparsities[best]), float(target)), scores
+) -> Choice:
+    """score(s) = performance(s) + lam * s for every candidate; the best score wins (on a tie the
+    larger TA, i.e. the smaller sparsity); a winner beyond the ``target`` sparsity (smaller than
+    the student) is replaced by the target."""
+    s = [float(x) for x in sparsities]  # numbers, never strings
+    scores = [float(p) + float(lam) * x for x, p in zip(s, performances, strict=True)]
+    best = max(range(len(scores)), key=lambda i: (scores[i], -s[i]))
+    return Choice(s[best], min(s[best], float(target)), scores)
 
 
 def target_sparsity(config, teacher_layers: int) -> float:
@@ -202,14 +215,9 @@ class MiniDisc(Method):
         self._final_ctx: MethodContext | None = None
 
     # ---------------------------------------------------------------- plan
-    def _final(self, config) -> Method:
-        name = config.minidisc.final_method
-        if name == self.name:
-            raise ConfigError("minidisc.final_method cannot be minidisc itself")
-        try:
-            return get_method(name)
-        except ConfigError as e:
-            raise ConfigError(f"minidisc.final_method: {e}") from None
+    @staticmethod
+    def _final(config) -> Method:
+        return get_method(config.minidisc.final_method)
 
     def plan(self, config) -> list[PlannedPhase]:
         own = [
@@ -350,10 +358,9 @@ class MiniDisc(Method):
             }
 
         rows = [measure(s) for s in md.sparsities]
-        chosen, scores = choose_sparsity(
-            md.sparsities, [r["accuracy"] for r in rows], md.lam, target
-        )
-        for row, score in zip(rows, scores, strict=True):
+        choice = choose_sparsity(md.sparsities, [r["accuracy"] for r in rows], md.lam, target)
+        chosen = choice.ta
+        for row, score in zip(rows, choice.scores, strict=True):
             row["score"] = score
         ta_row = next((r for r in rows if r["sparsity"] == chosen), None) or measure(chosen)
         report = {
@@ -361,7 +368,8 @@ class MiniDisc(Method):
             "target_sparsity": target,
             "teacher_parameters": ctx.teacher.num_params(),
             "candidates": rows,
-            "ta": {**ta_row, "capped_at_target": chosen not in md.sparsities},
+            "best_candidate": choice.best,
+            "ta": {**ta_row, "capped_at_target": choice.best > chosen},
         }
         atomic_write_json(ctx.run_dir / "minidisc.json", report)
         atomic_write_text(ctx.run_dir / "minidisc.md", schedule_markdown(report))
