@@ -20,7 +20,8 @@ from ted_scale.eval.datafiles import asset
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 CONFIGS = REPO / "configs"
-STUDENTS = ("kd", "lwd", "ted")
+STUDENTS = ("kd", "lwd", "ted", "minidisc")
+LABELS = {"kd": "KD", "lwd": "LWD", "ted": "TED", "minidisc": "MiniDisc"}
 
 
 def _step(n: int, total: int, title: str) -> None:
@@ -94,8 +95,13 @@ def run_demo(out: Path, *, ranks: int = 2) -> None:
     _step(2, 5, "Pre-training a small GPT-2-shaped teacher (6 layers, width 128) from scratch")
     train("demo-teacher.yaml", teacher)
 
-    _step(3, 5, "Distilling a 3-layer student: TED (Stage I + Stage II), then KD and LWD baselines")
-    for name in ("ted", "kd", "lwd"):
+    _step(
+        3,
+        5,
+        "Distilling a 3-layer student: TED (Stage I + Stage II), KD and LWD baselines, and "
+        "MiniDisc (a teacher assistant chosen in one trial, then TED from it)",
+    )
+    for name in ("ted", "kd", "lwd", "minidisc"):
         train(f"demo-{name}.yaml", runs[name], f"teacher.pretrained={teacher / 'student_hf'}")
 
     _step(4, 5, "Evaluating teacher and students: held-out text, WikiText-2 test, LAMBADA")
@@ -127,12 +133,7 @@ def run_demo(out: Path, *, ranks: int = 2) -> None:
             "--results",
             *(
                 f"{label}={results / f'{name}.json'}"
-                for name, label in (
-                    ("teacher", "teacher"),
-                    ("kd", "KD"),
-                    ("lwd", "LWD"),
-                    ("ted", "TED"),
-                )
+                for name, label in (("teacher", "teacher"), *LABELS.items())
             ),
             "--out",
             table,
@@ -145,7 +146,7 @@ def run_demo(out: Path, *, ranks: int = 2) -> None:
             sys.executable,
             LAUNCH / "plot_metrics.py",
             "--runs",
-            *(f"{name.upper()}={runs[name]}" for name in ("kd", "lwd", "ted")),
+            *(f"{LABELS[name]}={runs[name]}" for name in STUDENTS),
             "--out",
             figures,
         ],
