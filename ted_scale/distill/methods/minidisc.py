@@ -45,6 +45,7 @@ from ted_scale.model import (
     GPT,
     ModelMismatchError,
     Subnet,
+    export_hf,
     load_pretrained,
     set_dropout,
     student_from_teacher,
@@ -375,8 +376,8 @@ class MiniDisc(Method):
         atomic_write_text(ctx.run_dir / "minidisc.md", schedule_markdown(report))
         plot_schedule(report, ctx.run_dir / "minidisc.png")
         ta = extract(shared, subnet_at(ranked, chosen))
-        ctx.log(f"TA at sparsity {chosen:g} ({ta.num_params():,} parameters)")
-        ctx.export(ta, "ta_hf")  # main rank only: its barrier is the phase's
+        path = export_hf(ta, ctx.run_dir / "ta_hf", ctx.tokenizer)  # a plain copy: no collective
+        ctx.log(f"TA at sparsity {chosen:g} ({ta.num_params():,} parameters) exported to {path}")
 
     # ---------------------------------------------------------------- 4. the final hop
     def _final_context(self, ctx: MethodContext) -> MethodContext:
