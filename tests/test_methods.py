@@ -220,11 +220,11 @@ def test_the_benchmark_times_the_trainers_step(method, tiny_data, tmp_path):
     trainer = Trainer(
         load_run_config(config_file, [f"data.path={tiny_data}", f"output_dir={tmp_path / 'run'}"])
     )
+    phase = build_benchmarked(trainer.method, trainer.ctx)  # before the bench reseeds
+    assert phase.name == trainer.method.benchmarked(trainer.config)
     bench = ProjectStep(
         preset, spec, torch.device("cpu"), tmp_path / "bench", seed=7, batches=trainer.ctx.batches
     )
-    phase = build_benchmarked(trainer.method, trainer.ctx)
-    assert phase.name == trainer.method.benchmarked(trainer.config)
     torch.manual_seed(0)
     ids = torch.randint(0, 512, (2, 64))
     labels = torch.randint(0, 512, (2, 64))
