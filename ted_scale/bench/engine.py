@@ -26,14 +26,10 @@ from ted_scale.data.tokenizer import EOS_TOKEN
 WORDS_PER_DOC = 200
 
 
-def synthetic_dataset(
-    vocab: int, seq_len: int, num_tokens: int, out: Path, *, seed: int = 0
-) -> Path:
+def synthetic_dataset(vocab: int, seq_len: int, num_tokens: int, out: Path, *, seed: int = 0) -> Path:
     """A prepared data directory of about ``num_tokens`` random tokens, ``vocab`` ids in all."""
     words = [EOS_TOKEN] + [f"w{i}" for i in range(vocab - 1)]
-    tokenizer = Tokenizer(
-        models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=EOS_TOKEN)
-    )
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=EOS_TOKEN))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer_dir = out / "word_tokenizer"
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN).save_pretrained(
@@ -89,8 +85,4 @@ def measure_engine(preset: Preset, spec: Spec, *, zero_stage: int = 1) -> dict:
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last_phase = trainer.plan[-1].name
     rates = [r["tokens_per_s"] for r in records if r["stage"] == last_phase][preset.warmup :]
-    return {
-        "engine_tokens_per_s": max(rates),
-        "engine_tokens_per_s_all": rates,
-        "zero_stage": zero_stage,
-    }
+    return {"engine_tokens_per_s": max(rates), "engine_tokens_per_s_all": rates, "zero_stage": zero_stage}
