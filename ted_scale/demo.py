@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 CONFIGS = REPO / "configs"
 # Run name (configs/demo-<name>.yaml, with "_" as "-") -> its label in the report and plots.
-STUDENTS = {"kd": "KD", "lwd": "LWD", "ted": "TED", "cr_ild": "CR-ILD"}
+STUDENTS = {"kd": "KD", "lwd": "LWD", "ted": "TED", "cr_ild": "CR-ILD", "minidisc": "MiniDisc"}
 
 
 def _step(n: int, total: int, title: str) -> None:
@@ -95,8 +95,13 @@ def run_demo(out: Path, *, ranks: int = 2) -> None:
     _step(2, 5, "Pre-training a small GPT-2-shaped teacher (6 layers, width 128) from scratch")
     train("demo-teacher.yaml", teacher)
 
-    _step(3, 5, "Distilling a 3-layer student: TED (Stage I + Stage II), then KD, LWD and CR-ILD")
-    for name in ("ted", "kd", "lwd", "cr_ild"):
+    _step(
+        3,
+        5,
+        "Distilling a 3-layer student: TED (Stage I + Stage II), KD, LWD and CR-ILD, and MiniDisc "
+        "(a teacher assistant chosen in one trial, then TED from it)",
+    )
+    for name in ("ted", "kd", "lwd", "cr_ild", "minidisc"):
         config = f"demo-{name.replace('_', '-')}.yaml"
         train(config, runs[name], f"teacher.pretrained={teacher / 'student_hf'}")
 

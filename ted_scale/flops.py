@@ -7,7 +7,9 @@ the modules themselves so that any shape (pruned heads, other FFN widths, any fi
 - every ``nn.Linear`` d_in -> d_out: 2 d_in d_out (a GPT-2 block's four projections: 24 d^2);
 - every attention layer of inner width h (heads x head_dim) over context T: 4 T h / 2 (scores and
   values; half of the causal T x T square is masked);
-- an LM head application: 2 V d.
+- an LM head application: 2 V d;
+- a prefix sub-network (``GPT.forward(subnet=...)``): each block's attention and FFN counted as
+  above, scaled by the fraction of its heads and neurons that take part (both are linear in them).
 
 Frozen modules run forward only (1x); trained modules forward and backward (3x). Heads whose
 weight is frozen still need the input gradient; they are counted as a full backward for
@@ -20,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ted_scale.model.gpt import CausalSelfAttention
+from ted_scale.model.gpt import GPT, CausalSelfAttention, Subnet
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity), from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {
@@ -43,6 +45,17 @@ def forward_flops(module: nn.Module, seq_len: int) -> float:
             total += 2 * m.in_features * m.out_features
         elif isinstance(m, CausalSelfAttention):
             total += 2 * seq_len * m.qkv_proj.out_features // 3
+    return total
+
+
+def subnet_flops(model: GPT, subnet: Subnet, seq_len: int) -> float:
+    """Forward FLOPs per token of ``model``'s blocks running only the prefix ``subnet``."""
+    total = 0.0
+    for block, heads, inner in zip(model.blocks, subnet.heads, subnet.inner, strict=True):
+        if block.attn.n_head:
+            total += forward_flops(block.attn, seq_len) * heads / block.attn.n_head
+        if block.mlp.n_inner:
+            total += forward_flops(block.mlp, seq_len) * inner / block.mlp.n_inner
     return total
 
 

@@ -108,7 +108,7 @@ def test_stage_lm_is_short_for_method_lm():
 def test_the_trainer_names_no_method_and_no_phase():
     """Methods own their names: ted_scale/train/ must run any of them without knowing which."""
     names = "|".join(re.escape(n) for n in method_names())
-    phases = "stage1_teacher|stage1_student|stage2|ild|joint"
+    phases = "stage1_teacher|stage1_student|stage2|ild|joint|importance|sandwich|scoring|final_\\w+"
     pattern = re.compile(rf"[\"']({names}|{phases})[\"']")
     offenders = [
         f"{path.name}:{i}: {line.strip()}"
@@ -194,24 +194,26 @@ def test_a_plugin_method_trains_and_resumes_after_kill_through_the_launch_script
 @pytest.mark.parametrize("method", method_names())
 def test_the_benchmark_times_the_trainers_step(method, tiny_data, tmp_path):
     """For every registered method: the benchmark's step and the trainer's step, built from the
-    same configuration, give the same loss parts on the same batch."""
+    same configuration, give the same loss parts on the same batch. The step is the method's
+    benchmarked phase (``Method.benchmarked``: the first distill phase, MiniDisc's sandwich),
+    the phases before it built and finished untrained on the same data (MiniDisc's importance)."""
     from ted_scale.bench.throughput import Preset, ProjectStep, Spec, bench_config
     from ted_scale.config.parse import dump_yaml
+    from ted_scale.distill.methods import build_benchmarked
     from ted_scale.train.trainer import Trainer
 
     preset = Preset(4, 2, 64, 4, 512, 64, 2, warmup=0, steps=1, instrumented=0)
     spec = Spec(method, True, False, "sdpa")
-    bench = ProjectStep(preset, spec, torch.device("cpu"), tmp_path / "bench", seed=7)
-
     config_file = tmp_path / "config.yaml"
     config_file.write_text(dump_yaml(bench_config(preset, spec, seed=7)))
     trainer = Trainer(
         load_run_config(config_file, [f"data.path={tiny_data}", f"output_dir={tmp_path / 'run'}"])
     )
-    for planned in trainer.plan:
-        phase = trainer.method.build(planned.name, trainer.ctx)
-        if planned.kind == "filters":
-            phase.finish()
+    phase = build_benchmarked(trainer.method, trainer.ctx)  # before the bench reseeds
+    assert phase.name == trainer.method.benchmarked(trainer.config)
+    bench = ProjectStep(
+        preset, spec, torch.device("cpu"), tmp_path / "bench", seed=7, batches=trainer.ctx.batches
+    )
     torch.manual_seed(0)
     ids = torch.randint(0, 512, (2, 64))
     labels = torch.randint(0, 512, (2, 64))

@@ -4,9 +4,10 @@ A configuration is a registered method (``lm`` = student alone with CE, ``kd``, 
 ``ted_kl``, ...) with the loss (fused or full logits), teacher prefetch and attention kernel switched
 as in a run config, or the ``reference`` (TED as plain `transformers` code, see ``reference.py``).
 This project's step is the trainer's own: ``bench_config`` writes the run configuration, the
-method registry builds the phases from it exactly as the trainer does (a method's ``filters``
-phases are built and finished without training, so Stage II finds their files), and the distill
-phase's trained module, frozen tapper (fed by ``TeacherFeed``) and FLOP count are timed with
+method registry builds the phases from it exactly as the trainer does (the phases before the
+benchmarked one, ``Method.benchmarked``, are built and finished without training, so it finds
+their files: TED's filters, MiniDisc's importance from synthetic batches), and that phase's
+trained module, frozen tapper (fed by ``TeacherFeed``) and FLOP count are timed with
 ``build_optimizer``'s AdamW, in the trainer's precision. The DeepSpeed engine is left out here: on
 one rank with ZeRO-0 it adds gradient clipping and bookkeeping only, the same for every method.
 
@@ -47,7 +48,12 @@ from ted_scale.bench.reference import ReferenceTED
 from ted_scale.config.parse import build
 from ted_scale.config.schema import OptimConfig, RunConfig
 from ted_scale.distill.layer_map import paper_layer_map
-from ted_scale.distill.methods import MethodContext, get_method, run_config_class
+from ted_scale.distill.methods import (
+    MethodContext,
+    build_benchmarked,
+    get_method,
+    run_config_class,
+)
 from ted_scale.flops import device_peak_tflops
 from ted_scale.precision import autocast, compute_dtype, storage_dtype
 from ted_scale.train.models import (
@@ -155,10 +161,22 @@ class _SyntheticLoader:
 
 
 class ProjectStep:
-    """The trainer's step for ``spec``: its method's distill phase, built through the registry."""
+    """The trainer's step for ``spec``: its method's benchmarked phase (``Method.benchmarked``,
+    by default the first distill phase), built through the registry.
+
+    batches: ``MethodContext.batches`` for the phases before it that read data (MiniDisc's
+    calibration); default: the preset's synthetic batches.
+    """
 
     def __init__(
-        self, preset: Preset, spec: Spec, device: torch.device, run_dir: Path, *, seed: int = 0
+        self,
+        preset: Preset,
+        spec: Spec,
+        device: torch.device,
+        run_dir: Path,
+        *,
+        seed: int = 0,
+        batches: Callable[[str, int], list[tuple[Tensor, Tensor]]] | None = None,
     ) -> None:
         config = bench_config(preset, spec, seed=seed)
         method = get_method(spec.method)
@@ -179,15 +197,11 @@ class ProjectStep:
             compute_dtype=self.compute_dtype,
             run_dir=run_dir,
             log=lambda _: None,
+            batches=batches or (lambda _split, n: _synthetic_batches(preset, n, CPU)),
         )
-        for planned in method.plan(config):
-            phase = method.build(planned.name, ctx)
-            if planned.kind == "distill":
-                break
-            phase.finish()  # what a later phase reads (TED's filters), untrained
-        self.phase = phase
-        self.module = phase.trained
-        self.tapper = phase.tapper
+        self.phase = build_benchmarked(method, ctx)
+        self.module = self.phase.trained
+        self.tapper = self.phase.tapper
         self.optimizer = build_optimizer(self.module, config.optim, config.optim.lr)
 
     @property

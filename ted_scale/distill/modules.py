@@ -68,6 +68,7 @@ class FrozenTapper:
     ``transform`` (TED's teacher filters, for example).
 
     with_top: also hand over the final-normed top state and the LM head (for KD).
+    with_embeddings: put the embeddings (block 0's input) first in ``layer_states``.
     """
 
     def __init__(
@@ -77,11 +78,13 @@ class FrozenTapper:
         *,
         transform: StateTransform | None = None,
         with_top: bool = False,
+        with_embeddings: bool = False,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.layers = list(layers)
         self.transform = transform
         self.with_top = with_top
+        self.with_embeddings = with_embeddings
 
     @torch.inference_mode()
     def __call__(self, input_ids: Tensor) -> TappedOutputs:
@@ -92,6 +95,8 @@ class FrozenTapper:
             stop_after=max(self.layers) if self.layers and not self.with_top else None,
         )
         states = [out.hidden_states[i] for i in self.layers]
+        if self.with_embeddings:
+            states.insert(0, out.embeddings)
         if self.transform is not None:
             states = self.transform(states)
         if not self.with_top:

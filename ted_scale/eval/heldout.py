@@ -26,15 +26,18 @@ def heldout_perplexity(
     max_batches: int | None = None,
     progress: bool = False,
 ) -> dict:
-    """Token-weighted perplexity over (input_ids [B, T], labels [B, T]) batches.
+    """Token-weighted perplexity and next-token accuracy over (input_ids [B, T], labels [B, T])
+    batches.
 
     labels are the already-shifted next tokens, IGNORE_INDEX (-100) on padding. Only the first
-    `max_batches` batches are used when given. Returns {"perplexity", "num_tokens", "loss"
-    (mean NLL), "nll_sum"}; a data-parallel caller all-reduces nll_sum and num_tokens.
+    `max_batches` batches are used when given. Returns {"perplexity", "accuracy" (the fraction of
+    tokens whose greedy prediction is the label, in [0, 1]), "num_tokens", "loss" (mean NLL),
+    "nll_sum", "num_correct"}; a data-parallel caller all-reduces nll_sum, num_correct and
+    num_tokens.
     """
     device = torch.device(device) if device is not None else model_device(model)
     vocab_size = model.config.vocab_size
-    total, count = 0.0, 0
+    total, count, correct = 0.0, 0, 0
     with eval_mode(model):
         for input_ids, labels in tqdm(
             itertools.islice(batches, max_batches), desc="heldout", disable=not progress
@@ -46,13 +49,17 @@ def heldout_perplexity(
                 )
             input_ids = input_ids.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            total += score_tokens(model, input_ids, labels).nll.double().sum().item()
+            scores = score_tokens(model, input_ids, labels)
+            total += scores.nll.double().sum().item()
+            correct += int(scores.correct.sum())  # False wherever the label is ignored
             count += int((labels != IGNORE_INDEX).sum())
     if count == 0:
         raise EvalError("held-out data: no tokens to evaluate")
     return {
         "perplexity": perplexity(total, count),
+        "accuracy": correct / count,
         "num_tokens": count,
+        "num_correct": correct,
         "loss": total / count,
         "nll_sum": total,
     }
@@ -69,7 +76,8 @@ def evaluate_heldout(
     max_batches: int | None = None,
     progress: bool = False,
 ) -> dict:
-    """Held-out perplexity on `split` of a prepared data directory, every sample once.
+    """Held-out perplexity and next-token accuracy on `split` of a prepared data directory, every
+    sample once.
 
     The split must have been tokenised with `tokenizer` and fit the model's context.
     """

@@ -114,5 +114,8 @@ def format_summary(results: dict) -> str:
         )
     if "heldout" in results:
         r = results["heldout"]
-        lines.append(f"heldout   perplexity {r['perplexity']:.3f}  ({r['num_tokens']} tokens)")
+        lines.append(
+            f"heldout   perplexity {r['perplexity']:.3f}  accuracy {r['accuracy']:.4f}  "
+            f"({r['num_tokens']} tokens)"
+        )
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 from ted_scale.model.gpt import GPT, GPTConfig, GPTOutput, Subnet
 from ted_scale.model.hf import export_hf, from_hf_model, load_pretrained, to_hf_model
-from ted_scale.model.student import ModelMismatchError, student_from_teacher
+from ted_scale.model.student import ModelMismatchError, set_dropout, student_from_teacher
 
 __all__ = [
     "GPT",
@@ -13,6 +13,7 @@ __all__ = [
     "export_hf",
     "from_hf_model",
     "load_pretrained",
+    "set_dropout",
     "student_from_teacher",
     "to_hf_model",
 ]

@@ -130,6 +130,7 @@ class GPTOutput:
     """What a forward pass returns.
 
     hidden_states: block index (0-based) -> residual stream after that block, [B, T, n_embd].
+    embeddings: token + position embeddings after dropout (block 0's input), [B, T, n_embd].
     last_hidden: final LayerNorm output, [B, T, n_embd] (the LM head's input).
     logits: [B, T, vocab_size], or None when the caller fuses the LM head into its loss.
     attention_log_probs: the ``attention_layer`` block's attention log-probabilities
@@ -137,6 +138,7 @@ class GPTOutput:
     """
 
     hidden_states: dict[int, Tensor] = field(default_factory=dict)
+    embeddings: Tensor | None = None
     last_hidden: Tensor | None = None
     logits: Tensor | None = None
     attention_log_probs: Tensor | None = None
@@ -375,7 +377,7 @@ class GPT(nn.Module):
         _check_masks("neuron_mask", neuron_mask, self.config.layer_inner)
         positions = torch.arange(T, device=tokens.device)
         x = self.drop(tokens + self.wpe(positions))
-        out = GPTOutput()
+        out = GPTOutput(embeddings=x)
         for i, block in enumerate(self.blocks):
             if i == attention_layer:
                 run, args = block.forward_with_attention, (x,)

@@ -14,6 +14,16 @@ class ModelMismatchError(ValueError):
     """Teacher, student and data do not fit together."""
 
 
+def set_dropout(model: GPT, p: float) -> None:
+    """Set every dropout of ``model`` (embeddings, attention, residual, FFN) to ``p``."""
+    model.config.dropout = p
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+    for block in model.blocks:
+        block.attn.attn_dropout = p
+
+
 def student_from_teacher(
     teacher: GPT, teacher_blocks: Sequence[int], *, dropout: float | None = None
 ) -> GPT:

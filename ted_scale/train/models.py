@@ -13,7 +13,13 @@ from ted_scale.config.schema import RunConfig
 from ted_scale.data import DataError
 from ted_scale.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from ted_scale.distill.layer_map import resolve_layer_map
-from ted_scale.model import GPT, ModelMismatchError, load_pretrained, student_from_teacher
+from ted_scale.model import (
+    GPT,
+    ModelMismatchError,
+    load_pretrained,
+    set_dropout,
+    student_from_teacher,
+)
 from ted_scale.model.compile import compile_blocks, compile_enabled
 
 # Any of these in a model folder means it ships a tokenizer, which must then load whole.
@@ -66,7 +72,7 @@ def build_student(config: RunConfig, teacher: GPT | None) -> GPT:
     }
     if init == "pretrained":
         student = load_pretrained(config.student.pretrained, **kwargs)
-        _set_dropout(student, config.student.dropout)
+        set_dropout(student, config.student.dropout)
     elif init == "teacher_layers":
         student = student_from_teacher(
             teacher, teacher_layer_map(config, teacher), dropout=config.student.dropout
@@ -85,15 +91,6 @@ def compile_models(config: RunConfig, device: torch.device, *models: GPT | None)
         for model in models:
             if model is not None:
                 compile_blocks(model)
-
-
-def _set_dropout(model: GPT, p: float) -> None:
-    model.config.dropout = p
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = p
-    for block in model.blocks:
-        block.attn.attn_dropout = p
 
 
 def check_compatible(

@@ -8,6 +8,7 @@ finished phase is recorded in ``progress.json``, so a resumed run skips it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
@@ -102,6 +103,7 @@ class Trainer:
             data_rank=self.dims.dp_rank,
             data_ranks=self.dims.dp_size,
             log=self._log_console,
+            batches=self._first_batches,
         )
         self.total_tokens = 0
 
@@ -144,6 +146,18 @@ class Trainer:
             seed=self.config.seed,
         )
 
+    def _first_batches(self, split: str, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``n`` micro-batches of ``split`` in the run's seeded order, one rank's view:
+        the same on every rank, whatever the world size."""
+        loader = DistributedBatchLoader(
+            self._open_split(split),
+            self.config.batch.micro_batch_size,
+            seed=self.config.seed,
+            drop_last=False,
+            pin_memory=False,
+        )
+        return list(itertools.islice(loader, n))
+
     def _prefetch(self) -> bool:
         """``auto`` prefetches on CUDA; ``on`` without CUDA keeps the look-ahead order inline."""
         setting = self.config.teacher_prefetch
@@ -164,7 +178,8 @@ class Trainer:
                 continue
             phase = self.method.build(planned.name, self.ctx)
             tag = resume_tag if resume_tag is not None and resume_tag.phase == phase.name else None
-            self.train_phase(phase, tag)
+            if phase.trained is not None:  # a phase without training does its work in finish
+                self.train_phase(phase, tag)
             phase.finish()
             self._mark_done(phase.name)
         wall = time.perf_counter() - start

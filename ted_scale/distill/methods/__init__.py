@@ -1,6 +1,7 @@
 """Distillation methods as plug-ins: ``method: <name>`` selects a registered ``Method``.
 
-Built-in: ``lm`` (one model, next-token CE), ``kd``, ``lwd``, ``ted``, ``ted_kl`` and ``cr_ild``. A method
+Built-in: ``lm`` (one model, next-token CE), ``kd``, ``lwd``, ``ted``, ``ted_kl``, ``cr_ild`` and
+``minidisc`` (teacher -> teacher assistant -> student, each hop by a registered method). A method
 registers itself with ``@register`` when its module is imported; the run configuration gains its
 config section (``run_config_class``). How to add one: docs/design.md, "How to add a method".
 """
@@ -19,6 +20,7 @@ from ted_scale.distill.methods.base import (
     Phase,
     PhaseKind,
     PlannedPhase,
+    build_benchmarked,
 )
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -77,7 +79,7 @@ def run_config_class() -> type[RunConfig]:
 
 
 # The built-in methods register themselves on import.
-from ted_scale.distill.methods import cr_ild, kd, lm, lwd, ted  # noqa: E402, F401
+from ted_scale.distill.methods import cr_ild, kd, lm, lwd, minidisc, ted  # noqa: E402, F401
 
 __all__ = [
     "Method",
@@ -85,6 +87,7 @@ __all__ = [
     "Phase",
     "PhaseKind",
     "PlannedPhase",
+    "build_benchmarked",
     "get_method",
     "method_names",
     "register",

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ted_scale.config.schema import ScheduleConfig
 from ted_scale.distill.filters import FilterBank
@@ -47,6 +47,8 @@ class Phase:
 
     trained: what the DeepSpeed engine wraps; ``forward(input_ids, labels, tapped)`` returns
         ``(loss, parts)`` with ``parts`` a dict of detached scalar tensors (``loss_ce`` ...).
+        None: a phase without training steps, whose work is all in ``finish`` (computing and
+        saving results; it saves them atomically, as a killed phase runs again).
     tapper: the frozen side, run on each micro-batch (ahead, on a side stream, when prefetching);
         None when nothing frozen is needed.
     flops_per_token: seq_len -> training FLOPs per token of one step.
@@ -57,7 +59,7 @@ class Phase:
     """
 
     name: str
-    trained: nn.Module
+    trained: nn.Module | None
     tapper: FrozenTapper | None
     schedule: ScheduleConfig
     flops_per_token: Callable[[int], float]
@@ -84,6 +86,9 @@ class MethodContext:
     data_rank: int = 0
     data_ranks: int = 1
     log: Callable[[str], None] = print
+    batches: Callable[[str, int], list[tuple[Tensor, Tensor]]] | None = None
+    """``batches(split, n)``: the first ``n`` micro-batches (input_ids [B, T], labels [B, T]) of a
+    data split in the run's seeded order, the same on every rank (calibration, scoring)."""
 
     def save_on_main(self, module: nn.Module, write: Callable[[dict], None]) -> None:
         """Gather ``module``'s full state (a collective under ZeRO-3), hand it to ``write`` on the
@@ -176,3 +181,20 @@ class Method(ABC):
     @abstractmethod
     def build(self, phase: str, ctx: MethodContext) -> Phase:
         """Build ``phase`` (a name from ``plan``); earlier phases have finished."""
+
+    def benchmarked(self, config: RunConfig) -> str:
+        """The phase whose step the throughput benchmark times: the method's characteristic
+        step, by default its first ``distill`` phase."""
+        return next(p.name for p in self.plan(config) if p.kind == "distill")
+
+
+def build_benchmarked(method: Method, ctx: MethodContext) -> Phase:
+    """``method``'s benchmarked phase, built as the trainer would build it: every phase before
+    it is built and finished without training, so that it finds their files."""
+    target = method.benchmarked(ctx.config)
+    for planned in method.plan(ctx.config):
+        phase = method.build(planned.name, ctx)
+        if planned.name == target:
+            return phase
+        phase.finish()
+    raise ValueError(f"method {method.name!r}: benchmarked phase {target!r} is not planned")
