@@ -10,6 +10,7 @@ fastest logged step after the warm-up, as the plain step's is its fastest step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import tempfile
@@ -20,6 +21,7 @@ from transformers import PreTrainedTokenizerFast
 
 from ted_scale.bench.throughput import Preset, Spec, bench_config
 from ted_scale.config.parse import dump_yaml
+from ted_scale.config.schema import ScheduleConfig
 from ted_scale.data.prepare import PrepareConfig, prepare
 from ted_scale.data.tokenizer import EOS_TOKEN
 
@@ -66,31 +68,48 @@ def synthetic_dataset(
 
 
 def measure_engine(preset: Preset, spec: Spec, *, zero_stage: int = 1) -> dict:
-    """Run the trainer on ``spec``'s configuration for the preset's warm-up + timed steps."""
+    """Run the trainer on ``spec``'s configuration; every phase gets the preset's warm-up + timed
+    steps (so the benchmarked phase, ``Method.benchmarked``, does; the others only set it up)."""
     from ted_scale.config import load_run_config
+    from ted_scale.distill.methods import get_method
     from ted_scale.train.trainer import Trainer
 
     steps = preset.warmup + preset.steps
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        tokens = (steps + 4) * preset.micro_batch * (preset.seq_len + 1) * 2
+        tokens = (steps + 4) * preset.micro_batch * (preset.seq_len + 1) * 4
         data = synthetic_dataset(preset.vocab, preset.seq_len, tokens, tmp)
+        config = bench_config(preset, spec)
+        for schedule in _schedules(config):
+            schedule.max_steps = steps
         config_file = tmp / "config.yaml"
-        config_file.write_text(dump_yaml(bench_config(preset, spec)))
+        config_file.write_text(dump_yaml(config))
         run = tmp / "run"
         overrides = [
-            f"data.path={data}", f"output_dir={run}", f"teacher_prefetch={'on' if spec.prefetch else 'off'}",
-            f"deepspeed.zero_stage={zero_stage}", "stage1.max_steps=1", f"stage2.max_steps={steps}",
-            "log.interval=1", "log.tensorboard=false", "log.progress_bar=false",
-            "checkpoint.interval=0", "eval.interval=0",
+            f"data.path={data}", f"output_dir={run}",
+            f"teacher_prefetch={'on' if spec.prefetch else 'off'}",
+            f"deepspeed.zero_stage={zero_stage}", "log.interval=1", "log.tensorboard=false",
+            "log.progress_bar=false", "checkpoint.interval=0", "eval.interval=0",
         ]  # fmt: skip
-        trainer = Trainer(load_run_config(config_file, overrides))
-        trainer.run()
+        config = load_run_config(config_file, overrides)
+        Trainer(config).run()
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    last_phase = trainer.plan[-1].name
-    rates = [r["tokens_per_s"] for r in records if r["stage"] == last_phase][preset.warmup :]
+    phase = get_method(spec.method).benchmarked(config)
+    rates = [r["tokens_per_s"] for r in records if r["stage"] == phase][preset.warmup :]
     return {
         "engine_tokens_per_s": max(rates),
         "engine_tokens_per_s_all": rates,
         "zero_stage": zero_stage,
     }
+
+
+def _schedules(config) -> list[ScheduleConfig]:
+    """Every phase schedule of a run configuration, the methods' own sections included."""
+    found = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, ScheduleConfig):
+            found.append(value)
+        elif dataclasses.is_dataclass(value):
+            found += _schedules(value)
+    return found
