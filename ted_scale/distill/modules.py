@@ -110,6 +110,45 @@ def to_compute_dtype(hidden: Tensor, dtype: torch.dtype | None) -> Tensor:
     return hidden if dtype is None else hidden.to(dtype)
 
 
+def lm_objective(
+    student: GPT,
+    top: Tensor,
+    labels: Tensor,
+    tapped: TappedOutputs | None,
+    parts: dict[str, Tensor],
+    *,
+    alpha_kd: float,
+    temperature: float,
+    fused: bool,
+    compute_dtype: torch.dtype | None,
+    labels2: Tensor | None = None,
+    mix: float = 1.0,
+) -> Tensor:
+    """CE + alpha_kd * KD on the student's final-normed top state ``top`` [B, T, d] through its
+    head, KD against the tapped teacher top (no KD when alpha_kd is 0). With ``labels2`` the CE is
+    mix * CE(labels) + (1 - mix) * CE(labels2) from one logits pass. Adds the detached ``loss_ce``
+    (and ``loss_kd``) to ``parts``."""
+    top = to_compute_dtype(top, compute_dtype)
+    weight = student.lm_head_weight
+    if alpha_kd == 0.0:
+        loss = cross_entropy(top, weight, labels, fused=fused, labels2=labels2, mix=mix)
+        parts["loss_ce"] = loss.detach()
+        return loss
+    loss, parts["loss_ce"], parts["loss_kd"] = cross_entropy_and_kd(
+        top,
+        weight,
+        labels,
+        to_compute_dtype(tapped.last_hidden, compute_dtype),
+        tapped.head_weight,
+        temperature=temperature,
+        alpha_kd=alpha_kd,
+        fused=fused,
+        labels2=labels2,
+        mix=mix,
+    )
+    return loss
+
+
 LayerDistance = Callable[[list[Tensor], TappedOutputs, Tensor], list[Tensor]]
 """(student states after the layer modules, the teacher's tapped outputs, labels [B, T]) -> one
 scalar distance per layer."""
@@ -154,23 +193,18 @@ class StudentDistillation(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         n_layers = len(self.layer_modules.layers) if self.layer_modules is not None else 0
         out = self.student(input_ids, output_layers=range(n_layers), return_logits=False)
-        top = to_compute_dtype(out.last_hidden, self.compute_dtype)
-        weight = self.student.lm_head_weight
         parts: dict[str, Tensor] = {}
-        if self.alpha_kd == 0.0:
-            loss = ce = cross_entropy(top, weight, labels, fused=self.fused)
-            parts["loss_ce"] = ce.detach()
-        else:
-            loss, parts["loss_ce"], parts["loss_kd"] = cross_entropy_and_kd(
-                top,
-                weight,
-                labels,
-                to_compute_dtype(tapped.last_hidden, self.compute_dtype),
-                tapped.head_weight,
-                temperature=self.temperature,
-                alpha_kd=self.alpha_kd,
-                fused=self.fused,
-            )
+        loss = lm_objective(
+            self.student,
+            out.last_hidden,
+            labels,
+            tapped,
+            parts,
+            alpha_kd=self.alpha_kd,
+            temperature=self.temperature,
+            fused=self.fused,
+            compute_dtype=self.compute_dtype,
+        )
         if self.layer_modules is None:
             return loss, parts
         student_states = self.layer_modules([out.hidden_states[k] for k in range(n_layers)])

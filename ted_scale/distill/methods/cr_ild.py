@@ -41,12 +41,10 @@ from ted_scale.distill.modules import (
     FrozenTapper,
     StudentDistillation,
     TappedOutputs,
-    to_compute_dtype,
+    lm_objective,
 )
 from ted_scale.distill.objectives import (
     attention_kl,
-    cross_entropy,
-    cross_entropy_and_kd,
     mse,
 )
 from ted_scale.flops import FROZEN, TRAINED, forward_flops
@@ -246,7 +244,19 @@ class MixupILD(nn.Module):
         parts: dict[str, Tensor] = {}
         loss = torch.zeros((), device=input_ids.device)
         if self.lm_loss:
-            loss = self._lm_loss(out.last_hidden, labels, tapped, lam, parts)
+            loss = lm_objective(
+                self.student,
+                out.last_hidden,
+                labels,
+                tapped,
+                parts,
+                alpha_kd=self.alpha_kd,
+                temperature=self.temperature,
+                fused=self.fused,
+                compute_dtype=self.compute_dtype,
+                labels2=None if lam == 1.0 else labels.flip(0),
+                mix=lam,
+            )
         ild: list[Tensor] = []
         mixed_states = {}
         if self.hidden:
@@ -265,32 +275,6 @@ class MixupILD(nn.Module):
             layer_loss = layer_loss + weighted
         loss = loss + self.alpha_layer * layer_loss
         return loss, {k: v.detach() for k, v in parts.items()}
-
-    def _lm_loss(
-        self, top: Tensor, labels: Tensor, tapped: MixedTapped, lam: float, parts: dict
-    ) -> Tensor:
-        """lambda CE(y) + (1 - lambda) CE(y_rev) [+ alpha_kd KD against the teacher on x_mix]."""
-        top = to_compute_dtype(top, self.compute_dtype)
-        weight = self.student.lm_head_weight
-        labels2 = None if lam == 1.0 else labels.flip(0)
-        if self.alpha_kd == 0.0:
-            parts["loss_ce"] = ce = cross_entropy(
-                top, weight, labels, fused=self.fused, labels2=labels2, mix=lam
-            )
-            return ce
-        loss, parts["loss_ce"], parts["loss_kd"] = cross_entropy_and_kd(
-            top,
-            weight,
-            labels,
-            to_compute_dtype(tapped.last_hidden, self.compute_dtype),
-            tapped.head_weight,
-            temperature=self.temperature,
-            alpha_kd=self.alpha_kd,
-            fused=self.fused,
-            labels2=labels2,
-            mix=lam,
-        )
-        return loss
 
     def _consistency(
         self, input_ids: Tensor, mixed: dict[str, Tensor], lam: float, parts: dict
