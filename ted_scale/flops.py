@@ -33,6 +33,9 @@ PEAK_BF16_TFLOPS = {
     "H200": 989.0,
 }
 
+# ``tp_layout`` of the tensor-parallel linear layers (ted_scale.parallel.tensor).
+_SHARDED_LINEAR = ("qkv", "column", "row")
+
 TRAINED = 3.0  # forward + backward
 FROZEN = 1.0  # forward only
 
@@ -41,10 +44,10 @@ def forward_flops(module: nn.Module, seq_len: int) -> float:
     """Forward FLOPs per token of every linear layer and attention inside ``module``."""
     total = 0.0
     for m in module.modules():
-        if isinstance(m, nn.Linear):
-            total += 2 * m.in_features * m.out_features
+        if isinstance(m, nn.Linear) or getattr(m, "tp_layout", None) in _SHARDED_LINEAR:
+            total += 2 * m.weight.numel()  # this rank's shard of a tensor-parallel one
         elif isinstance(m, CausalSelfAttention):
-            total += 2 * seq_len * m.qkv_proj.out_features // 3
+            total += 2 * seq_len * m.qkv_proj.weight.shape[0] // 3
     return total
 
 
@@ -59,9 +62,11 @@ def subnet_flops(model: GPT, subnet: Subnet, seq_len: int) -> float:
     return total
 
 
-def head_flops(vocab: int, width: int) -> float:
-    """Forward FLOPs per token of one LM-head application [d] -> [V]."""
-    return 2 * vocab * width
+def head_flops(model: GPT) -> float:
+    """Forward FLOPs per token of one application of ``model``'s LM head [d] -> [V], on this
+    rank: a head sharded by vocabulary (tensor parallelism) counts its own rows."""
+    rows, width = model.lm_head_weight.shape
+    return 2 * rows * width
 
 
 def device_peak_tflops(device: torch.device) -> float | None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ted_scale.config import ConfigError, load_run_config
 from ted_scale.distill.methods.minidisc import choose_sparsity, sorted_importance
 from ted_scale.eval.heldout import heldout_perplexity
-from ted_scale.flops import forward_flops, head_flops, subnet_flops
+from ted_scale.flops import forward_flops, subnet_flops
 from ted_scale.model import GPT, load_pretrained
 from ted_scale.model.pruning import extract, subnet_at
 
@@ -159,7 +159,7 @@ def test_sandwich_loss_equals_the_formula_over_the_candidates(tiny_data, tmp_pat
     )
     # Exactly the FLOPs of one teacher forward and each candidate's prefix.
     c, seq = ctx.teacher.config, 64
-    head = head_flops(c.vocab_size, c.n_embd)
+    head = 2 * c.vocab_size * c.n_embd  # one LM head application
     want_flops = forward_flops(ctx.teacher.blocks, seq) + head + 3 * head
     want_flops += 3 * sum(subnet_flops(sandwich.student, s, seq) + head for s in sandwich.subnets)
     assert phase.flops_per_token(seq) == pytest.approx(want_flops)

@@ -65,14 +65,12 @@ class ParallelConfig:
     """Shard the LayerNorm/dropout regions along the sequence (needs tensor parallelism)."""
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size > 1:
-            raise ConfigError(
-                f"parallel.tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism "
-                "is not available yet (it comes with the Megatron-style tensor parallelism "
-                "feature); use 1"
-            )
         if self.sequence_parallel:
-            raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel_size > 1")
+            raise ConfigError(
+                "parallel.sequence_parallel: sequence parallelism is not implemented yet; the "
+                "LayerNorm and dropout regions stay replicated over the tensor-parallel ranks "
+                "(set it to false)"
+            )
 
 
 @dataclass
@@ -210,8 +208,24 @@ class RunConfig:
                 f"student.layer_map has {len(self.student.layer_map)} entries but "
                 f"student.n_layer is {self.student.n_layer}"
             )
+        if self.parallel.tensor_parallel_size > 1:
+            self._check_tensor_parallel()
         if self.batch.global_batch_size % self.batch.micro_batch_size:
             raise ConfigError(
                 f"batch.global_batch_size ({self.batch.global_batch_size}) must be a multiple of "
                 f"batch.micro_batch_size ({self.batch.micro_batch_size})"
+            )
+
+    def _check_tensor_parallel(self) -> None:
+        """Refuse, naming the key, what tensor parallelism does not combine with."""
+        tp = f"parallel.tensor_parallel_size={self.parallel.tensor_parallel_size}"
+        if self.deepspeed.zero_stage == 3:
+            raise ConfigError(
+                f"deepspeed.zero_stage=3 with {tp}: the tensor-parallel layers (DeepSpeed AutoTP) "
+                "combine with ZeRO stages 0-2 only; use zero_stage 1 or 2"
+            )
+        if not self.fused_loss:
+            raise ConfigError(
+                f"fused_loss=false with {tp}: under tensor parallelism the LM-head losses are "
+                "the vocabulary-parallel fused ones; set fused_loss: true"
             )

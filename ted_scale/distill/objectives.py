@@ -8,7 +8,8 @@
 - CR-ILD: on a mixup input, CE is lambda * CE(y) + (1 - lambda) * CE(y_rev) (``labels2``, ``mix``);
   attention relations compare two attention distributions over the causal keys (``attention_kl``).
 
-Tokens whose label is ``IGNORE_INDEX`` count for neither CE nor KD. All loss math is fp32.
+Tokens whose label is ``IGNORE_INDEX`` count for neither CE nor KD. All loss math is fp32. A head
+weight sharded by vocabulary (tensor parallelism) goes to the vocabulary-parallel fused losses.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from ted_scale.data.loader import IGNORE_INDEX
 from ted_scale.kernels import fused_linear_ce_kd, fused_linear_cross_entropy, fused_linear_kl_div
+from ted_scale.parallel.tensor import vocab_shard_of
 
 Reduction = Literal["sum", "mean"]
 
@@ -41,7 +43,13 @@ def cross_entropy(
     """
     if fused:
         return fused_linear_cross_entropy(
-            hidden, head_weight, labels, ignore_index=IGNORE_INDEX, targets2=labels2, mix=mix
+            hidden,
+            head_weight,
+            labels,
+            ignore_index=IGNORE_INDEX,
+            targets2=labels2,
+            mix=mix,
+            shard=vocab_shard_of(head_weight),
         )
     logits = F.linear(hidden, head_weight).float().flatten(0, -2)
     ce = F.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE_INDEX)
@@ -75,6 +83,7 @@ def kl_distillation(
             teacher_weight,
             temperature=temperature,
             mask=keep,
+            shard=vocab_shard_of(student_weight),
         )
     z_s = F.linear(student_hidden, student_weight).float()[keep]
     z_t = F.linear(teacher_hidden, teacher_weight).float()[keep]
@@ -110,6 +119,7 @@ def cross_entropy_and_kd(
             ignore_index=IGNORE_INDEX,
             targets2=labels2,
             mix=mix,
+            shard=vocab_shard_of(student_weight),
         )
     z_s = F.linear(student_hidden, student_weight).float()
     keep = labels != IGNORE_INDEX

@@ -62,8 +62,9 @@ class ParallelDims:
 
     @property
     def layout(self) -> str:
-        """The layout as the run's first line states it, e.g. ``dp=2 tp=1``."""
-        return f"dp={self.dp_size} tp={self.tp_size}"
+        """The layout as the run's first line states it, e.g. ``dp=2 tp=2 sp=off`` (sequence
+        parallelism is not implemented: always off)."""
+        return f"dp={self.dp_size} tp={self.tp_size} sp=off"
 
     def deepspeed_mpu(self) -> _DeepSpeedMPU:
         """The groups in the interface DeepSpeed's ``initialize(mpu=...)`` reads."""
@@ -164,7 +165,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def gathered_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def zero3_gathered_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A full CPU state dict of ``module``, gathering ZeRO-3 partitions when there are any."""
     params = [p for p in module.parameters() if hasattr(p, "ds_id")]
     context = contextlib.nullcontext()

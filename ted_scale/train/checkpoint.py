@@ -2,18 +2,21 @@
 
 Layout of ``run_dir/checkpoints``::
 
-    <phase>-step00000100/   DeepSpeed's files, rng_rank<r>.safetensors, then `complete` last
+    <phase>-step00000100/   DeepSpeed's files (one model file per tensor-parallel rank),
+                            rng_rank<r>.safetensors, layout.json, then `complete` last
     latest                  the newest complete tag, replaced atomically after `complete`
 
 A save killed half-way leaves a tag without ``complete``; resuming ignores it and falls back to
 the newest complete tag, so the previous checkpoint stays loadable. ``complete`` records the
 sha256 of every file of the tag; a resume checks them and falls back, saying so, past a
 corrupted or truncated checkpoint. Nothing a resume reads can run code (safe_checkpoint.py).
-Tags are ordered by the run's phase plan (which the method decides), then by step.
+Tags are ordered by the run's phase plan (which the method decides), then by step. A checkpoint
+resumes only at the tensor-parallel size it was saved with (``layout.json``).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Callable, Sequence
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ted_scale.config import ConfigError
-from ted_scale.io import atomic_write_text
+from ted_scale.io import atomic_write_json, atomic_write_text
 from ted_scale.parallel import barrier
 from ted_scale.train.safe_checkpoint import (
     complete_record,
@@ -33,6 +36,7 @@ from ted_scale.train.safe_checkpoint import (
     verify_checkpoint,
 )
 
+LAYOUT_FILE = "layout.json"
 _TAG = re.compile(r"^(?P<phase>[a-z0-9_]+)-step(?P<step>\d{8})$")
 
 
@@ -51,7 +55,8 @@ class CheckpointTag:
 
 class CheckpointManager:
     """The checkpoints of one run and their cadence: every ``interval`` steps (0: never in the
-    middle of a phase) and at each phase's last step. ``phases``: the run's phase names in order."""
+    middle of a phase) and at each phase's last step. ``phases``: the run's phase names in order;
+    ``tensor_parallel_size``: the run's, recorded in each checkpoint and checked on resume."""
 
     def __init__(
         self,
@@ -61,9 +66,11 @@ class CheckpointManager:
         rank: int,
         keep: int,
         interval: int,
+        tensor_parallel_size: int = 1,
         log: Callable[[str], None] = print,
     ) -> None:
         self.root = root
+        self.tensor_parallel_size = tensor_parallel_size
         self.phases = list(phases)
         self.rank = rank
         self.keep = keep
@@ -145,6 +152,8 @@ class CheckpointManager:
         save_rng_state(rng_file(path, self.rank))
         barrier()
         if self.rank == 0:
+            layout = {"tensor_parallel_size": self.tensor_parallel_size}
+            atomic_write_json(path / LAYOUT_FILE, layout)
             atomic_write_text(path / "complete", complete_record(tag.name, path))
             atomic_write_text(self.root / "latest", tag.name + "\n")
             for old in self.complete_tags()[: -self.keep]:
@@ -154,6 +163,7 @@ class CheckpointManager:
 
     def load(self, engine, tag: CheckpointTag) -> dict[str, Any]:
         """Restore engine, optimizer, scheduler and this rank's RNG; return the client state."""
+        self._check_layout(self.root / tag.name)
         make_loads_safe(engine)
         path, client_state = engine.load_checkpoint(
             str(self.root), tag=tag.name, load_optimizer_states=True, load_lr_scheduler_states=True
@@ -164,3 +174,17 @@ class CheckpointManager:
         if rng.exists():  # absent when resuming with more ranks than were saved
             load_rng_state(rng)
         return client_state
+
+    def _check_layout(self, path: Path) -> None:
+        """Refuse a checkpoint saved at another tensor-parallel size: its model files hold other
+        shards. (Checkpoints from before tensor parallelism have no layout file: tp 1.)"""
+        record = path / LAYOUT_FILE
+        saved = json.loads(record.read_text())["tensor_parallel_size"] if record.exists() else 1
+        if saved != self.tensor_parallel_size:
+            raise ConfigError(
+                f"{path} was saved at parallel.tensor_parallel_size={saved} and this run has "
+                f"{self.tensor_parallel_size}: its weights and optimizer states are sharded for "
+                f"{saved} ranks. Resume with parallel.tensor_parallel_size={saved} (any "
+                "data-parallel size), or start a new output_dir from the exported model "
+                "(student.init: pretrained, student.pretrained: <run>/student_hf)"
+            )

@@ -104,11 +104,18 @@ class MetricsWriter:
 
 
 class Throughput:
-    """Tokens/s, TFLOP/s and MFU over the last log interval."""
+    """Tokens/s (all ranks together), TFLOP/s and MFU per device over the last log interval.
 
-    def __init__(self, flops_per_token: float, world_size: int, peak_tflops: float | None) -> None:
+    ``flops_per_token``: the FLOPs one rank spends per token of its data-parallel share, counted
+    from its own modules (under tensor parallelism its shards, so about 1/tp of the model's);
+    each of the ``data_parallel_size`` shares is a 1/data_parallel_size part of the tokens.
+    """
+
+    def __init__(
+        self, flops_per_token: float, data_parallel_size: int, peak_tflops: float | None
+    ) -> None:
         self.flops_per_token = flops_per_token
-        self.world_size = world_size
+        self.data_parallel_size = data_parallel_size
         self.peak_tflops = peak_tflops
         self.start = time.perf_counter()
         self.tokens = 0
@@ -119,7 +126,7 @@ class Throughput:
     def pop(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         tokens_per_s = self.tokens / elapsed  # global: every rank adds the same count
-        tflops_per_gpu = tokens_per_s * self.flops_per_token / self.world_size / 1e12
+        tflops_per_gpu = tokens_per_s * self.flops_per_token / self.data_parallel_size / 1e12
         out = {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops_per_gpu}
         if self.peak_tflops:
             out["mfu"] = tflops_per_gpu / self.peak_tflops

@@ -24,7 +24,7 @@ from ted_scale.data.tokenizer import tokenizer_fingerprint
 from ted_scale.distill.methods import MethodContext, Phase, get_method
 from ted_scale.flops import device_peak_tflops
 from ted_scale.io import atomic_write_json
-from ted_scale.parallel import barrier, init_parallel
+from ted_scale.parallel import barrier, init_parallel, parallelize_gpt
 from ted_scale.precision import autocast, compute_dtype, storage_dtype
 from ted_scale.train.checkpoint import CheckpointManager, CheckpointTag
 from ted_scale.train.engine import build_engine, deepspeed_config, gradient_accumulation_steps
@@ -57,6 +57,11 @@ class Trainer:
         self.main = self.dims.is_main
         self.run_dir = Path(config.output_dir)
         self.method = get_method(config.method)
+        if self.dims.tp_size > 1 and not self.method.tensor_parallel:
+            raise ConfigError(
+                f"method={config.method} does not support tensor parallelism "
+                f"({self.method.tensor_parallel_note}); use parallel.tensor_parallel_size=1"
+            )
         self.plan = [p for p in self.method.plan(config) if config.stage in ("all", p.kind)]
         if not self.plan:
             phases = ", ".join(f"{p.name} ({p.kind})" for p in self.method.plan(config))
@@ -74,6 +79,8 @@ class Trainer:
         self.compute_dtype = compute_dtype(config.precision, self.device)
         if self.teacher is not None:
             self.teacher.to(self.device, dtype=storage_dtype(self.compute_dtype))
+            parallelize_gpt(self.teacher, self.dims, "teacher")
+        parallelize_gpt(self.student.to(self.device), self.dims, "student")
         compile_models(config, self.device, self.teacher, self.student)
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints",
@@ -81,6 +88,7 @@ class Trainer:
             rank=self.dims.rank,
             keep=config.checkpoint.keep,
             interval=config.checkpoint.interval,
+            tensor_parallel_size=self.dims.tp_size,
             log=self._log_console,
         )
         self.metrics = MetricsWriter(
@@ -241,7 +249,7 @@ class Trainer:
             start_step=step,
             throughput=Throughput(
                 phase.flops_per_token(seq_len),
-                self.dims.world_size,
+                self.dims.dp_size,
                 device_peak_tflops(self.device),
             ),
             group=self.dims.dp_group,

@@ -154,11 +154,10 @@ def student_flops(ctx: MethodContext, seq_len: int, *, kd: bool) -> float:
     """FLOPs per token shared by every student phase: the frozen teacher's trunk (and head for
     KD) forward, the student's trunk and head forward and backward."""
     teacher, student = ctx.teacher, ctx.student
-    vocab = student.config.vocab_size
     frozen = forward_flops(teacher.blocks, seq_len)
     if kd:
-        frozen += head_flops(vocab, teacher.config.n_embd)
-    trained = forward_flops(student.blocks, seq_len) + head_flops(vocab, student.config.n_embd)
+        frozen += head_flops(teacher)
+    trained = forward_flops(student.blocks, seq_len) + head_flops(student)
     return FROZEN * frozen + TRAINED * trained
 
 
@@ -168,11 +167,15 @@ class Method(ABC):
     name: the value of ``method:`` that selects it.
     section: ``(key, dataclass)`` of its own config section, or None.
     needs_teacher: whether the run builds the frozen teacher.
+    tensor_parallel: whether its phases run on tensor-parallel (sharded) models; if not,
+        ``tensor_parallel_note`` says why.
     """
 
     name: ClassVar[str]
     section: ClassVar[tuple[str, type] | None] = None
     needs_teacher: ClassVar[bool] = True
+    tensor_parallel: ClassVar[bool] = True
+    tensor_parallel_note: ClassVar[str] = ""
 
     @abstractmethod
     def plan(self, config: RunConfig) -> list[PlannedPhase]:

@@ -51,6 +51,7 @@ from ted_scale.flops import FROZEN, TRAINED, forward_flops
 from ted_scale.io import atomic_write_bytes
 from ted_scale.model import GPT, ModelMismatchError
 from ted_scale.model.hf import load_state_checked
+from ted_scale.parallel.tensor import tensor_parallel_group, tensor_parallel_mean
 
 
 @dataclass
@@ -218,6 +219,12 @@ class MixupILD(nn.Module):
         self.fused = fused
         self.compute_dtype = compute_dtype
 
+    def _attention_kl(self, student_log_probs: Tensor, target_log_probs: Tensor) -> Tensor:
+        """``attention_kl`` averaged over all heads: under tensor parallelism each rank holds
+        its own heads' distributions, and the mean runs over the group."""
+        local = attention_kl(student_log_probs, target_log_probs)
+        return tensor_parallel_mean(local, tensor_parallel_group(self.student))
+
     def _run(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, *, to_top: bool):
         return self.student(
             input_ids,
@@ -265,7 +272,7 @@ class MixupILD(nn.Module):
             ild.append(d)
         if self.attention:
             mixed_states["attention"] = a = out.attention_log_probs
-            parts["loss_attention"] = d = attention_kl(a, tapped.attention_log_probs)
+            parts["loss_attention"] = d = self._attention_kl(a, tapped.attention_log_probs)
             ild.append(d)
         layer_loss = torch.stack(ild).sum()
         parts["loss_layer"] = layer_loss
@@ -285,7 +292,7 @@ class MixupILD(nn.Module):
             clean = self._run(input_ids, None, to_top=False)
         targets = {"hidden": clean.hidden_states.get(self.layer)}
         targets["attention"] = clean.attention_log_probs
-        distance = {"hidden": mse, "attention": attention_kl}
+        distance = {"hidden": mse, "attention": self._attention_kl}
         terms = []
         for name, state in mixed.items():
             target, fn = targets[name], distance[name]

@@ -18,11 +18,9 @@ class LM(Method):
         return [PlannedPhase("lm", "distill")]
 
     def build(self, phase: str, ctx: MethodContext) -> Phase:
-        c = ctx.student.config
-
         def flops_per_token(seq_len: int) -> float:
             trunk = forward_flops(ctx.student.blocks, seq_len)
-            return TRAINED * (trunk + head_flops(c.vocab_size, c.n_embd))
+            return TRAINED * (trunk + head_flops(ctx.student))
 
         # No teacher: distill.alpha_kd is ignored, the objective is plain next-token CE.
         trained = StudentDistillation(

@@ -210,6 +210,11 @@ class SandwichDistillation(nn.Module):
 @register
 class MiniDisc(Method):
     name = "minidisc"
+    tensor_parallel = False
+    tensor_parallel_note = (
+        "its candidates are prefix sub-networks of shared weights (the first heads and neurons "
+        "of each block), which a split by heads over the ranks does not keep"
+    )
     section = ("minidisc", MiniDiscConfig)
 
     def __init__(self) -> None:
@@ -313,14 +318,12 @@ class MiniDisc(Method):
             fused=config.fused_loss,
             compute_dtype=ctx.compute_dtype,
         )
-        vocab, d = teacher.config.vocab_size, teacher.config.n_embd
-
         def flops_per_token(seq_len: int) -> float:
-            frozen = forward_flops(teacher.blocks, seq_len) + head_flops(vocab, d)
+            frozen = forward_flops(teacher.blocks, seq_len) + head_flops(teacher)
             # Per candidate: its prefix forward and backward, its head, and the teacher's head
             # inside the fused KD.
-            trained_ = sum(subnet_flops(ta, s, seq_len) + head_flops(vocab, d) for s in subnets)
-            return FROZEN * (frozen + len(subnets) * head_flops(vocab, d)) + TRAINED * trained_
+            trained_ = sum(subnet_flops(ta, s, seq_len) + head_flops(ta) for s in subnets)
+            return FROZEN * (frozen + len(subnets) * head_flops(teacher)) + TRAINED * trained_
 
         return Phase(
             name,

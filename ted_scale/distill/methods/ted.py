@@ -203,11 +203,9 @@ class TED(Method):
     # ------------------------------------------------------------------------- phases
     def _stage1(self, name: str, ctx: MethodContext, model: GPT, layers: list[int]) -> Phase:
         bank = self._new_filters(ctx, model, layers)
-        vocab, d = model.config.vocab_size, model.config.n_embd
-
         def flops_per_token(seq_len: int) -> float:
             trunk = forward_flops(model.blocks[: max(layers) + 1], seq_len)
-            trained = forward_flops(bank, seq_len) + len(layers) * head_flops(vocab, d)
+            trained = forward_flops(bank, seq_len) + len(layers) * head_flops(model)
             return FROZEN * trunk + TRAINED * trained
 
         def finish() -> None:
@@ -255,15 +253,14 @@ class TED(Method):
             with_top=alpha_kd > 0 or self.normed_filter_outputs,
         )
         trained = ctx.distillation(layer_modules=student_filters, layer_distance=distance)
-        vocab, d_s, d_t = student.config.vocab_size, student.config.n_embd, teacher.config.n_embd
         k = len(student_filters.filters)
 
         def flops_per_token(seq_len: int) -> float:
             frozen = forward_flops(teacher_filters, seq_len)
             trained_ = forward_flops(student_filters, seq_len)
             if self.normed_filter_outputs:
-                frozen += k * head_flops(vocab, d_t)
-                trained_ += k * head_flops(vocab, d_s)
+                frozen += k * head_flops(teacher)
+                trained_ += k * head_flops(student)
             return (
                 student_flops(ctx, seq_len, kd=alpha_kd > 0) + FROZEN * frozen + TRAINED * trained_
             )

@@ -1,0 +1,179 @@
+"""Megatron-style tensor parallelism applied to a ``GPT`` by one function (docs/design.md, "Tensor
+parallelism"), with DeepSpeed AutoTP's training layers doing the sharding and the collectives:
+
+- ``attn.qkv_proj`` column-parallel by heads: its rows are reordered rank-major
+  ([q_0; k_0; v_0; q_1; k_1; v_1; ...]) before the even split, so that rank r holds
+  [q_r; k_r; v_r] for its own heads, which is what ``CausalSelfAttention`` reads off its output;
+- ``attn.out_proj`` and ``mlp.down_proj`` row-parallel (all-reduce after the matmul);
+- ``mlp.up_proj`` column-parallel;
+- ``wte`` (and with it the tied LM head) vocabulary-parallel, the vocabulary padded to a multiple
+  of 128 x tp as Megatron does; the losses keep the padded ids out (``kernels.VocabShard``);
+- LayerNorms and the position embedding replicated.
+
+``gathered_state`` undoes all of it: the unsharded state of the original model, for export and
+for comparing layouts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ted_scale.kernels.vocab_parallel import VocabShard
+from ted_scale.model.gpt import GPT, GPTConfig
+from ted_scale.parallel.dims import ParallelDims, ParallelLayoutError, zero3_gathered_state
+
+VOCAB_MULTIPLE = 128
+"""The vocabulary is padded to a multiple of this times the tensor-parallel size (Megatron's
+``make-vocab-size-divisible-by``), so every rank's shard has the same, aligned size."""
+
+# Each block's projection -> how it is split: column-parallel ("qkv": by heads, rank-major),
+# row-parallel ("row": input features, all-reduce after).
+_LAYOUTS = {
+    "attn.qkv_proj": "qkv",
+    "attn.out_proj": "row",
+    "mlp.up_proj": "column",
+    "mlp.down_proj": "row",
+}
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
+    """The vocabulary rounded up to a multiple of ``VOCAB_MULTIPLE * tp_size``."""
+    multiple = VOCAB_MULTIPLE * tp_size
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+def check_shardable(config: GPTConfig, tp_size: int, role: str) -> None:
+    """Raise ParallelLayoutError naming the model, block and width that ``tp_size`` does not
+    divide (heads and FFN width; the vocabulary is padded instead)."""
+    for layer, (heads, inner) in enumerate(zip(config.layer_heads, config.layer_inner, strict=True)):
+        for what, n in (("attention heads", heads), ("FFN width", inner)):
+            if n % tp_size:
+                raise ParallelLayoutError(
+                    f"parallel.tensor_parallel_size={tp_size} does not divide the {role}'s "
+                    f"{what} in block {layer} ({n}): Megatron's scheme splits whole heads and "
+                    "neurons over the ranks (the vocabulary is padded, heads and FFN width are "
+                    "not); choose a tensor-parallel size that divides them"
+                )
+
+
+def vocab_shard_of(head_weight: Tensor) -> VocabShard | None:
+    """The vocabulary partition of an LM-head weight, or None when it is not sharded."""
+    return getattr(head_weight, "vocab_shard", None)
+
+
+def tensor_parallel_group(model: nn.Module) -> dist.ProcessGroup | None:
+    """The group ``model`` is sharded over, or None."""
+    return getattr(model, "tp_group", None)
+
+
+def tensor_parallel_mean(local: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """The mean over the group of a per-rank scalar (a loss over this rank's heads), with the
+    gradient of that mean reaching each rank's own term (sum forward, identity backward)."""
+    if group is None:
+        return local
+    from deepspeed.module_inject.layers import RowParallel
+
+    return RowParallel.apply(group, local / dist.get_world_size(group), False)
+
+
+def parallelize_gpt(model: GPT, dims: ParallelDims, role: str) -> None:
+    """Shard ``model`` in place over ``dims.tp_group`` (nothing to do at tp = 1).
+
+    Every rank of the group must hold the same full weights on entry (same seed or same
+    checkpoint); each keeps its shards on ``dims.device``.
+    """
+    if dims.tp_size == 1:
+        return
+    from deepspeed.module_inject.layers import (
+        LinearAllreduce,
+        LinearLayer,
+        VocabParallelEmbedding,
+        set_autotp_mode,
+    )
+
+    check_shardable(model.config, dims.tp_size, role)
+    set_autotp_mode(training=True)  # all-reduces with autograd (the frozen teacher is harmless)
+    group, tp = dims.tp_group, dims.tp_size
+    frozen = not any(p.requires_grad for p in model.parameters())
+    for block in model.blocks:
+        _reorder_rank_major(block.attn.qkv_proj, tp)
+        for name, layout in _LAYOUTS.items():
+            parent, attr = _resolve(block, name)
+            layer = (LinearAllreduce if layout == "row" else LinearLayer)(getattr(parent, attr), group)
+            layer.tp_layout = layout
+            setattr(parent, attr, layer)
+    vocab = model.config.vocab_size
+    padded = nn.Embedding(padded_vocab_size(vocab, tp), model.config.n_embd)
+    with torch.no_grad():
+        padded.weight.zero_()
+        padded.weight[:vocab] = model.wte.weight
+    model.wte = VocabParallelEmbedding(padded.to(model.wte.weight.device), group)
+    model.wte.tp_layout = "vocab"
+    model.wte.vocab_shard = model.wte.weight.vocab_shard = VocabShard(
+        group=group, start=model.wte.vocab_start_index, vocab_size=vocab
+    )
+    model.tp_group = group
+    model.requires_grad_(not frozen)
+
+
+def _resolve(block: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    parent, _, attr = dotted.rpartition(".")
+    return block.get_submodule(parent), attr
+
+
+def _qkv_order(n_rows: int, tp: int) -> Tensor:
+    """Row order taking [q; k; v] (each ``n_rows / 3`` rows, head by head) to rank-major
+    [q_0; k_0; v_0; q_1; ...], where part r holds 1/tp of each of q, k and v."""
+    per_rank = n_rows // 3 // tp
+    return torch.arange(n_rows).view(3, tp, per_rank).transpose(0, 1).reshape(-1)
+
+
+@torch.no_grad()
+def _reorder_rank_major(qkv: nn.Linear, tp: int) -> None:
+    order = _qkv_order(qkv.weight.shape[0], tp).to(qkv.weight.device)
+    qkv.weight.copy_(qkv.weight[order])
+    qkv.bias.copy_(qkv.bias[order])
+
+
+def _gather(shard: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
+    parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, shard.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+@torch.no_grad()
+def gathered_state(module: nn.Module) -> dict[str, Tensor]:
+    """The full (unsharded) state dict of ``module``, fp32 on the CPU, under the names of the
+    unsharded module: tensor-parallel shards and ZeRO-3 partitions gathered.
+
+    A collective over the tensor-parallel group (and under ZeRO-3 the world): every rank calls
+    it, every rank gets the whole state.
+    """
+    layouts = {
+        name: m for name, m in module.named_modules() if getattr(m, "tp_layout", None) is not None
+    }
+    if not layouts:
+        return zero3_gathered_state(module)
+    state = {}
+    for name, tensor in module.state_dict().items():
+        owner, _, kind = name.rpartition(".")
+        layer = layouts.get(owner)
+        state[name] = tensor if layer is None else _unshard(layer, kind, tensor)
+    return {k: v.detach().float().cpu().clone() for k, v in state.items()}
+
+
+def _unshard(layer: nn.Module, kind: str, tensor: Tensor) -> Tensor:
+    """The whole ``kind`` ("weight" or "bias") tensor of a sharded ``layer`` from its shards."""
+    group = layer.mp_group
+    if layer.tp_layout == "row":
+        return _gather(tensor, 1, group) if kind == "weight" else tensor  # the bias is replicated
+    full = _gather(tensor, 0, group)
+    if layer.tp_layout == "qkv":
+        return full[torch.argsort(_qkv_order(full.shape[0], layer.tp_world_size))]
+    if layer.tp_layout == "vocab":
+        return full[: layer.vocab_shard.vocab_size]
+    return full

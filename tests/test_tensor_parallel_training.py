@@ -1,0 +1,86 @@
+"""Every method that supports tensor parallelism trains the same at tp=2 (2 ranks) and at
+dp=2 x tp=2 (4 ranks, ZeRO-1) as in one process: losses, and the gathered, exported weights.
+A TP run killed after a checkpoint resumes to the uninterrupted losses; a checkpoint refuses
+another tensor-parallel size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from ranks import run_ranks
+from safetensors.torch import load_file
+
+from ted_scale.distill.methods import get_method, method_names
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+TP_METHODS = [m for m in method_names() if get_method(m).tensor_parallel]
+LAYOUTS = {"tp2": (2, 2), "dp2_tp2": (4, 2)}  # name -> (ranks, tensor_parallel_size)
+
+
+def _config_file(method: str) -> Path:
+    own = REPO / "configs" / f"tiny-{method.replace('_', '-')}.yaml"
+    return own if own.exists() else REPO / "configs" / "tiny-ted.yaml"
+
+
+def _train_methods(data: Path, root: Path, tp: int, methods: list[str]) -> None:
+    from ted_scale.config import load_run_config
+    from ted_scale.train.trainer import train
+
+    for method in methods:
+        config = load_run_config(
+            _config_file(method),
+            [
+                f"method={method}",
+                f"data.path={data}",
+                f"output_dir={root / method}",
+                f"parallel.tensor_parallel_size={tp}",
+                "stage1.max_steps=1",
+                "stage2.max_steps=3",
+                "batch.global_batch_size=4",
+                "batch.micro_batch_size=2",
+                "log.interval=1",
+                "checkpoint.interval=0",
+                "eval.interval=0",
+                "deepspeed.zero_stage=1",
+            ],
+        )
+        train(config)
+
+
+def _losses(run: Path) -> list[dict]:
+    rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [
+        {k: v for k, v in r.items() if k == "stage" or k == "step" or k.startswith("loss")}
+        for r in rows
+        if "loss" in r
+    ]
+
+
+@pytest.fixture(scope="module")
+def single_process(tiny_data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tp1")
+    run_ranks(_train_methods, 1, tiny_data, root, 1, TP_METHODS)
+    return root
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_method_trains_the_same_as_one_process(layout, single_process, tiny_data, tmp_path):
+    ranks, tp = LAYOUTS[layout]
+    run_ranks(_train_methods, ranks, tiny_data, tmp_path, tp, TP_METHODS)
+    for method in TP_METHODS:
+        want, got = _losses(single_process / method), _losses(tmp_path / method)
+        assert [(r["stage"], r["step"]) for r in got] == [(r["stage"], r["step"]) for r in want]
+        for g, w in zip(got, want, strict=True):
+            assert g.keys() == w.keys(), method
+            for key in w:
+                if key.startswith("loss"):
+                    assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (method, g, key)
+        want_w = load_file(single_process / method / "student_hf" / "model.safetensors")
+        got_w = load_file(tmp_path / method / "student_hf" / "model.safetensors")
+        assert got_w.keys() == want_w.keys()
+        for name, tensor in want_w.items():
+            torch.testing.assert_close(got_w[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
