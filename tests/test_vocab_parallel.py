@@ -1,0 +1,221 @@
+"""Vocabulary-parallel fused losses and scoring on two gloo CPU ranks against the unsharded ones.
+
+Each backend launches this file as a script on two ranks once (`_worker`): every rank builds the
+same inputs, holds its half of a head padded Megatron-style (random, large padding rows: they
+would dominate every softmax and argmax if they leaked in), runs CE, mixed CE, KL, CE + KD and
+mixed CE + KD sharded over both ranks and over a group of one (the whole padded head), and the
+unsharded functions on the true vocabulary; the tests compare what the ranks saved. The Triton
+ranks run under TRITON_INTERPRET=1 (CPU tensors).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from ted_scale.kernels import (
+    VocabShard,
+    fused_linear_ce_kd,
+    fused_linear_cross_entropy,
+    fused_linear_kl_div,
+    vocab_parallel_token_scores,
+)
+
+WORLD = 2
+# (true vocabulary, padded to a multiple of 128 x WORLD): padding whose rank-1 shard spans two
+# Triton blocks of 4096, none, and so much that rank 1 holds padding only.
+VOCABS = {"padded": (9000, 9216), "unpadded": (512, 512), "padding_rank": (100, 256)}
+SHAPE, D_STUDENT, D_TEACHER, CHUNK, T, KD_WEIGHT, MIX = (2, 7), 16, 24, 5, 2.0, 2.5, 0.7
+TOL = 1e-5
+LOSSES = ("ce", "ce_mix", "kl", "ce_kd", "ce_kd_mix")
+BACKENDS = [
+    "torch",
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="no triton"),
+    ),
+]
+
+
+def make_inputs(vocab: int, padded: int) -> dict[str, torch.Tensor]:
+    """The same inputs on every rank; padding rows of both heads random and 5x larger."""
+    g = torch.Generator().manual_seed(vocab)
+    weight = torch.randn(padded, D_STUDENT, generator=g) * 0.5
+    teacher_weight = torch.randn(padded, D_TEACHER, generator=g) * 0.5
+    weight[vocab:] *= 10
+    teacher_weight[vocab:] *= 10
+    targets = torch.randint(0, vocab, SHAPE, generator=g)
+    targets.view(-1)[::4] = -100
+    targets2 = targets.flip(0).clone()
+    targets2.view(-1)[1::5] = -100
+    return {
+        "hidden": torch.randn(*SHAPE, D_STUDENT, generator=g),
+        "weight": weight,
+        "targets": targets,
+        "targets2": targets2,
+        "teacher_hidden": torch.randn(*SHAPE, D_TEACHER, generator=g),
+        "teacher_weight": teacher_weight,
+    }
+
+
+def scoring_inputs(x: dict, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden rows [N, d] and targets [N]: the ignored ones replaced by the greedy prediction,
+    so that some rows are predicted right."""
+    hidden, targets = x["hidden"].view(-1, D_STUDENT), x["targets"].view(-1)
+    greedy = (hidden @ x["weight"][:vocab].T).argmax(dim=1)
+    return hidden, torch.where(targets != -100, targets, greedy)
+
+
+def run_losses(x: dict, weight, teacher_weight, **kw) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Each loss's returned values and (grad_hidden, grad_weight) for one head (full or shard)."""
+    out = {}
+    for name in LOSSES:
+        hidden = x["hidden"].clone().requires_grad_()
+        head = weight.clone().requires_grad_()
+        mixed = {"targets2": x["targets2"], "mix": MIX} if name.endswith("_mix") else {}
+        if name.startswith("ce_kd"):
+            values = fused_linear_ce_kd(
+                hidden, head, x["targets"], x["teacher_hidden"], teacher_weight,
+                temperature=T, kd_weight=KD_WEIGHT, **mixed, **kw,
+            )  # fmt: skip
+        elif name == "kl":
+            mask = x["targets"] != -100
+            values = (fused_linear_kl_div(hidden, head, x["teacher_hidden"], teacher_weight,
+                                          temperature=T, mask=mask, **kw),)  # fmt: skip
+        else:
+            values = (fused_linear_cross_entropy(hidden, head, x["targets"], **mixed, **kw),)
+        values[0].backward()
+        out[name] = (*(v.detach() for v in values), hidden.grad, head.grad)
+    return out
+
+
+def _worker(rank: int, port: int, backend: str, out: Path) -> None:
+    """One rank: saves {case/variant/loss/i: tensor} (grad_weight gathered over the group)."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    singles = [dist.new_group([r]) for r in range(WORLD)]  # every rank creates every group
+    saved = {}
+    for case, (vocab, padded) in VOCABS.items():
+        x = make_inputs(vocab, padded)
+        rows = padded // WORLD
+        part = slice(rank * rows, (rank + 1) * rows)
+        kw = {"chunk_size": CHUNK, "backend": backend}
+        shard = VocabShard(dist.group.WORLD, rank * rows, vocab)
+        single = VocabShard(singles[rank], 0, vocab)
+        variants = {
+            "sharded": run_losses(
+                x, x["weight"][part], x["teacher_weight"][part], shard=shard, **kw
+            ),
+            "single": run_losses(x, x["weight"], x["teacher_weight"], shard=single, **kw),
+            "unsharded": run_losses(x, x["weight"][:vocab], x["teacher_weight"][:vocab], **kw),
+        }
+        for values in variants["sharded"].values():  # grad_weight: the whole head's
+            parts = [torch.empty_like(values[-1]) for _ in range(WORLD)]
+            dist.all_gather(parts, values[-1])
+            values[-1].data = torch.cat(parts)
+        for variant, losses in variants.items():
+            for name, values in losses.items():
+                saved |= {f"{case}/{variant}/{name}/{i}": v for i, v in enumerate(values)}
+
+        hidden, targets = scoring_inputs(x, vocab)
+        nll, correct = vocab_parallel_token_scores(
+            hidden, x["weight"][part], targets, shard, chunk_rows=CHUNK
+        )
+        saved |= {f"{case}/scores/nll": nll, f"{case}/scores/correct": correct}
+    torch.save(saved, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def ranks(request, tmp_path_factory, subprocess_env) -> list[dict[str, torch.Tensor]]:
+    """What each of the two ranks saved, for one backend."""
+    backend, out, port = request.param, tmp_path_factory.mktemp("ranks"), _free_port()
+    env = {**subprocess_env, "TRITON_INTERPRET": "1"} if backend == "triton" else subprocess_env
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(rank), str(port), backend, str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(WORLD)
+    ]
+    logs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), "\n".join(logs)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def rel_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp(min=1e-30)).item()
+
+
+def values(saved: dict, case: str, variant: str, name: str) -> list[torch.Tensor]:
+    prefix = f"{case}/{variant}/{name}/"
+    return [saved[k] for k in sorted(k for k in saved if k.startswith(prefix))]
+
+
+@pytest.mark.parametrize("case", VOCABS)
+@pytest.mark.parametrize("name", LOSSES)
+def test_sharded_losses_and_grads_match_unsharded(ranks, case, name):
+    vocab, padded = VOCABS[case]
+    expected = values(ranks[0], case, "unsharded", name)
+    for saved in ranks:
+        for variant in ("sharded", "single"):
+            actual = values(saved, case, variant, name)
+            *losses, grad_hidden, grad_weight = actual
+            for loss, expected_loss in zip(losses, expected[:-2], strict=True):
+                assert rel_diff(loss, expected_loss) <= TOL, (variant, loss, expected_loss)
+            assert rel_diff(grad_hidden, expected[-2]) <= TOL, variant
+            assert grad_weight.shape == (padded, D_STUDENT)
+            assert rel_diff(grad_weight[:vocab], expected[-1]) <= TOL, variant
+            assert not grad_weight[vocab:].any(), "padding rows got a gradient"
+
+
+@pytest.mark.parametrize("case", VOCABS)
+def test_every_rank_returns_the_same_losses_and_hidden_grads(ranks, case):
+    for name in LOSSES:
+        rank0, rank1 = (values(saved, case, "sharded", name) for saved in ranks)
+        for a, b in zip(rank0[:-1], rank1[:-1], strict=True):  # losses and grad_hidden
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", VOCABS)
+def test_scores_match_full_head_scoring(ranks, case):
+    # Imported here, not in the rank processes that run this file (it costs them 6 s).
+    from ted_scale.eval.scoring import _rows_nll
+
+    vocab, padded = VOCABS[case]
+    x = make_inputs(vocab, padded)
+    hidden, targets = scoring_inputs(x, vocab)
+    expected_nll, expected_correct = _rows_nll(hidden @ x["weight"][:vocab].T, targets)
+    assert expected_correct.any() and not expected_correct.all()
+    for saved in ranks:
+        nll, correct = saved[f"{case}/scores/nll"], saved[f"{case}/scores/correct"]
+        assert nll.dtype == torch.float32 and correct.dtype == torch.bool
+        assert rel_diff(nll, expected_nll) <= TOL
+        assert torch.equal(correct, expected_correct)
+
+
+def test_shard_descriptor_rejects_a_negative_start():
+    with pytest.raises(ValueError, match="start"):
+        VocabShard(None, -1, 100)
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
