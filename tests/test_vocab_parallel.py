@@ -1,11 +1,11 @@
 """Vocabulary-parallel fused losses and scoring on two gloo CPU ranks against the unsharded ones.
 
-Each backend launches this file as a script on two ranks once (`_worker`): every rank builds the
-same inputs, holds its half of a head padded Megatron-style (random, large padding rows: they
-would dominate every softmax and argmax if they leaked in), runs CE, mixed CE, KL, CE + KD and
-mixed CE + KD sharded over both ranks and over a group of one (the whole padded head), and the
-unsharded functions on the true vocabulary; the tests compare what the ranks saved. The Triton
-ranks run under TRITON_INTERPRET=1 (CPU tensors).
+One launch runs this file as a script on two ranks (`_worker`, Triton under TRITON_INTERPRET=1 on
+CPU tensors): every rank builds the same inputs and holds its half of a head padded Megatron-style
+(random padding rows 10x larger: they would dominate every softmax and argmax if they leaked in),
+runs CE, mixed CE, KL, CE + KD and mixed CE + KD per backend sharded over both ranks, and rank 0
+the unsharded functions on the true vocabulary, rank 1 the sharded ones over a group of one (the
+whole padded head); the tests compare what the ranks saved.
 """
 
 from __future__ import annotations
@@ -31,20 +31,18 @@ WORLD = 2
 # (true vocabulary, padded to a multiple of 128 x WORLD): padding whose rank-1 shard spans two
 # Triton blocks of 4096, none, and so much that rank 1 holds padding only.
 VOCABS = {"padded": (9000, 9216), "unpadded": (512, 512), "padding_rank": (100, 256)}
-SHAPE, D_STUDENT, D_TEACHER, CHUNK, T, KD_WEIGHT, MIX = (2, 5), 16, 24, 4, 2.0, 2.5, 0.7
-TOL = 1e-5
+SHAPE, D_STUDENT, D_TEACHER, CHUNK, T, KD_WEIGHT, MIX = (2, 3), 16, 24, 4, 2.0, 2.5, 0.7
+TOL, BF16_TOL = 1e-5, 1e-2
 LOSSES = ("ce", "ce_mix", "kl", "ce_kd", "ce_kd_mix")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 BACKENDS = [
     "torch",
-    pytest.param(
-        "triton",
-        marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="no triton"),
-    ),
+    pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton")),
 ]
 
 
 def make_inputs(vocab: int, padded: int) -> dict[str, torch.Tensor]:
-    """The same inputs on every rank; padding rows of both heads random and 5x larger."""
+    """The same inputs on every rank; padding rows of both heads random and 10x larger."""
     g = torch.Generator().manual_seed(vocab)
     weight = torch.randn(padded, D_STUDENT, generator=g) * 0.5
     teacher_weight = torch.randn(padded, D_TEACHER, generator=g) * 0.5
@@ -95,8 +93,41 @@ def run_losses(x: dict, weight, teacher_weight, **kw) -> dict[str, tuple[torch.T
     return out
 
 
-def _worker(rank: int, port: int, backend: str, out: Path) -> None:
-    """One rank: saves {case/variant/loss/i: tensor}, sharded grad_weight gathered (whole head)."""
+def _rank_losses(rank: int, backend: str, case: str, single: dist.ProcessGroup) -> dict:
+    """{variant: run_losses(...)} of one case on this rank; sharded grad_weight gathered."""
+    vocab, padded = VOCABS[case]
+    x = make_inputs(vocab, padded)
+    rows = padded // WORLD
+    part = slice(rank * rows, (rank + 1) * rows)
+    kw = {"chunk_size": CHUNK, "backend": backend}
+    shard = VocabShard(dist.group.WORLD, rank * rows, vocab)
+    variants = {
+        "sharded": run_losses(x, x["weight"][part], x["teacher_weight"][part], shard=shard, **kw)
+    }
+    # Rank 0 computes the expected values, rank 1 the group of one (the whole padded head).
+    if rank == 0:
+        variants["unsharded"] = run_losses(
+            x, x["weight"][:vocab], x["teacher_weight"][:vocab], **kw
+        )
+    else:
+        whole = VocabShard(single, 0, vocab)
+        variants["single"] = run_losses(x, x["weight"], x["teacher_weight"], shard=whole, **kw)
+    if case == "padded":  # bf16 logits: the op's fp32 copies written back into the shard
+        x16 = {k: v.bfloat16() if v.is_floating_point() else v for k, v in x.items()}
+        heads = x16["weight"], x16["teacher_weight"]
+        variants["sharded_bf16"] = run_losses(x16, *(w[part] for w in heads), shard=shard, **kw)
+        if rank == 0:
+            variants["unsharded_bf16"] = run_losses(x16, *(w[:vocab] for w in heads), **kw)
+    for sharded in (v for k, v in variants.items() if k.startswith("sharded")):
+        for name, (*returned, grad_weight) in sharded.items():
+            parts = [torch.empty_like(grad_weight) for _ in range(WORLD)]
+            dist.all_gather(parts, grad_weight)
+            sharded[name] = (*returned, torch.cat(parts))
+    return variants
+
+
+def _worker(rank: int, port: int, backends: list[str], out: Path) -> None:
+    """One rank: saves {backend/case/variant/loss/i: tensor} and {case/scores/...}."""
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
@@ -104,35 +135,16 @@ def _worker(rank: int, port: int, backend: str, out: Path) -> None:
     singles = [dist.new_group([r]) for r in range(WORLD)]  # every rank creates every group
     saved = {}
     for case, (vocab, padded) in VOCABS.items():
-        x = make_inputs(vocab, padded)
-        rows = padded // WORLD
-        part = slice(rank * rows, (rank + 1) * rows)
-        kw = {"chunk_size": CHUNK, "backend": backend}
-        shard = VocabShard(dist.group.WORLD, rank * rows, vocab)
-        single = VocabShard(singles[rank], 0, vocab)
-        variants = {
-            "sharded": run_losses(
-                x, x["weight"][part], x["teacher_weight"][part], shard=shard, **kw
-            )
-        }
-        # Rank 0 computes the expected values, rank 1 the group of one (the whole padded head).
-        if rank == 0:
-            variants["unsharded"] = run_losses(
-                x, x["weight"][:vocab], x["teacher_weight"][:vocab], **kw
-            )
-        else:
-            variants["single"] = run_losses(x, x["weight"], x["teacher_weight"], shard=single, **kw)
-        for name, (*returned, grad_weight) in variants["sharded"].items():
-            parts = [torch.empty_like(grad_weight) for _ in range(WORLD)]
-            dist.all_gather(parts, grad_weight)
-            variants["sharded"][name] = (*returned, torch.cat(parts))
-        for variant, losses in variants.items():
-            for name, values in losses.items():
-                saved |= {f"{case}/{variant}/{name}/{i}": v for i, v in enumerate(values)}
-
+        for backend in backends:
+            for variant, losses in _rank_losses(rank, backend, case, singles[rank]).items():
+                for name, values in losses.items():
+                    prefix = f"{backend}/{case}/{variant}/{name}"
+                    saved |= {f"{prefix}/{i}": v for i, v in enumerate(values)}
+        x, rows = make_inputs(vocab, padded), padded // WORLD
         hidden, targets = scoring_inputs(x, vocab)
+        shard = VocabShard(dist.group.WORLD, rank * rows, vocab)
         nll, correct = vocab_parallel_token_scores(
-            hidden, x["weight"][part], targets, shard, chunk_rows=CHUNK
+            hidden, x["weight"][rank * rows : (rank + 1) * rows], targets, shard, chunk_rows=CHUNK
         )
         saved |= {f"{case}/scores/nll": nll, f"{case}/scores/correct": correct}
     torch.save(saved, out / f"rank{rank}.pt")
@@ -145,15 +157,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def ranks(request, tmp_path_factory, subprocess_env) -> list[dict[str, torch.Tensor]]:
-    """What each of the two ranks saved, for one backend."""
-    backend, out, port = request.param, tmp_path_factory.mktemp("ranks"), _free_port()
-    env = {**subprocess_env, "TRITON_INTERPRET": "1"} if backend == "triton" else subprocess_env
+@pytest.fixture(scope="module")
+def all_ranks(tmp_path_factory, subprocess_env) -> list[dict[str, torch.Tensor]]:
+    """What each of the two ranks saved (one launch for both backends: Triton interpreted)."""
+    out, port = tmp_path_factory.mktemp("ranks"), _free_port()
+    backends = ",".join(["torch"] + (["triton"] if HAS_TRITON else []))
     procs = [
         subprocess.Popen(
-            [sys.executable, __file__, str(rank), str(port), backend, str(out)],
-            env=env,
+            [sys.executable, __file__, str(rank), str(port), backends, str(out)],
+            env={**subprocess_env, "TRITON_INTERPRET": "1"},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -163,6 +175,13 @@ def ranks(request, tmp_path_factory, subprocess_env) -> list[dict[str, torch.Ten
     logs = [proc.communicate(timeout=300)[0] for proc in procs]
     assert all(proc.returncode == 0 for proc in procs), "\n".join(logs)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+@pytest.fixture(params=BACKENDS)
+def ranks(request, all_ranks) -> list[dict[str, torch.Tensor]]:
+    """Each rank's loss results for one backend, keyed case/variant/loss/i."""
+    prefix = f"{request.param}/"
+    return [{k.removeprefix(prefix): v for k, v in saved.items()} for saved in all_ranks]
 
 
 def rel_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -191,6 +210,20 @@ def test_sharded_losses_and_grads_match_unsharded(ranks, case, name):
         assert not grad_weight[vocab:].any(), "padding rows got a gradient"
 
 
+@pytest.mark.parametrize("name", LOSSES)
+def test_bf16_sharded_losses_and_grads_match_unsharded(ranks, name):
+    vocab = VOCABS["padded"][0]
+    expected = values(ranks[0], "padded", "unsharded_bf16", name)
+    for saved in ranks:
+        *losses, grad_hidden, grad_weight = values(saved, "padded", "sharded_bf16", name)
+        assert all(loss.dtype == torch.float32 for loss in losses)
+        assert grad_hidden.dtype == grad_weight.dtype == torch.bfloat16
+        for actual, wanted in zip([*losses, grad_hidden], expected[:-1], strict=True):
+            assert rel_diff(actual, wanted) <= BF16_TOL
+        assert rel_diff(grad_weight[:vocab], expected[-1]) <= BF16_TOL
+        assert not grad_weight[vocab:].any(), "padding rows got a gradient"
+
+
 @pytest.mark.parametrize("case", VOCABS)
 def test_every_rank_returns_the_same_losses_and_hidden_grads(ranks, case):
     for name in LOSSES:
@@ -200,7 +233,7 @@ def test_every_rank_returns_the_same_losses_and_hidden_grads(ranks, case):
 
 
 @pytest.mark.parametrize("case", VOCABS)
-def test_scores_match_full_head_scoring(ranks, case):
+def test_scores_match_full_head_scoring(all_ranks, case):
     # Imported here, not in the rank processes that run this file (it costs them 6 s).
     from ted_scale.eval.scoring import _rows_nll
 
@@ -209,7 +242,7 @@ def test_scores_match_full_head_scoring(ranks, case):
     hidden, targets = scoring_inputs(x, vocab)
     expected_nll, expected_correct = _rows_nll(hidden @ x["weight"][:vocab].T, targets)
     assert expected_correct.any() and not expected_correct.all()
-    for saved in ranks:
+    for saved in all_ranks:
         nll, correct = saved[f"{case}/scores/nll"], saved[f"{case}/scores/correct"]
         assert nll.dtype == torch.float32 and correct.dtype == torch.bool
         assert rel_diff(nll, expected_nll) <= TOL
@@ -222,4 +255,4 @@ def test_shard_descriptor_rejects_a_negative_start():
 
 
 if __name__ == "__main__":
-    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(","), Path(sys.argv[4]))
