@@ -282,6 +282,15 @@ def _check_tokens(hidden: Tensor, *per_token: Tensor | None) -> None:
             raise ValueError(f"expected {n} per-token values to match hidden {tuple(hidden.shape)}")
 
 
+def _check_heads(student_weight: Tensor, teacher_weight: Tensor) -> None:
+    """Raises unless both heads have one row per vocabulary id (of the same shard)."""
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"teacher_weight has {teacher_weight.shape[0]} vocabulary rows, student_weight "
+            f"{student_weight.shape[0]}: both heads must cover the same (shard of the) vocabulary"
+        )
+
+
 def fused_linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -353,6 +362,7 @@ def fused_linear_kl_div(
     Returns: fp32 scalar; 0 with zero gradients when the mask keeps nothing.
     """
     _check_tokens(student_hidden, teacher_hidden[..., 0], mask)
+    _check_heads(student_weight, teacher_weight)
     return _LinearKLDiv.apply(
         _rows(student_hidden),
         student_weight,
@@ -393,6 +403,7 @@ def fused_linear_ce_kd(
     Returns: (loss, ce, kd) fp32 scalars; only loss is differentiable.
     """
     _check_tokens(student_hidden, targets, teacher_hidden[..., 0], targets2)
+    _check_heads(student_weight, teacher_weight)
     return _LinearCrossEntropyKLDiv.apply(
         _rows(student_hidden),
         student_weight,

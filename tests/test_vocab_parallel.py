@@ -254,5 +254,15 @@ def test_shard_descriptor_rejects_a_negative_start():
         VocabShard(None, -1, 100)
 
 
+def test_heads_of_different_vocabulary_rows_are_refused_by_name():
+    x = make_inputs(*VOCABS["unpadded"])
+    with pytest.raises(
+        ValueError, match="teacher_weight has 256 vocabulary rows, student_weight 512"
+    ):
+        fused_linear_kl_div(
+            x["hidden"], x["weight"], x["teacher_hidden"], x["teacher_weight"][:256], temperature=T
+        )
+
+
 if __name__ == "__main__":
     _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(","), Path(sys.argv[4]))
