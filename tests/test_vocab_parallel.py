@@ -249,6 +249,47 @@ def test_scores_match_full_head_scoring(all_ranks, case):
         assert torch.equal(correct, expected_correct)
 
 
+def split_ops_agree(device: str, n: int, vocab: int, dtype: torch.dtype) -> None:
+    """triton_ops' statistics and gradient passes equal reference's on one shard's logits [n, V],
+    for CE (two targets per row, some in another shard: -1), KD and both."""
+    from ted_scale.kernels import reference, triton_ops
+
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = (torch.randn(n, vocab, device=device, generator=g) * 3).to(dtype)
+    teacher = (torch.randn(n, vocab, device=device, generator=g) * 3).to(dtype)
+    targets = torch.randint(-1, vocab, (n, 2), device=device, generator=g)
+    weights = torch.rand(n, 2, device=device, generator=g)
+    kd_scale = torch.rand(n, device=device, generator=g)
+    lse = torch.stack(  # as if this shard were the whole vocabulary
+        [
+            torch.logsumexp(z.float() / s, dim=1)
+            for z, s in ((logits, 1), (logits, T), (teacher, T))
+        ],
+        dim=1,
+    )
+    tol = TOL if dtype == torch.float32 else BF16_TOL
+    for ce, kd in ((True, False), (False, True), (True, True)):
+        ce_args = (targets, weights) if ce else (None, None)
+        stats = [
+            ops.shard_stats(logits, *ce_args, teacher if kd else None, T)
+            for ops in (triton_ops, reference)
+        ]
+        assert stats[0].shape == stats[1].shape == (n, 3 * ce + 5 * kd)
+        torch.testing.assert_close(stats[0], stats[1], rtol=TOL, atol=TOL)
+        grads = []
+        for ops in (triton_ops, reference):
+            grad, scratch = logits.clone(), teacher.clone() if kd else None
+            ops.shard_grad_(grad, *ce_args, lse, scratch, kd_scale if kd else None, T)
+            grads.append(grad)
+        assert rel_diff(grads[0], grads[1]) <= tol
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_split_ops_match_reference_on_cuda_at_a_gpt2_shard(dtype):
+    split_ops_agree("cuda", 300, 50_304 // 2, dtype)  # GPT-2's padded vocabulary over TP = 2
+
+
 def test_shard_descriptor_rejects_a_negative_start():
     with pytest.raises(ValueError, match="start"):
         VocabShard(None, -1, 100)
