@@ -1,4 +1,5 @@
-"""Fused loss kernels: chunked LM-head cross-entropy and distillation KL (Triton + PyTorch)."""
+"""Fused loss kernels: chunked LM-head cross-entropy and distillation KL (Triton + PyTorch),
+whole or over a vocabulary-parallel head."""
 
 from .linear_losses import (
     CHUNK_ELEMENTS,
@@ -7,11 +8,14 @@ from .linear_losses import (
     fused_linear_cross_entropy,
     fused_linear_kl_div,
 )
+from .vocab_parallel import VocabShard, vocab_parallel_token_scores
 
 __all__ = [
     "CHUNK_ELEMENTS",
+    "VocabShard",
     "default_chunk_size",
     "fused_linear_ce_kd",
     "fused_linear_cross_entropy",
     "fused_linear_kl_div",
+    "vocab_parallel_token_scores",
 ]

@@ -9,6 +9,10 @@ fp32 grad_weight accumulator when the weight is trained.
 
 Matmuls run in the hidden states' dtype (a weight of another dtype is cast once); losses are
 accumulated in fp32 and returned as fp32 scalars; gradients come back in the inputs' dtypes.
+
+With a `VocabShard` the weights are one rank's vocabulary rows: the chunk op becomes
+`vocab_parallel.shard_chunk_` (statistics, one all-gather, gradient) and grad_hidden is summed
+over the tensor-parallel group, so it is the full gradient of the replicated hidden states.
 """
 
 from collections.abc import Callable
@@ -16,9 +20,11 @@ from types import ModuleType
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from . import reference
+from .vocab_parallel import VocabShard, shard_chunk_
 
 # Default chunk: the largest power-of-two row count whose logits hold <= 2^24 elements
 # (256 rows for GPT-2's V = 50,257: 51 MB in fp32). Big enough to keep the matmuls efficient,
@@ -131,12 +137,18 @@ def _run_chunks(
     chunk_size: int | None,
     chunk_op: ChunkOp,
     teacher: tuple[Tensor, Tensor] | None = None,
+    shard: VocabShard | None = None,
 ) -> None:
-    """Computes the student gradients chunk by chunk and saves them for backward."""
+    """Computes the student gradients chunk by chunk and saves them for backward; with a shard,
+    grad_hidden summed over its group (each rank's holds its vocabulary rows' share)."""
     chunk_size = chunk_size or default_chunk_size(weight.shape[0])
     with torch.autocast(hidden.device.type, enabled=False):
-        grads = _chunked_linear_grads(hidden, weight, chunk_size, chunk_op, teacher)
-    ctx.save_for_backward(*grads)
+        grad_hidden, grad_weight = _chunked_linear_grads(
+            hidden, weight, chunk_size, chunk_op, teacher
+        )
+    if shard is not None:
+        dist.all_reduce(grad_hidden, group=shard.group)
+    ctx.save_for_backward(grad_hidden, grad_weight)
 
 
 def _scaled_grads(ctx, grad_output: Tensor, num_inputs: int) -> tuple[Tensor | None, ...]:
@@ -148,26 +160,42 @@ def _scaled_grads(ctx, grad_output: Tensor, num_inputs: int) -> tuple[Tensor | N
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, targets2, mix, ignore_index, chunk_size, backend):
+    def forward(
+        ctx, hidden, weight, targets, targets2, mix, ignore_index, chunk_size, backend, shard
+    ):
         ops = _chunk_ops(backend, hidden.device)
         safe_targets, ce_weight, _ = _ce_targets(targets, targets2, mix, ignore_index)
         loss_rows = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
 
         def chunk_op(rows: slice, logits: Tensor, _: None) -> None:
-            loss_rows[rows] = ops.cross_entropy_(logits, safe_targets[rows], ce_weight[rows])
+            if shard is None:
+                loss_rows[rows] = ops.cross_entropy_(logits, safe_targets[rows], ce_weight[rows])
+            else:
+                loss_rows[rows] = shard_chunk_(
+                    ops, shard, logits, safe_targets[rows], ce_weight[rows]
+                )[0]
 
-        _run_chunks(ctx, hidden, weight, chunk_size, chunk_op)
+        _run_chunks(ctx, hidden, weight, chunk_size, chunk_op, shard=shard)
         return loss_rows.sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return _scaled_grads(ctx, grad_loss, 8)
+        return _scaled_grads(ctx, grad_loss, 9)
 
 
 class _LinearKLDiv(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden, weight, teacher_hidden, teacher_weight, temperature, mask, chunk_size, backend
+        ctx,
+        hidden,
+        weight,
+        teacher_hidden,
+        teacher_weight,
+        temperature,
+        mask,
+        chunk_size,
+        backend,
+        shard,
     ):
         ops = _chunk_ops(backend, hidden.device)
         n = hidden.shape[0]
@@ -177,14 +205,21 @@ class _LinearKLDiv(torch.autograd.Function):
         loss_rows = torch.empty(n, dtype=torch.float32, device=hidden.device)
 
         def chunk_op(rows: slice, logits: Tensor, teacher_logits: Tensor) -> None:
-            loss_rows[rows] = ops.kl_div_(logits, teacher_logits, row_weight[rows], temperature)
+            if shard is None:
+                loss_rows[rows] = ops.kl_div_(logits, teacher_logits, row_weight[rows], temperature)
+            else:
+                loss_rows[rows] = shard_chunk_(
+                    ops, shard, logits, teacher_logits=teacher_logits,
+                    kd_row_weight=row_weight[rows], temperature=temperature,
+                )[1]  # fmt: skip
 
-        _run_chunks(ctx, hidden, weight, chunk_size, chunk_op, (teacher_hidden, teacher_weight))
+        teacher = (teacher_hidden, teacher_weight)
+        _run_chunks(ctx, hidden, weight, chunk_size, chunk_op, teacher, shard)
         return loss_rows.sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return _scaled_grads(ctx, grad_loss, 8)
+        return _scaled_grads(ctx, grad_loss, 9)
 
 
 class _LinearCrossEntropyKLDiv(torch.autograd.Function):
@@ -203,6 +238,7 @@ class _LinearCrossEntropyKLDiv(torch.autograd.Function):
         ignore_index,
         chunk_size,
         backend,
+        shard,
     ):
         ops = _chunk_ops(backend, hidden.device)
         # KD averages over the rows the (first) targets keep.
@@ -212,19 +248,26 @@ class _LinearCrossEntropyKLDiv(torch.autograd.Function):
         kd_rows = torch.empty_like(ce_rows)
 
         def chunk_op(rows: slice, logits: Tensor, teacher_logits: Tensor) -> None:
-            ce_rows[rows], kd_rows[rows] = ops.cross_entropy_kl_div_(
-                logits, teacher_logits, safe_targets[rows], row_weight[rows], temperature,
-                kd_weight, ce_weight[rows],
-            )  # fmt: skip
+            if shard is None:
+                ce_rows[rows], kd_rows[rows] = ops.cross_entropy_kl_div_(
+                    logits, teacher_logits, safe_targets[rows], row_weight[rows], temperature,
+                    kd_weight, ce_weight[rows],
+                )  # fmt: skip
+            else:
+                ce_rows[rows], kd_rows[rows] = shard_chunk_(
+                    ops, shard, logits, safe_targets[rows], ce_weight[rows], teacher_logits,
+                    row_weight[rows], temperature, kd_weight,
+                )  # fmt: skip
 
-        _run_chunks(ctx, hidden, weight, chunk_size, chunk_op, (teacher_hidden, teacher_weight))
+        teacher = (teacher_hidden, teacher_weight)
+        _run_chunks(ctx, hidden, weight, chunk_size, chunk_op, teacher, shard)
         ce, kd = ce_rows.sum(), kd_rows.sum()
         ctx.mark_non_differentiable(ce, kd)
         return ce + kd_weight * kd, ce, kd
 
     @staticmethod
     def backward(ctx, grad_loss, grad_ce, grad_kd):
-        return _scaled_grads(ctx, grad_loss, 12)
+        return _scaled_grads(ctx, grad_loss, 13)
 
 
 def _rows(hidden: Tensor) -> Tensor:
@@ -239,6 +282,15 @@ def _check_tokens(hidden: Tensor, *per_token: Tensor | None) -> None:
             raise ValueError(f"expected {n} per-token values to match hidden {tuple(hidden.shape)}")
 
 
+def _check_heads(student_weight: Tensor, teacher_weight: Tensor) -> None:
+    """Raises unless both heads have one row per vocabulary id (of the same shard)."""
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"teacher_weight has {teacher_weight.shape[0]} vocabulary rows, student_weight "
+            f"{student_weight.shape[0]}: both heads must cover the same (shard of the) vocabulary"
+        )
+
+
 def fused_linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -249,6 +301,7 @@ def fused_linear_cross_entropy(
     mix: float = 1.0,
     chunk_size: int | None = None,
     backend: Backend = "auto",
+    shard: VocabShard | None = None,
 ) -> Tensor:
     """Mean cross-entropy of hidden @ weight.T over targets != ignore_index, chunked.
 
@@ -261,6 +314,10 @@ def fused_linear_cross_entropy(
             the same logits.
         chunk_size: rows per logits chunk (default `default_chunk_size(V)`).
         backend: "auto" (Triton for CUDA tensors), "triton" or "torch" per-chunk ops.
+        shard: weight is this rank's vocabulary rows (`VocabShard`): the loss over the whole
+            (unpadded) vocabulary, the same on every rank of shard.group, without full-vocabulary
+            logits; grad_hidden is the full gradient (summed over the group), weight's gradient
+            this shard's (0 on padding rows).
     Returns: fp32 scalar; 0 with zero gradients when no target is kept.
     """
     _check_tokens(hidden, targets, targets2)
@@ -273,6 +330,7 @@ def fused_linear_cross_entropy(
         ignore_index,
         chunk_size,
         backend,
+        shard,
     )
 
 
@@ -286,6 +344,7 @@ def fused_linear_kl_div(
     mask: Tensor | None = None,
     chunk_size: int | None = None,
     backend: Backend = "auto",
+    shard: VocabShard | None = None,
 ) -> Tensor:
     """Mean over (masked) tokens of KL(softmax(z_t/T) || softmax(z_s/T)) * T^2, chunked.
 
@@ -296,9 +355,14 @@ def fused_linear_kl_div(
         teacher_hidden: [..., dt]; teacher_weight: [V, dt]. No gradient; may be inference tensors
             and of another dtype than the student.
         mask: [...] bool, tokens to average over (default: all).
+        shard: both weights are this rank's vocabulary rows (`VocabShard`): the loss over the whole
+            (unpadded) vocabulary, the same on every rank of shard.group, without full-vocabulary
+            logits; grad_hidden is the full gradient (summed over the group), weight's gradient
+            this shard's (0 on padding rows).
     Returns: fp32 scalar; 0 with zero gradients when the mask keeps nothing.
     """
     _check_tokens(student_hidden, teacher_hidden[..., 0], mask)
+    _check_heads(student_weight, teacher_weight)
     return _LinearKLDiv.apply(
         _rows(student_hidden),
         student_weight,
@@ -308,6 +372,7 @@ def fused_linear_kl_div(
         None if mask is None else mask.reshape(-1),
         chunk_size,
         backend,
+        shard,
     )
 
 
@@ -325,17 +390,20 @@ def fused_linear_ce_kd(
     mix: float = 1.0,
     chunk_size: int | None = None,
     backend: Backend = "auto",
+    shard: VocabShard | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Stage II's CE + kd_weight * KD with one student logits matmul per chunk.
 
     Both terms are means over the tokens whose target != ignore_index (KD skips ignored tokens
     too). With targets2, CE is mix * CE(targets) + (1 - mix) * CE(targets2) as in
-    `fused_linear_cross_entropy` (KD still over the first targets' tokens). Shapes as in
-    `fused_linear_cross_entropy` and `fused_linear_kl_div`.
+    `fused_linear_cross_entropy` (KD still over the first targets' tokens). Shapes and shard
+    (student and teacher weights split alike) as in `fused_linear_cross_entropy` and
+    `fused_linear_kl_div`.
 
     Returns: (loss, ce, kd) fp32 scalars; only loss is differentiable.
     """
     _check_tokens(student_hidden, targets, teacher_hidden[..., 0], targets2)
+    _check_heads(student_weight, teacher_weight)
     return _LinearCrossEntropyKLDiv.apply(
         _rows(student_hidden),
         student_weight,
@@ -349,4 +417,5 @@ def fused_linear_ce_kd(
         ignore_index,
         chunk_size,
         backend,
+        shard,
     )

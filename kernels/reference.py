@@ -38,16 +38,26 @@ def _blocks(n: int, vocab: int) -> Iterator[slice]:
         yield slice(start, start + rows)
 
 
-def _exp_rows_(x: Tensor, scale: float, out: Tensor) -> tuple[Tensor, Tensor]:
+def _max_exp_rows_(x: Tensor, scale: float, out: Tensor) -> tuple[Tensor, Tensor]:
     """out = exp(scale * (x - max x)) per row of x [b, V] (out may be x); scale > 0.
 
-    Returns (logsumexp(scale * x), sum of out) [b, 1]. Uses exp2 on pre-scaled arguments: on CPU
+    Returns (scale * max x, sum of out) [b, 1]. Uses exp2 on pre-scaled arguments: on CPU
     torch's exp goes through a vector math library path about 3x slower than exp2.
     """
     m = x.amax(dim=-1, keepdim=True)
     torch.add(m * (-scale * LOG2E), x, alpha=scale * LOG2E, out=out).exp2_()
-    total = out.sum(dim=-1, keepdim=True)
-    return m * scale + total.log(), total
+    return m * scale, out.sum(dim=-1, keepdim=True)
+
+
+def _exp_rows_(x: Tensor, scale: float, out: Tensor) -> tuple[Tensor, Tensor]:
+    """As `_max_exp_rows_`, returning (logsumexp(scale * x), sum of out) [b, 1]."""
+    scaled_max, total = _max_exp_rows_(x, scale, out)
+    return scaled_max + total.log(), total
+
+
+def _softmax_rows_(x: Tensor, scale: float, lse: Tensor, out: Tensor) -> Tensor:
+    """out = exp(scale * x - lse) for x [b, V] and a given lse [b, 1] (out may be x)."""
+    return torch.add(lse * -LOG2E, x, alpha=scale * LOG2E, out=out).exp2_()
 
 
 def _per_target(targets: Tensor, weights: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
@@ -179,3 +189,125 @@ def cross_entropy_kl_div_(
     return _kd_chunk_(
         logits, teacher_logits, targets, ce_weight, row_weight, temperature, kd_weight
     )
+
+
+# The vocabulary-parallel split of the ops above (`vocab_parallel.py`, docs/design.md
+# "Vocabulary-parallel losses"): a statistics pass over one shard's logits, the TP group's
+# reduction, then a gradient pass with the global log-sum-exps. In the split ops targets are
+# column ids of the shard, or -1 where a row's target lies in another shard.
+CE_STATS = 3  # max x, sum exp(x - max x), sum_j w_j x[t_j] over the targets in this shard
+KD_STATS = 5  # max a, sum exp(a - max a), max b, sum e_b, sum e_b * (b - a); e_b = exp(b - max b)
+
+
+def stats_width(with_ce: bool, with_kd: bool) -> int:
+    """Columns of `shard_stats`: the CE statistics first, then the KD ones."""
+    return CE_STATS * with_ce + KD_STATS * with_kd
+
+
+def _in_shard(targets: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """(targets [b, k] clamped into the shard, weights [b, k] zeroed for targets outside it)."""
+    inside = targets >= 0
+    return targets.clamp(min=0), torch.where(inside, weights, 0.0)
+
+
+def _shard_stats_block(
+    x: Tensor, t: Tensor | None, scratch: Tensor, targets: Tensor | None, w: Tensor | None,
+    inv_t: float,
+) -> Tensor:  # fmt: skip
+    """`shard_stats` of fp32 logits x [b, V] (and teacher t [b, V]); scratch [2, b, V]."""
+    parts = []
+    if targets is not None:
+        scaled_max, total = _max_exp_rows_(x, 1.0, scratch[0])
+        index, w_in = _in_shard(targets, w)
+        parts += [scaled_max, total, (w_in * x.gather(1, index)).sum(dim=1, keepdim=True)]
+    if t is not None:
+        parts += _max_exp_rows_(x, inv_t, scratch[0])
+        max_b, total_b = _max_exp_rows_(t, inv_t, scratch[1])
+        cross = torch.sub(t, x, out=scratch[0]).mul_(scratch[1]).sum(dim=-1, keepdim=True)
+        parts += [max_b, total_b, cross * inv_t]
+    return torch.cat(parts, dim=1)
+
+
+def _shard_grad_block_(
+    x: Tensor, t: Tensor | None, scratch: Tensor, targets: Tensor | None, w: Tensor | None,
+    lse: Tensor, kd_scale: Tensor | None, inv_t: float,
+) -> None:  # fmt: skip
+    """`shard_grad_` of fp32 logits x [b, V] in place (t is clobbered); scratch [2, b, V]."""
+    if t is None:
+        _softmax_rows_(x, 1.0, lse[:, 0:1], x).mul_(w.sum(dim=1, keepdim=True))
+    else:
+        p_t = _softmax_rows_(t, inv_t, lse[:, 2:3], t)
+        if targets is not None:
+            p_x = _softmax_rows_(x, 1.0, lse[:, 0:1], scratch[0])
+        _softmax_rows_(x, inv_t, lse[:, 1:2], x).sub_(p_t).mul_(kd_scale[:, None])
+        if targets is not None:
+            x.addcmul_(p_x, w.sum(dim=1, keepdim=True))
+    if targets is not None:
+        index, w_in = _in_shard(targets, w)
+        x.scatter_add_(1, index, -w_in)
+
+
+def _shard_blocks(
+    logits: Tensor, teacher_logits: Tensor | None, targets: Tensor | None, ce_weight: Tensor | None
+) -> Iterator[tuple[slice, Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None]]:
+    """(rows, x, t, scratch, targets, weights) per block: fp32 views (copies for other dtypes)."""
+    n, vocab = logits.shape
+    scratch = torch.empty(
+        (2, min(n, _block_rows(vocab)), vocab), dtype=torch.float32, device=logits.device
+    )
+    for rows in _blocks(n, vocab):
+        x = logits[rows].float()
+        t = None if teacher_logits is None else teacher_logits[rows].float()
+        block_targets = block_weights = None
+        if targets is not None:
+            block_targets, block_weights = _per_target(targets, ce_weight, rows)
+        yield rows, x, t, scratch[:, : x.shape[0]], block_targets, block_weights
+
+
+def shard_stats(
+    logits: Tensor,
+    targets: Tensor | None,
+    ce_weight: Tensor | None,
+    teacher_logits: Tensor | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Per-row softmax statistics of one vocabulary shard's logits chunk (not modified).
+
+    Args: logits [n, V] (this shard's columns); targets [n] (or [n, k]) long shard column ids or
+    -1, with their CE weights ce_weight of the same shape, or None without CE; teacher_logits
+    [n, V] or None without KD. Returns [n, stats_width(...)] fp32: with a = x / T, b = t / T,
+    CE's (max x, sum exp(x - max x), sum_j w_j x[t_j]) then KD's (max a, sum exp(a - max a),
+    max b, sum e_b, sum e_b * (b - a)) with e_b = exp(b - max b).
+    """
+    width = stats_width(targets is not None, teacher_logits is not None)
+    stats = torch.empty(logits.shape[0], width, dtype=torch.float32, device=logits.device)
+    for rows, x, t, scratch, block_targets, w in _shard_blocks(
+        logits, teacher_logits, targets, ce_weight
+    ):
+        stats[rows] = _shard_stats_block(x, t, scratch, block_targets, w, 1.0 / temperature)
+    return stats
+
+
+def shard_grad_(
+    logits: Tensor,
+    targets: Tensor | None,
+    ce_weight: Tensor | None,
+    lse: Tensor,
+    teacher_logits: Tensor | None = None,
+    kd_scale: Tensor | None = None,
+    temperature: float = 1.0,
+) -> None:
+    """Overwrites one shard's logits [n, V] with their gradient, from the global statistics.
+
+    The gradient is sum_j w_j (softmax(x) - onehot(t_j)) with targets (as in `shard_stats`) plus
+    kd_scale * (softmax(x / T) - softmax(t / T)) with teacher_logits (clobbered), the softmaxes
+    over the full vocabulary through lse [n, 3] fp32: (lse(x), lse(x / T), lse(t / T)), columns
+    unused without CE or KD. kd_scale: [n] fp32 (kd_weight * T * KD row weight).
+    """
+    for rows, x, t, scratch, block_targets, w in _shard_blocks(
+        logits, teacher_logits, targets, ce_weight
+    ):
+        scale = None if kd_scale is None else kd_scale[rows]
+        _shard_grad_block_(x, t, scratch, block_targets, w, lse[rows], scale, 1.0 / temperature)
+        if x.dtype != logits.dtype:
+            logits[rows] = x

@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .reference import stats_width
+
 # Largest V-block, and logits per thread and tensor on a GPU. 4 K-blocks at 4 logits per thread
 # (1024 threads) keep the CE + KD kernel at <= 46 registers of the 64 a 1024-thread block may use,
 # on sm_80 and sm_90 (`launch/bench_losses.py --kernel-report`); 16 K-blocks spilled there, and they
@@ -290,3 +292,203 @@ def cross_entropy_kl_div_(
 ) -> tuple[Tensor, Tensor]:
     """CE and KD rows from one logits chunk. See `reference.cross_entropy_kl_div_`."""
     return _kl_div(logits, teacher_logits, targets, ce_weight, row_weight, temperature, kd_weight)
+
+
+# The vocabulary-parallel split (`reference.shard_stats` / `reference.shard_grad_`): a statistics
+# sweep over one shard's logits, the TP group's reduction, then a gradient sweep.
+
+
+@triton.jit
+def _shard_stats_kernel(
+    logits_ptr,
+    teacher_ptr,
+    stride,
+    teacher_stride,
+    targets_ptr,
+    ce_weights_ptr,
+    stats_ptr,
+    V,
+    inv_t,
+    WITH_CE: tl.constexpr,
+    WITH_KD: tl.constexpr,
+    STATS: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """A row's CE statistics (max x, sum exp(x - max x), sum_j w_j x[t_j]) when WITH_CE, then
+    its KD statistics (max a, sum exp(a - max a), max b, sum e_b, sum e_b * (b - a)) when WITH_KD;
+    targets outside the shard are -1 and match no column."""
+    row = tl.program_id(0).to(tl.int64)
+    logits_ptr += row * stride
+    teacher_ptr += row * teacher_stride
+    stats_ptr += row * STATS
+    if WITH_CE:
+        m_x = -float("inf")
+        s_x = 0.0
+        wx = 0.0
+    if WITH_KD:
+        m_a = -float("inf")
+        s_a = 0.0
+        m_b = -float("inf")
+        s_b = 0.0
+        d = 0.0
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < V
+        x = tl.load(logits_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        if WITH_CE:
+            m_x, s_x = _online_lse_step(tl.where(in_row, x, -float("inf")), m_x, s_x)
+            wx += _weighted_target_logits(x, cols, targets_ptr, ce_weights_ptr, row, K)
+        if WITH_KD:
+            t = tl.load(teacher_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+            m_a, s_a = _online_lse_step(tl.where(in_row, x * inv_t, -float("inf")), m_a, s_a)
+            b = tl.where(in_row, t * inv_t, -float("inf"))
+            m_b_new = tl.maximum(m_b, tl.max(b, axis=0))
+            e_b = tl.exp(b - m_b_new)  # 0 outside the row
+            rescale = tl.exp(m_b - m_b_new)
+            s_b = s_b * rescale + tl.sum(e_b, axis=0)
+            d = d * rescale + tl.sum(e_b * (t - x), axis=0) * inv_t
+            m_b = m_b_new
+    if WITH_CE:
+        tl.store(stats_ptr, m_x)
+        tl.store(stats_ptr + 1, s_x)
+        tl.store(stats_ptr + 2, wx)
+        stats_ptr += 3
+    if WITH_KD:
+        tl.store(stats_ptr, m_a)
+        tl.store(stats_ptr + 1, s_a)
+        tl.store(stats_ptr + 2, m_b)
+        tl.store(stats_ptr + 3, s_b)
+        tl.store(stats_ptr + 4, d)
+
+
+@triton.jit
+def _shard_grad_kernel(
+    logits_ptr,
+    teacher_ptr,
+    stride,
+    teacher_stride,
+    targets_ptr,
+    ce_weights_ptr,
+    lse_ptr,
+    kd_scale_ptr,
+    V,
+    inv_t,
+    WITH_CE: tl.constexpr,
+    WITH_KD: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The row's logits become sum_j w_j (softmax(x) - onehot(t_j)) when WITH_CE plus
+    kd_scale * (softmax(x / T) - softmax(t / T)) when WITH_KD, from the global lse (x, x/T, t/T)."""
+    row = tl.program_id(0).to(tl.int64)
+    logits_ptr += row * stride
+    teacher_ptr += row * teacher_stride
+    if WITH_CE:
+        lse_x = tl.load(lse_ptr + row * 3)
+        w_ce = _weight_sum(ce_weights_ptr, row, K)
+    if WITH_KD:
+        lse_a = tl.load(lse_ptr + row * 3 + 1)
+        lse_b = tl.load(lse_ptr + row * 3 + 2)
+        kd_scale = tl.load(kd_scale_ptr + row)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < V
+        x = tl.load(logits_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        grad = tl.zeros([BLOCK], dtype=tl.float32)
+        if WITH_KD:
+            b = tl.load(teacher_ptr + cols, mask=in_row, other=0.0).to(tl.float32) * inv_t
+            grad += kd_scale * (tl.exp(x * inv_t - lse_a) - tl.exp(b - lse_b))
+        if WITH_CE:
+            grad += w_ce * tl.exp(x - lse_x)
+            grad -= _weighted_onehots(cols, targets_ptr, ce_weights_ptr, row, K)
+        tl.store(logits_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=in_row)
+
+
+def _shard_args(
+    logits: Tensor,
+    targets: Tensor | None,
+    ce_weight: Tensor | None,
+    teacher_logits: Tensor | None,
+    placeholder: Tensor,
+) -> dict[str, Any]:
+    """The arguments both split kernels share; unread placeholders for what is absent."""
+    with_ce, with_kd = targets is not None, teacher_logits is not None
+    teacher = teacher_logits if with_kd else logits
+    return {
+        "logits_ptr": logits,
+        "teacher_ptr": teacher,
+        "stride": logits.stride(0),
+        "teacher_stride": teacher.stride(0),
+        "targets_ptr": targets.contiguous() if with_ce else placeholder,
+        "ce_weights_ptr": ce_weight.contiguous() if with_ce else placeholder,
+        "WITH_CE": with_ce,
+        "WITH_KD": with_kd,
+        "K": _num_targets(targets) if with_ce else 1,
+    }
+
+
+def shard_stats_launch(
+    logits: Tensor,
+    targets: Tensor | None,
+    ce_weight: Tensor | None,
+    teacher_logits: Tensor | None,
+    stats: Tensor,
+    temperature: float,
+) -> Launch:
+    """The launch of `shard_stats` into stats [n, stats_width(...)] fp32 (contiguous)."""
+    return _launch(
+        _shard_stats_kernel,
+        logits,
+        **_shard_args(logits, targets, ce_weight, teacher_logits, stats),
+        stats_ptr=stats,
+        inv_t=1.0 / temperature,
+        STATS=stats.shape[1],
+    )
+
+
+def shard_stats(
+    logits: Tensor,
+    targets: Tensor | None,
+    ce_weight: Tensor | None,
+    teacher_logits: Tensor | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Per-row statistics of one vocabulary shard's logits chunk. See `reference.shard_stats`."""
+    width = stats_width(targets is not None, teacher_logits is not None)
+    stats = torch.empty(logits.shape[0], width, dtype=torch.float32, device=logits.device)
+    shard_stats_launch(logits, targets, ce_weight, teacher_logits, stats, temperature)()
+    return stats
+
+
+def shard_grad_launch(
+    logits: Tensor,
+    targets: Tensor | None,
+    ce_weight: Tensor | None,
+    lse: Tensor,
+    teacher_logits: Tensor | None,
+    kd_scale: Tensor | None,
+    temperature: float,
+) -> Launch:
+    """The launch of `shard_grad_`: lse [n, 3] fp32 (contiguous), kd_scale [n] fp32 or None."""
+    return _launch(
+        _shard_grad_kernel,
+        logits,
+        **_shard_args(logits, targets, ce_weight, teacher_logits, lse),
+        lse_ptr=lse,
+        kd_scale_ptr=lse if kd_scale is None else kd_scale.contiguous(),
+        inv_t=1.0 / temperature,
+    )
+
+
+def shard_grad_(
+    logits: Tensor,
+    targets: Tensor | None,
+    ce_weight: Tensor | None,
+    lse: Tensor,
+    teacher_logits: Tensor | None = None,
+    kd_scale: Tensor | None = None,
+    temperature: float = 1.0,
+) -> None:
+    """One shard's logits [n, V] become their gradient. See `reference.shard_grad_`."""
+    shard_grad_launch(logits, targets, ce_weight, lse, teacher_logits, kd_scale, temperature)()

@@ -43,11 +43,14 @@ def test_every_kernel_compiles_for_both_targets_at_every_problem(report):
     launched = {launch.kernel for launch in launches(problems[0], torch.bfloat16).values()}
     assert launched == {f for f in kernels if f.__name__.endswith("_kernel")}
 
+    losses = ("cross_entropy", "kl_div", "ce_kl_div")
+    # The fused kernels, and the vocabulary-parallel statistics / gradient pair of each.
+    kernel_names = [*losses, *(f"{loss}_{part}" for loss in losses for part in ("stats", "grad"))]
     expected = {
         (p.name, {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype], kernel, target)
         for p in problems
         for dtype in p.dtypes
-        for kernel in ("cross_entropy", "kl_div", "ce_kl_div")
+        for kernel in kernel_names
         for target in ("sm_80", "sm_90")
     }
     assert {(r["problem"], r["dtype"], r["kernel"], r["target"]) for r in report} == expected

@@ -27,6 +27,7 @@ from ted_scale.bench.losses import PRESETS as LOSS_PRESETS
 from ted_scale.config import load_run_config
 from ted_scale.kernels import default_chunk_size, triton_ops
 from ted_scale.kernels.aot import MAX_SHARED_BYTES, CompiledKernel, compile_launch
+from ted_scale.kernels.reference import stats_width
 from ted_scale.precision import compute_dtype, storage_dtype
 
 TARGETS = (80, 90)
@@ -58,6 +59,19 @@ COSTS = {
     # As kl_div, plus CE on the unscaled logits: sweep 1 + 8 (mask, lse step, ==, where, sum),
     # sweep 2 + 7 (sub, exp, ==, where, sub, mul, add).
     "ce_kl_div": KernelCost(passes=5, ops_per_element=37, row_bytes=8 + 4 + 4 + 4, matmuls=4),
+    # The vocabulary-parallel split (one shard's V columns): a statistics sweep that only reads,
+    # and a gradient sweep that reads again and writes. The chunk's matmuls are counted with the
+    # statistics kernel. CE stats: masked online lse step (5), ==, where, sum (3); 3 fp32 stats.
+    "cross_entropy_stats": KernelCost(passes=1, ops_per_element=8, row_bytes=8 + 4 + 12, matmuls=3),
+    # CE grad: sub, exp, mul, ==, where, sub; reads target, weight and lse.
+    "cross_entropy_grad": KernelCost(passes=2, ops_per_element=6, row_bytes=8 + 4 + 4, matmuls=0),
+    # KD stats: a = x/T (mul, where) and its lse step (4); b (mul, where), max, sub, exp, sum,
+    # (t - x) * e_b summed (3); 5 fp32 stats. KD grad: 2 scales, 2 subs, 2 exps, sub, mul.
+    "kl_div_stats": KernelCost(passes=2, ops_per_element=15, row_bytes=20, matmuls=4),
+    "kl_div_grad": KernelCost(passes=3, ops_per_element=8, row_bytes=12, matmuls=0),
+    # Both: the CE sweeps' ops on top of KD's (grad: sub, exp, mul, add, ==, where, sub).
+    "ce_kl_div_stats": KernelCost(passes=2, ops_per_element=23, row_bytes=8 + 4 + 32, matmuls=4),
+    "ce_kl_div_grad": KernelCost(passes=3, ops_per_element=15, row_bytes=8 + 4 + 16, matmuls=0),
 }
 
 
@@ -103,7 +117,9 @@ def config_problems(pattern: str = TINY_CONFIGS, root: str | Path = ".") -> list
 
 def launches(problem: Problem, dtype: torch.dtype) -> dict[str, triton_ops.Launch]:
     """Each kernel's GPU launch for one chunk of ``problem`` (meta tensors: nothing allocated).
-    Temperature and KD weight are fp32 arguments, never specialised on: any value compiles alike."""
+    Temperature and KD weight are fp32 arguments, never specialised on: any value compiles alike.
+    The vocabulary-parallel pairs are launched over all V columns: a shard's V_r only changes the
+    loop count, and the block (4096 from V = 8192 on) too once V_r < 4096 (tiny configs at TP)."""
     n, vocab = problem.chunk_rows, problem.vocab
 
     def empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -111,6 +127,17 @@ def launches(problem: Problem, dtype: torch.dtype) -> dict[str, triton_ops.Launc
 
     logits, teacher = empty(n, vocab, dtype=dtype), empty(n, vocab, dtype=dtype)
     targets, rows = empty(n, dtype=torch.long), empty(n)
+    split = {}  # the vocabulary-parallel pair for CE, KD and both (the shard's V columns)
+    for name, ce, kd in (("cross_entropy", True, False), ("kl_div", False, True),
+                         ("ce_kl_div", True, True)):  # fmt: skip
+        args = (targets, rows) if ce else (None, None)
+        stats = empty(n, stats_width(ce, kd))
+        split[f"{name}_stats"] = triton_ops.shard_stats_launch(
+            logits, *args, teacher if kd else None, stats, 2.0
+        )
+        split[f"{name}_grad"] = triton_ops.shard_grad_launch(
+            logits, *args, empty(n, 3), teacher if kd else None, rows if kd else None, 2.0
+        )
     return {
         "cross_entropy": triton_ops.cross_entropy_launch(logits, targets, rows, empty(n)),
         "kl_div": triton_ops.kl_div_launch(
@@ -119,6 +146,7 @@ def launches(problem: Problem, dtype: torch.dtype) -> dict[str, triton_ops.Launc
         "ce_kl_div": triton_ops.kl_div_launch(
             logits, teacher, targets, rows, empty(n), empty(n), 2.0, 2.5
         ),
+        **split,
     }
 
 
@@ -186,7 +214,7 @@ def build_report(
 def format_report(rows: list[dict]) -> str:
     """The console table: resources per target, then the per-row cost and roofline."""
     header = (
-        f"{'problem':28s} {'kernel':13s} {'dtype':5s} {'target':6s} {'warps':>5s} {'BLOCK':>6s} "
+        f"{'problem':28s} {'kernel':19s} {'dtype':5s} {'target':6s} {'warps':>5s} {'BLOCK':>6s} "
         f"{'regs':>8s} {'spill st/ld':>11s} {'smem B':>7s} {'B/row':>8s} {'FLOP/row':>9s} "
         f"{'FLOP/B':>6s} {'us/row':>7s} {'rows':>5s} {'us/chunk':>8s} {'mm us/chunk':>11s}"
     )
@@ -197,7 +225,7 @@ def format_report(rows: list[dict]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"{r['problem']:28s} {r['kernel']:13s} {r['dtype']:5s} {r['target']:6s} "
+            f"{r['problem']:28s} {r['kernel']:19s} {r['dtype']:5s} {r['target']:6s} "
             f"{r['num_warps']:5d} {r['block']:6d} {r['registers']:4d}/{r['max_registers']:<3d} "
             f"{r['spill_store_bytes']:5d}/{r['spill_load_bytes']:<5d} {r['shared_bytes']:7d} "
             f"{r['bytes_per_row']:8d} {r['flops_per_row']:9d} {r['intensity']:6.2f} "
