@@ -2,7 +2,7 @@
 
 ``run_ranks(fn, world_size, *args)`` calls ``fn(*args)`` in each rank with RANK, WORLD_SIZE,
 LOCAL_RANK and the master address set, so ``ted_scale.parallel.init_parallel`` joins the group;
-a failing rank's traceback is raised in the caller.
+every failing rank's traceback is raised in the caller.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _rank_main(fn: Callable, rank: int, world: int, port: int, errors: Any, args
 
 
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300) -> None:
-    """Run ``fn(*args)`` on ``world_size`` gloo ranks; raise with the first failing traceback."""
+    """Run ``fn(*args)`` on ``world_size`` gloo ranks; raise with the failing ranks' tracebacks."""
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
     port = _free_port()
@@ -55,8 +55,12 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300) -
     for p in procs:
         if p.is_alive():
             p.kill()
-    if not errors.empty():
-        raise AssertionError(errors.get())
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    if failures:
+        # A rank that crashed first makes the others fail in a collective: show every rank's.
+        raise AssertionError("\n".join(failures))
     codes = [p.exitcode for p in procs]
     if any(codes):
         raise AssertionError(f"ranks exited with {codes}")

@@ -46,6 +46,7 @@ def _train_methods(data: Path, root: Path, tp: int, methods: list[str]) -> None:
                 "checkpoint.interval=0",
                 "eval.interval=0",
                 "deepspeed.zero_stage=1",
+                *(["student.init=random"] if not get_method(method).needs_teacher else []),
             ],
         )
         train(config)
@@ -78,9 +79,13 @@ def test_every_method_trains_the_same_as_one_process(layout, single_process, tin
             assert g.keys() == w.keys(), method
             for key in w:
                 if key.startswith("loss"):
-                    assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (method, g, key)
+                    # abs: KD is a small difference of log-sum-exps of order the CE (~6).
+                    assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (method, g, key)
         want_w = load_file(single_process / method / "student_hf" / "model.safetensors")
         got_w = load_file(tmp_path / method / "student_hf" / "model.safetensors")
         assert got_w.keys() == want_w.keys()
         for name, tensor in want_w.items():
-            torch.testing.assert_close(got_w[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+            # atol: Adam divides by sqrt(v), so a rounding-level difference in a near-zero
+            # gradient moves that one element by a visible part of a step; 5e-6 is 0.5 % of one
+            # step at lr 1e-3. Biases start at 0, so a relative bound alone is too strict there.
+            torch.testing.assert_close(got_w[name], tensor, rtol=1e-5, atol=5e-6, msg=name)

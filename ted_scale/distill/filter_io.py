@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ted_scale.distill.filters import FilterBank
 from ted_scale.io import atomic_replace_dir
+from ted_scale.parallel import gathered_state
 
 FORMAT_VERSION = 1
 
@@ -32,9 +33,13 @@ class FilterRecord:
 
 
 def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 over every tensor's name, shape and fp32 bytes: the identity of a set of weights."""
+    """sha256 over every tensor's name, shape and fp32 bytes: the identity of a set of weights.
+
+    Taken over the whole (gathered) weights, so it does not depend on the parallel layout; a
+    collective when ``model`` is sharded (every rank calls it).
+    """
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(gathered_state(model).items()):
         digest.update(f"{name}{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

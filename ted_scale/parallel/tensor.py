@@ -106,12 +106,13 @@ def parallelize_gpt(model: GPT, dims: ParallelDims, role: str) -> None:
             layer = (LinearAllreduce if layout == "row" else LinearLayer)(getattr(parent, attr), group)
             layer.tp_layout = layout
             setattr(parent, attr, layer)
-    vocab = model.config.vocab_size
-    padded = nn.Embedding(padded_vocab_size(vocab, tp), model.config.n_embd)
-    with torch.no_grad():
-        padded.weight.zero_()
-        padded.weight[:vocab] = model.wte.weight
-    model.wte = VocabParallelEmbedding(padded.to(model.wte.weight.device), group)
+    vocab, weight = model.config.vocab_size, model.wte.weight.detach()
+    rows = weight.new_zeros(padded_vocab_size(vocab, tp), weight.shape[1])
+    rows[:vocab] = weight
+    # Built around the padded rows: no random initialisation, so the RNG stream (and what is
+    # initialised after this, e.g. LWD's projections) is the same at every tensor-parallel size.
+    padded = nn.Embedding(rows.shape[0], rows.shape[1], _weight=rows)
+    model.wte = VocabParallelEmbedding(padded, group)
     model.wte.tp_layout = "vocab"
     model.wte.vocab_shard = model.wte.weight.vocab_shard = VocabShard(
         group=group, start=model.wte.vocab_start_index, vocab_size=vocab

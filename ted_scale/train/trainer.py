@@ -112,6 +112,7 @@ class Trainer:
             data_ranks=self.dims.dp_size,
             log=self._log_console,
             batches=self._first_batches,
+            dims=self.dims,
         )
         self.total_tokens = 0
 

@@ -23,7 +23,7 @@ from ted_scale.distill.filters import FilterBank
 from ted_scale.distill.modules import BatchDraw, FrozenTapper, LayerDistance, StudentDistillation
 from ted_scale.flops import FROZEN, TRAINED, forward_flops, head_flops
 from ted_scale.model import GPT, export_hf
-from ted_scale.parallel import barrier, gathered_state
+from ted_scale.parallel import ParallelDims, barrier, gathered_state, parallelize_gpt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -89,6 +89,16 @@ class MethodContext:
     batches: Callable[[str, int], list[tuple[Tensor, Tensor]]] | None = None
     """``batches(split, n)``: the first ``n`` micro-batches (input_ids [B, T], labels [B, T]) of a
     data split in the run's seeded order, the same on every rank (calibration, scoring)."""
+    dims: ParallelDims | None = None
+    """The run's parallel layout (None: one process, nothing sharded)."""
+
+    def place(self, model: GPT, role: str) -> GPT:
+        """``model``, a whole model the method built itself (from its own saved file), on the
+        run's device and sharded like the run's models (tensor parallelism)."""
+        model.to(self.device)
+        if self.dims is not None:
+            parallelize_gpt(model, self.dims, role)
+        return model
 
     def save_on_main(self, module: nn.Module, write: Callable[[dict], None]) -> None:
         """Gather ``module``'s full state (a collective under ZeRO-3), hand it to ``write`` on the

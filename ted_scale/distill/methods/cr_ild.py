@@ -433,7 +433,7 @@ class CRILD(Method):
             activation_checkpointing=config.model.activation_checkpointing,
         )
         load_state_checked(student, load_file(path), source=str(path))
-        student = student.train().requires_grad_(True).to(ctx.device)
+        student = ctx.place(student.train().requires_grad_(True), "student")
         alpha_kd = config.distill.alpha_kd
         kd = alpha_kd > 0
         trained = StudentDistillation(

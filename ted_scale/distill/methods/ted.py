@@ -213,8 +213,9 @@ class TED(Method):
             if name == "stage1_student":
                 banks = {"teacher": self._teacher_filters(ctx), "student": bank}
             states = {role: gathered_state(b) for role, b in banks.items()}
+            record = self._record(ctx)  # a collective under tensor parallelism
             if ctx.is_main:
-                save_filters(states, self._record(ctx), ctx.run_dir / "filters")
+                save_filters(states, record, ctx.run_dir / "filters")
                 ctx.log(f"filters saved to {ctx.run_dir / 'filters'}")
             barrier()
 
