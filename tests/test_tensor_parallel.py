@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from ranks import run_ranks
+
 from ted_scale.model import GPT, GPTConfig
 
 # Needs padding (vocabulary 300 -> 512 at tp 2) / needs none (512).
@@ -45,7 +45,9 @@ def _forward_matches(config: GPTConfig) -> None:
     torch.testing.assert_close(_gather_logits(out.logits, model.wte.vocab_shard), want.logits,
                                rtol=1e-5, atol=1e-5)  # fmt: skip
     for i in layers:
-        torch.testing.assert_close(out.hidden_states[i], want.hidden_states[i], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            out.hidden_states[i], want.hidden_states[i], rtol=1e-5, atol=1e-5
+        )
     full = gathered_state(model)
     for name, tensor in reference.state_dict().items():
         torch.testing.assert_close(full[name], tensor, rtol=0, atol=0, msg=name)

@@ -49,7 +49,9 @@ def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
 def check_shardable(config: GPTConfig, tp_size: int, role: str) -> None:
     """Raise ParallelLayoutError naming the model, block and width that ``tp_size`` does not
     divide (heads and FFN width; the vocabulary is padded instead)."""
-    for layer, (heads, inner) in enumerate(zip(config.layer_heads, config.layer_inner, strict=True)):
+    for layer, (heads, inner) in enumerate(
+        zip(config.layer_heads, config.layer_inner, strict=True)
+    ):
         for what, n in (("attention heads", heads), ("FFN width", inner)):
             if n % tp_size:
                 raise ParallelLayoutError(
@@ -103,7 +105,9 @@ def parallelize_gpt(model: GPT, dims: ParallelDims, role: str) -> None:
         _reorder_rank_major(block.attn.qkv_proj, tp)
         for name, layout in _LAYOUTS.items():
             parent, attr = _resolve(block, name)
-            layer = (LinearAllreduce if layout == "row" else LinearLayer)(getattr(parent, attr), group)
+            layer = (LinearAllreduce if layout == "row" else LinearLayer)(
+                getattr(parent, attr), group
+            )
             layer.tp_layout = layout
             setattr(parent, attr, layer)
     vocab, weight = model.config.vocab_size, model.wte.weight.detach()

@@ -318,6 +318,7 @@ class MiniDisc(Method):
             fused=config.fused_loss,
             compute_dtype=ctx.compute_dtype,
         )
+
         def flops_per_token(seq_len: int) -> float:
             frozen = forward_flops(teacher.blocks, seq_len) + head_flops(teacher)
             # Per candidate: its prefix forward and backward, its head, and the teacher's head

@@ -203,6 +203,7 @@ class TED(Method):
     # ------------------------------------------------------------------------- phases
     def _stage1(self, name: str, ctx: MethodContext, model: GPT, layers: list[int]) -> Phase:
         bank = self._new_filters(ctx, model, layers)
+
         def flops_per_token(seq_len: int) -> float:
             trunk = forward_flops(model.blocks[: max(layers) + 1], seq_len)
             trained = forward_flops(bank, seq_len) + len(layers) * head_flops(model)
