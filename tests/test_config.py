@@ -65,8 +65,29 @@ def test_resolved_config_round_trips_through_the_run_directory(tmp_path):
 
 
 RUN_CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("study"))
+# Configs that need tensor parallelism (issue 12): refused until the schema accepts
+# parallel.tensor_parallel_size > 1; the strict mark fails once it does, to be removed then.
+NEEDS_TP = pytest.mark.xfail(
+    strict=True, raises=ConfigError, reason="tensor parallelism is not available yet"
+)
+TP_CONFIGS = [
+    p
+    for p in RUN_CONFIGS
+    if yaml.safe_load(p.read_text()).get("parallel", {}).get("tensor_parallel_size", 1) > 1
+]
 
 
-@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, marks=NEEDS_TP) if p in TP_CONFIGS else p for p in RUN_CONFIGS],
+    ids=lambda p: p.name,
+)
 def test_every_shipped_config_loads(path):
     load_run_config(path)
+
+
+def test_tensor_parallel_configs_load_at_tp_1():
+    """Until tensor parallelism lands, every other key of those configs is checked at tp 1."""
+    assert TP_CONFIGS
+    for path in TP_CONFIGS:
+        load_run_config(path, ["parallel.tensor_parallel_size=1"])

@@ -133,7 +133,8 @@ def block_activation_bytes(
     per row). This model's terms, with c = compute bytes and s b = tokens of the micro-batch:
 
     - replicated: LayerNorm inputs 2 x 4 (the residual stream is fp32), their bf16 outputs as
-      qkv_proj and up_proj inputs 2 x c, dropout masks 2 x 1: ``(8 + 2c + 2) s b h``;
+      qkv_proj and up_proj inputs 2 x c, dropout masks 2 x 1: ``(8 + 2c + 2) s b h``, and each
+      LayerNorm's fp32 mean and inverse deviation per token (16 bytes);
     - split: q, k, v 3c and the attention output c per attention width (heads x head_dim), the
       GELU input and output 2c per FFN width;
     - attention matrix: softmax output c, dropout mask 1 and output c per head and key (eager),
@@ -143,13 +144,13 @@ def block_activation_bytes(
     sp = t if layout.sequence_parallel else 1
     tokens = layout.micro_batch * layout.seq_len
     c, mask = layout.compute_bytes, MASK if dropout else 0
-    replicated = (2 * FP32 + 2 * c + 2 * mask) * width
+    replicated = (2 * FP32 + 2 * c + 2 * mask) * width + 2 * 2 * FP32
     split = 4 * c * heads * head_dim + 2 * c * inner
     if layout.flash_attention:
         scores = FP32 * heads
     else:
         scores = (c + mask + (c if dropout else 0)) * heads * layout.seq_len
-    return tokens * (replicated // sp) + tokens * (split + scores) // t
+    return tokens * replicated // sp + tokens * (split + scores) // t
 
 
 @dataclass
