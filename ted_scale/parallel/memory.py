@@ -109,10 +109,6 @@ class Layout:
     offload_optimizer: bool = False
     reduce_bucket: int = DEEPSPEED_REDUCE_BUCKET
 
-    @property
-    def world(self) -> int:
-        return self.dp * self.tp
-
 
 def block_activation_bytes(
     *,
@@ -187,8 +183,9 @@ def estimate_memory(
     kd: bool = True,
     teacher_ahead: bool = False,
 ) -> MemoryEstimate:
-    """Bytes per GPU of a distillation step of ``student`` from frozen ``teacher`` (both ``GPT``;
-    build them on the meta device) with the given filters, at ``layout``.
+    """Bytes per GPU of a distillation step (Stage II, the larger one) of ``student`` from the
+    frozen ``teacher`` (both ``GPT``; build them on the meta device) with the given filters, at
+    ``layout``. Other modules a method trains (LWD's projections, ...) are not counted.
 
     Activations are the student's: its blocks, embeddings and head (all blocks at once, or under
     activation checkpointing each block's fp32 input plus one block recomputed), and with filters
