@@ -26,9 +26,10 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from ted_scale.model.gpt import GPTConfig
+from ted_scale.model.gpt import GPT, GPTConfig
 
 # Parameter name suffix -> the dimension tensor parallelism splits; absent names are replicated.
 TP_SPLIT_DIM = {
@@ -199,8 +200,9 @@ def estimate_memory(
     for name, model in (("teacher", teacher), ("student", student)):
         check_tensor_parallel(model.config, tp, name=name)
     n_student = params_per_rank(student, tp)
-    frozen_filters = 0 if teacher_filters is None else params_per_rank(teacher_filters, tp)
-    trained_filters = 0 if student_filters is None else params_per_rank(student_filters, tp)
+    # Filters stay whole on every tensor-parallel rank (block filters too).
+    frozen_filters = 0 if teacher_filters is None else params_per_rank(teacher_filters, 1)
+    trained_filters = 0 if student_filters is None else params_per_rank(student_filters, 1)
     weights, grads, optimizer = _trained_bytes(n_student, layout)
     f_weights, f_grads, f_optimizer = _trained_bytes(trained_filters, layout)
 
@@ -318,12 +320,10 @@ class RunModels:
 def run_models(config) -> RunModels:
     """Teacher, student and (TED and its variants) filters of a ``RunConfig``, built on the meta
     device by the trainer's own constructors, so every shape is the run's."""
-    import torch
-
+    # Imported here: the method and trainer modules import ted_scale.parallel themselves.
     from ted_scale.distill.filters import build_filters
     from ted_scale.distill.methods import get_method
     from ted_scale.distill.methods.ted import TED
-    from ted_scale.model.gpt import GPT
     from ted_scale.model.student import student_from_teacher
     from ted_scale.train.models import teacher_layer_map
 
