@@ -17,6 +17,7 @@ from ted_scale.parallel.memory import (
     block_activation_bytes,
     check_tensor_parallel,
     estimate_memory,
+    meta_gpt,
     padded_vocab,
     params_per_rank,
     run_memory_table,
@@ -98,15 +99,9 @@ def test_padded_vocabulary_is_megatrons():
     assert padded_vocab(512, 2) == 512
 
 
-def gpt2_xl_pair() -> tuple[GPT, GPT]:
-    with torch.device("meta"):
-        teacher = GPT(GPTConfig(n_layer=48, n_embd=1600, n_head=25))
-        student = GPT(GPTConfig(n_layer=24, n_embd=1600, n_head=25))
-    return teacher, student
-
-
 def test_tensor_parallelism_divides_the_split_part_and_keeps_the_rest():
-    teacher, student = gpt2_xl_pair()
+    teacher = meta_gpt(GPTConfig(n_layer=48, n_embd=1600, n_head=25))
+    student = meta_gpt(GPTConfig(n_layer=24, n_embd=1600, n_head=25))
     assert teacher.num_params(exclude_embeddings=False) == 1_557_611_200  # GPT-2 XL
     with pytest.raises(ValueError, match="block 0: 25 attention heads are not divisible by"):
         estimate_memory(teacher, student, Layout(tp=2))

@@ -68,6 +68,12 @@ def check_tensor_parallel(config: GPTConfig, tp: int, *, name: str = "model") ->
                 )
 
 
+def meta_gpt(config: GPTConfig) -> GPT:
+    """A ``GPT`` of shape ``config`` on the meta device: its parameters have shapes, no memory."""
+    with torch.device("meta"):
+        return GPT(config)
+
+
 def params_per_rank(model: nn.Module, tp: int) -> int:
     """Parameters one tensor-parallel rank of ``model`` holds (a ``GPT`` or filters made of its
     blocks and linears; build it on the meta device to count without memory).
@@ -185,8 +191,8 @@ def estimate_memory(
     teacher_ahead: bool = False,
 ) -> MemoryEstimate:
     """Bytes per GPU of a distillation step (Stage II, the larger one) of ``student`` from the
-    frozen ``teacher`` (both ``GPT``; build them on the meta device) with the given filters, at
-    ``layout``. Other modules a method trains (LWD's projections, ...) are not counted.
+    frozen ``teacher`` (both ``GPT``: ``meta_gpt(config)`` builds one from a ``GPTConfig``) with
+    the given filters, at ``layout``. Other modules a method trains (LWD's projections, ...) are not counted.
 
     Activations are the student's: its blocks, embeddings and head (all blocks at once, or under
     activation checkpointing each block's fp32 input plus one block recomputed), and with filters
@@ -328,10 +334,11 @@ def run_models(config) -> RunModels:
     from ted_scale.train.models import teacher_layer_map
 
     with torch.device("meta"):
-        if config.teacher.pretrained:
-            teacher = GPT(pretrained_shape(config.teacher.pretrained))
-        else:
-            teacher = GPT(config.teacher.arch)
+        teacher = GPT(
+            pretrained_shape(config.teacher.pretrained)
+            if config.teacher.pretrained
+            else config.teacher.arch
+        )
         layer_map = teacher_layer_map(config, teacher)
         if config.student.init == "teacher_layers":
             student = student_from_teacher(teacher, layer_map, dropout=config.student.dropout)
