@@ -207,3 +207,37 @@ def test_the_table_has_a_column_per_layout(tiny_data):
     assert rows["ZeRO gradient bucket (fp32)"] == ["1.9", "1.9", "1.9"]
     largest = [int(c) for c in rows["largest micro-batch in 3 GiB"]]
     assert largest[0] < largest[1] < largest[2]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_optimizer_bytes_are_what_deepspeed_holds(tiny_config, one_thread, stage):
+    """The trainer's DeepSpeed engine after a step: AdamW's m and v, and under ZeRO its fp32 copy
+    of the (here whole, dp = 1) partition, byte for byte."""
+    from ted_scale.config import load_run_config
+    from ted_scale.parallel import init_parallel
+    from ted_scale.train.engine import build_engine
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config).train()
+    batch = ["batch.global_batch_size=2", "batch.micro_batch_size=2"]
+    config = load_run_config(None, [f"deepspeed.zero_stage={stage}", *batch])
+    engine, _ = build_engine(model, config, init_parallel(1), total_steps=2, lr=1e-3)
+    engine.backward(engine(torch.randint(0, 101, (2, 16))).logits.square().mean())
+    engine.step()
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps torch's AdamW
+    model_weights = {p.data_ptr() for p in model.parameters()}
+    held = sum(
+        p.numel() * p.element_size()
+        for group in inner.param_groups
+        for p in group["params"]
+        if p.data_ptr() not in model_weights
+    ) + sum(
+        t.numel() * t.element_size()
+        for state in inner.state.values()
+        for key, t in state.items()
+        if key in ("exp_avg", "exp_avg_sq")
+    )
+    shape = meta_gpt(tiny_config)
+    estimate = estimate_memory(shape, shape, Layout(zero_stage=stage))
+    assert held == estimate.parts["optimizer (fp32 copy + AdamW m, v)"]
+    assert held == (8 if stage == 0 else 12) * model.num_params(exclude_embeddings=False)
