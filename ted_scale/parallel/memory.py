@@ -8,7 +8,8 @@ Each rank of a (dp, tp) layout (docs/design.md, "Tensor parallelism: memory per 
   fp32 copy of the partition it steps (4 bytes), divided by dp; ZeRO-2 also partitions the
   gradients and ZeRO-3 the weights;
 - the bf16 copies autocast makes of every trained weight for one forward/backward (2 bytes each);
-- DeepSpeed's contiguous gradient-reduction bucket (ZeRO 1 and 2: ``reduce_bucket_size`` fp32);
+- DeepSpeed's contiguous gradient-reduction bucket (ZeRO 1 and 2: ``reduce_bucket_size`` fp32,
+  allocated at the first gradient of each backward pass, when the activations are still held);
 - filters: the teacher's frozen (storage dtype), the student's trained (fp32, with gradients and
   AdamW state like the student's); replicated over the tensor-parallel group;
 - the activations autograd saves for one micro-batch (see :func:`block_activation_bytes`).
