@@ -38,10 +38,19 @@ _LAYOUTS = {
     "mlp.up_proj": "column",
     "mlp.down_proj": "row",
 }
+TP_SPLIT_DIM = {
+    "wte.weight": 0,
+    **{f"{name}.weight": int(layout == "row") for name, layout in _LAYOUTS.items()},
+    **{f"{name}.bias": 0 for name, layout in _LAYOUTS.items() if layout != "row"},
+}
+"""Parameter name suffix -> the dimension tensor parallelism splits it along (absent: whole)."""
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
-    """The vocabulary rounded up to a multiple of ``VOCAB_MULTIPLE * tp_size``."""
+    """The vocabulary a tensor-parallel model holds: rounded up to a multiple of
+    ``VOCAB_MULTIPLE * tp_size`` (tp 1 keeps it: the unsharded model is unchanged)."""
+    if tp_size == 1:
+        return vocab_size
     multiple = VOCAB_MULTIPLE * tp_size
     return math.ceil(vocab_size / multiple) * multiple
 

@@ -1,0 +1,393 @@
+"""GPU memory per rank of a distillation step, counted from the models' shapes and the layout.
+
+Each rank of a (dp, tp) layout (docs/design.md, "Tensor parallelism: memory per GPU") holds:
+
+- the frozen teacher, sharded like the student, in the storage dtype (bf16 under bf16);
+- the student's weights and gradients in fp32 (``torch.autocast`` with fp32 master weights), and
+  the optimizer's state: AdamW's m and v (8 bytes per weight) and, under ZeRO 1-3, DeepSpeed's
+  fp32 copy of the partition it steps (4 bytes), divided by dp; ZeRO-2 also partitions the
+  gradients and ZeRO-3 the weights;
+- the bf16 copies autocast makes of every trained weight for one forward/backward (2 bytes each);
+- DeepSpeed's contiguous gradient-reduction bucket (ZeRO 1 and 2: ``reduce_bucket_size`` fp32,
+  allocated at the first gradient of each backward pass, when the activations are still held);
+- filters: the teacher's frozen (storage dtype), the student's trained (fp32, with gradients and
+  AdamW state like the student's); replicated over the tensor-parallel group;
+- the activations autograd saves for one micro-batch (see :func:`block_activation_bytes`).
+
+Sharding (Megatron's): ``attn.qkv_proj`` (by heads) and ``mlp.up_proj`` are column-parallel (weight
+and bias split), ``attn.out_proj`` and ``mlp.down_proj`` row-parallel (weight split, bias
+replicated), the token embedding (= tied LM head) vocabulary-parallel over a vocabulary padded to
+a multiple of 128 x tp; position embeddings and LayerNorms are replicated.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ted_scale.model.gpt import GPT, GPTConfig
+from ted_scale.parallel.tensor import TP_SPLIT_DIM, check_shardable, padded_vocab_size
+
+FP32 = 4
+MASK = 1  # a dropout mask is one bool byte per element
+DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default ``reduce_bucket_size`` (elements)
+GIB = 2**30
+
+
+def meta_gpt(config: GPTConfig) -> GPT:
+    """A ``GPT`` of shape ``config`` on the meta device: its parameters have shapes, no memory."""
+    with torch.device("meta"):
+        return GPT(config)
+
+
+def params_per_rank(model: nn.Module, tp: int) -> int:
+    """Parameters one tensor-parallel rank of ``model`` holds (a ``GPT`` or filters made of its
+    blocks and linears; build it on the meta device to count without memory).
+
+    Split tensors hold 1/tp of their (vocabulary-padded) rows or columns; the rest is whole.
+    """
+    total = 0
+    for name, p in model.named_parameters():
+        dim = next((d for suffix, d in TP_SPLIT_DIM.items() if name.endswith(suffix)), None)
+        shape = list(p.shape)
+        if dim is None or tp == 1:
+            total += math.prod(shape)
+            continue
+        if name.endswith("wte.weight"):
+            shape[0] = padded_vocab_size(shape[0], tp)
+        if shape[dim] % tp:
+            raise ValueError(
+                f"{name}: dimension {dim} of {tuple(p.shape)} is not divisible by {tp}"
+            )
+        shape[dim] //= tp
+        total += math.prod(shape)
+    return total
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a run is laid out and batched; the sizes the estimate depends on."""
+
+    tp: int = 1
+    dp: int = 1
+    zero_stage: int = 1
+    micro_batch: int = 8
+    seq_len: int = 1024
+    compute_bytes: int = 2
+    """2 under bf16 autocast (matmul inputs, frozen weights), 4 under fp32."""
+    activation_checkpointing: bool = False
+    sequence_parallel: bool = False
+    flash_attention: bool = True
+    """The attention kernel keeps no T x T matrix (flash-attn, SDPA); False: the eager softmax."""
+    offload_optimizer: bool = False
+    reduce_bucket: int = DEEPSPEED_REDUCE_BUCKET
+
+
+def block_activation_bytes(
+    *,
+    width: int,
+    heads: int,
+    head_dim: int,
+    inner: int,
+    dropout: bool,
+    layout: Layout,
+) -> int:
+    """Bytes autograd saves in one GPT block's forward for one micro-batch, on one rank.
+
+    Korthikanti et al. 2022 ("Reducing activation recomputation in large transformer models",
+    Eq. 2) count ``s b h (34 + 5 a s / h)`` bytes per layer: ``10 s b h`` in the LayerNorm /
+    dropout regions (replicated under tensor parallelism, split by tp under sequence
+    parallelism), ``24 s b h`` inside attention and MLP (split by tp), ``5 a s^2 b`` for the
+    attention matrix (split by tp; absent under flash attention, which saves only a log-sum-exp
+    per row). This model's terms, with c = compute bytes and s b = tokens of the micro-batch:
+
+    - replicated: LayerNorm inputs 2 x 4 (the residual stream is fp32), their bf16 outputs as
+      qkv_proj and up_proj inputs 2 x c, dropout masks 2 x 1: ``(8 + 2c + 2) s b h``, and each
+      LayerNorm's fp32 mean and inverse deviation per token (16 bytes);
+    - split: q, k, v 3c and the attention output c per attention width (heads x head_dim), the
+      GELU input and output 2c per FFN width;
+    - attention matrix: softmax output c, dropout mask 1 and output c per head and key (eager),
+      or a fp32 log-sum-exp per head (flash).
+    """
+    t = layout.tp
+    sp = t if layout.sequence_parallel else 1
+    tokens = layout.micro_batch * layout.seq_len
+    c, mask = layout.compute_bytes, MASK if dropout else 0
+    replicated = (2 * FP32 + 2 * c + 2 * mask) * width + 2 * 2 * FP32
+    split = 4 * c * heads * head_dim + 2 * c * inner
+    if layout.flash_attention:
+        scores = FP32 * heads
+    else:
+        scores = (c + mask + (c if dropout else 0)) * heads * layout.seq_len
+    return tokens * replicated // sp + tokens * (split + scores) // t
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU by component, in the order printed."""
+
+    layout: Layout
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+def _trained_bytes(n: int, layout: Layout) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer state) bytes of ``n`` trained fp32 weights on one rank."""
+    dp, stage = layout.dp, layout.zero_stage
+    weights = FP32 * n // (dp if stage >= 3 else 1)
+    grads = FP32 * n // (dp if stage >= 2 else 1)
+    # AdamW's m and v; ZeRO steps an fp32 copy of its partition beside them.
+    optimizer = (
+        0 if layout.offload_optimizer else (2 * FP32 * n if stage == 0 else 3 * FP32 * n // dp)
+    )
+    return weights, grads, optimizer
+
+
+def estimate_memory(
+    teacher: nn.Module,
+    student: nn.Module,
+    layout: Layout,
+    *,
+    teacher_filters: nn.Module | None = None,
+    student_filters: nn.Module | None = None,
+    kd: bool = True,
+    teacher_ahead: bool = False,
+) -> MemoryEstimate:
+    """Bytes per GPU of a distillation step (Stage II, the larger one) of ``student`` from the
+    frozen ``teacher`` (both ``GPT``: ``meta_gpt(config)`` builds one from a ``GPTConfig``) with
+    the given filters, at ``layout``. Other modules a method trains (LWD's projections, ...) are not counted.
+
+    Activations are the student's: its blocks, embeddings and head (all blocks at once, or under
+    activation checkpointing each block's fp32 input plus one block recomputed), and with filters
+    per tapped layer the student filter's saved input (c) and the fp32 difference the squared
+    error saves (4), per token and width. The teacher's outputs held for the loss are its filtered
+    state per tapped layer and, with ``kd``, its final hidden state (c each), twice with
+    ``teacher_ahead`` (prefetch computes the next micro-batch's during this one). The teacher's
+    forward runs without autograd and keeps one block's intermediates at a time (not counted).
+    """
+    tp, c = layout.tp, layout.compute_bytes
+    for name, model in (("teacher", teacher), ("student", student)):
+        check_shardable(model.config, tp, name)
+    n_student = params_per_rank(student, tp)
+    # Filters stay whole on every tensor-parallel rank (block filters too).
+    frozen_filters = 0 if teacher_filters is None else params_per_rank(teacher_filters, 1)
+    trained_filters = 0 if student_filters is None else params_per_rank(student_filters, 1)
+    weights, grads, optimizer = _trained_bytes(n_student, layout)
+    f_weights, f_grads, f_optimizer = _trained_bytes(trained_filters, layout)
+
+    cfg = student.config
+    dropout = cfg.dropout > 0
+    blocks = [
+        block_activation_bytes(
+            width=cfg.n_embd,
+            heads=heads,
+            head_dim=cfg.head_dim,
+            inner=inner,
+            dropout=dropout,
+            layout=layout,
+        )
+        for heads, inner in zip(cfg.layer_heads, cfg.layer_inner, strict=True)
+    ]
+    tokens = layout.micro_batch * layout.seq_len
+    sp = tp if layout.sequence_parallel else 1
+    if layout.activation_checkpointing:
+        student_acts = len(blocks) * FP32 * tokens * cfg.n_embd // sp + max(blocks, default=0)
+    else:
+        student_acts = sum(blocks)
+    # Embedding dropout mask, the final LayerNorm's fp32 input and the LM head's input.
+    student_acts += ((MASK if dropout else 0) + FP32 + c) * tokens * cfg.n_embd // sp
+    tapped = 0 if student_filters is None else len(getattr(student_filters, "filters", []))
+    d_t = teacher.config.n_embd
+    student_acts += tapped * (c + FP32) * tokens * d_t
+    teacher_outputs = (tapped + (1 if kd else 0)) * c * tokens * d_t * (2 if teacher_ahead else 1)
+
+    estimate = MemoryEstimate(layout)
+    estimate.parts = {
+        "teacher weights (frozen)": c * params_per_rank(teacher, tp),
+        "student weights (fp32)": weights,
+        "student gradients (fp32)": grads,
+        "optimizer (fp32 copy + AdamW m, v)": optimizer,
+        "filters (teacher frozen, student trained)": c * frozen_filters
+        + f_weights
+        + f_grads
+        + f_optimizer,
+        "bf16 weight copies (autocast)": c * (n_student + trained_filters) if c < FP32 else 0,
+        "ZeRO gradient bucket (fp32)": FP32 * layout.reduce_bucket
+        if layout.zero_stage in (1, 2)
+        else 0,
+        "student activations (one micro-batch)": student_acts,
+        "teacher outputs for the loss": teacher_outputs,
+    }
+    return estimate
+
+
+def largest_micro_batch(estimate: MemoryEstimate, estimate_at, gpu_bytes: float) -> int:
+    """The largest micro-batch whose estimate fits in ``gpu_bytes`` at ``estimate``'s layout
+    (activations grow linearly with it); ``estimate_at(layout)`` re-estimates a layout."""
+    fixed = estimate_at(replace(estimate.layout, micro_batch=0)).total
+    per_sample = estimate_at(replace(estimate.layout, micro_batch=1)).total - fixed
+    return max(int((gpu_bytes - fixed) // per_sample), 0)
+
+
+def format_table(estimates: list[MemoryEstimate], extra_rows: dict[str, list[str]]) -> str:
+    """A Markdown table: one column per estimate (GiB per GPU), the total, then ``extra_rows``."""
+
+    def head(e: MemoryEstimate) -> str:
+        lay = e.layout
+        return f"tp={lay.tp} dp={lay.dp}" + (" sp" if lay.sequence_parallel else "")
+
+    lines = [
+        "| GiB per GPU | " + " | ".join(head(e) for e in estimates) + " |",
+        "|---|" + "---:|" * len(estimates),
+    ]
+    rows = {part: [f"{e.parts[part] / GIB:.1f}" for e in estimates] for part in estimates[0].parts}
+    rows["**total**"] = [f"**{e.total / GIB:.1f}**" for e in estimates]
+    for name, cells in {**rows, **extra_rows}.items():
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# Shapes of the HF hub's GPT-2 checkpoints (n_layer, n_embd, n_head), so that an estimate needs
+# neither the network nor the weights; any other teacher must be a local HF folder.
+GPT2_HUB_SHAPES = {
+    "gpt2": (12, 768, 12),
+    "gpt2-medium": (24, 1024, 16),
+    "gpt2-large": (36, 1280, 20),
+    "gpt2-xl": (48, 1600, 25),
+}
+
+
+def pretrained_shape(name_or_path: str) -> GPTConfig:
+    """The ``GPTConfig`` of an HF GPT-2 (hub name or local folder) without loading its weights."""
+    from transformers import GPT2Config
+
+    from ted_scale.model.hf import config_from_hf
+
+    if Path(name_or_path).is_dir():
+        return config_from_hf(GPT2Config.from_pretrained(name_or_path))
+    shape = GPT2_HUB_SHAPES.get(name_or_path.removeprefix("openai-community/"))
+    if shape is None:
+        raise ValueError(
+            f"{name_or_path!r}: not a local HF folder nor one of {sorted(GPT2_HUB_SHAPES)}, so "
+            "its shape is unknown offline"
+        )
+    n_layer, n_embd, n_head = shape
+    return GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head)
+
+
+@dataclass
+class RunModels:
+    """A run's models on the meta device (shapes only): what :func:`estimate_memory` takes."""
+
+    teacher: nn.Module
+    student: nn.Module
+    teacher_filters: nn.Module | None
+    student_filters: nn.Module | None
+    kd: bool
+
+
+def run_models(config) -> RunModels:
+    """Teacher, student and (TED and its variants) filters of a ``RunConfig``, built on the meta
+    device by the trainer's own constructors, so every shape is the run's."""
+    # Imported here: the method and trainer modules import ted_scale.parallel themselves.
+    from ted_scale.distill.filters import build_filters
+    from ted_scale.distill.methods import get_method
+    from ted_scale.distill.methods.ted import TED
+    from ted_scale.model.student import student_from_teacher
+    from ted_scale.train.models import teacher_layer_map
+
+    with torch.device("meta"):
+        teacher = GPT(
+            pretrained_shape(config.teacher.pretrained)
+            if config.teacher.pretrained
+            else config.teacher.arch
+        )
+        layer_map = teacher_layer_map(config, teacher)
+        if config.student.init == "teacher_layers":
+            student = student_from_teacher(teacher, layer_map, dropout=config.student.dropout)
+        elif config.student.init == "pretrained":
+            shape = pretrained_shape(config.student.pretrained)
+            student = GPT(replace(shape, dropout=config.student.dropout))
+        else:
+            shape = replace(
+                teacher.config, n_layer=config.student.n_layer, dropout=config.student.dropout
+            )
+            student = GPT(shape)
+        teacher_filters = student_filters = None
+        if isinstance(get_method(config.method), TED):
+            arch, d_t = config.filters.arch, teacher.config.n_embd
+            kwargs = {"d_out": d_t, "mlp_hidden": config.filters.mlp_hidden}
+            teacher_filters = build_filters(arch, teacher, layer_map, **kwargs)
+            layers = list(range(student.config.n_layer))
+            student_filters = (
+                copy.deepcopy(teacher_filters)  # the teacher's filter at M(k), as the trainer
+                if config.filters.student_filters == "copy"
+                else build_filters(arch, student, layers, **kwargs)
+            )
+    return RunModels(
+        teacher, student, teacher_filters, student_filters, config.distill.alpha_kd > 0
+    )
+
+
+def run_layout(config, *, tp: int, world: int, seq_len: int) -> Layout:
+    """The ``Layout`` of a ``RunConfig`` at tensor-parallel size ``tp`` on ``world`` GPUs."""
+    if world % tp:
+        raise ValueError(f"tensor_parallel_size={tp} does not divide the world size {world}")
+    zero = config.deepspeed.extra.get("zero_optimization", {})
+    return Layout(
+        tp=tp,
+        dp=world // tp,
+        zero_stage=config.deepspeed.zero_stage,
+        micro_batch=config.batch.micro_batch_size,
+        seq_len=seq_len,
+        compute_bytes=FP32 if config.precision == "fp32" else 2,
+        activation_checkpointing=config.model.activation_checkpointing,
+        sequence_parallel=config.parallel.sequence_parallel and tp > 1,
+        flash_attention=config.model.attention != "eager",
+        offload_optimizer=config.deepspeed.offload_optimizer,
+        reduce_bucket=int(zero.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET)),
+    )
+
+
+def run_memory_table(
+    config, *, tps: list[int], world: int, seq_len: int, gpus_gib: list[float], with_sp: bool
+) -> str:
+    """The Markdown table of a ``RunConfig`` at each tensor-parallel size in ``tps`` on ``world``
+    GPUs (and, with ``with_sp``, each tp > 1 again with sequence parallelism), with whether it
+    fits and the largest micro-batch that fits on GPUs of each size in ``gpus_gib``."""
+    models = run_models(config)
+
+    def estimate_at(layout: Layout) -> MemoryEstimate:
+        return estimate_memory(
+            models.teacher,
+            models.student,
+            layout,
+            teacher_filters=models.teacher_filters,
+            student_filters=models.student_filters,
+            kd=models.kd,
+            teacher_ahead=config.teacher_prefetch != "off",  # "auto" prefetches on a GPU
+        )
+
+    layouts = []
+    for tp in tps:
+        layouts.append(run_layout(config, tp=tp, world=world, seq_len=seq_len))
+        if with_sp and tp > 1 and not layouts[-1].sequence_parallel:
+            layouts.append(replace(layouts[-1], sequence_parallel=True))
+    estimates = [estimate_at(layout) for layout in layouts]
+    extra = {}
+    for gib in gpus_gib:
+        extra[f"fits in {gib:g} GiB"] = [
+            "yes" if e.total <= gib * GIB else "**no**" for e in estimates
+        ]
+        extra[f"largest micro-batch in {gib:g} GiB"] = [
+            str(largest_micro_batch(e, estimate_at, gib * GIB)) for e in estimates
+        ]
+    return format_table(estimates, extra)
