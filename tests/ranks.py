@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -43,7 +43,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300) -
     """Run ``fn(*args)`` on ``world_size`` gloo ranks; raise with the failing ranks' tracebacks."""
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_rank_main, args=(fn, r, world_size, port, errors, args))
         for r in range(world_size)

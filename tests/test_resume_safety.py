@@ -209,3 +209,15 @@ def test_global_batch_not_divisible_by_micro_batch_times_ranks_is_a_config_error
         ConfigError, match=r"multiple of batch.micro_batch_size x data-parallel ranks = 4 x 3"
     ):
         gradient_accumulation_steps(config, dp_size=3)
+
+
+def test_a_checkpoint_of_another_tensor_parallel_size_is_refused_saying_how_to_go_on(
+    finished_run, tmp_path, tiny_data
+):
+    run = _copy_to_resume(finished_run, tmp_path)
+    tag = run / "checkpoints" / "stage2-step00000002"
+    assert json.loads((tag / "layout.json").read_text()) == {"tensor_parallel_size": 1}
+    (tag / "layout.json").write_text(json.dumps({"tensor_parallel_size": 2}))
+    (tag / "complete").write_text(complete_record(tag.name, tag))  # intact, only another layout
+    with pytest.raises(ConfigError, match=r"saved at parallel.tensor_parallel_size=2 and this run"):
+        Trainer(_config(tiny_data, run)).run()

@@ -6,17 +6,23 @@ another tensor-parallel size."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from ranks import run_ranks
+from ranks import free_port, run_ranks
 from safetensors.torch import load_file
 
 from ted_scale.distill.methods import get_method, method_names
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).parent / "torchrun"
 TP_METHODS = [m for m in method_names() if get_method(m).tensor_parallel]
 LAYOUTS = {"tp2": (2, 2), "dp2_tp2": (4, 2)}  # name -> (ranks, tensor_parallel_size)
 
@@ -89,3 +95,60 @@ def test_every_method_trains_the_same_as_one_process(layout, single_process, tin
             # gradient moves that one element by a visible part of a step; 5e-6 is 0.5 % of one
             # step at lr 1e-3. Biases start at 0, so a relative bound alone is too strict there.
             torch.testing.assert_close(got_w[name], tensor, rtol=1e-5, atol=5e-6, msg=name)
+    _assert_same_hf_logits(tmp_path / "ted" / "student_hf", single_process / "ted" / "student_hf")
+
+
+def _assert_same_hf_logits(got: Path, want: Path) -> None:
+    """Both exported folders load with transformers and give the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.arange(40).view(2, 20) * 7 % 512
+    logits = [AutoModelForCausalLM.from_pretrained(p).eval()(ids).logits for p in (got, want)]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
+def _torchrun(env: dict[str, str], ranks: int, *args: str) -> subprocess.Popen:
+    cmd = [
+        str(TORCHRUN), f"--nproc_per_node={ranks}", f"--master_port={free_port()}",
+        str(REPO / "launch" / "pretrain_ted.py"), *args,
+    ]  # fmt: skip
+    # A session of its own: SIGKILL goes to the launcher and its ranks at once, like kill -9 of
+    # a job.
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+def test_a_tp2_run_killed_after_a_checkpoint_resumes_to_the_same_losses(
+    tiny_data, tmp_path, subprocess_env
+):
+    common = [
+        "--config", str(REPO / "configs" / "tiny-ted.yaml"), f"data.path={tiny_data}",
+        "parallel.tensor_parallel_size=2", "stage1.max_steps=2", "stage2.max_steps=6",
+        "log.interval=1", "checkpoint.interval=3", "checkpoint.keep=10", "eval.interval=0",
+    ]  # fmt: skip
+    _finish(_torchrun(subprocess_env, 2, *common, f"output_dir={tmp_path / 'full'}"))
+
+    run = tmp_path / "killed"
+    proc = _torchrun(subprocess_env, 2, *common, f"output_dir={run}")
+    marker = run / "checkpoints" / "stage2-step00000003" / "complete"
+    deadline = time.time() + 600
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the run ended before its step-3 checkpoint"
+    assert not (run / "student_hf").exists()
+
+    out = _finish(_torchrun(subprocess_env, 2, *common, f"output_dir={run}", "resume=auto"))
+    assert "stage2: resumed from" in out
+    assert "dp=1 tp=2 sp=off" in out
+    assert _losses(run) == _losses(tmp_path / "full")  # exactly
+    _assert_same_hf_logits(run / "student_hf", tmp_path / "full" / "student_hf")
