@@ -272,6 +272,7 @@ def test_report_puts_the_study_beside_the_demo_and_drops_what_no_model_has(tmp_p
     for column in zip(*rows, strict=True):  # no column of nothing or of zeros
         assert set(column) - {"–", "0.00"}
     assert below[0].startswith("- held-out ppl: token perplexity on the held-out split")
+    assert "- Teacher better than every other row on held-out ppl: yes." in below
     assert any(line.startswith("- held-out ppl: study:") for line in below)
     assert any(
         "LAMBADA left out: no model scored on it (teacher) predicts any answer of its 500" in line
@@ -292,6 +293,12 @@ def test_report_says_when_study_results_are_absent_or_scored_other_text(tmp_path
     (header, *rows), below = _table(out)
     assert header == ["Model", "held-out ppl"] and rows == [["teacher", "52.00"], ["KD", "63.00"]]
     assert f"- Study results not present (run `make study`): no `{missing}`." in below
+    beaten = _demo_results(tmp_path, {"teacher": 52.0, "KD": 51.5})
+    assert _main("report.py")(["--results", *beaten, "--out", str(out)]) == 0
+    assert any(
+        line.startswith("- Teacher better than every other row on held-out ppl: NO, KD")
+        for line in _table(out)[1]
+    )
 
     other = _demo_results(tmp_path, {"teacher": 52.0, "KD": 63.0}, tokens=1000)
     study = str(_study_results(tmp_path))

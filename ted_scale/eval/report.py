@@ -175,6 +175,22 @@ def _study_notes(study: dict, source: str, results: list[dict]) -> list[str]:
     return lines
 
 
+def _teacher_check(names: list[str], zero_shot: dict[str, dict]) -> list[str]:
+    """Whether the row named "teacher" has the lowest held-out perplexity (a teacher that its
+    students beat is under-trained for them, and the table says so)."""
+    ppl = {n: _value(zero_shot.get(n), "heldout", "perplexity") for n in names}
+    ppl = {n: v for n, v in ppl.items() if v is not None}
+    if "teacher" not in ppl or len(ppl) < 2:
+        return []
+    beaten = [f"{n} ({v:.2f})" for n, v in ppl.items() if n != "teacher" and v <= ppl["teacher"]]
+    if not beaten:
+        return ["Teacher better than every other row on held-out ppl: yes."]
+    return [
+        f"Teacher better than every other row on held-out ppl: NO, {', '.join(beaten)} at or "
+        f"below its {ppl['teacher']:.2f}: the teacher is under-trained for its students' budget."
+    ]
+
+
 def table1(
     zero_shot: dict[str, dict],
     transfer: dict[str, dict] | None = None,
@@ -228,6 +244,7 @@ def table1(
     below = [f"{title}: {what}." for title, _, what in columns]
     if any(title.startswith("WikiText") for title, _, _ in columns):
         below += wikitext_notes([*zero_shot.values(), *transfer.values()])
+    below += _teacher_check(names, zero_shot)
     below += why
     if left_out:
         below.append(f"Left out: {'; '.join(left_out)}.")
