@@ -240,7 +240,8 @@ def _study_results(tmp_path) -> Path:
     (paths.teacher / "metrics.jsonl").write_text(json.dumps(line) + "\n")
     for seed in (1, 2, 3):
         for row, ppl in (("alone", 70.0), ("kd", 60.0), ("ted", 58.0)):
-            done(paths.run_dir(row, seed), ppl + seed)
+            if (row, seed) != ("ted", 3):  # one run not finished: its row says so
+                done(paths.run_dir(row, seed), ppl + seed)
     outcome = {"missing": {}, "failures": {}, "lambada": "left out", "lambada_included": False}
     write_report(study, outcome, 1.0)
     return paths.root / "results.json"
@@ -267,7 +268,7 @@ def test_report_puts_the_study_beside_the_demo_and_drops_what_no_model_has(tmp_p
         ["teacher", "52.00", "50.00"],
         ["student alone", "75.00", "72.00 ± 1.00"],
         ["KD", "63.00", "62.00 ± 1.00"],
-        ["TED", "61.00", "60.00 ± 1.00"],
+        ["TED", "61.00", "59.50 ± 0.71 (2 of 3 seeds)"],
     ]
     for column in zip(*rows, strict=True):  # no column of nothing or of zeros
         assert set(column) - {"–", "0.00"}

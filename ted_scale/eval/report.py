@@ -117,10 +117,13 @@ def _study_cell(study: dict, row: str, col: Column) -> str:
     mean = stat.get("mean") if isinstance(stat, dict) else None
     if not isinstance(mean, (int, float)):
         return MISSING
-    std = stat.get("std")
+    std, n = stat.get("std"), stat.get("n")
+    seeds = len(study.get("study", {}).get("seeds", []))
     scale = 100 if col.is_accuracy else 1
-    cell = f"{scale * mean:.2f}"
-    return cell + (f" ± {scale * std:.2f}" if isinstance(std, (int, float)) else "")
+    cell = f"{scale * mean:.2f}" + (
+        f" ± {scale * std:.2f}" if isinstance(std, (int, float)) else ""
+    )
+    return cell + (f" ({n} of {seeds} seeds)" if row != "teacher" and n != seeds else "")
 
 
 def _unsolved(names: list[str], values: dict[Column, list[float | None]], results: dict) -> dict:
@@ -149,9 +152,9 @@ def _study_notes(study: dict, source: str, results: list[dict]) -> list[str]:
     seeds = config.get("seeds", [])
     corpus = config.get("corpus", {}).get("path", "?")
     lines = [
-        f"study: mean ± std over the {len(seeds)} seeds {seeds} of `make study` (`{source}`; its "
-        f"teacher row is its one teacher): corpus {corpus}, teacher {teacher_steps} steps, "
-        f"students {s1} Stage I + {s2} Stage II steps."
+        f"study: mean ± std over seeds {seeds} of `make study` (`{source}`; the teacher: its one "
+        f"run): corpus {corpus}, teacher {teacher_steps} steps, students {s1} Stage I + {s2} "
+        "Stage II steps."
     ]
     same, differ = [], []
     for task, keys in (("heldout", ("num_tokens",)), ("wikitext", ("protocol", "source"))):
