@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 CONFIGS = REPO / "configs"
 STUDY_CONFIG = CONFIGS / "study-cpu.yaml"  # the demo takes its corpus settings from the study
-STUDY_RESULTS = REPO / "docs" / "study" / "results.json"  # `make study`'s results, as committed
+# `make study`'s results as committed, relative to the repository (the steps run there)
+STUDY_RESULTS = Path("docs/study/results.json")
 # Run name (configs/demo-<name>.yaml, with "_" as "-") -> its label in the report and plots.
 # `lm` is the "student alone": next-token CE only, from the same blocks with the same budget.
 STUDENTS = {
