@@ -11,6 +11,7 @@ demo again resumes where it stopped.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -46,7 +47,7 @@ def _step(n: int, total: int, title: str) -> None:
 
 
 def _run(cmd: list, *, env: dict[str, str]) -> None:
-    printable = " ".join(str(c) for c in cmd).replace(sys.executable, "python")
+    printable = shlex.join(str(c) for c in cmd).replace(sys.executable, "python")
     print(f"$ {printable}", flush=True)
     subprocess.run([str(c) for c in cmd], check=True, env=env, cwd=REPO)
 
@@ -174,8 +175,8 @@ def run_demo(out: Path, *, ranks: int = 2, study_results: Path = STUDY_RESULTS) 
             "--note",
             setup_note(),
             "--note",
-            "WikiText-2 test is not scored by the demo (it costs minutes per model on 2 cores); "
-            "`make study` scores it.",
+            "WikiText-2 test (6x the held-out split's tokens) is not scored by the demo, to keep "
+            "it short; `make study` scores it.",
             "--out",
             table,
         ],
