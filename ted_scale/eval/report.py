@@ -239,7 +239,8 @@ def table1(
             if setting == "zero-shot" and study is not None:
                 cells = [_study_cell(study, study_rows.get(n, row_key(n)), col) for n in names]
                 if any(c != MISSING for c in cells):
-                    columns.append((f"{col.title}: study", cells, f"{col.title}, study mean ± std"))
+                    what = "the same in `make study`: mean ± std over its seeds (below)"
+                    columns.append((f"{col.title}: study", cells, what))
     header = ["Model", *(title for title, _, _ in columns)]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * len(columns)]
     for i, name in enumerate(names):
