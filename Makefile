@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# DeepSpeed JIT-builds its CPU ops (shm comm) on first use; kept with this .venv, so that another
+# environment's build of them (torch's default cache is per user) never forces a rebuild here.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup test demo study lint bench gpu-check clean
 

@@ -185,13 +185,16 @@ def test_report_turns_four_results_into_table(tmp_path, capsys):
     )
     lines = out.read_text().splitlines()
     assert [line.split("|")[1].strip() for line in lines[2:6]] == ["teacher", "KD", "LWD", "TED"]
-    assert lines[7] == (
-        "WikiText ppl: word perplexity; protocol lm-eval; source wikitext-2-v1 (bundled)."
+    assert "- WikiText ppl: word perplexity; protocol lm-eval; source wikitext-2-v1 (bundled)." in (
+        lines
     )
-    assert lines[9] == "WikiText ppl: word perplexity; protocol not recorded; source not recorded."
+    assert "- WikiText ppl: word perplexity; protocol not recorded; source not recorded." in lines
     assert "LAMBADA acc (%) (zero-shot)" in lines[0] and "WikiText ppl (transfer)" in lines[0]
-    assert lines[2] == "| teacher | 34.10 | 36.10 | 35.10 | 32.50 | – | – | – | – |"
-    assert lines[5] == "| TED | 44.50 | 46.50 | 45.50 | 25.00 | – | 21.25 | – | – |"
+    # The transfer columns no model has are left out, and the table says so.
+    assert "held-out ppl (transfer)" not in lines[0] and "LAMBADA ppl (transfer)" not in lines[0]
+    assert any(line.startswith("- Left out: held-out ppl (transfer)") for line in lines)
+    assert lines[2] == "| teacher | 34.10 | 36.10 | 35.10 | 32.50 | – |"
+    assert lines[5] == "| TED | 44.50 | 46.50 | 45.50 | 25.00 | 21.25 |"
 
 
 def test_report_refuses_malformed_results(tmp_path, capsys):
@@ -199,6 +202,120 @@ def test_report_refuses_malformed_results(tmp_path, capsys):
     bad.write_text("{not json")
     assert _main("report.py")(["--results", f"KD={bad}", "--out", str(tmp_path / "t.md")]) == 2
     assert str(bad) in capsys.readouterr().err
+
+
+HELDOUT_TOKENS = 73472
+
+
+def _demo_results(tmp_path, heldout: dict[str, float], tokens: int = HELDOUT_TOKENS) -> list[str]:
+    """The demo's results files: held-out for every model, LAMBADA (all wrong) for the teacher."""
+    named = []
+    for name, ppl in heldout.items():
+        result = {"heldout": {"perplexity": ppl, "num_tokens": tokens}}
+        if name == "teacher":
+            result["lambada"] = {"accuracy": 0.0, "perplexity": 3e7, "num_examples": 500}
+        path = tmp_path / f"{name.replace(' ', '_')}.json"
+        path.write_text(json.dumps(result))
+        named.append(f"{name}={path}")
+    return named
+
+
+def _study_results(tmp_path) -> Path:
+    """A results.json written by the study's own report, from three seeds of fake finished runs."""
+    from ted_scale.io import atomic_write_json
+    from ted_scale.study.config import StudyConfig
+    from ted_scale.study.plan import DONE_FILE, StudyPaths
+    from ted_scale.study.report import write_report
+
+    study = StudyConfig(output_dir=str(tmp_path / "study"), methods=["kd", "ted"])
+    paths = StudyPaths(tmp_path / "study")
+
+    def done(run: Path, ppl: float) -> None:
+        run.mkdir(parents=True, exist_ok=True)
+        heldout = {"perplexity": ppl, "num_tokens": HELDOUT_TOKENS}
+        atomic_write_json(run / DONE_FILE, {"eval": {"heldout": heldout}, "flops": {"stage2": 1.0}})
+
+    done(paths.teacher, 50.0)
+    line = {"step": 10, "stage": "lm", "loss": 4.0, "eval_heldout_ppl": 50.0}
+    (paths.teacher / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+    for seed in (1, 2, 3):
+        for row, ppl in (("alone", 70.0), ("kd", 60.0), ("ted", 58.0)):
+            if (row, seed) != ("ted", 3):  # one run not finished: its row says so
+                done(paths.run_dir(row, seed), ppl + seed)
+    outcome = {"missing": {}, "failures": {}, "lambada": "left out", "lambada_included": False}
+    write_report(study, outcome, 1.0)
+    return paths.root / "results.json"
+
+
+def _table(path: Path) -> tuple[list[list[str]], list[str]]:
+    """(cells of the header and each row, the lines under the table)."""
+    lines = path.read_text().splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line[:1] == "|"]
+    return [rows[0], *rows[2:]], [line for line in lines if line.startswith("- ")]
+
+
+def test_report_puts_the_study_beside_the_demo_and_drops_what_no_model_has(tmp_path):
+    named = _demo_results(
+        tmp_path, {"teacher": 52.0, "student alone": 75.0, "KD": 63.0, "TED": 61.0}
+    )
+    out = tmp_path / "table.md"
+    args = ["--results", *named, "--study", str(_study_results(tmp_path))]
+    args += ["--study-rows", "student alone=alone", "--note", "Demo: one seed.", "--out", str(out)]
+    assert _main("report.py")(args) == 0
+    (header, *rows), below = _table(out)
+    assert header == ["Model", "held-out ppl", "held-out ppl: study"]
+    assert rows == [
+        ["teacher", "52.00", "50.00"],
+        ["student alone", "75.00", "72.00 ± 1.00"],
+        ["KD", "63.00", "62.00 ± 1.00"],
+        ["TED", "61.00", "59.50 ± 0.71 (2 of 3 seeds)"],
+    ]
+    for column in zip(*rows, strict=True):  # no column of nothing or of zeros
+        assert set(column) - {"–", "0.00"}
+    assert below[0].startswith("- held-out ppl: token perplexity on the held-out split")
+    assert "- Teacher better than every other row on held-out ppl: yes." in below
+    assert any(line.startswith("- held-out ppl: study:") for line in below)
+    assert any(
+        "LAMBADA left out: no model scored on it (teacher) predicts any answer of its 500" in line
+        for line in below
+    )
+    assert any(line.startswith("- Left out: WikiText ppl") for line in below)
+    assert f"- Scored like the study: heldout (num_tokens {HELDOUT_TOKENS})." in below
+    assert "seeds [1, 2, 3]" in "\n".join(below) and below[-1] == "- Demo: one seed."
+
+
+def test_report_says_when_study_results_are_absent_or_scored_other_text(tmp_path):
+    named = _demo_results(tmp_path, {"teacher": 52.0, "KD": 63.0})
+    out = tmp_path / "table.md"
+    missing = tmp_path / "docs" / "study" / "results.json"
+    assert (
+        _main("report.py")(["--results", *named, "--study", str(missing), "--out", str(out)]) == 0
+    )
+    (header, *rows), below = _table(out)
+    assert header == ["Model", "held-out ppl"] and rows == [["teacher", "52.00"], ["KD", "63.00"]]
+    assert f"- Study results not present (run `make study`): no `{missing}`." in below
+    beaten = _demo_results(tmp_path, {"teacher": 52.0, "KD": 51.5})
+    assert _main("report.py")(["--results", *beaten, "--out", str(out)]) == 0
+    assert any(
+        line.startswith("- Teacher better than every other row on held-out ppl: NO, KD")
+        for line in _table(out)[1]
+    )
+
+    other = _demo_results(tmp_path, {"teacher": 52.0, "KD": 63.0}, tokens=1000)
+    study = str(_study_results(tmp_path))
+    assert _main("report.py")(["--results", *other, "--study", study, "--out", str(out)]) == 0
+    (header, *_), below = _table(out)
+    assert header == ["Model", "held-out ppl", "held-out ppl: study"]
+    assert any(line.startswith("- NOT scored like the study") and "1000" in line for line in below)
+
+
+def test_report_refuses_a_file_that_is_not_study_results(tmp_path, capsys):
+    named = _demo_results(tmp_path, {"teacher": 52.0})
+    bad = tmp_path / "results.json"
+    bad.write_text(json.dumps({"heldout": {}}))
+    args = ["--results", *named, "--study", str(bad), "--out", str(tmp_path / "t.md")]
+    assert _main("report.py")(args) == 2
+    assert f"{bad}: not a study results file" in capsys.readouterr().err
 
 
 def test_plot_metrics_writes_pngs(tmp_path):

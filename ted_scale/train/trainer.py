@@ -73,8 +73,12 @@ class Trainer:
         self._prepare_run_dir()
         seed_everything(config.seed)
         self.tokenizer = run_tokenizer(config)
-        self.teacher = build_teacher(config) if self.method.needs_teacher else None
-        self.student = build_student(config, self.teacher)
+        # A method without a teacher (lm, the "student alone" baseline) still builds it when the
+        # student starts from its blocks, then drops it: same init as the distilled students.
+        copies_blocks = config.student.init == "teacher_layers"
+        teacher = build_teacher(config) if self.method.needs_teacher or copies_blocks else None
+        self.student = build_student(config, teacher)
+        self.teacher = teacher if self.method.needs_teacher else None
         check_compatible(config, self.tokenizer, self.teacher, self.student)
         self.compute_dtype = compute_dtype(config.precision, self.device)
         if self.teacher is not None:
