@@ -1,12 +1,16 @@
 """Throughput of a training step per method against a plain `transformers` TED reference.
 
     python launch/bench_throughput.py --preset cpu|gpt2 [--out FILE.json]
+    torchrun --nproc_per_node N launch/bench_throughput.py --tp N --preset cpu|gpt2
 
 Synthetic token batches, random weights. For each configuration (method x fused loss x teacher
 prefetch x attention, plus the reference): tokens/s, the step split into teacher / student forward /
 losses / backward / optimizer, achieved TFLOP/s (ted_scale.flops), MFU on a GPU, peak memory,
 and ratios to the reference and to the student-alone step. Each configuration runs in a fresh
 process. Method details: ted_scale/bench/throughput.py; targets: ted_scale/bench/suite.py.
+With --tp N (N ranks, one tensor-parallel group; gloo on CPU): each method's fused step sharded
+over the N ranks, with the share of the step spent in tensor-parallel communication and each
+rank's parameter and optimizer bytes (ted_scale/bench/tensor_parallel.py).
 """
 
 import argparse
@@ -75,10 +79,18 @@ def main() -> None:
         "shared with other work, fewer threads than cores keep OpenMP from stalling",
     )  # fmt: skip
     parser.add_argument(
+        "--tp", type=int, default=None,
+        help="tensor-parallel size: time each method's fused step sharded over the N ranks this "
+        "is launched with (torchrun --nproc_per_node N; 1 = plain python) in one process per rank",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", type=Path, default=None,
         help="JSON output [default: runs/bench/throughput-<preset>.json]",
     )  # fmt: skip
     args = parser.parse_args()
+    if args.tp is not None:
+        _tensor_parallel(args)
+        return
 
     cuda = torch.cuda.is_available()
     prefetch = args.prefetch or (["on", "off"] if cuda else ["off"])
@@ -94,6 +106,21 @@ def main() -> None:
     out = args.out or Path("runs/bench") / f"throughput-{args.preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
+    print(f"\nwritten to {out}")
+
+
+def _tensor_parallel(args: argparse.Namespace) -> None:
+    from ted_scale.bench.tensor_parallel import format_tp_table, run_tp_suite
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run_tp_suite(PRESETS[args.preset], args.methods, args.tp)
+    if rows is None:  # not rank 0
+        return
+    print(format_tp_table(rows))
+    out = args.out or Path("runs/bench") / f"throughput-{args.preset}-tp{args.tp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2))
     print(f"\nwritten to {out}")
 
 

@@ -56,3 +56,27 @@ def _forward_matches(config: GPTConfig) -> None:
 @pytest.mark.parametrize("shape", SHAPES)
 def test_tp2_forward_equals_one_process(shape):
     run_ranks(_forward_matches, 2, SHAPES[shape])
+
+
+def _bench_at_tp2() -> None:
+    import tempfile
+    from pathlib import Path
+
+    from ted_scale.bench.tensor_parallel import measure_tp
+    from ted_scale.bench.throughput import PRESETS, ProjectStep, Spec
+    from ted_scale.parallel import init_parallel
+
+    dims = init_parallel(2)
+    preset, spec = PRESETS["micro"], Spec("ted", True, False, "auto")
+    row = measure_tp(preset, spec, dims)
+    with tempfile.TemporaryDirectory() as run_dir:
+        whole = ProjectStep(preset, spec, dims.device, Path(run_dir))
+        full = sum(p.numel() * p.element_size() for p in whole.module.parameters())
+    assert 0 < row["comm_ms"] < row["step_ms"] and 0 < row["comm_share"] < 1
+    # Blocks split in two; embedding rows 128 -> 256 padded, 128 per rank; rest whole.
+    assert row["param_bytes_per_rank"] < full
+    assert row["optimizer_bytes_per_rank"] > 0
+
+
+def test_the_benchmark_at_tp2_times_its_communication_and_halves_the_split_weights():
+    run_ranks(_bench_at_tp2, 2)

@@ -6,13 +6,13 @@ another tensor-parallel size."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from ranks import free_port, run_ranks
@@ -112,12 +112,18 @@ def _torchrun(env: dict[str, str], ranks: int, *args: str) -> subprocess.Popen:
         str(TORCHRUN), f"--nproc_per_node={ranks}", f"--master_port={free_port()}",
         str(REPO / "launch" / "pretrain_ted.py"), *args,
     ]  # fmt: skip
-    # A session of its own: SIGKILL goes to the launcher and its ranks at once, like kill -9 of
-    # a job.
     return subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )  # fmt: skip
+
+
+def _kill_job(proc: subprocess.Popen) -> None:
+    """kill -9 of the launcher and every rank at once (torchrun starts its ranks in sessions of
+    their own, so killing its process group would leave them running)."""
+    tree = psutil.Process(proc.pid)
+    for p in [tree, *tree.children(recursive=True)]:
+        p.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def _finish(proc: subprocess.Popen) -> str:
@@ -142,8 +148,7 @@ def test_a_tp2_run_killed_after_a_checkpoint_resumes_to_the_same_losses(
     deadline = time.time() + 600
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_job(proc)
     assert marker.exists(), "the run ended before its step-3 checkpoint"
     assert not (run / "student_hf").exists()
 

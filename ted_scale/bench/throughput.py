@@ -55,6 +55,7 @@ from ted_scale.distill.methods import (
     run_config_class,
 )
 from ted_scale.flops import device_peak_tflops
+from ted_scale.parallel import ParallelDims, parallelize_gpt
 from ted_scale.precision import autocast, compute_dtype, storage_dtype
 from ted_scale.train.models import (
     build_student,
@@ -166,6 +167,8 @@ class ProjectStep:
 
     batches: ``MethodContext.batches`` for the phases before it that read data (MiniDisc's
     calibration); default: the preset's synthetic batches.
+    dims: a tensor-parallel layout to shard the teacher and the student over, as the trainer does
+    (``ted_scale.bench.tensor_parallel``); default: one process.
     """
 
     def __init__(
@@ -177,6 +180,7 @@ class ProjectStep:
         *,
         seed: int = 0,
         batches: Callable[[str, int], list[tuple[Tensor, Tensor]]] | None = None,
+        dims: ParallelDims | None = None,
     ) -> None:
         config = bench_config(preset, spec, seed=seed)
         method = get_method(spec.method)
@@ -187,6 +191,10 @@ class ProjectStep:
         student = build_student(config, teacher)
         if teacher is not None:
             teacher.to(device, dtype=storage_dtype(self.compute_dtype))
+        if dims is not None:
+            if teacher is not None:
+                parallelize_gpt(teacher, dims, "teacher")
+            parallelize_gpt(student.to(device), dims, "student")
         compile_models(config, device, teacher, student)
         ctx = MethodContext(
             config=config,
@@ -198,6 +206,7 @@ class ProjectStep:
             run_dir=run_dir,
             log=lambda _: None,
             batches=batches or (lambda _split, n: _synthetic_batches(preset, n, CPU)),
+            dims=dims,
         )
         self.phase = build_benchmarked(method, ctx)
         self.module = self.phase.trained
