@@ -45,9 +45,10 @@ def forward_flops(module: nn.Module, seq_len: int) -> float:
     total = 0.0
     for m in module.modules():
         if isinstance(m, nn.Linear) or getattr(m, "tp_layout", None) in _SHARDED_LINEAR:
-            total += 2 * m.weight.numel()  # this rank's shard of a tensor-parallel one
+            d_out, d_in = _shape(m.weight)  # this rank's shard of a tensor-parallel one
+            total += 2 * d_in * d_out
         elif isinstance(m, CausalSelfAttention):
-            total += 2 * seq_len * m.qkv_proj.weight.shape[0] // 3
+            total += 2 * seq_len * _shape(m.qkv_proj.weight)[0] // 3
     return total
 
 
@@ -65,8 +66,13 @@ def subnet_flops(model: GPT, subnet: Subnet, seq_len: int) -> float:
 def head_flops(model: GPT) -> float:
     """Forward FLOPs per token of one application of ``model``'s LM head [d] -> [V], on this
     rank: a head sharded by vocabulary (tensor parallelism) counts its own rows."""
-    rows, width = model.lm_head_weight.shape
+    rows, width = _shape(model.lm_head_weight)
     return 2 * rows * width
+
+
+def _shape(weight: torch.Tensor) -> tuple[int, ...]:
+    """The weight's shape on this rank, also while ZeRO-3 holds it partitioned (``ds_shape``)."""
+    return tuple(getattr(weight, "ds_shape", weight.shape))
 
 
 def device_peak_tflops(device: torch.device) -> float | None:

@@ -48,13 +48,20 @@ def _forward_matches(config: GPTConfig) -> None:
         torch.testing.assert_close(
             out.hidden_states[i], want.hidden_states[i], rtol=1e-5, atol=1e-5
         )
+    from ted_scale.eval.scoring import score_tokens
+
+    targets = torch.randint(0, config.vocab_size, ids.shape)
+    targets[0, :3] = -100  # not scored
+    got, expected = score_tokens(model, ids, targets), score_tokens(reference, ids, targets)
+    torch.testing.assert_close(got.nll, expected.nll, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.correct, expected.correct)
     full = gathered_state(model)
     for name, tensor in reference.state_dict().items():
         torch.testing.assert_close(full[name], tensor, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_tp2_forward_equals_one_process(shape):
+def test_tp2_forward_scoring_and_gathered_state_equal_one_process(shape):
     run_ranks(_forward_matches, 2, SHAPES[shape])
 
 

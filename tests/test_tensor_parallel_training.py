@@ -1,5 +1,6 @@
 """Every method that supports tensor parallelism trains the same at tp=2 (2 ranks) and at
-dp=2 x tp=2 (4 ranks, ZeRO-1) as in one process: losses, and the gathered, exported weights.
+dp=2 x tp=2 (4 ranks, ZeRO-1) as in one process: losses, in-training evaluation, and the
+gathered, exported weights.
 A TP run killed after a checkpoint resumes to the uninterrupted losses; a checkpoint refuses
 another tensor-parallel size."""
 
@@ -50,7 +51,9 @@ def _train_methods(data: Path, root: Path, tp: int, methods: list[str]) -> None:
                 "batch.micro_batch_size=2",
                 "log.interval=1",
                 "checkpoint.interval=0",
-                "eval.interval=0",
+                "eval.interval=3",  # the last step: scored sharded, by the tensor-parallel group
+                "eval.heldout_batches=2",
+                "eval.lambada_examples=4",
                 "deepspeed.zero_stage=1",
                 *(["student.init=random"] if not get_method(method).needs_teacher else []),
             ],
@@ -59,12 +62,10 @@ def _train_methods(data: Path, root: Path, tp: int, methods: list[str]) -> None:
 
 
 def _losses(run: Path) -> list[dict]:
+    """Every metrics line's losses and evaluation results (what must not depend on the layout)."""
     rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-    return [
-        {k: v for k, v in r.items() if k == "stage" or k == "step" or k.startswith("loss")}
-        for r in rows
-        if "loss" in r
-    ]
+    kept = ("stage", "step", "loss", "eval_")
+    return [{k: v for k, v in r.items() if k.startswith(kept)} for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_every_method_trains_the_same_as_one_process(layout, single_process, tin
         for g, w in zip(got, want, strict=True):
             assert g.keys() == w.keys(), method
             for key in w:
-                if key.startswith("loss"):
+                if key.startswith(("loss", "eval_")):
                     # abs: KD is a small difference of log-sum-exps of order the CE (~6).
                     assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (method, g, key)
         want_w = load_file(single_process / method / "student_hf" / "model.safetensors")

@@ -18,7 +18,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ted_scale.data.loader import IGNORE_INDEX
+from ted_scale.kernels import vocab_parallel_token_scores
 from ted_scale.model import GPT
+from ted_scale.parallel.tensor import vocab_shard_of
 from ted_scale.precision import autocast, compute_dtype
 
 
@@ -68,13 +70,20 @@ def score_tokens(
 
     input_ids: [B, T] int64. targets: [B, T] int64, the token expected after each position, or
     IGNORE_INDEX where the position is not scored. fused=False computes the full [B, T, V] logits
-    (a reference for the fused path).
+    (a reference for the fused path). A model sharded by tensor parallelism is scored with the
+    vocabulary-parallel statistics (a collective: every rank of its group calls this).
     """
     mask = targets != IGNORE_INDEX
     scored = targets[mask]  # [N]
     with autocast(input_ids.device, compute_dtype("auto", input_ids.device)):
         out = model(input_ids, return_logits=not fused)
-    if fused:
+    shard = vocab_shard_of(model.lm_head_weight)
+    if shard is not None:  # a vocabulary-parallel head: every rank of its group takes part
+        hidden = out.last_hidden[mask].float()
+        rows_nll, rows_correct = vocab_parallel_token_scores(
+            hidden, model.lm_head_weight.float(), scored, shard, chunk_rows=chunk_rows
+        )
+    elif fused:
         hidden = out.last_hidden[mask].float()  # [N, d]: only the scored rows
         weight = model.lm_head_weight.float()  # [V, d]
         parts = [

@@ -1,5 +1,6 @@
 """Evaluation every ``eval.interval`` steps: held-out perplexity on the first batches of the test
-split and LAMBADA on a fixed subset. Rank 0 evaluates; the other ranks wait at the barrier.
+split and LAMBADA on a fixed subset. Rank 0 evaluates (with a tensor-parallel model, the ranks of
+its group together); the other ranks wait at the barrier.
 
 Every input is read when the evaluator is built, at start-up, so a bad LAMBADA file or test split
 stops the run before step 1 rather than after hours of training.
@@ -14,8 +15,10 @@ from ted_scale.config.schema import RunConfig
 from ted_scale.data.loader import DistributedBatchLoader, PackedTokens
 from ted_scale.eval.heldout import heldout_perplexity
 from ted_scale.eval.lambada import evaluate_lambada, load_lambada
+from ted_scale.eval.scoring import eval_mode
 from ted_scale.model import GPT
 from ted_scale.parallel import barrier, gathered_state
+from ted_scale.parallel.tensor import tensor_parallel_group
 
 
 class InTrainingEval:
@@ -42,9 +45,16 @@ class InTrainingEval:
     def __call__(self, model: GPT, device: torch.device) -> dict[str, float]:
         """Metrics of ``model`` (empty on ranks other than 0).
 
-        Rank 0 evaluates a plain copy: under ZeRO-3 the engine's own module holds only this
-        rank's partition of each weight, and its hooks would release gathered weights mid-eval.
+        A model sharded by tensor parallelism is scored as it is, by every rank of its group
+        (vocabulary-parallel scoring; every group scores the same batches). Otherwise rank 0
+        evaluates a plain copy: under ZeRO-3 the engine's own module holds only this rank's
+        partition of each weight, and its hooks would release gathered weights mid-eval.
         """
+        if tensor_parallel_group(model) is not None:
+            with eval_mode(model):
+                results = self._evaluate(model, device)
+            barrier()
+            return results if self.is_main else {}
         state = gathered_state(model)  # a collective under ZeRO-3: every rank takes part
         results: dict[str, float] = {}
         if self.is_main:
