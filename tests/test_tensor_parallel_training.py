@@ -24,7 +24,12 @@ from ted_scale.distill.methods import get_method, method_names
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-TP_METHODS = [m for m in method_names() if get_method(m).tensor_parallel]
+# The built-in ones: a plug-in registered by another test file exists only in this process.
+TP_METHODS = [
+    m
+    for m in method_names()
+    if get_method(m).tensor_parallel and type(get_method(m)).__module__.startswith("ted_scale.")
+]
 LAYOUTS = {"tp2": (2, 2), "dp2_tp2": (4, 2)}  # name -> (ranks, tensor_parallel_size)
 
 

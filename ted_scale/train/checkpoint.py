@@ -28,6 +28,7 @@ from ted_scale.config import ConfigError
 from ted_scale.io import atomic_write_json, atomic_write_text
 from ted_scale.parallel import barrier
 from ted_scale.train.safe_checkpoint import (
+    UnsafeCheckpointError,
     complete_record,
     load_rng_state,
     make_loads_safe,
@@ -179,7 +180,7 @@ class CheckpointManager:
         """Refuse a checkpoint saved at another tensor-parallel size: its model files hold other
         shards. (Checkpoints from before tensor parallelism have no layout file: tp 1.)"""
         record = path / LAYOUT_FILE
-        saved = json.loads(record.read_text())["tensor_parallel_size"] if record.exists() else 1
+        saved = _read_layout(record) if record.exists() else 1
         if saved != self.tensor_parallel_size:
             raise ConfigError(
                 f"{path} was saved at parallel.tensor_parallel_size={saved} and this run has "
@@ -188,3 +189,14 @@ class CheckpointManager:
                 "data-parallel size), or start a new output_dir from the exported model "
                 "(student.init: pretrained, student.pretrained: <run>/student_hf)"
             )
+
+
+def _read_layout(record: Path) -> int:
+    """The tensor-parallel size a checkpoint's ``layout.json`` records; an unreadable one is named."""
+    try:
+        size = json.loads(record.read_text())["tensor_parallel_size"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UnsafeCheckpointError(f"{record}: not a readable layout record ({e})") from None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise UnsafeCheckpointError(f"{record}: tensor_parallel_size {size!r} is not a size")
+    return size
