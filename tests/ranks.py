@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ted_scale.parallel.dims import free_port
 
 
 def _rank_main(fn: Callable, rank: int, world: int, port: int, errors: Any, args: tuple) -> None:

@@ -16,10 +16,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from ranks import free_port, run_ranks
+from ranks import run_ranks
 from safetensors.torch import load_file
 
 from ted_scale.distill.methods import get_method, method_names
+from ted_scale.parallel.dims import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,6 @@ whole padded head); the tests compare what the ranks saved.
 from __future__ import annotations
 
 import importlib.util
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,8 @@ from ted_scale.kernels import (
     fused_linear_kl_div,
     vocab_parallel_token_scores,
 )
+
+from ted_scale.parallel.dims import free_port
 
 WORLD = 2
 # (true vocabulary, padded to a multiple of 128 x WORLD): padding whose rank-1 shard spans two
@@ -151,16 +152,10 @@ def _worker(rank: int, port: int, backends: list[str], out: Path) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def all_ranks(tmp_path_factory, subprocess_env) -> list[dict[str, torch.Tensor]]:
     """What each of the two ranks saved (one launch for both backends: Triton interpreted)."""
-    out, port = tmp_path_factory.mktemp("ranks"), _free_port()
+    out, port = tmp_path_factory.mktemp("ranks"), free_port()
     backends = ",".join(["torch"] + (["triton"] if HAS_TRITON else []))
     procs = [
         subprocess.Popen(

@@ -100,7 +100,8 @@ class _DeepSpeedMPU:
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback interface that is free now (for a group's master)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -123,7 +124,7 @@ def init_parallel(tensor_parallel_size: int = 1) -> ParallelDims:
             WORLD_SIZE="1",
             LOCAL_WORLD_SIZE="1",
             MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(_free_port()),
+            MASTER_PORT=str(free_port()),
         )
     import deepspeed
 
