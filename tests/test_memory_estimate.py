@@ -183,14 +183,25 @@ def estimate_memory_command(capsys, *args: str) -> tuple[int, str, str]:
 
 def test_the_command_prints_the_xl_table(capsys):
     xl = str(REPO / "configs" / "gpt2-xl-ted-owt.yaml")
-    status, out, _ = estimate_memory_command(capsys, "--config", xl, "--world", "10", "--tp", "1,5")
+    status, out, _ = estimate_memory_command(capsys, "--config", xl, "--world", "8", "--tp", "1,4")
     assert status == 0
     lines = out.splitlines()
-    assert lines[0] == "| GiB per GPU | tp=1 dp=10 | tp=5 dp=2 |"
-    assert "| teacher weights (frozen) | 2.9 | 0.6 |" in lines
-    status, _, err = estimate_memory_command(capsys, "--config", xl, "--world", "2", "--tp", "2")
+    assert lines[0] == "| GiB per GPU | tp=1 dp=8 | tp=4 dp=2 |"
+    # 25 heads padded to 28 at tp 4: a quarter of 28/25 of the attention weights per rank.
+    assert "| teacher weights (frozen) | 2.9 | 0.8 |" in lines
+    status, _, err = estimate_memory_command(
+        capsys,
+        "--config",
+        xl,
+        "--world",
+        "2",
+        "--tp",
+        "2",
+        "parallel.tensor_parallel_padding=false",
+    )
     assert status == 2
     assert "does not divide the teacher's attention heads in block 0 (25)" in err
+    assert "parallel.tensor_parallel_padding: true" in err
 
 
 def test_the_table_has_a_column_per_layout(tiny_data):

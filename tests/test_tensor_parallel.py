@@ -9,14 +9,35 @@ import torch
 from ranks import run_ranks
 
 from ted_scale.model import GPT, GPTConfig
+from ted_scale.model.gpt import Subnet
+from ted_scale.parallel.dims import ParallelLayoutError
+from ted_scale.parallel.tensor import check_shardable, pad_for_tensor_parallel
 
-# Needs padding (vocabulary 300 -> 512 at tp 2) / needs none (512).
+# name -> (shape, pad): the vocabulary needs padding (300 -> 512 at tp 2) / nothing does /
+# heads, FFN width and vocabulary all do (3 and 1 heads, 131 and 7 neurons: a pruned model's).
 SHAPES = {
-    "padded_vocab": GPTConfig(
-        vocab_size=300, n_positions=16, n_embd=32, n_layer=2, n_head=4, dropout=0.0
+    "padded_vocab": (
+        GPTConfig(vocab_size=300, n_positions=16, n_embd=32, n_layer=2, n_head=4, dropout=0.0),
+        False,
     ),
-    "aligned_vocab": GPTConfig(
-        vocab_size=512, n_positions=16, n_embd=64, n_layer=2, n_head=2, n_inner=96, dropout=0.0
+    "aligned_vocab": (
+        GPTConfig(
+            vocab_size=512, n_positions=16, n_embd=64, n_layer=2, n_head=2, n_inner=96, dropout=0.0
+        ),
+        False,
+    ),
+    "padded_heads_ffn_vocab": (
+        GPTConfig(
+            vocab_size=300,
+            n_positions=16,
+            n_embd=48,
+            n_layer=2,
+            n_head=3,
+            dropout=0.0,
+            n_head_per_layer=[3, 1],
+            n_inner_per_layer=[131, 7],
+        ),
+        True,
     ),
 }
 
@@ -29,15 +50,17 @@ def _gather_logits(local, shard):
     return torch.cat(parts, dim=-1)[..., : shard.vocab_size]
 
 
-def _forward_matches(config: GPTConfig) -> None:
+def _forward_matches(config: GPTConfig, pad: bool) -> None:
     from ted_scale.parallel import init_parallel
     from ted_scale.parallel.tensor import gathered_state, parallelize_gpt
 
     dims = init_parallel(2)
     torch.manual_seed(0)
     model = GPT(config)
+    for p in model.parameters():  # random biases too: padding must not touch real units
+        torch.nn.init.normal_(p, std=0.1)
     reference = copy.deepcopy(model)
-    parallelize_gpt(model, dims, "student")
+    parallelize_gpt(model, dims, "student", pad=pad)
     ids = torch.randint(0, config.vocab_size, (2, 12))
     layers = list(range(config.n_layer))
     out = model(ids, output_layers=layers)
@@ -55,14 +78,41 @@ def _forward_matches(config: GPTConfig) -> None:
     got, expected = score_tokens(model, ids, targets), score_tokens(reference, ids, targets)
     torch.testing.assert_close(got.nll, expected.nll, rtol=1e-5, atol=1e-5)
     assert torch.equal(got.correct, expected.correct)
+    # A prefix sub-network (MiniDisc's candidates): rank 0 holds all of its heads in block 0.
+    subnet = Subnet(heads=(1, 1), inner=tuple(n // 2 for n in config.layer_inner))
+    got, want = model(ids, subnet=subnet).logits, reference(ids, subnet=subnet).logits
+    torch.testing.assert_close(_gather_logits(got, model.wte.vocab_shard), want,
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
     full = gathered_state(model)
+    assert full.keys() == reference.state_dict().keys()
     for name, tensor in reference.state_dict().items():
         torch.testing.assert_close(full[name], tensor, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_tp2_forward_scoring_and_gathered_state_equal_one_process(shape):
-    run_ranks(_forward_matches, 2, SHAPES[shape])
+    run_ranks(_forward_matches, 2, *SHAPES[shape])
+
+
+def test_widths_tp_does_not_divide_are_refused_naming_the_block_and_the_padding_option():
+    config, _ = SHAPES["padded_heads_ffn_vocab"]
+    with pytest.raises(ParallelLayoutError, match=r"attention heads in block 0 \(3\).*padding"):
+        check_shardable(config, 2, "teacher")
+    check_shardable(config, 2, "teacher", pad=True)
+
+
+def test_padding_adds_zero_heads_and_neurons_after_the_real_ones():
+    config, _ = SHAPES["padded_heads_ffn_vocab"]
+    model = GPT(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pad_for_tensor_parallel(model, 2)
+    qkv = model.blocks[1].attn.qkv_proj.weight.view(3, 2, 16, 48)  # [q; k; v] x 2 heads
+    assert torch.equal(qkv[:, 0], before["blocks.1.attn.qkv_proj.weight"].view(3, 16, 48))
+    assert not qkv[:, 1].any() and not model.blocks[1].attn.out_proj.weight[:, 16:].any()
+    assert model.blocks[0].mlp.up_proj.weight.shape == (132, 48)
+    assert not model.blocks[0].mlp.up_proj.bias[131:].any()
+    assert not model.blocks[0].mlp.down_proj.weight[:, 131:].any()
+    assert model.blocks[0].attn.qkv_proj.weight.shape == (3 * 4 * 16, 48)
 
 
 def _bench_at_tp2() -> None:

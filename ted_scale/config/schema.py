@@ -61,6 +61,10 @@ class DistillConfig:
 class ParallelConfig:
     tensor_parallel_size: int = bounded(1, ge=1)
     """Ranks that shard each model's weights (Megatron-style); world = data-parallel x this."""
+    tensor_parallel_padding: bool = False
+    """Pad blocks whose heads or FFN width the tensor-parallel size does not divide with zero
+    heads and neurons (exact; they cost their compute): e.g. GPT-2 XL's 25 heads at tp 2 or 4.
+    Off: such a model is refused, naming the block."""
     sequence_parallel: bool = False
     """Shard the LayerNorm/dropout regions along the sequence (needs tensor parallelism)."""
 

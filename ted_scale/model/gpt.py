@@ -206,25 +206,29 @@ class CausalSelfAttention(nn.Module):
         the explicit softmax path."""
         B, T, _ = x.shape
         keep = None if n_active in (None, self.n_head) else n_active * self.head_dim
-        if (self.n_head if keep is None else n_active) == 0:
-            # No heads: the sublayer adds only its output bias.
-            out = self.resid_dropout(_project(self.out_proj, x.new_zeros(B, T, 0), keep))
-            return (out, x.new_zeros(B, 0, T, T)) if return_log_probs else out
         qkv = _project(self.qkv_proj, x, keep)
         # The heads present, read off the output: a projection sharded by heads into
         # [q_r; k_r; v_r] per rank (tensor parallelism) gives this rank's heads.
         h = qkv.shape[-1] // (3 * self.head_dim)
-        q, k, v = qkv.split(h * self.head_dim, dim=2)
-        # [B, T, h * head_dim] -> [B, h, T, head_dim]
-        q, k, v = (t.view(B, T, h, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        dropout_p = self.attn_dropout if self.training else 0.0
-        if return_log_probs:
-            y, log_probs = causal_attention_with_log_probs(q, k, v, dropout_p=dropout_p)
+        if h == 0:
+            # No heads (here): the sublayer adds only its output bias. y is cut from qkv, not
+            # made anew, so that the backward still runs through qkv_proj: a tensor-parallel
+            # rank holding none of a sub-network's heads joins its peers' collectives there.
+            y, log_probs = qkv[..., :0], x.new_zeros(B, 0, T, T)
         else:
-            y = causal_attention(q, k, v, dropout_p=dropout_p, implementation=self.implementation)
-        if head_mask is not None:
-            y = y * head_mask[:h].view(1, h, 1, 1).to(y.dtype)
-        y = y.transpose(1, 2).reshape(B, T, h * self.head_dim)
+            q, k, v = qkv.split(h * self.head_dim, dim=2)
+            # [B, T, h * head_dim] -> [B, h, T, head_dim]
+            q, k, v = (t.view(B, T, h, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            dropout_p = self.attn_dropout if self.training else 0.0
+            if return_log_probs:
+                y, log_probs = causal_attention_with_log_probs(q, k, v, dropout_p=dropout_p)
+            else:
+                y = causal_attention(
+                    q, k, v, dropout_p=dropout_p, implementation=self.implementation
+                )
+            if head_mask is not None:
+                y = y * head_mask[:h].view(1, h, 1, 1).to(y.dtype)
+            y = y.transpose(1, 2).reshape(B, T, h * self.head_dim)
         out = self.resid_dropout(_project(self.out_proj, y, keep))
         return (out, log_probs) if return_log_probs else out
 

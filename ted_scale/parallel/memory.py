@@ -31,7 +31,12 @@ import torch
 from torch import nn
 
 from ted_scale.model.gpt import GPT, GPTConfig
-from ted_scale.parallel.tensor import TP_SPLIT_DIM, check_shardable, padded_vocab_size
+from ted_scale.parallel.tensor import (
+    TP_SPLIT_DIM,
+    check_shardable,
+    pad_for_tensor_parallel,
+    padded_vocab_size,
+)
 
 FP32 = 4
 MASK = 1  # a dropout mask is one bool byte per element
@@ -82,6 +87,8 @@ class Layout:
     """2 under bf16 autocast (matmul inputs, frozen weights), 4 under fp32."""
     activation_checkpointing: bool = False
     sequence_parallel: bool = False
+    padding: bool = False
+    """Zero heads and neurons pad widths tp does not divide (``parallel.tensor_parallel_padding``)."""
     flash_attention: bool = True
     """The attention kernel keeps no T x T matrix (flash-attn, SDPA); False: the eager softmax."""
     offload_optimizer: bool = False
@@ -174,8 +181,13 @@ def estimate_memory(
     forward runs without autograd and keeps one block's intermediates at a time (not counted).
     """
     tp, c = layout.tp, layout.compute_bytes
+    if layout.padding:
+        teacher, student = copy.deepcopy(teacher), copy.deepcopy(student)
     for name, model in (("teacher", teacher), ("student", student)):
-        check_shardable(model.config, tp, name)
+        if layout.padding:
+            pad_for_tensor_parallel(model, tp)
+        else:
+            check_shardable(model.config, tp, name)
     n_student = params_per_rank(student, tp)
     # Filters stay whole on every tensor-parallel rank (block filters too).
     frozen_filters = 0 if teacher_filters is None else params_per_rank(teacher_filters, 1)
@@ -188,13 +200,13 @@ def estimate_memory(
     blocks = [
         block_activation_bytes(
             width=cfg.n_embd,
-            heads=heads,
+            heads=block.attn.qkv_proj.out_features // (3 * cfg.head_dim),  # padded ones too
             head_dim=cfg.head_dim,
-            inner=inner,
+            inner=block.mlp.up_proj.out_features,
             dropout=dropout,
             layout=layout,
         )
-        for heads, inner in zip(cfg.layer_heads, cfg.layer_inner, strict=True)
+        for block in student.blocks
     ]
     tokens = layout.micro_batch * layout.seq_len
     sp = tp if layout.sequence_parallel else 1
@@ -351,6 +363,7 @@ def run_layout(config, *, tp: int, world: int, seq_len: int) -> Layout:
         compute_bytes=FP32 if config.precision == "fp32" else 2,
         activation_checkpointing=config.model.activation_checkpointing,
         sequence_parallel=config.parallel.sequence_parallel and tp > 1,
+        padding=config.parallel.tensor_parallel_padding and tp > 1,
         flash_attention=config.model.attention != "eager",
         offload_optimizer=config.deepspeed.offload_optimizer,
         reduce_bucket=int(zero.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET)),

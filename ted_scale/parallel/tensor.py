@@ -1,5 +1,6 @@
 """Megatron-style tensor parallelism applied to a ``GPT`` by one function (docs/design.md, "Tensor
-parallelism"), with DeepSpeed AutoTP's training layers doing the sharding and the collectives:
+parallelism"), with DeepSpeed AutoTP's training layers doing the sharding and the collectives
+(``tp_layers``: the same layers, able to run prefix sub-networks):
 
 - ``attn.qkv_proj`` column-parallel by heads: its rows are reordered rank-major
   ([q_0; k_0; v_0; q_1; k_1; v_1; ...]) before the even split, so that rank r holds
@@ -8,7 +9,9 @@ parallelism"), with DeepSpeed AutoTP's training layers doing the sharding and th
 - ``mlp.up_proj`` column-parallel;
 - ``wte`` (and with it the tied LM head) vocabulary-parallel, the vocabulary padded to a multiple
   of 128 x tp as Megatron does; the losses keep the padded ids out (``kernels.VocabShard``);
-- LayerNorms and the position embedding replicated.
+- LayerNorms and the position embedding replicated;
+- with ``pad``, zero heads and FFN neurons where the tensor-parallel size does not divide a
+  block's (exact: they compute and receive zeros).
 
 ``gathered_state`` undoes all of it: the unsharded state of the original model, for export and
 for comparing layouts.
@@ -16,6 +19,7 @@ for comparing layouts.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -55,9 +59,12 @@ def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
     return math.ceil(vocab_size / multiple) * multiple
 
 
-def check_shardable(config: GPTConfig, tp_size: int, role: str) -> None:
+def check_shardable(config: GPTConfig, tp_size: int, role: str, *, pad: bool = False) -> None:
     """Raise ParallelLayoutError naming the model, block and width that ``tp_size`` does not
-    divide (heads and FFN width; the vocabulary is padded instead)."""
+    divide (heads and FFN width; the vocabulary is always padded). With ``pad`` every width is
+    padded (``padded_width``) and nothing is refused."""
+    if pad:
+        return
     for layer, (heads, inner) in enumerate(
         zip(config.layer_heads, config.layer_inner, strict=True)
     ):
@@ -66,9 +73,16 @@ def check_shardable(config: GPTConfig, tp_size: int, role: str) -> None:
                 raise ParallelLayoutError(
                     f"parallel.tensor_parallel_size={tp_size} does not divide the {role}'s "
                     f"{what} in block {layer} ({n}): Megatron's scheme splits whole heads and "
-                    "neurons over the ranks (the vocabulary is padded, heads and FFN width are "
-                    "not); choose a tensor-parallel size that divides them"
+                    "neurons over the ranks. Choose a tensor-parallel size that divides them, or "
+                    "set parallel.tensor_parallel_padding: true to add zero heads and neurons "
+                    f"up to the next multiple of {tp_size} (exact, at their extra compute)"
                 )
+
+
+def padded_width(n: int, tp_size: int) -> int:
+    """Heads or FFN neurons a block holds under tensor parallelism with padding: ``n`` rounded
+    up to a multiple of ``tp_size``."""
+    return -(-n // tp_size) * tp_size
 
 
 def vocab_shard_of(head_weight: Tensor) -> VocabShard | None:
@@ -81,43 +95,46 @@ def tensor_parallel_group(model: nn.Module) -> dist.ProcessGroup | None:
     return getattr(model, "tp_group", None)
 
 
-def tensor_parallel_mean(local: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-    """The mean over the group of a per-rank scalar (a loss over this rank's heads), with the
-    gradient of that mean reaching each rank's own term (sum forward, identity backward)."""
+def tensor_parallel_sum(local: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """The sum over the group of a per-rank scalar (a loss over this rank's heads), with the
+    gradient of that sum reaching each rank's own term (sum forward, identity backward)."""
     if group is None:
         return local
     from deepspeed.module_inject.layers import RowParallel
 
-    return RowParallel.apply(group, local / dist.get_world_size(group), False)
+    return RowParallel.apply(group, local, False)
 
 
-def parallelize_gpt(model: GPT, dims: ParallelDims, role: str) -> None:
+def parallelize_gpt(model: GPT, dims: ParallelDims, role: str, *, pad: bool = False) -> None:
     """Shard ``model`` in place over ``dims.tp_group`` (nothing to do at tp = 1).
 
     Every rank of the group must hold the same full weights on entry (same seed or same
-    checkpoint); each keeps its shards on ``dims.device``.
+    checkpoint); each keeps its shards on ``dims.device``. With ``pad``, blocks whose heads or
+    FFN width ``dims.tp_size`` does not divide get zero heads and neurons (``_pad_block``).
     """
     if dims.tp_size == 1:
         return
-    from deepspeed.module_inject.layers import (
-        LinearAllreduce,
-        LinearLayer,
-        VocabParallelEmbedding,
-        set_autotp_mode,
-    )
+    from deepspeed.module_inject.layers import VocabParallelEmbedding, set_autotp_mode
 
-    check_shardable(model.config, dims.tp_size, role)
+    from ted_scale.parallel.tp_layers import ColumnParallelLinear, RowParallelLinear
+
+    check_shardable(model.config, dims.tp_size, role, pad=pad)
     set_autotp_mode(training=True)  # all-reduces with autograd (the frozen teacher is harmless)
     group, tp = dims.tp_group, dims.tp_size
     frozen = not any(p.requires_grad for p in model.parameters())
-    for block in model.blocks:
+    kept = [_split_widths(block) for block in model.blocks]
+    if pad:
+        pad_for_tensor_parallel(model, tp)
+    for block, widths in zip(model.blocks, kept, strict=True):
         _reorder_rank_major(block.attn.qkv_proj, tp)
         for name, layout in _LAYOUTS.items():
             parent, attr = _resolve(block, name)
-            layer = (LinearAllreduce if layout == "row" else LinearLayer)(
+            layer = (RowParallelLinear if layout == "row" else ColumnParallelLinear)(
                 getattr(parent, attr), group
             )
-            layer.tp_layout = layout
+            layer.tp_layout, layer.tp_kept = layout, widths[name]
+            if layout == "qkv":
+                layer.groups = 3
             setattr(parent, attr, layer)
     vocab, weight = model.config.vocab_size, model.wte.weight.detach()
     rows = weight.new_zeros(padded_vocab_size(vocab, tp), weight.shape[1])
@@ -126,12 +143,72 @@ def parallelize_gpt(model: GPT, dims: ParallelDims, role: str) -> None:
     # initialised after this, e.g. LWD's projections) is the same at every tensor-parallel size.
     padded = nn.Embedding(rows.shape[0], rows.shape[1], _weight=rows)
     model.wte = VocabParallelEmbedding(padded, group)
-    model.wte.tp_layout = "vocab"
+    model.wte.tp_layout, model.wte.tp_kept = "vocab", vocab
     model.wte.vocab_shard = model.wte.weight.vocab_shard = VocabShard(
         group=group, start=model.wte.vocab_start_index, vocab_size=vocab
     )
     model.tp_group = group
     model.requires_grad_(not frozen)
+
+
+def _split_width(layout: str, linear: nn.Linear) -> int:
+    """The features ``linear`` is split along, per group (q, k and v are three groups)."""
+    if layout == "row":
+        return linear.in_features
+    return linear.out_features // (3 if layout == "qkv" else 1)
+
+
+def _split_widths(block: nn.Module) -> dict[str, int]:
+    return {
+        name: _split_width(layout, block.get_submodule(name)) for name, layout in _LAYOUTS.items()
+    }
+
+
+@torch.no_grad()
+def pad_for_tensor_parallel(model: GPT, tp: int) -> None:
+    """Give every block zero heads and FFN neurons, after the real ones, up to multiples of
+    ``tp`` (in place; meta-device models too).
+
+    A zero head has zero q, k and v (it attends uniformly to zero values) and zero ``out_proj``
+    columns; a zero neuron's activation is gelu(0) = 0 and its ``down_proj`` column is zero. Their
+    outputs and every gradient reaching them are exactly zero, so they stay zero under the
+    optimizer and the padded model computes and trains exactly as the original.
+    """
+    for block in model.blocks:
+        head_dim = block.attn.head_dim
+        heads = block.attn.qkv_proj.out_features // (3 * head_dim)
+        attn_width = padded_width(heads, tp) * head_dim
+        mlp_width = padded_width(block.mlp.up_proj.out_features, tp)
+        for name, width in (
+            ("attn.qkv_proj", attn_width),
+            ("attn.out_proj", attn_width),
+            ("mlp.up_proj", mlp_width),
+            ("mlp.down_proj", mlp_width),
+        ):
+            linear, layout = block.get_submodule(name), _LAYOUTS[name]
+            dim, groups = int(layout == "row"), 3 if layout == "qkv" else 1
+            trainable = linear.weight.requires_grad
+            weight = _zero_extend(linear.weight, dim, groups, width)
+            linear.weight = nn.Parameter(weight, requires_grad=trainable)
+            if dim == 0:
+                bias = _zero_extend(linear.bias, 0, groups, width)
+                linear.bias = nn.Parameter(bias, requires_grad=trainable)
+            linear.in_features, linear.out_features = weight.shape[1], weight.shape[0]
+
+
+def _zero_extend(t: Tensor, dim: int, groups: int, width: int) -> Tensor:
+    """``t`` with each of its ``groups`` along ``dim`` extended by zeros to ``width``."""
+    parts = t.unflatten(dim, (groups, -1))
+    shape = list(parts.shape)
+    shape[dim + 1] = width
+    out = parts.new_zeros(shape)
+    out.narrow(dim + 1, 0, parts.shape[dim + 1]).copy_(parts)
+    return out.flatten(dim, dim + 1)
+
+
+def _crop(t: Tensor, dim: int, groups: int, width: int) -> Tensor:
+    """``_zero_extend`` undone: the first ``width`` of each of ``groups`` along ``dim``."""
+    return t.unflatten(dim, (groups, -1)).narrow(dim + 1, 0, width).flatten(dim, dim + 1)
 
 
 def _resolve(block: nn.Module, dotted: str) -> tuple[nn.Module, str]:
@@ -180,14 +257,35 @@ def gathered_state(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().float().cpu().clone() for k, v in state.items()}
 
 
+def unsharded_copy(model: GPT) -> GPT:
+    """A plain, whole copy of ``model`` on its device: gathered from the tensor-parallel shards
+    (a collective: every rank of the group calls it; padding removed), else a deep copy."""
+    if tensor_parallel_group(model) is None:
+        return copy.deepcopy(model)
+    state = gathered_state(model)
+    with torch.device("meta"):  # no initialisation: the RNG stream is left as it is
+        whole = GPT(model.config, activation_checkpointing=model.activation_checkpointing)
+    whole.load_state_dict(state, assign=True)
+    whole.set_attention(model.blocks[0].attn.implementation if model.blocks else "auto")
+    param = next(model.parameters())
+    return (
+        whole.to(param.device, param.dtype)
+        .train(model.training)
+        .requires_grad_(param.requires_grad)
+    )
+
+
 def _unshard(layer: nn.Module, kind: str, tensor: Tensor) -> Tensor:
-    """The whole ``kind`` ("weight" or "bias") tensor of a sharded ``layer`` from its shards."""
+    """The whole ``kind`` ("weight" or "bias") tensor of a sharded ``layer`` from its shards,
+    without the padded rows or columns."""
     group = layer.mp_group
     if layer.tp_layout == "row":
-        return _gather(tensor, 1, group) if kind == "weight" else tensor  # the bias is replicated
+        if kind != "weight":
+            return tensor  # the bias is replicated
+        return _gather(tensor, 1, group)[:, : layer.tp_kept]
     full = _gather(tensor, 0, group)
+    groups = 1
     if layer.tp_layout == "qkv":
-        return full[torch.argsort(_qkv_order(full.shape[0], layer.tp_world_size))]
-    if layer.tp_layout == "vocab":
-        return full[: layer.vocab_shard.vocab_size]
-    return full
+        full = full[torch.argsort(_qkv_order(full.shape[0], layer.tp_world_size))]
+        groups = 3
+    return _crop(full, 0, groups, layer.tp_kept)

@@ -81,10 +81,11 @@ class Trainer:
         self.teacher = teacher if self.method.needs_teacher else None
         check_compatible(config, self.tokenizer, self.teacher, self.student)
         self.compute_dtype = compute_dtype(config.precision, self.device)
+        padding = config.parallel.tensor_parallel_padding
         if self.teacher is not None:
             self.teacher.to(self.device, dtype=storage_dtype(self.compute_dtype))
-            parallelize_gpt(self.teacher, self.dims, "teacher")
-        parallelize_gpt(self.student.to(self.device), self.dims, "student")
+            parallelize_gpt(self.teacher, self.dims, "teacher", pad=padding)
+        parallelize_gpt(self.student.to(self.device), self.dims, "student", pad=padding)
         compile_models(config, self.device, self.teacher, self.student)
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints",

@@ -92,12 +92,15 @@ class MethodContext:
     dims: ParallelDims | None = None
     """The run's parallel layout (None: one process, nothing sharded)."""
 
-    def place(self, model: GPT, role: str) -> GPT:
+    def place(self, model: GPT, role: str, *, pad: bool | None = None) -> GPT:
         """``model``, a whole model the method built itself (from its own saved file), on the
-        run's device and sharded like the run's models (tensor parallelism)."""
+        run's device and sharded like the run's models (tensor parallelism); ``pad`` (default
+        ``parallel.tensor_parallel_padding``) as in ``parallelize_gpt``."""
         model.to(self.device)
         if self.dims is not None:
-            parallelize_gpt(model, self.dims, role)
+            if pad is None:
+                pad = self.config.parallel.tensor_parallel_padding
+            parallelize_gpt(model, self.dims, role, pad=pad)
         return model
 
     def save_on_main(self, module: nn.Module, write: Callable[[dict], None]) -> None:

@@ -51,7 +51,7 @@ from ted_scale.flops import FROZEN, TRAINED, forward_flops
 from ted_scale.io import atomic_write_bytes
 from ted_scale.model import GPT, ModelMismatchError
 from ted_scale.model.hf import load_state_checked
-from ted_scale.parallel.tensor import tensor_parallel_group, tensor_parallel_mean
+from ted_scale.parallel.tensor import tensor_parallel_group, tensor_parallel_sum
 
 
 @dataclass
@@ -223,7 +223,13 @@ class MixupILD(nn.Module):
         """``attention_kl`` averaged over all heads: under tensor parallelism each rank holds
         its own heads' distributions, and the mean runs over the group."""
         local = attention_kl(student_log_probs, target_log_probs)
-        return tensor_parallel_mean(local, tensor_parallel_group(self.student))
+        group = tensor_parallel_group(self.student)
+        if group is None:
+            return local
+        # The mean over this rank's heads as their sum, summed over the group, over the real
+        # heads: padded heads attend uniformly in both models and add exactly zero.
+        heads = self.student.config.layer_heads[self.layer]
+        return tensor_parallel_sum(local * student_log_probs.shape[1], group) / heads
 
     def _run(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, *, to_top: bool):
         return self.student(

@@ -19,7 +19,6 @@ Phases, each run, checkpointed and resumed by the trainer like any other:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from ted_scale.model import (
 from ted_scale.model.compile import compile_blocks, compile_enabled
 from ted_scale.model.pruning import Importance, extract, mask_importance, reorder, subnet_at
 from ted_scale.parallel import barrier
+from ted_scale.parallel.tensor import tensor_parallel_group, unsharded_copy
 from ted_scale.precision import storage_dtype
 
 FINAL_PREFIX = "final_"
@@ -210,11 +210,6 @@ class SandwichDistillation(nn.Module):
 @register
 class MiniDisc(Method):
     name = "minidisc"
-    tensor_parallel = False
-    tensor_parallel_note = (
-        "its candidates are prefix sub-networks of shared weights (the first heads and neurons "
-        "of each block), which a split by heads over the ranks does not keep"
-    )
     section = ("minidisc", MiniDiscConfig)
 
     def __init__(self) -> None:
@@ -264,12 +259,18 @@ class MiniDisc(Method):
     def _importance(self, name: str, ctx: MethodContext) -> Phase:
         def finish() -> None:
             path = ctx.run_dir / WORK_DIR / IMPORTANCE_FILE
-            if ctx.is_main and not path.exists():  # saved by a run killed before its end
-                record = self._importance_record(ctx)
+            if path.exists():  # saved by a run killed before its end
+                barrier()
+                return
+            record = self._importance_record(ctx)  # collectives: on every rank
+            teacher = ctx.teacher
+            if tensor_parallel_group(teacher) is not None:
+                teacher = unsharded_copy(teacher)
+            if ctx.is_main:
                 batches = ctx.batches(
                     record["calibration_split"], int(record["calibration_batches"])
                 )
-                importance = mask_importance(ctx.teacher, batches, fused=ctx.config.fused_loss)
+                importance = mask_importance(teacher, batches, fused=ctx.config.fused_loss)
                 tensors = {f"heads.{i}": v.float().cpu() for i, v in enumerate(importance.heads)}
                 tensors |= {
                     f"neurons.{i}": v.float().cpu() for i, v in enumerate(importance.neurons)
@@ -303,11 +304,13 @@ class MiniDisc(Method):
     def _sandwich(self, name: str, ctx: MethodContext) -> Phase:
         config, teacher = ctx.config, ctx.teacher
         importance = self._load_importance(ctx)
-        ta = copy.deepcopy(teacher).float().to(ctx.device)
+        ta = unsharded_copy(teacher).float().to(ctx.device)
         set_dropout(ta, config.student.dropout)
         ta.activation_checkpointing = config.model.activation_checkpointing
         ranked = reorder(ta, importance)  # the same function; every candidate now a prefix
-        ta.train().requires_grad_(True)
+        # Sharded after the reordering, so that each rank's heads and neurons are a contiguous
+        # run of the ranked ones and every candidate a prefix of each rank's shard.
+        ctx.place(ta.train().requires_grad_(True), "student", pad=True)
         subnets = [subnet_at(ranked, s) for s in config.minidisc.sparsities]
         layers = tapped_blocks(teacher.config.n_layer)
         trained = SandwichDistillation(
@@ -338,17 +341,17 @@ class MiniDisc(Method):
     # ---------------------------------------------------------------- 3. scoring
     def _scoring(self, name: str, ctx: MethodContext) -> Phase:
         def finish() -> None:
+            ranked = sorted_importance(self._load_importance(ctx))  # a collective: every rank
             if ctx.is_main:
-                self._score(ctx)
+                self._score(ctx, ranked)
             barrier()
 
         return Phase(name, None, None, ctx.config.minidisc.sandwich, lambda _: 0.0, finish=finish)
 
-    def _score(self, ctx: MethodContext) -> None:
+    def _score(self, ctx: MethodContext, ranked: Importance) -> None:
         config = ctx.config
         md = config.minidisc
         shared = load_pretrained(ctx.run_dir / WORK_DIR / SHARED_TA).to(ctx.device)
-        ranked = sorted_importance(self._load_importance(ctx))
         heldout = ctx.batches(config.data.eval_split, config.eval.heldout_batches)
         target = target_sparsity(config, ctx.teacher.config.n_layer)
 
@@ -371,7 +374,7 @@ class MiniDisc(Method):
         report = {
             "lam": md.lam,
             "target_sparsity": target,
-            "teacher_parameters": ctx.teacher.num_params(),
+            "teacher_parameters": shared.num_params(),  # the teacher's shape, whole
             "candidates": rows,
             "best_candidate": choice.best,
             "ta": {**ta_row, "capped_at_target": choice.best > chosen},
@@ -408,8 +411,10 @@ class MiniDisc(Method):
             student = student_from_teacher(ta, layer_map)
         set_dropout(student, config.student.dropout)
         student.activation_checkpointing = config.model.activation_checkpointing
-        student.train().requires_grad_(True)
+        # The TA's blocks have the pruned shapes scoring chose: padded where tp does not divide.
+        ctx.place(student.train().requires_grad_(True), "student", pad=True)
         ta.eval().requires_grad_(False).to(ctx.device, dtype=storage_dtype(ctx.compute_dtype))
+        ctx.place(ta, "teacher", pad=True)
         if compile_enabled(config.model.compile, ctx.device):
             compile_blocks(ta)
             compile_blocks(student)
