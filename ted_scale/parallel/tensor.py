@@ -59,12 +59,9 @@ def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
     return math.ceil(vocab_size / multiple) * multiple
 
 
-def check_shardable(config: GPTConfig, tp_size: int, role: str, *, pad: bool = False) -> None:
+def check_shardable(config: GPTConfig, tp_size: int, role: str) -> None:
     """Raise ParallelLayoutError naming the model, block and width that ``tp_size`` does not
-    divide (heads and FFN width; the vocabulary is always padded). With ``pad`` every width is
-    padded (``padded_width``) and nothing is refused."""
-    if pad:
-        return
+    divide (heads and FFN width; the vocabulary is always padded)."""
     for layer, (heads, inner) in enumerate(
         zip(config.layer_heads, config.layer_inner, strict=True)
     ):
@@ -110,7 +107,8 @@ def parallelize_gpt(model: GPT, dims: ParallelDims, role: str, *, pad: bool = Fa
 
     Every rank of the group must hold the same full weights on entry (same seed or same
     checkpoint); each keeps its shards on ``dims.device``. With ``pad``, blocks whose heads or
-    FFN width ``dims.tp_size`` does not divide get zero heads and neurons (``_pad_block``).
+    FFN width ``dims.tp_size`` does not divide get zero heads and neurons
+    (``pad_for_tensor_parallel``).
     """
     if dims.tp_size == 1:
         return
@@ -118,7 +116,8 @@ def parallelize_gpt(model: GPT, dims: ParallelDims, role: str, *, pad: bool = Fa
 
     from ted_scale.parallel.tp_layers import ColumnParallelLinear, RowParallelLinear
 
-    check_shardable(model.config, dims.tp_size, role, pad=pad)
+    if not pad:
+        check_shardable(model.config, dims.tp_size, role)
     set_autotp_mode(training=True)  # all-reduces with autograd (the frozen teacher is harmless)
     group, tp = dims.tp_group, dims.tp_size
     frozen = not any(p.requires_grad for p in model.parameters())
@@ -133,8 +132,7 @@ def parallelize_gpt(model: GPT, dims: ParallelDims, role: str, *, pad: bool = Fa
                 getattr(parent, attr), group
             )
             layer.tp_layout, layer.tp_kept = layout, widths[name]
-            if layout == "qkv":
-                layer.groups = 3
+            layer.groups = _split_of(layout)[1]
             setattr(parent, attr, layer)
     vocab, weight = model.config.vocab_size, model.wte.weight.detach()
     rows = weight.new_zeros(padded_vocab_size(vocab, tp), weight.shape[1])
@@ -151,17 +149,18 @@ def parallelize_gpt(model: GPT, dims: ParallelDims, role: str, *, pad: bool = Fa
     model.requires_grad_(not frozen)
 
 
-def _split_width(layout: str, linear: nn.Linear) -> int:
-    """The features ``linear`` is split along, per group (q, k and v are three groups)."""
-    if layout == "row":
-        return linear.in_features
-    return linear.out_features // (3 if layout == "qkv" else 1)
+def _split_of(layout: str) -> tuple[int, int]:
+    """(weight dimension split, equal groups along it) of a layout: [q; k; v] is 3 groups."""
+    return int(layout == "row"), 3 if layout == "qkv" else 1
 
 
 def _split_widths(block: nn.Module) -> dict[str, int]:
-    return {
-        name: _split_width(layout, block.get_submodule(name)) for name, layout in _LAYOUTS.items()
-    }
+    """Each projection's real width along its split, per group."""
+    widths = {}
+    for name, layout in _LAYOUTS.items():
+        dim, groups = _split_of(layout)
+        widths[name] = block.get_submodule(name).weight.shape[dim] // groups
+    return widths
 
 
 @torch.no_grad()
@@ -186,7 +185,7 @@ def pad_for_tensor_parallel(model: GPT, tp: int) -> None:
             ("mlp.down_proj", mlp_width),
         ):
             linear, layout = block.get_submodule(name), _LAYOUTS[name]
-            dim, groups = int(layout == "row"), 3 if layout == "qkv" else 1
+            dim, groups = _split_of(layout)
             trainable = linear.weight.requires_grad
             weight = _zero_extend(linear.weight, dim, groups, width)
             linear.weight = nn.Parameter(weight, requires_grad=trainable)
@@ -278,14 +277,10 @@ def unsharded_copy(model: GPT) -> GPT:
 def _unshard(layer: nn.Module, kind: str, tensor: Tensor) -> Tensor:
     """The whole ``kind`` ("weight" or "bias") tensor of a sharded ``layer`` from its shards,
     without the padded rows or columns."""
-    group = layer.mp_group
-    if layer.tp_layout == "row":
-        if kind != "weight":
-            return tensor  # the bias is replicated
-        return _gather(tensor, 1, group)[:, : layer.tp_kept]
-    full = _gather(tensor, 0, group)
-    groups = 1
+    if layer.tp_layout == "row" and kind != "weight":
+        return tensor  # the bias is replicated
+    dim, groups = _split_of(layer.tp_layout)
+    full = _gather(tensor, dim, layer.mp_group)
     if layer.tp_layout == "qkv":
         full = full[torch.argsort(_qkv_order(full.shape[0], layer.tp_world_size))]
-        groups = 3
-    return _crop(full, 0, groups, layer.tp_kept)
+    return _crop(full, dim, groups, layer.tp_kept)
