@@ -14,7 +14,7 @@ from ted_scale.study.aggregate import metric_by_seed, paired_difference, summari
 from ted_scale.study.config import StudyConfig, SweepPoint, load_study_config
 from ted_scale.study.plan import DONE_FILE, StudyPaths, is_done, rows
 from ted_scale.study.report import write_report
-from ted_scale.study.runner import Job, StudyError, execute, plan_jobs
+from ted_scale.study.runner import Job, StudyError, execute, phase_flops, phase_kinds, plan_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 UNKNOWN = "not_a_method"  # stays unknown to the trainer whatever methods it gains
@@ -94,6 +94,30 @@ def test_finished_runs_are_skipped(tmp_path):
     names = [j.run_dir.name for j in jobs]
     assert is_done(done) and done.name not in names
     assert names == ["alone-s1", "alone-s2", "ted-s1", "ted_a_0.3-s1", "ted_a_0.3-s2"]
+
+
+def test_flops_count_every_phase_before_stage_ii_as_stage_i(tmp_path):
+    """CR-ILD's ILD phase and MiniDisc's sandwich are training before Stage II: FLOPs columns
+    take them from the method's plan, not from a list of TED's phase names."""
+    paths = StudyPaths(tmp_path / "study")
+    jobs, _ = plan_jobs(_study(tmp_path, methods=("cr_ild", "minidisc", "ted")), paths)
+    kinds = {j.row.name: phase_kinds(j.config_path) for j in jobs if j.seed == 1}
+    assert kinds["cr_ild"] == {"ild": "filters", "stage2": "distill"}
+    assert kinds["minidisc"]["sandwich"] == "filters"
+    assert kinds["minidisc"]["final_stage2"] == "distill"
+    assert kinds["alone"] == {"lm": "distill"}
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [
+        {"stage": "ild", "step": 5, "tokens_per_s": 100.0, "tflops_per_device": 1e-10},
+        {"stage": "ild", "step": 10, "tokens_per_s": 100.0, "tflops_per_device": 1e-10},
+        {"stage": "stage2", "step": 20, "tokens_per_s": 50.0, "tflops_per_device": 1e-10},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    flops = phase_flops(run, 64, kinds["cr_ild"])
+    assert flops["stage1"] == pytest.approx(1e2 / 100.0 * 10 * 64)  # FLOPs/token x tokens
+    assert flops["stage2"] == pytest.approx(1e2 / 50.0 * 20 * 64)
+    assert phase_flops(run, 64, kinds["alone"]) == {"stage1": None, "stage2": None}
 
 
 def test_execute_runs_each_job_once_and_collects_failures(tmp_path):

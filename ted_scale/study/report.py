@@ -217,8 +217,9 @@ def write_report(study: StudyConfig, outcome: dict[str, Any], wall_seconds: floa
     md += ["", "## Rows (mean ± std over seeds)", "", *_table(main, metrics), ""]
     md += [
         "FLOPs are training FLOPs per run (the trainer's count): Stage II (or CE training) for "
-        "every row, plus TED's and TED-KL's Stage I (filter training) in the total. The "
-        "teacher's pre-training is shared by all rows and not counted.",
+        "every row; \"Stage I\" is every phase a method trains before it (TED's and TED-KL's "
+        "filters, CR-ILD's ILD phase, MiniDisc's sandwich and its final hop's filters), counted "
+        "in the total. The teacher's pre-training is shared by all rows and not counted.",
         "",
         "## Paired comparison with TED (row - TED per seed; positive: TED lower, i.e. better)",
         "",

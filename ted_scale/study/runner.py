@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ted_scale.config import load_run_config
 from ted_scale.data.tokenizer import load_tokenizer
 from ted_scale.distill.layer_map import resolve_layer_map
+from ted_scale.distill.methods import PhaseKind, get_method
 from ted_scale.eval.datafiles import asset
 from ted_scale.eval.plots import read_metrics
 from ted_scale.io import atomic_write_json
@@ -41,8 +43,6 @@ from ted_scale.study.plan import (
 )
 
 LAUNCH = Path(__file__).resolve().parents[2] / "launch"
-STAGE_I = ("stage1_teacher", "stage1_student")
-STAGE_II = ("stage2", "lm")
 
 
 class StudyError(RuntimeError):
@@ -103,20 +103,33 @@ def prepare_corpus(study: StudyConfig, paths: StudyPaths, threads: int) -> None:
     run_logged(cmd, paths.root / "logs" / "prepare.log", threads)
 
 
-def phase_flops(run_dir: Path, tokens_per_step: int) -> dict[str, float | None]:
-    """Training FLOPs of Stage I and of Stage II (or LM training), from `metrics.jsonl`.
+def phase_flops(
+    run_dir: Path, tokens_per_step: int, kinds: dict[str, PhaseKind]
+) -> dict[str, float | None]:
+    """Training FLOPs before Stage II ("stage1") and of Stage II ("stage2"), from `metrics.jsonl`.
 
-    A phase's FLOPs per token are the trainer's own count (`tflops_per_device / tokens_per_s`,
-    one rank); its tokens are its last logged step times `tokens_per_step`.
+    `kinds` maps the method's phase names to their kind: its `filters` phases (TED's Stage I,
+    CR-ILD's ILD phase, MiniDisc's sandwich and its final hop's Stage I) are "stage1", its
+    `distill` phases (Stage II, or CE training) "stage2". A phase's FLOPs per token are the
+    trainer's own count (`tflops_per_device / tokens_per_s`, one rank); its tokens are its last
+    logged step times `tokens_per_step`.
     """
     by_phase: dict[str, float] = {}
     for record in read_metrics(run_dir / "metrics.jsonl"):
         rate, tflops = record.get("tokens_per_s"), record.get("tflops_per_device")
-        if rate and tflops is not None and record.get("stage") in STAGE_I + STAGE_II:
+        if rate and tflops is not None and record.get("stage") in kinds:
             by_phase[record["stage"]] = tflops * 1e12 / rate * record["step"] * tokens_per_step
-    stage1 = [v for k, v in by_phase.items() if k in STAGE_I]
-    stage2 = [v for k, v in by_phase.items() if k in STAGE_II]
-    return {"stage1": sum(stage1) if stage1 else None, "stage2": sum(stage2) if stage2 else None}
+    totals: dict[str, float | None] = {}
+    for key, kind in (("stage1", "filters"), ("stage2", "distill")):
+        values = [v for name, v in by_phase.items() if kinds[name] == kind]
+        totals[key] = sum(values) if values else None
+    return totals
+
+
+def phase_kinds(config_path: Path) -> dict[str, PhaseKind]:
+    """{phase name: kind} of the run configured by `config_path`, from its method's plan."""
+    config = load_run_config(config_path)
+    return {p.name: p.kind for p in get_method(config.method).plan(config)}
 
 
 def tokens_per_step(raw: dict[str, Any], seq_len: int) -> int:
@@ -169,7 +182,9 @@ def train_and_evaluate(
     done = {
         **extra,
         "eval": results,
-        "flops": phase_flops(run_dir, tokens_per_step(raw, study.corpus.seq_len)),
+        "flops": phase_flops(
+            run_dir, tokens_per_step(raw, study.corpus.seq_len), phase_kinds(config_path)
+        ),
         "train_seconds": round(trained - start, 1),
         "eval_seconds": round(time.perf_counter() - trained, 1),
     }
