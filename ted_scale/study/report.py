@@ -195,9 +195,8 @@ def write_report(study: StudyConfig, outcome: dict[str, Any], wall_seconds: floa
         f"token samples, {100 * study.corpus.test_fraction:.0f} % of chapters held out); "
         f"seeds {study.seeds}. Every student row starts from the teacher's blocks at the "
         f"paper's layer map and has the same Stage II budget: {_budget(study.student, 'stage2')}; "
-        f"Stage I (TED's and TED-KL's filters, CR-ILD's ILD phase, MiniDisc's final hop) adds "
-        f"{_budget(study.student, 'stage1')}; MiniDisc's sandwich trains its assistant before "
-        "that (its FLOPs are in the Stage I column).",
+        f"Stage I adds {_budget(study.student, 'stage1')} (a method's own phases before Stage "
+        "II may add more: see the Stage I FLOPs column).",
         "",
         "| model | held-out ppl | WikiText-2 token ppl | WikiText-2 word ppl | pre-training FLOPs |",
         "|---|---:|---:|---:|---:|",
