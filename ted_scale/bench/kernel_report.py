@@ -1,6 +1,6 @@
 """What the Triton loss kernels cost on a GPU, without one: resources and a roofline per kernel.
 
-Every kernel of ``kernels/triton_ops.py`` is compiled ahead of time (``ted_scale.kernels.aot``) for
+Every kernel of ``ted_scale/kernels/triton_ops.py`` is compiled ahead of time (``ted_scale.kernels.aot``) for
 sm_80 (A100) and sm_90 (H100) at the launch configuration it gets for
 
 - the ``gpt2`` problem: V = 50,257, d = 768 (``bench/losses.py``'s gpt2 preset), bf16 logits
