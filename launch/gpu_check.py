@@ -1,29 +1,11 @@
 """Every GPU-only check in one command, into one Markdown report (``make gpu-check``).
 
-    python launch/gpu_check.py [--out runs/gpu-check]
-
-Runs the cuda-marked tests, the gpt2 preset throughput benchmark (teacher prefetch on/off x
-torch.compile on/off), the fused losses benchmark at the gpt2 preset and the Triton kernel report,
-then writes OUT/report.md (benchmark JSON beside it). Exit status 1 if any check failed. Without a
-CUDA device it fails at once with "no CUDA device: nothing to check". Details:
-ted_scale/bench/gpu_check.py.
+The same as ``python -m ted_scale.cli.gpu_check``; see ``python launch/gpu_check.py --help``.
 """
 
-import argparse
 import sys
-from pathlib import Path
 
-from ted_scale.bench.gpu_check import run_check
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out", type=Path, default=Path("runs/gpu-check"),
-        help="directory for report.md and the benchmarks' JSON (default: runs/gpu-check)",
-    )  # fmt: skip
-    return run_check(parser.parse_args().out)
-
+from ted_scale.cli.gpu_check import main
 
 if __name__ == "__main__":
     sys.exit(main())

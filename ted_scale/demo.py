@@ -3,8 +3,8 @@
 A one-seed, shorter copy of the method study (`make study`, docs/design.md "The demo"): the same
 corpus, tokenizer and held-out split, the same teacher and student shapes, so its held-out
 perplexities sit beside the study's mean ± std. Every step runs the same command-line entry a
-user runs at scale (``prepare_data.py``, ``deepspeed pretrain_ted.py``, ``evaluate.py``,
-``report.py``, ``plot_metrics.py``), printed before it runs. Finished steps are kept: running the
+user runs at scale (``python -m ted_scale.cli.prepare_data``, ``deepspeed --module
+ted_scale.cli.pretrain_ted``, ``.evaluate``, ``.report``, ``.plot_metrics``), printed before it runs. Finished steps are kept: running the
 demo again resumes where it stopped.
 """
 
@@ -23,7 +23,6 @@ from ted_scale.study.plan import StudyPaths
 from ted_scale.study.runner import corpus_file
 
 REPO = Path(__file__).resolve().parents[1]
-LAUNCH = REPO / "launch"
 CONFIGS = REPO / "configs"
 STUDY_CONFIG = CONFIGS / "study-cpu.yaml"  # the demo takes its corpus settings from the study
 # `make study`'s results as committed, relative to the repository (the steps run there)
@@ -49,15 +48,17 @@ def _step(n: int, total: int, title: str) -> None:
 def _run(cmd: list, *, env: dict[str, str]) -> None:
     printable = shlex.join(str(c) for c in cmd).replace(sys.executable, "python")
     print(f"$ {printable}", flush=True)
+    start = time.perf_counter()
     subprocess.run([str(c) for c in cmd], check=True, env=env, cwd=REPO)
+    print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 def _launcher(ranks: int) -> list[str]:
-    """``deepspeed --num_gpus N`` when its launcher is installed beside this Python."""
+    """``deepspeed --num_gpus N --module`` when its launcher is installed beside this Python."""
     deepspeed = Path(sys.executable).parent / "deepspeed"
     if deepspeed.exists():
-        return [str(deepspeed), "--num_gpus", str(ranks)]
-    return [sys.executable]
+        return [str(deepspeed), "--num_gpus", str(ranks), "--module"]
+    return [sys.executable, "-m"]
 
 
 def config_file(name: str) -> Path:
@@ -93,7 +94,8 @@ def run_demo(out: Path, *, ranks: int = 2, study_results: Path = STUDY_RESULTS) 
     _run(
         [
             sys.executable,
-            LAUNCH / "prepare_data.py",
+            "-m",
+            "ted_scale.cli.prepare_data",
             "--input",
             corpus,
             "--out",
@@ -112,7 +114,7 @@ def run_demo(out: Path, *, ranks: int = 2, study_results: Path = STUDY_RESULTS) 
         _run(
             [
                 *_launcher(ranks),
-                LAUNCH / "pretrain_ted.py",
+                "ted_scale.cli.pretrain_ted",
                 "--config",
                 config_file(name),
                 f"output_dir={run_dir}",
@@ -145,7 +147,8 @@ def run_demo(out: Path, *, ranks: int = 2, study_results: Path = STUDY_RESULTS) 
         _run(
             [
                 sys.executable,
-                LAUNCH / "evaluate.py",
+                "-m",
+                "ted_scale.cli.evaluate",
                 "--model",
                 run_dir,
                 "--data",
@@ -164,7 +167,8 @@ def run_demo(out: Path, *, ranks: int = 2, study_results: Path = STUDY_RESULTS) 
     _run(
         [
             sys.executable,
-            LAUNCH / "report.py",
+            "-m",
+            "ted_scale.cli.report",
             "--results",
             f"teacher={results / 'teacher.json'}",
             *(f"{label}={results / f'{name}.json'}" for name, label in STUDENTS.items()),
@@ -186,7 +190,8 @@ def run_demo(out: Path, *, ranks: int = 2, study_results: Path = STUDY_RESULTS) 
     _run(
         [
             sys.executable,
-            LAUNCH / "plot_metrics.py",
+            "-m",
+            "ted_scale.cli.plot_metrics",
             "--runs",
             *(f"{label}={runs[name]}" for name, label in STUDENTS.items()),
             "--out",

@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import triton
-from ted_scale.kernels import triton_ops
-from ted_scale.kernels.aot import compile_launch
 
 from ted_scale.bench.kernel_report import (
     H100_BANDWIDTH,
@@ -22,6 +20,8 @@ from ted_scale.bench.kernel_report import (
     launches,
     violations,
 )
+from ted_scale.kernels import triton_ops
+from ted_scale.kernels.aot import compile_launch
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") == "1", reason="needs triton's compiler, not its interpreter"

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+
 from ted_scale.kernels import (
     default_chunk_size,
     fused_linear_ce_kd,

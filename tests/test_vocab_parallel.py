@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+
 from ted_scale.kernels import (
     VocabShard,
     fused_linear_ce_kd,
@@ -25,7 +26,6 @@ from ted_scale.kernels import (
     fused_linear_kl_div,
     vocab_parallel_token_scores,
 )
-
 from ted_scale.parallel.dims import free_port
 
 WORLD = 2

@@ -4,8 +4,8 @@ Pieces, each a command run from the repository root with its output captured:
 
 1. the ``cuda``-marked tests (``pytest -m cuda``): every CUDA test of the suite;
 2. the ``gpt2`` preset throughput benchmark with teacher prefetch and ``torch.compile`` each on and
-   off (``launch/bench_throughput.py``);
-3. the fused losses' memory and time benchmark at the ``gpt2`` preset (``launch/bench_losses.py``);
+   off (``ted_scale.cli.bench_throughput``);
+3. the fused losses' memory and time benchmark at the ``gpt2`` preset (``ted_scale.cli.bench_losses``);
 4. the Triton kernel report (registers, spills, shared memory, roofline; ``--kernel-report``).
 
 A failing piece does not stop the others; the report (``<out>/report.md``, with the benchmarks'
@@ -53,11 +53,11 @@ def pieces(out: Path, python: str = sys.executable) -> list[Piece]:
     """The checks, writing their JSON results under ``out``."""
     tests = [python, "-m", "pytest", "-q", "-rs", "-m", "cuda", "tests"]
     throughput = [
-        python, "launch/bench_throughput.py", "--preset", "gpt2", "--prefetch", "on,off",
+        python, "-m", "ted_scale.cli.bench_throughput", "--preset", "gpt2", "--prefetch", "on,off",
         "--compile", "on,off", "--out", str(out / "throughput-gpt2.json"),
     ]  # fmt: skip
-    losses = [python, "launch/bench_losses.py", "--preset", "gpt2"]
-    kernels = [python, "launch/bench_losses.py", "--kernel-report"]
+    losses = [python, "-m", "ted_scale.cli.bench_losses", "--preset", "gpt2"]
+    kernels = [python, "-m", "ted_scale.cli.bench_losses", "--kernel-report"]
     return [
         Piece("CUDA tests (pytest -m cuda)", tests),
         Piece("Throughput, gpt2 preset: prefetch on/off x compile on/off", throughput),

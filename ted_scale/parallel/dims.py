@@ -107,6 +107,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _build_cpu_comm_op_once(local_rank: int) -> None:
+    """DeepSpeed JIT-builds its shared-memory CPU collectives in every rank that starts without a
+    build, and ranks building it at once crashed (SIGABRT in the first multi-rank run of a fresh
+    environment). One rank per node builds it while the others wait; then each only loads it."""
+    from deepspeed.comm.torch import build_shm_op
+
+    if local_rank == 0:
+        build_shm_op()
+    dist.barrier()
+
+
 def init_parallel(tensor_parallel_size: int = 1) -> ParallelDims:
     """Join (or, for a plain ``python`` run, create) the process group, pick this rank's device,
     and lay the world out as (dp, tp).
@@ -139,7 +150,11 @@ def init_parallel(tensor_parallel_size: int = 1) -> ParallelDims:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        backend = "nccl" if cuda else "gloo"
+        dist.init_process_group(backend=backend)  # env:// from the launcher's variables
+        if not cuda:
+            _build_cpu_comm_op_once(local_rank)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
     world_size = dist.get_world_size()
     if world_size % tensor_parallel_size:
         raise ParallelLayoutError(

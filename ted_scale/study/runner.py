@@ -1,6 +1,6 @@
 """Run a study: prepare the corpus, pre-train and evaluate the teacher, then train and evaluate
 every (row, seed) student, `workers` at a time, each as subprocesses of the public entries
-(`launch/prepare_data.py`, `launch/pretrain_ted.py`, `launch/evaluate.py`).
+(`ted_scale.cli.prepare_data`, `.pretrain_ted`, `.evaluate`, each run as `python -m`).
 
 Resumable: a run whose `study.json` exists is skipped; an interrupted run resumes from its own
 checkpoints (`resume: auto`), and an interrupted corpus preparation resumes too.
@@ -41,8 +41,6 @@ from ted_scale.study.plan import (
     teacher_config,
     write_run_config,
 )
-
-LAUNCH = Path(__file__).resolve().parents[2] / "launch"
 
 
 class StudyError(RuntimeError):
@@ -97,7 +95,7 @@ def prepare_corpus(study: StudyConfig, paths: StudyPaths, threads: int) -> None:
         return
     c = study.corpus
     log(f"preparing {c.path}: BPE of {c.vocab_size} tokens, {c.seq_len}-token samples")
-    cmd = [sys.executable, LAUNCH / "prepare_data.py", "--input", corpus_file(study, paths)]
+    cmd = [sys.executable, "-m", "ted_scale.cli.prepare_data", "--input", corpus_file(study, paths)]
     cmd += ["--out", paths.data, "--train-tokenizer", c.vocab_size, "--seq-len", c.seq_len]
     cmd += ["--test-fraction", c.test_fraction, "--quiet"]
     run_logged(cmd, paths.root / "logs" / "prepare.log", threads)
@@ -144,8 +142,15 @@ def evaluate(
     One call per task whose size cap differs (`--max-examples` caps every task of a call).
     """
     e = study.eval
-    base = [sys.executable, LAUNCH / "evaluate.py", "--model", run_dir, "--data", paths.data]
-    base += ["--batch-size", e.batch_size, "--wikitext-source", e.wikitext_source]
+    base = [sys.executable, "-m", "ted_scale.cli.evaluate", "--model", run_dir]
+    base += [
+        "--data",
+        paths.data,
+        "--batch-size",
+        e.batch_size,
+        "--wikitext-source",
+        e.wikitext_source,
+    ]
     calls: dict[str, int | None] = {"heldout": None, "wikitext": e.wikitext_articles}
     if lambada:
         calls["lambada"] = e.lambada_examples
@@ -175,7 +180,7 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Train `config_path` into `run_dir`, evaluate it, and write its `study.json`."""
     start = time.perf_counter()
-    cmd = [sys.executable, LAUNCH / "pretrain_ted.py", "--config", config_path]
+    cmd = [sys.executable, "-m", "ted_scale.cli.pretrain_ted", "--config", config_path]
     run_logged(cmd, run_dir / "study.log", threads)
     trained = time.perf_counter()
     results = evaluate(study, paths, run_dir, lambada, threads)

@@ -1,7 +1,14 @@
-"""The training entry point behind ``launch/pretrain_ted.py``: plug-ins, clean errors, exit codes."""
+"""Train with TED (or a baseline) from a YAML run configuration.
+
+    deepspeed --module ted_scale.cli.pretrain_ted --config configs/RUN.yaml [a.b=value ...]
+    deepspeed launch/pretrain_ted.py --config configs/RUN.yaml [a.b=value ...]
+
+Also runs under ``torchrun`` (``-m ted_scale.cli.pretrain_ted``) and plain ``python`` (one process).
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import sys
@@ -48,7 +55,8 @@ def load_plugin(name: str) -> None:
         raise ConfigError(f"--plugin {name}: {e}") from e
 
 
-def main(config_path: str, overrides: list[str], plugins: list[str] = ()) -> int:
+def run(config_path: str, overrides: list[str], plugins: list[str] = ()) -> int:
+    """Load plug-ins and the config, train; a user error is one line on stderr and exit status 2."""
     from ted_scale.train.nonfinite import NonFiniteLossError
     from ted_scale.train.trainer import train
 
@@ -64,3 +72,27 @@ def main(config_path: str, overrides: list[str], plugins: list[str] = ()) -> int
         print(f"pretrain_ted: error: {os_error_message(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="YAML run configuration (see configs/)")
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a module (dotted name or .py file) that registers more methods; repeatable",
+    )
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )
+    parser.add_argument("overrides", nargs="*", help="config overrides as key.subkey=value")
+    args = parser.parse_args(argv)
+    return run(args.config, args.overrides, args.plugin)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Throughput of a training step per method against a plain `transformers` TED reference.
+
+    python launch/bench_throughput.py --preset cpu|gpt2 [--out FILE.json]
+    torchrun --nproc_per_node N launch/bench_throughput.py --tp N --preset cpu|gpt2
+
+Synthetic token batches, random weights. For each configuration (method x fused loss x teacher
+prefetch x attention, plus the reference): tokens/s, the step split into teacher / student forward /
+losses / backward / optimizer, achieved TFLOP/s (ted_scale.flops), MFU on a GPU, peak memory,
+and ratios to the reference and to the student-alone step. Each configuration runs in a fresh
+process. Method details: ted_scale/bench/throughput.py; targets: ted_scale/bench/suite.py.
+With --tp N (N ranks, one tensor-parallel group; gloo on CPU): each method's fused step sharded
+over the N ranks, with the share of the step spent in tensor-parallel communication and each
+rank's parameter and optimizer bytes (ted_scale/bench/tensor_parallel.py).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ted_scale.bench.suite import configurations, format_table, run_suite
+from ted_scale.bench.throughput import PRESETS
+from ted_scale.distill.methods import method_names
+from ted_scale.model.attention import IMPLEMENTATIONS
+
+
+def _choices(allowed):
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)}; got {text!r}")
+        return items
+
+    return parse
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="cpu",
+        help="model and batch sizes: gpt2 = the paper's 12x768 -> 6 layers, seq 1024, batch 8 (GPU); "
+        "cpu = GPT-2 vocabulary, 4x256 -> 2 layers, seq 128, batch 4; micro = smoke test",
+    )  # fmt: skip
+    parser.add_argument(
+        "--methods", type=_choices(method_names()), default=method_names(),
+        help="comma-separated registered methods (lm = the student alone, plain CE)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fused", type=_choices(("on", "off")), default=["on", "off"],
+        help="fused chunked LM-head losses (on) and/or full-logits PyTorch losses (off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--prefetch", type=_choices(("on", "off")), default=None,
+        help="teacher prefetch on a side CUDA stream; on CPU the teacher always runs inline "
+        "[default: on,off on CUDA, off on CPU]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--attention", type=_choices(IMPLEMENTATIONS), default=["auto"],
+        help="comma-separated attention kernels (auto, sdpa, flash, eager); the reference runs "
+        "once per kernel with HF's equivalent",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compile", type=_choices(("on", "off")), default=None,
+        help="torch.compile the student and teacher blocks (model.compile) "
+        "[default: on,off on CUDA, off on CPU]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--engine", action="store_true",
+        help="also run the trainer's own loop (DeepSpeed engine, loader on a synthetic shard set) "
+        "per configuration and report its tokens/s beside the plain step's",
+    )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads per configuration [default: torch's, one per core]; on a machine "
+        "shared with other work, fewer threads than cores keep OpenMP from stalling",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tp", type=int, default=None,
+        help="tensor-parallel size: time each method's fused step sharded over the N ranks this "
+        "is launched with (torchrun --nproc_per_node N; 1 = plain python) in one process per rank",
+    )  # fmt: skip
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help="JSON output [default: runs/bench/throughput-<preset>.json]",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.tp is not None:
+        _tensor_parallel(args)
+        return 0
+
+    cuda = torch.cuda.is_available()
+    prefetch = args.prefetch or (["on", "off"] if cuda else ["off"])
+    compile_ = args.compile or (["on", "off"] if cuda else ["off"])
+    specs = configurations(
+        args.methods, [f == "on" for f in args.fused], [p == "on" for p in prefetch],
+        args.attention, cuda=cuda, compile=[c == "on" for c in compile_],
+    )  # fmt: skip
+    print(f"{len(specs)} configurations, each in a fresh process:")
+    result = run_suite(args.preset, specs, threads=args.threads, engine=args.engine)
+    print()
+    print(format_table(result))
+    out = args.out or Path("runs/bench") / f"throughput-{args.preset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwritten to {out}")
+    return 0
+
+
+def _tensor_parallel(args: argparse.Namespace) -> None:
+    from ted_scale.bench.tensor_parallel import format_tp_table, run_tp_suite
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run_tp_suite(PRESETS[args.preset], args.methods, args.tp)
+    if rows is None:  # not rank 0
+        return
+    print(format_tp_table(rows))
+    out = args.out or Path("runs/bench") / f"throughput-{args.preset}-tp{args.tp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2))
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
