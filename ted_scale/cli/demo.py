@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ted_scale.demo import STUDY_RESULTS, run_demo
+from ted_scale.demo import CONFIGS, STUDY_RESULTS, run_demo
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +22,13 @@ def main(argv: list[str] | None = None) -> int:
         "runs/study/results.json after your own `make study`)",
     )
     args = parser.parse_args(argv)
+    if not CONFIGS.is_dir():  # an installed package: the configs live in the repository
+        print(
+            f"demo: error: {CONFIGS} not found: the demo runs the configs/ of a ted_scale "
+            "checkout; run `make demo` in a clone of the repository",
+            file=sys.stderr,
+        )
+        return 2
     run_demo(args.out, ranks=args.ranks, study_results=args.study)
     return 0
 
