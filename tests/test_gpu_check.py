@@ -1,5 +1,6 @@
 """`make gpu-check`: refuses at once without CUDA; its report machinery on real commands."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -33,13 +34,14 @@ def test_pieces_cover_tests_benchmarks_and_kernel_report(tmp_path):
     commands = [" ".join(p.command) for p in pieces(tmp_path)]
     assert any("-m pytest" in c and "-m cuda" in c for c in commands)
     assert any(
-        "bench_throughput.py --preset gpt2 --prefetch on,off --compile on,off" in c
+        "-m ted_scale.cli.bench_throughput --preset gpt2 --prefetch on,off --compile on,off" in c
         for c in commands
     )
-    assert any("bench_losses.py --kernel-report" in c for c in commands)
-    for piece in pieces(tmp_path):
-        script = next((a for a in piece.command if a.endswith(".py")), None)
-        assert script is None or (REPO / script).is_file()
+    assert any("-m ted_scale.cli.bench_losses --kernel-report" in c for c in commands)
+    for piece in pieces(tmp_path):  # modules, not paths: they run from an installed package too
+        assert not any(a.endswith(".py") for a in piece.command), piece.command
+        module = piece.command[piece.command.index("-m") + 1]
+        assert importlib.util.find_spec(module) is not None, module
 
 
 def test_report_lists_every_piece_and_fails_when_one_fails(tmp_path):
