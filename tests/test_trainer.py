@@ -237,6 +237,46 @@ def test_killed_run_resumes_from_its_checkpoint_with_the_uninterrupted_losses(
     assert losses(run) == losses(tmp_path / "full")
 
 
+# Dropout on, an in-training evaluation right after a checkpoint, Stage II checkpointed only at 4.
+WITH_DROPOUT = [
+    "--config", str(REPO / "configs" / "tiny-ted.yaml"), "student.dropout=0.1",
+    "stage1.max_steps=3", "stage2.max_steps=8", "checkpoint.interval=4", "checkpoint.keep=10",
+    "eval.interval=4", "eval.heldout_batches=2", "eval.lambada_examples=4", "log.interval=1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_with_dropout(tiny_data, subprocess_env, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    full = _run_cli(subprocess_env, *WITH_DROPOUT, f"data.path={tiny_data}", f"output_dir={run}")
+    assert full.wait(timeout=300) == 0, full.stdout.read()
+    return run
+
+
+@pytest.mark.parametrize(
+    "kill_after",
+    ["progress.json", "checkpoints/stage2-step00000004/complete"],
+    ids=["stage1-done-stage2-not-checkpointed", "checkpoint-then-evaluation"],
+)
+def test_killed_run_with_dropout_exports_the_uninterrupted_student_bit_for_bit(
+    kill_after, uninterrupted_with_dropout, tiny_data, tmp_path, subprocess_env, kill_at
+):
+    """A phase started again draws what it drew the first time, and an evaluation after a
+    checkpoint draws nothing from the training's generators."""
+    args = [*WITH_DROPOUT, f"data.path={tiny_data}", f"output_dir={tmp_path}"]
+    kill_at(_run_cli(subprocess_env, *args), tmp_path / kill_after)
+    resumed = _run_cli(subprocess_env, *args, "resume=auto")
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out
+
+    def weights(run: Path) -> dict[str, torch.Tensor]:
+        return load_file(run / "student_hf" / "model.safetensors")
+
+    expected, got = weights(uninterrupted_with_dropout), weights(tmp_path)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 def test_a_save_interrupted_half_way_leaves_the_previous_checkpoint_loadable(tiny_data, tmp_path):
     run = tmp_path / "run"
     Trainer(

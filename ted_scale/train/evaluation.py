@@ -50,19 +50,22 @@ class InTrainingEval:
         evaluates a plain copy: under ZeRO-3 the engine's own module holds only this rank's
         partition of each weight, and its hooks would release gathered weights mid-eval.
         """
-        if tensor_parallel_group(model) is not None:
-            with eval_mode(model):
-                results = self._evaluate(model, device)
+        # Nothing drawn here may move the training's generators: a run resumed from the
+        # checkpoint saved just before this evaluation continues from the state saved with it.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if tensor_parallel_group(model) is not None:
+                with eval_mode(model):
+                    results = self._evaluate(model, device)
+                barrier()
+                return results if self.is_main else {}
+            state = gathered_state(model)  # a collective under ZeRO-3: every rank takes part
+            results: dict[str, float] = {}
+            if self.is_main:
+                copy = GPT(model.config, attention=model.blocks[0].attn.implementation)
+                copy.load_state_dict(state)
+                results = self._evaluate(copy.to(device).eval(), device)
             barrier()
-            return results if self.is_main else {}
-        state = gathered_state(model)  # a collective under ZeRO-3: every rank takes part
-        results: dict[str, float] = {}
-        if self.is_main:
-            copy = GPT(model.config, attention=model.blocks[0].attn.implementation)
-            copy.load_state_dict(state)
-            results = self._evaluate(copy.to(device).eval(), device)
-        barrier()
-        return results
+            return results
 
     def _evaluate(self, model: GPT, device: torch.device) -> dict[str, float]:
         results = {}

@@ -12,6 +12,7 @@ import itertools
 import json
 import random
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def phase_seed(seed: int, phase: str) -> int:
+    """The seed each phase starts from: its own stream of the run's seed, so that a phase started
+    again after a resume (killed before its first checkpoint) draws what it drew the first time,
+    and a phase run alone (``stage=distill``) draws what it draws inside ``stage=all``."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(phase.encode())]).generate_state(1)[0])
 
 
 class Trainer:
@@ -190,6 +198,7 @@ class Trainer:
             if planned.name in done:
                 self._log_console(f"{planned.name}: already finished in {self.run_dir}, skipping")
                 continue
+            seed_everything(phase_seed(self.config.seed, planned.name))
             phase = self.method.build(planned.name, self.ctx)
             tag = resume_tag if resume_tag is not None and resume_tag.phase == phase.name else None
             if phase.trained is not None:  # a phase without training does its work in finish
