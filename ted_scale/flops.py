@@ -5,8 +5,10 @@ a backward pass costs twice its forward (gradients for inputs and weights). Per 
 the modules themselves so that any shape (pruned heads, other FFN widths, any filter) is right:
 
 - every ``nn.Linear`` d_in -> d_out: 2 d_in d_out (a GPT-2 block's four projections: 24 d^2);
-- every attention layer of inner width h (heads x head_dim) over context T: 4 T h / 2 (scores and
-  values; half of the causal T x T square is masked);
+- every attention layer of inner width h (heads x head_dim) over context T: 4 T h (scores Q K^T
+  and the weighted sum of values, 2 T h each). The whole T x T score matrix is counted, causal mask
+  or not, as PaLM (appendix B) and Megatron count it, so MFU compares with published MFU; kernels
+  that skip the masked half do less work than counted;
 - an LM head application: 2 V d;
 - a prefix sub-network (``GPT.forward(subnet=...)``): each block's attention and FFN counted as
   above, scaled by the fraction of its heads and neurons that take part (both are linear in them).
@@ -48,7 +50,7 @@ def forward_flops(module: nn.Module, seq_len: int) -> float:
             d_out, d_in = _shape(m.weight)  # this rank's shard of a tensor-parallel one
             total += 2 * d_in * d_out
         elif isinstance(m, CausalSelfAttention):
-            total += 2 * seq_len * _shape(m.qkv_proj.weight)[0] // 3
+            total += 4 * seq_len * _shape(m.qkv_proj.weight)[0] // 3
     return total
 
 

@@ -135,7 +135,9 @@ RUNS = {
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_fixed_seed_five_steps_reproduce_the_recorded_losses_bit_for_bit(name, tiny_data, tmp_path):
     """Losses recorded with the trainer as it was before methods became plug-ins (1 thread, fp32):
-    the restructuring must not change a single bit."""
+    the restructuring must not change a single bit. ``stage1``, ``ted`` and ``ted_kl`` were
+    re-recorded when TED's filters started random, its layer term became scale-free and averaged
+    over layers, and TED-KL scored through the frozen Stage I head (issue 24)."""
     from ted_scale.train.trainer import Trainer
 
     config_file, extra = RUNS[name]

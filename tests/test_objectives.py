@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from ted_scale.distill.filters import FilterBank, build_filters
 from ted_scale.distill.layer_map import paper_layer_map, resolve_layer_map
-from ted_scale.distill.methods.ted import FilterTraining, ted_kl_distance
+from ted_scale.distill.methods.ted import FilterTraining, ted_distance, ted_kl_distance
 from ted_scale.distill.modules import FrozenTapper, StudentDistillation
 from ted_scale.distill.objectives import mse_distance
 from ted_scale.model import GPT, GPTConfig, student_from_teacher
@@ -51,13 +51,23 @@ def _mse_distance(states, tapped, _labels):
     return mse_distance(states, tapped.layer_states)
 
 
-def _student_side(student, method, *, fused, reduction="sum"):
+def _normalized(x, eps=1e-12):
+    """A LayerNorm without weight and bias, from its definition."""
+    mean = x.mean(-1, keepdim=True)
+    var = (x - mean).square().mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps)
+
+
+def _student_side(student, method, *, fused, reduction="sum", head=None):
     """Random student filters and the Stage II module around them (as methods/ted.py wires it)."""
-    torch.manual_seed(2)
-    s_filters = build_filters("linear", student, [0, 1], d_out=32, random_init=True)
+    s_filters = build_filters(
+        "linear", student, [0, 1], d_out=32, generator=torch.Generator().manual_seed(2)
+    )
     distance = _mse_distance
+    if method == "ted":
+        distance = ted_distance()[1]
     if method == "ted_kl":
-        distance = ted_kl_distance(student, temperature=T_KD, fused=fused, compute_dtype=None)
+        distance = ted_kl_distance(head, temperature=T_KD, fused=fused, compute_dtype=None)
     module = StudentDistillation(
         student,
         layer_modules=s_filters,
@@ -71,9 +81,17 @@ def _student_side(student, method, *, fused, reduction="sum"):
     return s_filters, module
 
 
+def _ted_tapper(teacher, layer_map, t_filters):
+    """The teacher side of TED's Stage II: normalised teacher filter outputs, and its top."""
+    transform = ted_distance()[0]
+    return FrozenTapper(
+        teacher, layer_map, transform=lambda h: transform(t_filters(h)), with_top=True
+    )
+
+
 def _filters(teacher, layer_map):
-    torch.manual_seed(1)
-    bank = build_filters("linear", teacher, layer_map, d_out=32, random_init=True)
+    generator = torch.Generator().manual_seed(1)
+    bank = build_filters("linear", teacher, layer_map, d_out=32, generator=generator)
     return bank.eval().requires_grad_(False)
 
 
@@ -98,11 +116,11 @@ def test_stage1_loss_is_the_sum_of_each_filters_cross_entropy_through_the_frozen
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_ted_loss_is_ce_plus_kd_plus_filtered_mse(setup, fused, reduction):
+def test_ted_loss_is_ce_plus_kd_plus_mse_of_normalized_filter_outputs(setup, fused, reduction):
     teacher, student, layer_map, ids, labels = setup
     t_filters = _filters(teacher, layer_map)
     s_filters, module = _student_side(student, "ted", fused=fused, reduction=reduction)
-    tapper = FrozenTapper(teacher, layer_map, transform=t_filters, with_top=True)
+    tapper = _ted_tapper(teacher, layer_map, t_filters)
     loss, parts = module(ids, labels, tapper(ids))
 
     t_out = teacher(ids, output_layers=layer_map)
@@ -111,7 +129,9 @@ def test_ted_loss_is_ce_plus_kd_plus_filtered_mse(setup, fused, reduction):
     ce = _ce(s_out.logits, labels)
     kd = _kd(s_out.logits, t_out.logits, keep)
     per_layer = [
-        F.mse_loss(g_s(s_out.hidden_states[k]), g_t(t_out.hidden_states[m]))
+        F.mse_loss(
+            _normalized(g_s(s_out.hidden_states[k])), _normalized(g_t(t_out.hidden_states[m]))
+        )
         for k, (g_s, g_t, m) in enumerate(
             zip(s_filters.filters, t_filters.filters, layer_map, strict=True)
         )
@@ -122,13 +142,39 @@ def test_ted_loss_is_ce_plus_kd_plus_filtered_mse(setup, fused, reduction):
     torch.testing.assert_close(parts["loss_kd"], kd, rtol=1e-5, atol=1e-6)
     for k, d in enumerate(per_layer):
         torch.testing.assert_close(parts[f"loss_layer_{k}"], d, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(parts["layer_to_ce"], A_LAYER * d_ted / ce, rtol=1e-5, atol=1e-7)
+
+
+def test_ted_distance_ignores_each_filter_outputs_scale_and_offset(setup):
+    teacher, student, layer_map, ids, labels = setup
+    t_filters = _filters(teacher, layer_map)
+    s_filters, module = _student_side(student, "ted", fused=True)
+    tapped = _ted_tapper(teacher, layer_map, t_filters)(ids)
+
+    def scaled(factor: float, shift: float = 0.0):
+        with torch.no_grad():
+            for g in s_filters.filters:
+                g.proj.weight.mul_(factor)
+                g.proj.bias.mul_(factor).add_(shift)
+        return module(ids, labels, tapped)[1]["loss_layer"]
+
+    # Outputs scaled by 1000, then by 1e-4 (std ~1e-5, below a LayerNorm's usual eps), and every
+    # token shifted by a constant: the distance stays.
+    before = scaled(1.0)
+    torch.testing.assert_close(scaled(1000.0, shift=3.0), before, rtol=1e-5, atol=0)
+    torch.testing.assert_close(scaled(1e-4), before, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_ted_kl_loss_uses_kl_between_filter_predictions_through_the_heads(setup, fused):
+@pytest.mark.parametrize("head", ["frozen", "student"])
+def test_ted_kl_loss_uses_kl_between_filter_predictions_through_the_heads(setup, fused, head):
+    """``frozen`` (the default): the student filters' predictions go through the Stage I head, the
+    teacher's final LayerNorm and LM head, which the KL leaves untouched; ``student``: through the
+    student's own."""
     teacher, student, layer_map, ids, labels = setup
     t_filters = _filters(teacher, layer_map)
-    s_filters, module = _student_side(student, "ted_kl", fused=fused)
+    head_model = teacher if head == "frozen" else student
+    s_filters, module = _student_side(student, "ted_kl", fused=fused, head=head_model)
     tapper = FrozenTapper(
         teacher,
         layer_map,
@@ -142,7 +188,7 @@ def test_ted_kl_loss_uses_kl_between_filter_predictions_through_the_heads(setup,
     keep = labels != -100
     d = sum(
         _kd(
-            student.head(g_s(s_out.hidden_states[k])),
+            head_model.head(g_s(s_out.hidden_states[k])),
             teacher.head(g_t(t_out.hidden_states[m])),
             keep,
         )
@@ -154,6 +200,9 @@ def test_ted_kl_loss_uses_kl_between_filter_predictions_through_the_heads(setup,
         _ce(s_out.logits, labels) + A_KD * _kd(s_out.logits, t_out.logits, keep) + A_LAYER * d
     )
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in s_filters.parameters())
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -185,10 +234,10 @@ def test_lwd_loss_projects_student_states_onto_raw_teacher_states(setup, fused):
     loss, _ = module(ids, labels, FrozenTapper(teacher, layer_map, with_top=True)(ids))
     t_out = teacher(ids, output_layers=layer_map)
     s_out = student(ids, output_layers=[0, 1])
-    d_layer = sum(
+    d_layer = sum(  # averaged over layers: the default reduction
         F.mse_loss(w(s_out.hidden_states[k]), t_out.hidden_states[m])
         for k, (w, m) in enumerate(zip(projections.filters, layer_map, strict=True))
-    )
+    ) / len(layer_map)
     expected = _ce(s_out.logits, labels) + A_KD * _kd(s_out.logits, t_out.logits, labels != -100)
     torch.testing.assert_close(loss, expected + A_LAYER * d_layer, rtol=1e-5, atol=1e-6)
 
@@ -200,8 +249,7 @@ def test_fused_and_unfused_paths_give_the_same_gradients(setup):
     for fused in (True, False):
         _, module = _student_side(student, "ted", fused=fused)
         student.zero_grad()
-        tapper = FrozenTapper(teacher, layer_map, transform=t_filters, with_top=True)
-        module(ids, labels, tapper(ids))[0].backward()
+        module(ids, labels, _ted_tapper(teacher, layer_map, t_filters)(ids))[0].backward()
         grads.append([p.grad.clone() for p in module.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -228,7 +276,8 @@ def test_layer_map_pointing_past_the_teacher_is_refused():
 @pytest.mark.parametrize("arch", ["linear", "mlp", "next_block", "rest_blocks"])
 def test_every_filter_architecture_maps_to_teacher_width(setup, arch):
     teacher, _, layer_map, ids, _ = setup
-    bank = build_filters(arch, teacher, layer_map, d_out=32, mlp_hidden=16)
+    generator = torch.Generator().manual_seed(0)
+    bank = build_filters(arch, teacher, layer_map, d_out=32, generator=generator, mlp_hidden=16)
     hidden = teacher(ids, output_layers=layer_map).hidden_states
     outs = bank([hidden[m] for m in layer_map])
     assert [o.shape for o in outs] == [torch.Size([2, 16, 32])] * 2

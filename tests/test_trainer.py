@@ -333,11 +333,17 @@ def test_teacher_with_another_tokenizer_than_the_data_is_refused(tiny_data, tmp_
         (
             "filters.arch=next_block",
             "filters.student_filters=random",
-            "distill.layer_reduction=mean",
+            "distill.layer_reduction=sum",
         ),
         ("filters.arch=rest_blocks", "deepspeed.zero_stage=0", "fused_loss=false"),
+        ("method=ted_kl", "ted_kl.head=student", "filters.init=identity"),
     ],
-    ids=["ted_kl-mlp-train", "next_block-random", "rest_blocks-zero0-unfused"],
+    ids=[
+        "ted_kl-mlp-train",
+        "next_block-random-sum",
+        "rest_blocks-zero0-unfused",
+        "ted_kl-student_head-identity",
+    ],
 )
 def test_every_filter_option_runs_both_stages(tiny_data, tmp_path, overrides):
     run = tmp_path / "run"

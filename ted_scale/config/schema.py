@@ -53,8 +53,10 @@ class DistillConfig:
     alpha_kd: float = bounded(2.5, ge=0.0)
     alpha_layer: float = bounded(0.1, ge=0.0)
     temperature: float = bounded(2.0, gt=0.0)
-    layer_reduction: Literal["sum", "mean"] = "sum"
-    """How per-layer distances combine into D_TED / D_layer (the paper's Eq. 6 sums)."""
+    layer_reduction: Literal["mean", "sum"] = "mean"
+    """How per-layer distances combine into D_TED / D_layer: ``mean`` over the K layers, as the
+    TED authors' code (``layer_averaged_mse_loss``; the paper's alpha_layer 0.1 is in this
+    convention, whatever K), or ``sum`` as Eq. 6 writes it (alpha_layer then acts K times larger)."""
 
 
 @dataclass

@@ -18,20 +18,13 @@ from torch import Tensor, nn
 from ted_scale.model.gpt import GPT
 
 FilterArch = Literal["linear", "mlp", "next_block", "rest_blocks"]
+FilterInit = Literal["random", "identity"]
 
 
 class LinearFilter(nn.Module):
     def __init__(self, d_in: int, d_out: int) -> None:
         super().__init__()
         self.proj = nn.Linear(d_in, d_out)
-        with torch.no_grad():
-            # A square filter starts as the identity, so its first prediction is the model's own
-            # intermediate read-out through the LM head ("logit lens") rather than noise.
-            if d_in == d_out:
-                self.proj.weight.copy_(torch.eye(d_out))
-            else:
-                nn.init.normal_(self.proj.weight, std=0.02)
-            self.proj.bias.zero_()
 
     def forward(self, h: Tensor) -> Tensor:
         return self.proj(h)
@@ -42,9 +35,6 @@ class MLPFilter(nn.Module):
         super().__init__()
         self.up_proj = nn.Linear(d_in, d_hidden)
         self.down_proj = nn.Linear(d_hidden, d_out)
-        for layer in (self.up_proj, self.down_proj):
-            nn.init.normal_(layer.weight, std=0.02)
-            nn.init.zeros_(layer.bias)
 
     def forward(self, h: Tensor) -> Tensor:
         return self.down_proj(F.gelu(self.up_proj(h), approximate="tanh"))
@@ -76,24 +66,42 @@ class FilterBank(nn.Module):
         return [g(h) for g, h in zip(self.filters, hidden, strict=True)]
 
 
+def init_random_(module: nn.Module, generator: torch.Generator) -> None:
+    """GPT-2's initialisation of every linear layer in ``module`` (weights normal with std 0.02,
+    biases zero), drawn on ``generator``'s device (a CPU one: the same draw on any device)."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(
+                    torch.randn(m.weight.shape, generator=generator, device=generator.device) * 0.02
+                )
+                if m.bias is not None:
+                    m.bias.zero_()
+
+
 def build_filters(
     arch: FilterArch,
     model: GPT,
     layers: Sequence[int],
     *,
     d_out: int,
+    generator: torch.Generator,
     mlp_hidden: int | None = None,
-    random_init: bool = False,
+    init: FilterInit = "random",
+    reinit_blocks: bool = False,
 ) -> FilterBank:
     """Filters for ``model`` tapped after each of ``layers`` (0-based blocks).
 
-    Block filters copy ``model``'s later blocks (their width must equal ``d_out``). Linear
-    filters start as the identity when square; ``random_init`` re-initialises every filter
-    (normal, std 0.02) instead.
+    ``linear`` and ``mlp`` filters start random (``init_random_`` from ``generator``), or, with
+    ``init="identity"``, a square linear filter starts as the identity (its first prediction is the
+    model's own intermediate read-out through the head, the "logit lens"). Block filters copy
+    ``model``'s later blocks (their width must equal ``d_out``); ``reinit_blocks`` re-draws them too.
     """
     d_in = model.config.n_embd
     if arch in ("next_block", "rest_blocks") and d_in != d_out:
         raise ValueError(f"{arch} filters keep the model width {d_in}, but {d_out} is needed")
+    if init == "identity" and (arch != "linear" or d_in != d_out):
+        raise ValueError(f"identity init needs square linear filters, not {arch} {d_in} -> {d_out}")
     filters: list[nn.Module] = []
     for layer in layers:
         if arch == "linear":
@@ -107,6 +115,11 @@ def build_filters(
         else:
             raise ValueError(f"unknown filter architecture {arch!r}")
     bank = FilterBank(filters, layers)
-    if random_init:
-        bank.apply(GPT._init_weights)
+    if init == "identity":
+        with torch.no_grad():
+            for g in bank.filters:
+                g.proj.weight.copy_(torch.eye(d_out))
+                g.proj.bias.zero_()
+    elif reinit_blocks or arch in ("linear", "mlp"):
+        init_random_(bank, generator)
     return bank.requires_grad_(True)  # copies of a frozen model's blocks arrive frozen

@@ -159,7 +159,8 @@ class StudentDistillation(nn.Module):
 
     D combines ``layer_distance`` over the student's blocks 0..K-1, each first mapped by its layer
     module (student filters, LWD projections). Without ``layer_modules`` there is no D; with
-    ``alpha_kd`` 0 (or nothing tapped at the top) there is no KD: plain next-token CE.
+    ``alpha_kd`` 0 (or nothing tapped at the top) there is no KD: plain next-token CE. With D,
+    ``parts`` also holds ``layer_to_ce`` = alpha_layer * D / CE.
     """
 
     def __init__(
@@ -171,7 +172,7 @@ class StudentDistillation(nn.Module):
         alpha_kd: float = 0.0,
         alpha_layer: float = 0.0,
         temperature: float = 1.0,
-        layer_reduction: Reduction = "sum",
+        layer_reduction: Reduction = "mean",
         fused: bool = True,
         compute_dtype: torch.dtype | None = None,
     ) -> None:
@@ -212,4 +213,7 @@ class StudentDistillation(nn.Module):
         distance = combine_layers(per_layer, self.layer_reduction)
         parts["loss_layer"] = distance.detach()
         parts.update({f"loss_layer_{k}": d.detach() for k, d in enumerate(per_layer)})
+        # The weighted layer term's size against CE: a device tensor like the other parts, read
+        # only at the log interval (no host sync here).
+        parts["layer_to_ce"] = self.alpha_layer * parts["loss_layer"] / parts["loss_ce"]
         return loss + self.alpha_layer * distance, parts

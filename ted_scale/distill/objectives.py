@@ -2,9 +2,10 @@
 
 - CE: next-token cross-entropy, mean over tokens.
 - KD: KL(softmax(z_t / T) || softmax(z_s / T)) * T^2, mean over tokens.
-- D_TED = sum_k MSE(g_t^k(H_t^{M(k)}), g_s^k(H_s^k)); LWD's D_layer has the same form with the raw
-  teacher states and learnable projections; TED-KL replaces each MSE by KD between the filters'
-  predictions through the heads.
+- D_TED = mean_k MSE(N(g_t^k(H_t^{M(k)})), N(g_s^k(H_s^k))), N a LayerNorm without its affine
+  map (``normalized``); LWD's D_layer is mean_k MSE(H_t^{M(k)}, W^k H_s^k) on the raw
+  states; TED-KL replaces each MSE by KD between the filters' predictions through the Stage I head.
+  ``combine_layers`` averages over k (the authors' code) or sums (Eq. 6).
 - CR-ILD: on a mixup input, CE is lambda * CE(y) + (1 - lambda) * CE(y_rev) (``labels2``, ``mix``);
   attention relations compare two attention distributions over the causal keys (``attention_kl``).
 
@@ -25,7 +26,7 @@ from ted_scale.data.loader import IGNORE_INDEX
 from ted_scale.kernels import fused_linear_ce_kd, fused_linear_cross_entropy, fused_linear_kl_div
 from ted_scale.parallel.tensor import vocab_shard_of
 
-Reduction = Literal["sum", "mean"]
+Reduction = Literal["mean", "sum"]
 
 
 def cross_entropy(
@@ -151,6 +152,14 @@ def mse(student: Tensor, teacher: Tensor) -> Tensor:
     return (student.float() - teacher.float()).square().mean()
 
 
+def normalized(hidden: Tensor) -> Tensor:
+    """``hidden`` [..., d] centred and scaled to unit variance per token, in fp32: a LayerNorm
+    without its affine map, blind to the scale and offset of ``hidden``. Its eps (1e-12) only
+    guards a constant row: a head's own eps (1e-5) would still see the scale of outputs whose
+    variance is near it, as untrained MLP filters' can be."""
+    return F.layer_norm(hidden.float(), hidden.shape[-1:], eps=1e-12)
+
+
 def mse_distance(
     student_states: Sequence[Tensor], teacher_states: Sequence[Tensor]
 ) -> list[Tensor]:
@@ -174,5 +183,6 @@ def attention_kl(student_log_probs: Tensor, target_log_probs: Tensor) -> Tensor:
 
 
 def combine_layers(per_layer: Sequence[Tensor], reduction: Reduction) -> Tensor:
+    """K per-layer scalars -> their mean (``mean``) or sum (``sum``)."""
     total = torch.stack(list(per_layer)).sum()
     return total / len(per_layer) if reduction == "mean" else total

@@ -337,6 +337,7 @@ def run_models(config) -> RunModels:
         if isinstance(get_method(config.method), TED):
             arch, d_t = config.filters.arch, teacher.config.n_embd
             kwargs = {"d_out": d_t, "mlp_hidden": config.filters.mlp_hidden}
+            kwargs["generator"] = torch.Generator()  # shapes only: any draw
             teacher_filters = build_filters(arch, teacher, layer_map, **kwargs)
             layers = list(range(student.config.n_layer))
             student_filters = (

@@ -5,8 +5,10 @@ frozen head (final LayerNorm + tied LM head): loss = sum_k CE(head(g_t^k(H_t^{M(
 ``filters.student_filters: train`` a second Stage I (``stage1_student``) trains student filters
 the same way on the frozen student. Stage II (``stage2``): teacher and teacher filters frozen; the
 student and its filters train on CE + alpha_kd * KD + alpha_layer * D_TED, with
-D_TED = sum_k MSE(g_t^k(H_t^{M(k)}), g_s^k(H_s^k)); TED-KL replaces each MSE by KD between the
-filters' predictions through the heads.
+D_TED = mean_k MSE(N(g_t^k(H_t^{M(k)})), N(g_s^k(H_s^k))) and N a LayerNorm without its affine
+map: the Stage I head ignores a filter output's scale, so the distance must too (docs/design.md,
+"Fidelity"). TED-KL replaces each MSE by KD between the filters' predictions through the head
+learned in Stage I (the teacher's frozen one; ``ted_kl.head: student`` uses the student's own).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ted_scale.config.parse import ConfigError
 from ted_scale.distill.filter_io import (
     FilterRecord,
     check_record,
@@ -27,7 +30,7 @@ from ted_scale.distill.filter_io import (
     save_filters,
     weights_fingerprint,
 )
-from ted_scale.distill.filters import FilterArch, FilterBank, build_filters
+from ted_scale.distill.filters import FilterArch, FilterBank, FilterInit, build_filters
 from ted_scale.distill.methods import register
 from ted_scale.distill.methods.base import (
     Method,
@@ -38,10 +41,17 @@ from ted_scale.distill.methods.base import (
 )
 from ted_scale.distill.modules import (
     FrozenTapper,
+    LayerDistance,
+    StateTransform,
     TappedOutputs,
     to_compute_dtype,
 )
-from ted_scale.distill.objectives import cross_entropy, kl_distillation, mse_distance
+from ted_scale.distill.objectives import (
+    cross_entropy,
+    kl_distillation,
+    mse_distance,
+    normalized,
+)
 from ted_scale.flops import FROZEN, TRAINED, forward_flops, head_flops
 from ted_scale.model import GPT, ModelMismatchError
 from ted_scale.parallel import barrier, gathered_state
@@ -58,6 +68,26 @@ class FilterConfig:
     or randomly initialised."""
     mlp_hidden: int | None = None
     """Hidden width of ``mlp`` filters (default: the output width)."""
+    init: FilterInit = "random"
+    """Stage I filters start ``random`` (the paper, section 4.3; drawn from ``seed``) or, for
+    square ``linear`` filters only, at the ``identity``. Block filters copy the later blocks."""
+
+    def __post_init__(self) -> None:
+        if self.init == "identity" and self.arch != "linear":
+            raise ConfigError(
+                f"filters.init=identity needs square linear filters, but filters.arch={self.arch}"
+                " (use filters.init=random)"
+            )
+
+
+@dataclass
+class TEDKLConfig:
+    """TED-KL's section (``ted_kl:``)."""
+
+    head: Literal["frozen", "student"] = "frozen"
+    """The head that scores the student filters' predictions: ``frozen``, the Stage I head (the
+    teacher's final LayerNorm and LM head; paper, Remark 3.2), or ``student``, the student's own
+    trainable ones (the per-layer KL then trains them too)."""
 
 
 class FilterTraining(nn.Module):
@@ -101,17 +131,31 @@ class FilterTraining(nn.Module):
         return loss, parts
 
 
+def ted_distance() -> tuple[StateTransform, LayerDistance]:
+    """TED's layer term: the teacher side's transform of its filter outputs, N(g_t) [B, T, d_t],
+    and the per-layer MSE(N(g_s), N(g_t)), N being ``normalized``."""
+
+    def transform(filtered: list[Tensor]) -> list[Tensor]:
+        return [normalized(g) for g in filtered]
+
+    def distance(states: list[Tensor], tapped: TappedOutputs, labels: Tensor) -> list[Tensor]:
+        return mse_distance(transform(states), tapped.layer_states)
+
+    return transform, distance
+
+
 def ted_kl_distance(
-    student: GPT, *, temperature: float, fused: bool, compute_dtype: torch.dtype | None
-):
-    """TED-KL's per-layer term: KD between the student filters' predictions through the student's
-    head and the teacher filters' (final-normed) predictions through the teacher's head."""
+    head: GPT, *, temperature: float, fused: bool, compute_dtype: torch.dtype | None
+) -> LayerDistance:
+    """TED-KL's per-layer term: KD between the student filters' predictions through ``head``'s
+    final LayerNorm and LM head (the frozen teacher's, or the student's own) and the teacher
+    filters' predictions, already final-normed by the tapper, through the teacher's head."""
 
     def distance(states: list[Tensor], tapped: TappedOutputs, labels: Tensor) -> list[Tensor]:
         return [
             kl_distillation(
-                to_compute_dtype(student.ln_f(g_s), compute_dtype),
-                student.lm_head_weight,
+                to_compute_dtype(head.ln_f(g_s), compute_dtype),
+                head.lm_head_weight,
                 to_compute_dtype(g_t, compute_dtype),
                 tapped.head_weight,
                 labels,
@@ -128,7 +172,6 @@ def ted_kl_distance(
 class TED(Method):
     name = "ted"
     section = ("filters", FilterConfig)
-    normed_filter_outputs = False  # TED-KL compares the filters' outputs through the heads
 
     def plan(self, config) -> list[PlannedPhase]:
         phases = [PlannedPhase("stage1_teacher", "filters")]
@@ -138,24 +181,35 @@ class TED(Method):
 
     def build(self, phase: str, ctx: MethodContext) -> Phase:
         if phase == "stage1_teacher":
-            return self._stage1(phase, ctx, ctx.teacher, ctx.layer_map)
+            return self._stage1(phase, ctx, ctx.teacher, ctx.layer_map, "teacher")
         if phase == "stage1_student":
             frozen = copy.deepcopy(ctx.student).to(ctx.device)
-            return self._stage1(phase, ctx, frozen, list(range(frozen.config.n_layer)))
+            return self._stage1(phase, ctx, frozen, list(range(frozen.config.n_layer)), "student")
         return self._stage2(ctx)
 
     # ------------------------------------------------------------------------- filters
     @staticmethod
     def _new_filters(
-        ctx: MethodContext, model: GPT, layers: list[int], *, random_init: bool = False
+        ctx: MethodContext,
+        model: GPT,
+        layers: list[int],
+        role: Literal["teacher", "student"],
+        *,
+        init: FilterInit | None = None,
+        reinit_blocks: bool = False,
     ) -> FilterBank:
+        """``role``'s filters on ``model``, initialised from the run's seeded stream for that role
+        (``init`` default: ``filters.init``), so another ``seed`` draws another init."""
+        stream = ("teacher", "student").index(role)
         return build_filters(
             ctx.config.filters.arch,
             model,
             layers,
             d_out=ctx.teacher.config.n_embd,
+            generator=torch.Generator().manual_seed(ctx.config.seed + stream * 2**32),
             mlp_hidden=ctx.config.filters.mlp_hidden,
-            random_init=random_init,
+            init=init or ctx.config.filters.init,
+            reinit_blocks=reinit_blocks,
         ).to(ctx.device, dtype=torch.float32)  # block filters copy a bf16 teacher's blocks
 
     @staticmethod
@@ -175,7 +229,7 @@ class TED(Method):
     def _teacher_filters(self, ctx: MethodContext) -> FilterBank:
         """The Stage I teacher filters from disk, checked against this teacher and map."""
         filters_dir = self._filters_dir(ctx)
-        bank = self._new_filters(ctx, ctx.teacher, ctx.layer_map)
+        bank = self._new_filters(ctx, ctx.teacher, ctx.layer_map, "teacher")
         check_record(read_record(filters_dir), self._record(ctx), filters_dir)
         load_filters_into(bank, filters_dir, "teacher")
         return bank.to(dtype=storage_dtype(ctx.compute_dtype))
@@ -194,15 +248,25 @@ class TED(Method):
             # the teacher's later blocks, however many the student has after block k).
             bank = copy.deepcopy(teacher_filters)
             bank.layers = layers
-        else:
-            bank = self._new_filters(ctx, ctx.student, layers, random_init=mode == "random")
-            if mode == "train":
-                load_filters_into(bank, self._filters_dir(ctx), "student")
+        elif mode == "train":
+            bank = self._new_filters(ctx, ctx.student, layers, "student")
+            load_filters_into(bank, self._filters_dir(ctx), "student")
+        else:  # random: every filter drawn afresh, block filters too
+            bank = self._new_filters(
+                ctx, ctx.student, layers, "student", init="random", reinit_blocks=True
+            )
         return bank.float().requires_grad_(True).train()
 
     # ------------------------------------------------------------------------- phases
-    def _stage1(self, name: str, ctx: MethodContext, model: GPT, layers: list[int]) -> Phase:
-        bank = self._new_filters(ctx, model, layers)
+    def _stage1(
+        self,
+        name: str,
+        ctx: MethodContext,
+        model: GPT,
+        layers: list[int],
+        role: Literal["teacher", "student"],
+    ) -> Phase:
+        bank = self._new_filters(ctx, model, layers, role)
 
         def flops_per_token(seq_len: int) -> float:
             trunk = forward_flops(model.blocks[: max(layers) + 1], seq_len)
@@ -231,28 +295,23 @@ class TED(Method):
             finish=finish,
         )
 
+    def _layer_term(
+        self, ctx: MethodContext, teacher_filters: FilterBank
+    ) -> tuple[StateTransform, LayerDistance, GPT | None]:
+        """The teacher side's transform, the per-layer distance, and the model whose head the
+        student filters' outputs go through (None: no head)."""
+        transform, distance = ted_distance()
+        return lambda states: transform(teacher_filters(states)), distance, None
+
     def _stage2(self, ctx: MethodContext) -> Phase:
-        config, teacher, student = ctx.config, ctx.teacher, ctx.student
+        config, teacher = ctx.config, ctx.teacher
         teacher_filters = self._teacher_filters(ctx)
         student_filters = self._student_filters(ctx, teacher_filters)
         teacher_filters.eval().requires_grad_(False)
         alpha_kd = config.distill.alpha_kd
-        if self.normed_filter_outputs:
-            transform = lambda states: [teacher.ln_f(g) for g in teacher_filters(states)]  # noqa: E731
-            distance = ted_kl_distance(
-                student,
-                temperature=config.distill.temperature,
-                fused=config.fused_loss,
-                compute_dtype=ctx.compute_dtype,
-            )
-        else:
-            transform = teacher_filters
-            distance = lambda states, tapped, _: mse_distance(states, tapped.layer_states)  # noqa: E731
+        transform, distance, head = self._layer_term(ctx, teacher_filters)
         tapper = FrozenTapper(
-            teacher,
-            ctx.layer_map,
-            transform=transform,
-            with_top=alpha_kd > 0 or self.normed_filter_outputs,
+            teacher, ctx.layer_map, transform=transform, with_top=alpha_kd > 0 or head is not None
         )
         trained = ctx.distillation(layer_modules=student_filters, layer_distance=distance)
         k = len(student_filters.filters)
@@ -260,9 +319,9 @@ class TED(Method):
         def flops_per_token(seq_len: int) -> float:
             frozen = forward_flops(teacher_filters, seq_len)
             trained_ = forward_flops(student_filters, seq_len)
-            if self.normed_filter_outputs:
+            if head is not None:  # the teacher filters' head (1x), the student filters' (3x)
                 frozen += k * head_flops(teacher)
-                trained_ += k * head_flops(student)
+                trained_ += k * head_flops(head)
             return (
                 student_flops(ctx, seq_len, kd=alpha_kd > 0) + FROZEN * frozen + TRAINED * trained_
             )
@@ -273,4 +332,17 @@ class TED(Method):
 @register
 class TEDKL(TED):
     name = "ted_kl"
-    normed_filter_outputs = True
+    section = ("ted_kl", TEDKLConfig)  # and TED's ``filters:``
+
+    def _layer_term(
+        self, ctx: MethodContext, teacher_filters: FilterBank
+    ) -> tuple[StateTransform, LayerDistance, GPT | None]:
+        teacher = ctx.teacher
+        head = teacher if ctx.config.ted_kl.head == "frozen" else ctx.student
+        distance = ted_kl_distance(
+            head,
+            temperature=ctx.config.distill.temperature,
+            fused=ctx.config.fused_loss,
+            compute_dtype=ctx.compute_dtype,
+        )
+        return lambda states: [teacher.ln_f(g) for g in teacher_filters(states)], distance, head
