@@ -4,6 +4,7 @@ accuracy, kill -9 and resume in every phase, two ZeRO-2 ranks, and the exported 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -12,15 +13,24 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ted_scale.config import ConfigError, load_run_config
-from ted_scale.distill.methods.minidisc import choose_sparsity, sorted_importance
+from ted_scale.distill.methods.minidisc import (
+    MiniDiscConfig,
+    candidate_parameters,
+    candidate_sparsities,
+    choose_sparsity,
+    model_sizes,
+    schedule_markdown,
+    sorted_importance,
+)
 from ted_scale.eval.heldout import heldout_perplexity
 from ted_scale.flops import forward_flops, subnet_flops
-from ted_scale.model import GPT, load_pretrained
+from ted_scale.model import GPT, GPTConfig, Subnet, load_pretrained
 from ted_scale.model.pruning import extract, subnet_at
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,12 +49,13 @@ def _one_thread():
 # ---------------------------------------------------------------------------- config and choice
 def test_sparsities_are_numbers_sorted_as_numbers_and_lambda_is_a_float():
     config = load_run_config(
-        CONFIG, ["minidisc.sparsities=['0.95', 0.5, 0.85, '0.9']", "minidisc.lam=1"]
+        CONFIG, ["minidisc.sparsities=['0.35', 0.1, 0.25, '0.3']", "minidisc.lam=1"]
     )
-    assert config.minidisc.sparsities == [0.5, 0.85, 0.9, 0.95]
+    assert config.minidisc.sparsities == [0.1, 0.25, 0.3, 0.35]
     assert isinstance(config.minidisc.lam, float) and config.minidisc.lam == 1.0
-    with pytest.raises(ConfigError, match=r"minidisc: sparsities\[1\] = 1.0 must be in \[0, 1\)"):
-        load_run_config(CONFIG, ["minidisc.sparsities=[0.5, 1.0]"])
+    for bad in ("1.0", "0.0"):
+        with pytest.raises(ConfigError, match=rf"minidisc: sparsities\[1\] = {bad} must be in"):
+            load_run_config(CONFIG, [f"minidisc.sparsities=[0.3, {bad}]"])
     with pytest.raises(ConfigError, match=r"did you mean 'minidisc.lam'"):
         load_run_config(CONFIG, ["minidisc.lambda=0.2"])
     with pytest.raises(ConfigError, match=r"minidisc: final_method: method must be one of .*tedd"):
@@ -53,25 +64,90 @@ def test_sparsities_are_numbers_sorted_as_numbers_and_lambda_is_a_float():
         load_run_config(CONFIG, ["minidisc.final_method=minidisc"])
 
 
+STUDY_TEACHER = GPTConfig(vocab_size=4096, n_positions=128, n_embd=128, n_layer=6, n_head=4)
+STUDY_STUDENT = dataclasses.replace(STUDY_TEACHER, n_layer=3)  # the teacher's blocks 0, 2, 5
+
+
+def test_candidates_lie_strictly_between_teacher_and_student():
+    """The study's shapes: the 3-of-6-block student lacks half of the teacher's prunable weights;
+    the default candidates are spaced evenly below, and one at or beyond it is refused."""
+    sizes = model_sizes(STUDY_TEACHER, STUDY_STUDENT)
+    assert (sizes.teacher, sizes.student) == (1_714_176, 1_119_360)
+    assert sizes.student_sparsity == 0.5
+    defaults = candidate_sparsities(MiniDiscConfig(), sizes, STUDY_TEACHER)
+    assert defaults == [0.1, 0.2, 0.3, 0.4]
+    counts = [candidate_parameters(STUDY_TEACHER, s) for s in defaults]
+    assert sizes.teacher > counts[0] > counts[-1] > sizes.student
+    assert candidate_sparsities(MiniDiscConfig(candidates=2), sizes, STUDY_TEACHER) == [
+        0.167,
+        0.333,
+    ]
+    # 0.5 keeps the student's heads and neurons (more parameters only in LayerNorms and biases).
+    with pytest.raises(
+        ConfigError,
+        match=r"minidisc.sparsities: 0.5 \(1,121,664 parameters\), 0.7 \(881,466 parameters\): "
+        r"a TA candidate must lie strictly between the teacher \(1,714,176 parameters\) and the "
+        r"student \(1,119,360, 50.0% .*\(0, 0.5\)",
+    ):
+        candidate_sparsities(MiniDiscConfig(sparsities=[0.3, 0.5, 0.7]), sizes, STUDY_TEACHER)
+
+
+def test_a_run_refuses_candidates_beyond_its_student_before_any_work(tiny_data, tmp_path):
+    trainer = _trainer(tiny_data, tmp_path, "minidisc.sparsities=[0.25,0.5,0.7]")
+    with pytest.raises(ConfigError, match=r"minidisc.sparsities: 0.5 \(.*\), 0.7 \(.*\): a TA"):
+        trainer.method.build("importance", trainer.ctx)
+    assert not (tmp_path / "run" / "minidisc").exists()
+
+
 def test_the_choice_is_the_argmax_of_performance_plus_lambda_times_sparsity():
-    sparsities = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95]
-    performances = [0.40, 0.39, 0.37, 0.36, 0.33, 0.30, 0.20]
-    lam = 0.2
-    choice = choose_sparsity(sparsities, performances, lam, target=0.99)
-    scores = [p + lam * s for s, p in zip(sparsities, performances, strict=True)]
+    sparsities = [0.1, 0.2, 0.3, 0.4]
+    performances = [0.40, 0.39, 0.385, 0.33]
+    choice = choose_sparsity(sparsities, performances, 0.2)
+    scores = [p + 0.2 * s for s, p in zip(sparsities, performances, strict=True)]
     assert choice.scores == pytest.approx(scores)
-    assert choice.best == sparsities[max(range(7), key=scores.__getitem__)] == 0.8
-    assert choice.ta == 0.8
-    # lambda 0: the best performer; a large lambda: the smallest candidate.
-    assert choose_sparsity(sparsities, performances, 0.0, 0.99).ta == 0.5
-    assert choose_sparsity(sparsities, performances, 5.0, 0.99).ta == 0.95
+    assert choice.ta == sparsities[max(range(4), key=scores.__getitem__)] == 0.3
+    # A tie goes to the larger TA.
+    assert choose_sparsity([0.25, 0.5], [0.5, 0.25], 1.0).ta == 0.25
 
 
-def test_a_best_candidate_beyond_the_target_is_replaced_by_the_target():
-    choice = choose_sparsity([0.5, 0.7, 0.9], [0.3, 0.3, 0.3], 0.2, target=0.6)
-    assert (choice.best, choice.ta) == (0.9, 0.6)
-    # Within the target it stays.
-    assert choose_sparsity([0.5, 0.7, 0.9], [0.5, 0.3, 0.3], 0.2, target=0.6).ta == 0.5
+def test_lambda_trades_performance_against_size_on_a_fixed_table():
+    """The study's candidates with a fixed table of accuracies: lambda 0 picks the best performer,
+    a large lambda the smallest candidate, one between a candidate between; none of them is the
+    student's own size (sparsity 0.5), and the report shows every candidate's size and score."""
+    sparsities = [0.1, 0.2, 0.3, 0.4]
+    accuracies = [0.300, 0.296, 0.290, 0.262]
+    assert choose_sparsity(sparsities, accuracies, 0.0).ta == 0.1
+    assert choose_sparsity(sparsities, accuracies, 0.1).ta == 0.3
+    assert choose_sparsity(sparsities, accuracies, 1.0).ta == 0.4
+    sizes = model_sizes(STUDY_TEACHER, STUDY_STUDENT)
+    assert sizes.student_sparsity not in sparsities
+    rows = [
+        {
+            "sparsity": s,
+            "parameters": candidate_parameters(STUDY_TEACHER, s),
+            "accuracy": a,
+            "perplexity": 60.0,
+            "score": a + 0.1 * s,
+        }
+        for s, a in zip(sparsities, accuracies, strict=True)
+    ]
+    report = {
+        "lam": 0.1,
+        "dev": {"split": "train", "samples": "the last 576", "tokens": 73_728},
+        "teacher_parameters": sizes.teacher,
+        "student_parameters": sizes.student,
+        "student_sparsity": sizes.student_sparsity,
+        "candidates": rows,
+        "ta": rows[2],
+        "ta_by_lambda": {"0": 0.1, "0.1": 0.3, "1": 0.4},
+    }
+    table = schedule_markdown(report)
+    for r in rows:
+        assert f"| candidate | {r['sparsity']:g} | {r['parameters']:,} |" in table
+        assert f"{r['accuracy']:.4f} | 60.000 | {r['score']:.4f} |" in table
+    assert "| candidate | 0.3 | 1,361,862 | 79.4 % | 0.2900 | 60.000 | 0.3200 | **TA** |" in table
+    assert "| student | 0.5 | 1,119,360 | 65.3 % |" in table
+    assert "0 -> 0.1, 0.1 -> 0.3, 1 -> 0.4" in table
 
 
 # ---------------------------------------------------------------------------- FLOPs and accuracy
@@ -114,8 +190,10 @@ def _trainer(tiny_data, tmp_path, *overrides: str):
     )
 
 
-def _direct_sandwich_loss(teacher: GPT, ta: GPT, subnets, ids, labels, temperature) -> torch.Tensor:
-    """The published formula over dense copies of the candidates: per candidate (sum of MSE over
+def _direct_sandwich_loss(
+    teacher: GPT, ta: GPT, subnets, ids, labels, temperature, reduce=torch.mean
+) -> torch.Tensor:
+    """The authors' formula over dense copies of the candidates: per candidate (mean of MSE over
     the embeddings and every second block + T^2 KL of the logits) / 2, mean over candidates."""
     n = teacher.config.n_layer
     blocks = list(range(1, n, 2))
@@ -127,7 +205,9 @@ def _direct_sandwich_loss(teacher: GPT, ta: GPT, subnets, ids, labels, temperatu
         dense = extract(ta, subnet)
         out = dense(ids, output_layers=blocks)
         states = [out.embeddings, *(out.hidden_states[i] for i in blocks)]
-        layer = sum(F.mse_loss(s, t) for s, t in zip(states, t_states, strict=True))
+        layer = reduce(
+            torch.stack([F.mse_loss(s, t) for s, t in zip(states, t_states, strict=True)])
+        )
         log_p = F.log_softmax(out.logits[keep] / temperature, -1)
         log_q = F.log_softmax(t_out.logits[keep] / temperature, -1)
         kl = (log_q.exp() * (log_q - log_p)).sum(-1).mean() * temperature**2
@@ -157,6 +237,12 @@ def test_sandwich_loss_equals_the_formula_over_the_candidates(tiny_data, tmp_pat
     assert torch.stack([parts[f"loss_candidate_{i}"] for i in range(3)]).mean().item() == (
         pytest.approx(loss.item(), rel=1e-6)
     )
+    sandwich.layer_reduction = "sum"  # minidisc.layer_reduction=sum
+    with torch.no_grad():
+        want = _direct_sandwich_loss(
+            ctx.teacher, sandwich.student, sandwich.subnets, ids, labels, 2.0, torch.sum
+        )
+    assert sandwich(ids, labels, phase.tapper(ids))[0].item() == pytest.approx(want.item(), 1e-5)
     # Exactly the FLOPs of one teacher forward and each candidate's prefix.
     c, seq = ctx.teacher.config, 64
     head = 2 * c.vocab_size * c.n_embd  # one LM head application
@@ -201,15 +287,19 @@ def test_one_teacher_forward_per_micro_batch_and_one_optimizer_step(
 
 
 def test_parameters_no_candidate_uses_get_an_exactly_zero_gradient(tiny_data, tmp_path):
-    """With these sparsities some blocks keep no head in any candidate. Their attention's input
-    side (ln_1 and qkv_proj) still takes part through a zero-width output, so its gradient is
-    exactly zero, not missing: every parameter gets one, on one rank as under tensor parallelism,
-    where a rank without heads must still join its peers' backward collectives."""
-    trainer = _trainer(tiny_data, tmp_path, "minidisc.sparsities=[0.9,0.95]")
+    """Candidates whose blocks 0 and 2 keep no head (possible for candidates larger than the
+    student: pruning ranks heads across blocks). Their attention's input side (ln_1 and
+    qkv_proj) still takes part through a zero-width output, so its gradient is exactly zero, not
+    missing: every parameter gets one, on one rank as under tensor parallelism, where a rank
+    without heads must still join its peers' backward collectives."""
+    trainer = _trainer(tiny_data, tmp_path)
     trainer.method.build("importance", trainer.ctx).finish()
     phase = trainer.method.build("sandwich", trainer.ctx)
+    phase.trained.subnets = [
+        Subnet((0, 4, 0, 4), (256, 200, 256, 100)),
+        Subnet((0, 2, 0, 3), (256, 256, 256, 256)),
+    ]
     heads = [h for s in phase.trained.subnets for h in s.heads]
-    assert 0 in heads, heads
     ids, labels = trainer.ctx.batches("train", 1)[0]
     loss, _ = phase.trained(ids, labels, phase.tapper(ids))
     loss.backward()
@@ -223,6 +313,35 @@ def test_parameters_no_candidate_uses_get_an_exactly_zero_gradient(tiny_data, tm
     for i in headless:
         assert not grads[f"student.blocks.{i}.attn.qkv_proj.weight"].grad.any()
         assert not grads[f"student.blocks.{i}.ln_1.weight"].grad.any()
+
+
+def test_the_ta_is_chosen_on_development_samples_kept_out_of_its_training(tiny_data, tmp_path):
+    """The development split is the training split's last ``minidisc.dev_samples`` (16) samples:
+    the importance and the sandwich never read them, the scoring reads only them, and nothing
+    reads the split results are reported on (``data.eval_split``)."""
+    trainer = _trainer(tiny_data, tmp_path)
+    method, ctx = trainer.method, trainer.ctx
+    calls, batches = [], ctx.batches
+
+    def recorded(split: str, n: int, samples: slice | None = None):
+        calls.append((split, samples))
+        return batches(split, n, samples)
+
+    ctx.batches = recorded
+    method.build("importance", ctx).finish()
+    phase = method.build("sandwich", ctx)
+    assert calls == [("train", slice(None, -16))]
+    assert phase.train_samples == slice(None, -16)
+    full = trainer._open_split("train")
+    assert len(trainer._loader("train", phase.train_samples).dataset) == len(full) - 16
+    dev = full.subset(slice(-16, None))
+    assert len(dev) == 16 and np.array_equal(dev.sample(0), full.sample(len(full) - 16))
+    phase.finish()  # the shared TA weights, untrained
+    calls.clear()
+    method.build("scoring", ctx).finish()
+    assert calls == [("train", slice(-16, None))]
+    report = json.loads((tmp_path / "run" / "minidisc.json").read_text())
+    assert report["dev"] == {"split": "train", "samples": "the last 16", "tokens": 16 * 64}
 
 
 # ---------------------------------------------------------------------------- runs end to end
@@ -260,22 +379,32 @@ def full_run(tiny_data, tmp_path_factory, subprocess_env) -> Path:
     return run
 
 
-def test_a_full_run_writes_the_schedule_and_the_models_load_in_transformers(full_run):
+def test_a_full_run_writes_the_schedule_and_the_models_load_in_transformers(
+    full_run, tiny_data, tmp_path
+):
     from transformers import AutoModelForCausalLM
+
+    from ted_scale.train.trainer import Trainer
 
     stages = [s for s, *_ in _losses(full_run)]
     assert stages == ["sandwich"] * 6 + ["final_stage1_teacher"] * 4 + ["final_stage2"] * 6
     report = json.loads((full_run / "minidisc.json").read_text())
     rows = report["candidates"]
-    assert [r["sparsity"] for r in rows] == [0.5, 0.7, 0.9]
+    assert [r["sparsity"] for r in rows] == [0.1, 0.25, 0.4]
     for r in rows:
         assert r["score"] == pytest.approx(r["accuracy"] + 0.2 * r["sparsity"])
         assert 0.0 <= r["accuracy"] <= 1.0 and r["perplexity"] > 1.0
-    choice = choose_sparsity([0.5, 0.7, 0.9], [r["accuracy"] for r in rows], 0.2, 0.5)
-    # target: 2 of 4 layers, sparsity 0.5
-    assert report["ta"]["sparsity"] == choice.ta and report["target_sparsity"] == 0.5
+        assert report["teacher_parameters"] > r["parameters"] > report["student_parameters"]
+    choice = choose_sparsity([0.1, 0.25, 0.4], [r["accuracy"] for r in rows], 0.2)
+    assert report["ta"]["sparsity"] == choice.ta and report["student_sparsity"] == 0.5
     table = (full_run / "minidisc.md").read_text().splitlines()
-    assert sum(line.startswith("| 0.") for line in table) == 3
+    assert sum(line.startswith("| candidate |") for line in table) == 3
+    # The final hop trains the run's own student: KD's, parameter for parameter.
+    kd = load_run_config(
+        CONFIG, ["method=kd", f"data.path={tiny_data}", f"output_dir={tmp_path / 'kd'}"]
+    )
+    student = load_pretrained(full_run / "student_hf")
+    assert student.num_params() == Trainer(kd).student.num_params() == report["student_parameters"]
     assert (full_run / "minidisc.png").stat().st_size > 0
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     for folder, layers in (("ta_hf", 4), ("student_hf", 2)):
@@ -340,8 +469,7 @@ def test_kill_in_every_phase_and_resume_continue_exactly(
 def test_two_ranks_with_zero2_reproduce_the_single_process_losses(
     tiny_data, tmp_path, subprocess_env
 ):
-    # 0.9 and 0.95 leave blocks without heads: parameters without gradients under ZeRO-2.
-    extra = ("minidisc.sparsities=[0.9,0.95]", "deepspeed.zero_stage=2")
+    extra = ("deepspeed.zero_stage=2",)
     single = tmp_path / "single"
     _finish(_launch(subprocess_env, [sys.executable], single, tiny_data, *extra))
     two = tmp_path / "two"

@@ -179,7 +179,7 @@ class ProjectStep:
         run_dir: Path,
         *,
         seed: int = 0,
-        batches: Callable[[str, int], list[tuple[Tensor, Tensor]]] | None = None,
+        batches: Callable[..., list[tuple[Tensor, Tensor]]] | None = None,
         dims: ParallelDims | None = None,
     ) -> None:
         config = bench_config(preset, spec, seed=seed)
@@ -205,7 +205,8 @@ class ProjectStep:
             compute_dtype=self.compute_dtype,
             run_dir=run_dir,
             log=lambda _: None,
-            batches=batches or (lambda _split, n: _synthetic_batches(preset, n, CPU)),
+            batches=batches
+            or (lambda _split, n, _samples=None: _synthetic_batches(preset, n, CPU)),
             dims=dims,
         )
         self.phase = build_benchmarked(method, ctx)

@@ -8,6 +8,7 @@ labels == -100 everywhere.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ class PackedTokens:
     """One split of a prepared data directory; shards are memory-mapped, never read whole.
 
     Sample i is the window tokens[i * seq_len : i * seq_len + seq_len + 1] of the split's token
-    stream; windows may cross shard boundaries.
+    stream; windows may cross shard boundaries. ``subset`` gives a view of a range of samples.
     """
 
     def __init__(self, data_dir: str | Path, split: str, manifest: Manifest):
@@ -41,6 +42,7 @@ class PackedTokens:
         self.vocab_size = manifest.tokenizer.vocab_size
         info = manifest.splits[split]
         self.num_samples = info.num_samples
+        self.first_sample = 0  # of the split: a subset's sample i is the split's first_sample + i
         dtype = np.dtype(DTYPES[manifest.dtype])
         self.shards: list[np.memmap] = []
         for sh in info.shards:
@@ -61,6 +63,20 @@ class PackedTokens:
     def __len__(self) -> int:
         return self.num_samples
 
+    def subset(self, samples: slice) -> PackedTokens:
+        """A view of the samples ``samples`` (a slice of step 1, negative bounds from the end,
+        as on a list), renumbered from 0; ``len`` and ``sample`` see only them. Neighbouring
+        windows share one token, so the last sample before the range labels its first token."""
+        start, stop, step = samples.indices(self.num_samples)
+        if step != 1 or stop <= start:
+            raise DataError(
+                f"{self.data_dir} [{self.split}]: samples [{samples.start}:{samples.stop}] of "
+                f"{self.num_samples} are not a non-empty contiguous range"
+            )
+        view = copy.copy(self)
+        view.first_sample, view.num_samples = self.first_sample + start, stop - start
+        return view
+
     def tokens(self, start: int, length: int) -> np.ndarray:
         """Tokens [length] of the split's stream from global position `start`, as int64."""
         out = np.empty(length, dtype=np.int64)
@@ -78,9 +94,10 @@ class PackedTokens:
         """Window [seq_len + 1] (int64) of sample i: input_ids = w[:-1], labels = w[1:]."""
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range [0, {self.num_samples})")
-        window = self.tokens(i * self.seq_len, self.seq_len + 1)
+        start = (self.first_sample + i) * self.seq_len
+        window = self.tokens(start, self.seq_len + 1)
         if window.max(initial=0) >= self.vocab_size:
-            self._bad_token(i * self.seq_len + int(np.argmax(window >= self.vocab_size)))
+            self._bad_token(start + int(np.argmax(window >= self.vocab_size)))
         return window
 
     def _bad_token(self, position: int) -> None:

@@ -147,9 +147,10 @@ class Trainer:
             atomic_write_json(self.run_dir / "progress.json", progress)
         barrier()
 
-    def _open_split(self, split: str) -> PackedTokens:
+    def _open_split(self, split: str, samples: slice | None = None) -> PackedTokens:
+        """The split, or the view of its samples ``samples``."""
         model = self.teacher or self.student
-        return open_split(
+        tokens = open_split(
             self.config.data.path,
             split,
             expected_vocab_size=model.config.vocab_size,
@@ -157,22 +158,25 @@ class Trainer:
             max_positions=self.student.config.n_positions,
             verify_checksums=self.config.data.verify_checksums,
         )
+        return tokens if samples is None else tokens.subset(samples)
 
-    def _loader(self, split: str) -> DistributedBatchLoader:
+    def _loader(self, split: str, samples: slice | None = None) -> DistributedBatchLoader:
         """Disjoint data per data-parallel rank; the ranks of one tensor-parallel group share it."""
         return DistributedBatchLoader(
-            self._open_split(split),
+            self._open_split(split, samples),
             self.config.batch.micro_batch_size,
             rank=self.dims.dp_rank,
             world_size=self.dims.dp_size,
             seed=self.config.seed,
         )
 
-    def _first_batches(self, split: str, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The first ``n`` micro-batches of ``split`` in the run's seeded order, one rank's view:
-        the same on every rank, whatever the world size."""
+    def _first_batches(
+        self, split: str, n: int, samples: slice | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``n`` micro-batches of ``split`` (or of its samples ``samples``) in the run's
+        seeded order, one rank's view: the same on every rank, whatever the world size."""
         loader = DistributedBatchLoader(
-            self._open_split(split),
+            self._open_split(split, samples),
             self.config.batch.micro_batch_size,
             seed=self.config.seed,
             drop_last=False,
@@ -217,7 +221,7 @@ class Trainer:
     # ----------------------------------------------------------------------------- the loop
     def train_phase(self, phase: Phase, tag: CheckpointTag | None) -> None:
         config = self.config
-        loader = self._loader(config.data.train_split)
+        loader = self._loader(config.data.train_split, phase.train_samples)
         accum = gradient_accumulation_steps(config, self.dims.dp_size)
         schedule = phase.schedule
         total_steps = schedule.max_steps or max(

@@ -56,6 +56,8 @@ class Phase:
     finish: run on every rank after the phase's last step (save filters, export a model).
     batch_draw: per-micro-batch random choices handed to the tapper and the trained module as
         keyword arguments (None: none).
+    train_samples: the samples of ``data.train_split`` this phase trains on, a slice (None: all;
+        MiniDisc keeps the split's last samples out of its sandwich as development data).
     """
 
     name: str
@@ -66,6 +68,7 @@ class Phase:
     evaluated: GPT | None = None
     finish: Callable[[], None] = field(default=lambda: None)
     batch_draw: BatchDraw | None = None
+    train_samples: slice | None = None
 
 
 @dataclass
@@ -86,9 +89,10 @@ class MethodContext:
     data_rank: int = 0
     data_ranks: int = 1
     log: Callable[[str], None] = print
-    batches: Callable[[str, int], list[tuple[Tensor, Tensor]]] | None = None
-    """``batches(split, n)``: the first ``n`` micro-batches (input_ids [B, T], labels [B, T]) of a
-    data split in the run's seeded order, the same on every rank (calibration, scoring)."""
+    batches: Callable[..., list[tuple[Tensor, Tensor]]] | None = None
+    """``batches(split, n, samples=None)``: the first ``n`` micro-batches (input_ids [B, T],
+    labels [B, T]) of a data split, or of its samples ``samples`` (a slice), in the run's seeded
+    order, the same on every rank (calibration, scoring); the last one padded (labels -100)."""
     dims: ParallelDims | None = None
     """The run's parallel layout (None: one process, nothing sharded)."""
 

@@ -2,27 +2,31 @@
 (Zhang et al., 2024, "Minimal Distillation Schedule for Language Model Compression";
 docs/design.md, "MiniDisc").
 
-Phases, each run, checkpointed and resumed by the trainer like any other:
+The student is the run's own (``student:``, the same shape, initialisation and budget as every
+other method's); the TA candidates are width-pruned teachers strictly between teacher and student
+in size. Phases, each run, checkpointed and resumed by the trainer like any other:
 
 1. ``importance`` (no training): mask-gradient importance of every head and neuron of the teacher
    over ``minidisc.calibration_batches`` micro-batches, saved to ``minidisc/importance.safetensors``.
 2. ``sandwich``: the TA starts as the teacher reordered by importance; per micro-batch the teacher
    runs once, every candidate sparsity s runs the shared TA weights as a prefix sub-network and
-   adds (sum_k MSE(H_s^k, H_t^k) over every second hidden state, embeddings included,
+   adds (mean_k MSE(H_s^k, H_t^k) over every second hidden state, embeddings included,
    + T^2 KD(z_s, z_t)) / 2, divided by the number of candidates; one optimizer step.
-3. ``scoring`` (no training): held-out next-token accuracy and perplexity of every candidate,
-   score(s) = accuracy(s) + lam * s, the best one (capped at the target) is the TA:
+3. ``scoring`` (no training): next-token accuracy and perplexity of every candidate on the
+   development samples (the last ``minidisc.dev_samples`` of the training split, which the
+   importance and the sandwich never see); score(s) = accuracy(s) + lam * s, the best is the TA:
    ``minidisc.json``, ``minidisc.md``, ``minidisc.png`` and ``ta_hf/``.
-4. ``final_<phase>`` for every phase of ``minidisc.final_method``: the TA is the teacher, the
-   student is cut from the TA.
+4. ``final_<phase>`` for every phase of ``minidisc.final_method``: the TA is the teacher of the
+   run's student.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -32,7 +36,6 @@ from torch import Tensor, nn
 from ted_scale.config.parse import ConfigError, bounded
 from ted_scale.config.schema import ScheduleConfig
 from ted_scale.distill.filter_io import weights_fingerprint
-from ted_scale.distill.layer_map import resolve_layer_map
 from ted_scale.distill.methods import get_method, register
 from ted_scale.distill.methods.base import Method, MethodContext, Phase, PlannedPhase
 from ted_scale.distill.modules import FrozenTapper, TappedOutputs, to_compute_dtype
@@ -42,12 +45,12 @@ from ted_scale.flops import FROZEN, TRAINED, forward_flops, head_flops, subnet_f
 from ted_scale.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ted_scale.model import (
     GPT,
+    GPTConfig,
     ModelMismatchError,
     Subnet,
     export_hf,
     load_pretrained,
     set_dropout,
-    student_from_teacher,
 )
 from ted_scale.model.compile import compile_blocks, compile_enabled
 from ted_scale.model.pruning import Importance, extract, mask_importance, reorder, subnet_at
@@ -59,42 +62,52 @@ FINAL_PREFIX = "final_"
 WORK_DIR = "minidisc"  # run_dir/minidisc: importance and the shared TA weights
 IMPORTANCE_FILE = "importance.safetensors"
 SHARED_TA = "ta_shared_hf"
+SHOWN_LAMBDAS = (0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)  # minidisc.md: the TA each would choose
 
 
 @dataclass
 class MiniDiscConfig:
     """MiniDisc's section (``minidisc:``)."""
 
-    sparsities: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95])
-    """TA candidates: fractions of the teacher's prunable attention and FFN weights removed."""
+    sparsities: list[float] | None = None
+    """TA candidates: fractions of the teacher's prunable attention and FFN weights removed, each
+    giving a model strictly between teacher and student in size. null: ``candidates`` evenly
+    spaced between the teacher (0) and the student's size as a sparsity of the teacher."""
+    candidates: int = bounded(4, ge=1)
+    """How many candidates ``sparsities: null`` derives."""
     lam: float = bounded(0.2, ge=0.0)
     """The paper's lambda: score(s) = accuracy(s) + lam * s (YAML key ``lam``: ``lambda`` is a
     Python keyword)."""
     calibration_batches: int = bounded(64, ge=1)
     """Micro-batches of ``calibration_split`` the importance sums over."""
     calibration_split: str | None = None
-    """Data split for the importance; null: ``data.train_split``."""
-    target: float | None = bounded(None, gt=0.0, lt=1.0)
-    """The student's shape. A sparsity of the teacher: the student is the TA pruned to it.
-    null: ``student.n_layer`` blocks of the TA at ``student.layer_map`` (the paper's 6-layer
-    student), whose target sparsity is 1 - n_layer / teacher layers."""
+    """Data split for the importance; null: ``data.train_split`` (its development samples left
+    out, as from any use of the training split)."""
+    dev_samples: int | None = bounded(None, ge=1)
+    """The development split the candidates are scored on: the last ``dev_samples`` samples of
+    ``data.train_split``, left out of the importance and the sandwich. null:
+    ``eval.heldout_batches`` x ``batch.micro_batch_size``."""
     final_method: str = "ted"
     """The registered method of the final hop TA -> student, with all of its phases."""
     temperature: float = bounded(1.0, gt=0.0)
     """T of the sandwich's KD term (the paper: 1)."""
+    layer_reduction: Literal["mean", "sum"] = "mean"
+    """How the sandwich's hidden-state MSEs combine over the matched states (the authors' code:
+    the mean)."""
     sandwich: ScheduleConfig = field(default_factory=ScheduleConfig)
     """Schedule of the sandwich TA training."""
 
     def __post_init__(self) -> None:
-        if not self.sparsities:
-            raise ValueError("sparsities: give at least one candidate")
-        for i, s in enumerate(self.sparsities):
-            if not 0.0 <= float(s) < 1.0:
-                raise ValueError(f"sparsities[{i}] = {s} must be in [0, 1)")
-        values = sorted(float(s) for s in self.sparsities)  # numbers, never strings
-        if len(set(values)) != len(values):
-            raise ValueError(f"sparsities has a repeated value: {self.sparsities}")
-        self.sparsities = values
+        if self.sparsities is not None:
+            if not self.sparsities:
+                raise ValueError("sparsities: give at least one candidate, or null")
+            for i, s in enumerate(self.sparsities):
+                if not 0.0 < float(s) < 1.0:
+                    raise ValueError(f"sparsities[{i}] = {s} must be in (0, 1)")
+            values = sorted(float(s) for s in self.sparsities)  # numbers, never strings
+            if len(set(values)) != len(values):
+                raise ValueError(f"sparsities has a repeated value: {self.sparsities}")
+            self.sparsities = values
         self.lam = float(self.lam)
         if self.final_method == MiniDisc.name:
             raise ValueError("final_method cannot be minidisc itself")
@@ -104,32 +117,93 @@ class MiniDiscConfig:
             raise ValueError(f"final_method: {e}") from None
 
 
+# ------------------------------------------------------------------------------ the candidates
+def parameter_count(config: GPTConfig) -> int:
+    """``GPT.num_params()`` of a model of shape ``config`` (built on the meta device)."""
+    with torch.device("meta"):
+        return GPT(config).num_params()
+
+
+def candidate_parameters(teacher: GPTConfig, sparsity: float) -> int:
+    """Parameters of the teacher's candidate at ``sparsity``. Every head (and every neuron) of a
+    block holds as many weights as any other, so the count depends only on how many stay:
+    uniform importance gives it before the real one is known."""
+    uniform = Importance(
+        [torch.ones(h) for h in teacher.layer_heads], [torch.ones(n) for n in teacher.layer_inner]
+    )
+    return parameter_count(subnet_at(uniform, sparsity).apply_to(teacher))
+
+
+class Sizes(NamedTuple):
+    """Parameter counts of teacher and student, and their attention-head and FFN-neuron weights
+    (the prunable ones: a model's size in the sense of the candidates' sparsity)."""
+
+    teacher: int
+    student: int
+    teacher_prunable: int
+    student_prunable: int
+
+    @property
+    def student_sparsity(self) -> float:
+        """The fraction of the teacher's prunable weights the student lacks (3 of 6 blocks: 0.5)."""
+        return 1.0 - self.student_prunable / self.teacher_prunable
+
+
+def model_sizes(teacher: GPTConfig, student: GPTConfig) -> Sizes:
+    def prunable(config: GPTConfig, total: int) -> int:
+        none = (0,) * config.n_layer
+        return total - parameter_count(Subnet(none, none).apply_to(config))
+
+    t, s = parameter_count(teacher), parameter_count(student)
+    return Sizes(t, s, prunable(teacher, t), prunable(student, s))
+
+
+def candidate_sparsities(config: MiniDiscConfig, sizes: Sizes, teacher: GPTConfig) -> list[float]:
+    """``config.sparsities``, or ``config.candidates`` evenly spaced in (0, student sparsity).
+
+    Raises ConfigError naming every candidate whose prunable weights are not strictly between
+    the student's and the teacher's (one at or beyond the student is no assistant)."""
+    values = config.sparsities
+    if values is None:
+        k = config.candidates
+        values = sorted({round(sizes.student_sparsity * i / (k + 1), 3) for i in range(1, k + 1)})
+    fixed = sizes.teacher - sizes.teacher_prunable  # embeddings, LayerNorms, output biases
+    counts = [candidate_parameters(teacher, s) for s in values]
+    bad = [
+        f"{s:g} ({n:,} parameters)" for s, n in zip(values, counts, strict=True)
+        if not sizes.student_prunable < n - fixed < sizes.teacher_prunable
+    ]  # fmt: skip
+    if bad:
+        raise ConfigError(
+            f"minidisc.sparsities: {', '.join(bad)}: a TA candidate must lie strictly between "
+            f"the teacher ({sizes.teacher:,} parameters) and the student ({sizes.student:,}, "
+            f"{1 - sizes.student_sparsity:.1%} of the teacher's attention-head and FFN-neuron "
+            f"weights), i.e. at a sparsity in (0, {sizes.student_sparsity:.4g})"
+        )
+    return values
+
+
 # ------------------------------------------------------------------------------ the choice
 class Choice(NamedTuple):
-    """best: the candidate with the best score; ta: the TA's sparsity (best, or the target when
-    best is beyond it); scores: score(s) of every candidate."""
+    """ta: the sparsity of the candidate with the best score; scores: score(s) of every one."""
 
-    best: float
     ta: float
     scores: list[float]
 
 
-def choose_sparsity(
-    sparsities: list[float], performances: list[float], lam: float, target: float
-) -> Choice:
+def choose_sparsity(sparsities: list[float], performances: list[float], lam: float) -> Choice:
     """score(s) = performance(s) + lam * s for every candidate; the best score wins (on a tie the
-    larger TA, i.e. the smaller sparsity); a winner beyond the ``target`` sparsity (smaller than
-    the student) is replaced by the target."""
+    larger TA, i.e. the smaller sparsity)."""
     s = [float(x) for x in sparsities]  # numbers, never strings
     scores = [float(p) + float(lam) * x for x, p in zip(s, performances, strict=True)]
     best = max(range(len(scores)), key=lambda i: (scores[i], -s[i]))
-    return Choice(s[best], min(s[best], float(target)), scores)
+    return Choice(s[best], scores)
 
 
-def target_sparsity(config, teacher_layers: int) -> float:
-    """The student's sparsity relative to the teacher (``minidisc.target``, or by depth)."""
-    target = config.minidisc.target
-    return target if target is not None else 1.0 - config.student.n_layer / teacher_layers
+def dev_samples(config) -> int:
+    """How many of the training split's last samples are the development split."""
+    n = config.minidisc.dev_samples
+    return n if n is not None else config.eval.heldout_batches * config.batch.micro_batch_size
 
 
 def sorted_importance(importance: Importance) -> Importance:
@@ -150,7 +224,8 @@ def tapped_blocks(n_layer: int) -> list[int]:
 # ------------------------------------------------------------------------------ the sandwich
 class SandwichDistillation(nn.Module):
     """All TA candidates on the shared weights of ``student`` (the TA), one loss:
-    mean over candidates of (sum_k MSE(H_s^k, H_t^k) + T^2 KD(z_s, z_t)) / 2.
+    mean over candidates of (mean_k MSE(H_s^k, H_t^k) + T^2 KD(z_s, z_t)) / 2
+    (``layer_reduction="sum"``: sum_k).
 
     The teacher's states come in ``tapped.layer_states`` (embeddings first, then ``layers``);
     KD is KL(softmax(z_t / T) || softmax(z_s / T)) T^2 over the tokens with a label: the soft
@@ -165,6 +240,7 @@ class SandwichDistillation(nn.Module):
         *,
         temperature: float,
         fused: bool,
+        layer_reduction: Literal["mean", "sum"] = "mean",
         compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
@@ -172,6 +248,7 @@ class SandwichDistillation(nn.Module):
         self.subnets = subnets
         self.layers = layers
         self.temperature = temperature
+        self.layer_reduction = layer_reduction
         self.fused = fused
         self.compute_dtype = compute_dtype
 
@@ -184,7 +261,8 @@ class SandwichDistillation(nn.Module):
                 input_ids, output_layers=self.layers, return_logits=False, subnet=subnet
             )
             states = [out.embeddings, *(out.hidden_states[i] for i in self.layers)]
-            layer = torch.stack(mse_distance(states, tapped.layer_states)).sum()
+            mse = torch.stack(mse_distance(states, tapped.layer_states))  # [matched states]
+            layer = mse.mean() if self.layer_reduction == "mean" else mse.sum()
             kd = kl_distillation(
                 to_compute_dtype(out.last_hidden, self.compute_dtype),
                 self.student.lm_head_weight,
@@ -246,17 +324,39 @@ class MiniDisc(Method):
         built = self._final(ctx.config).build(inner, self._final_context(ctx))
         return dataclasses.replace(built, name=phase)
 
-    # ---------------------------------------------------------------- 1. importance
+    # ---------------------------------------------------------------- candidates and data
     @staticmethod
-    def _importance_record(ctx: MethodContext) -> dict[str, str]:
-        config = ctx.config.minidisc
+    def _sizes(ctx: MethodContext) -> Sizes:
+        return model_sizes(ctx.teacher.config, ctx.student.config)
+
+    def _sparsities(self, ctx: MethodContext) -> list[float]:
+        return candidate_sparsities(ctx.config.minidisc, self._sizes(ctx), ctx.teacher.config)
+
+    @staticmethod
+    def _training_part(config) -> slice:
+        """The training split's samples the importance and the sandwich may see."""
+        return slice(None, -dev_samples(config))
+
+    # ---------------------------------------------------------------- 1. importance
+    def _calibration(self, config) -> tuple[str, slice | None]:
+        """The importance's split, and its samples: the training split less the development
+        samples, any other split whole."""
+        split = config.minidisc.calibration_split or config.data.train_split
+        return split, self._training_part(config) if split == config.data.train_split else None
+
+    def _importance_record(self, ctx: MethodContext) -> dict[str, str]:
+        config = ctx.config
+        split, samples = self._calibration(config)
         return {
             "teacher_fingerprint": weights_fingerprint(ctx.teacher),
-            "calibration_split": config.calibration_split or ctx.config.data.train_split,
-            "calibration_batches": str(config.calibration_batches),
+            "calibration_split": split,
+            "calibration_samples": "all" if samples is None else f"[:{samples.stop}]",
+            "calibration_batches": str(config.minidisc.calibration_batches),
         }
 
     def _importance(self, name: str, ctx: MethodContext) -> Phase:
+        self._sparsities(ctx)  # refuse bad candidates before any work
+
         def finish() -> None:
             path = ctx.run_dir / WORK_DIR / IMPORTANCE_FILE
             if path.exists():  # saved by a run killed before its end
@@ -267,9 +367,8 @@ class MiniDisc(Method):
             if tensor_parallel_group(teacher) is not None:
                 teacher = unsharded_copy(teacher)
             if ctx.is_main:
-                batches = ctx.batches(
-                    record["calibration_split"], int(record["calibration_batches"])
-                )
+                split, samples = self._calibration(ctx.config)
+                batches = ctx.batches(split, ctx.config.minidisc.calibration_batches, samples)
                 importance = mask_importance(teacher, batches, fused=ctx.config.fused_loss)
                 tensors = {f"heads.{i}": v.float().cpu() for i, v in enumerate(importance.heads)}
                 tensors |= {
@@ -311,7 +410,7 @@ class MiniDisc(Method):
         # Sharded after the reordering, so that each rank's heads and neurons are a contiguous
         # run of the ranked ones and every candidate a prefix of each rank's shard.
         ctx.place(ta.train().requires_grad_(True), "student", pad=True)
-        subnets = [subnet_at(ranked, s) for s in config.minidisc.sparsities]
+        subnets = [subnet_at(ranked, s) for s in self._sparsities(ctx)]
         layers = tapped_blocks(teacher.config.n_layer)
         trained = SandwichDistillation(
             ta,
@@ -319,6 +418,7 @@ class MiniDisc(Method):
             layers,
             temperature=config.minidisc.temperature,
             fused=config.fused_loss,
+            layer_reduction=config.minidisc.layer_reduction,
             compute_dtype=ctx.compute_dtype,
         )
 
@@ -336,6 +436,7 @@ class MiniDisc(Method):
             config.minidisc.sandwich,
             flops_per_token,
             finish=lambda: ctx.export(ta, f"{WORK_DIR}/{SHARED_TA}"),
+            train_samples=self._training_part(config),
         )
 
     # ---------------------------------------------------------------- 3. scoring
@@ -352,12 +453,15 @@ class MiniDisc(Method):
         config = ctx.config
         md = config.minidisc
         shared = load_pretrained(ctx.run_dir / WORK_DIR / SHARED_TA).to(ctx.device)
-        heldout = ctx.batches(config.data.eval_split, config.eval.heldout_batches)
-        target = target_sparsity(config, ctx.teacher.config.n_layer)
+        n_dev = dev_samples(config)
+        batches = math.ceil(n_dev / config.batch.micro_batch_size)
+        dev = ctx.batches(config.data.train_split, batches, slice(-n_dev, None))
+        sizes = self._sizes(ctx)
+        sparsities = self._sparsities(ctx)
 
         def measure(s: float) -> dict:
             model = extract(shared, subnet_at(ranked, s))
-            result = heldout_perplexity(model, heldout, device=ctx.device)
+            result = heldout_perplexity(model, dev, device=ctx.device)
             return {
                 "sparsity": s,
                 "parameters": model.num_params(),
@@ -365,31 +469,40 @@ class MiniDisc(Method):
                 "perplexity": result["perplexity"],
             }
 
-        rows = [measure(s) for s in md.sparsities]
-        choice = choose_sparsity(md.sparsities, [r["accuracy"] for r in rows], md.lam, target)
-        chosen = choice.ta
+        rows = [measure(s) for s in sparsities]
+        accuracies = [r["accuracy"] for r in rows]
+        choice = choose_sparsity(sparsities, accuracies, md.lam)
         for row, score in zip(rows, choice.scores, strict=True):
             row["score"] = score
-        ta_row = next((r for r in rows if r["sparsity"] == chosen), None) or measure(chosen)
         report = {
             "lam": md.lam,
-            "target_sparsity": target,
-            "teacher_parameters": shared.num_params(),  # the teacher's shape, whole
+            "dev": {
+                "split": config.data.train_split,
+                "samples": f"the last {n_dev}",
+                "tokens": sum(int((labels != -100).sum()) for _, labels in dev),
+            },
+            "teacher_parameters": sizes.teacher,
+            "student_parameters": sizes.student,
+            "student_sparsity": sizes.student_sparsity,
             "candidates": rows,
-            "best_candidate": choice.best,
-            "ta": {**ta_row, "capped_at_target": choice.best > chosen},
+            "ta": next(r for r in rows if r["sparsity"] == choice.ta),
+            "ta_by_lambda": {
+                f"{lam:g}": choose_sparsity(sparsities, accuracies, lam).ta
+                for lam in sorted({*SHOWN_LAMBDAS, md.lam})
+            },
         }
         atomic_write_json(ctx.run_dir / "minidisc.json", report)
         atomic_write_text(ctx.run_dir / "minidisc.md", schedule_markdown(report))
         plot_schedule(report, ctx.run_dir / "minidisc.png")
-        ta = extract(shared, subnet_at(ranked, chosen))
+        ta = extract(shared, subnet_at(ranked, choice.ta))
         path = export_hf(ta, ctx.run_dir / "ta_hf", ctx.tokenizer)  # a plain copy: no collective
-        ctx.log(f"TA at sparsity {chosen:g} ({ta.num_params():,} parameters) exported to {path}")
+        ctx.log(f"TA at sparsity {choice.ta:g} ({ta.num_params():,} parameters) exported to {path}")
 
     # ---------------------------------------------------------------- 4. the final hop
     def _final_context(self, ctx: MethodContext) -> MethodContext:
-        """The final method's context: the TA (``ta_hf/``) is the frozen teacher; the student is
-        the TA pruned to ``minidisc.target``, or ``student.n_layer`` of its blocks."""
+        """The final method's context: the TA (``ta_hf/``) is the frozen teacher of the run's
+        own student (the teacher's blocks at the layer map, as every method's): the TA has the
+        teacher's depth, so the layer map holds."""
         if self._final_ctx is not None:
             return self._final_ctx
         config = ctx.config
@@ -397,66 +510,59 @@ class MiniDisc(Method):
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no TA; run the scoring phase first")
         ta = load_pretrained(path, attention=config.model.attention)
-        if config.minidisc.target is not None:
-            ranked = sorted_importance(self._load_importance(ctx))
-            student = extract(ta, subnet_at(ranked, config.minidisc.target))
-            layer_map = list(range(ta.config.n_layer))
-        else:
-            try:
-                layer_map = resolve_layer_map(
-                    config.student.layer_map, ta.config.n_layer, config.student.n_layer
-                )
-            except ValueError as e:
-                raise ModelMismatchError(f"student.layer_map: {e}") from e
-            student = student_from_teacher(ta, layer_map)
-        set_dropout(student, config.student.dropout)
-        student.activation_checkpointing = config.model.activation_checkpointing
-        # The TA's blocks have the pruned shapes scoring chose: padded where tp does not divide.
-        ctx.place(student.train().requires_grad_(True), "student", pad=True)
         ta.eval().requires_grad_(False).to(ctx.device, dtype=storage_dtype(ctx.compute_dtype))
+        # The TA's blocks have the pruned shapes scoring chose: padded where tp does not divide.
         ctx.place(ta, "teacher", pad=True)
         if compile_enabled(config.model.compile, ctx.device):
             compile_blocks(ta)
-            compile_blocks(student)
-        self._final_ctx = dataclasses.replace(ctx, teacher=ta, student=student, layer_map=layer_map)
+        self._final_ctx = dataclasses.replace(ctx, teacher=ta)
         return self._final_ctx
 
 
 # ------------------------------------------------------------------------------ the report
 def schedule_markdown(report: dict) -> str:
-    """``minidisc.md``: every candidate and the chosen TA."""
-    ta = report["ta"]
+    """``minidisc.md``: every candidate's size, development accuracy and score, the TA, and the
+    TA other lambdas would choose."""
+    teacher, student = report["teacher_parameters"], report["student_parameters"]
+    dev = report["dev"]
     lines = [
         "# MiniDisc schedule",
         "",
-        f"score(s) = held-out next-token accuracy(s) + {report['lam']:g} * s; "
-        f"target sparsity {report['target_sparsity']:.4g}; "
-        f"teacher {report['teacher_parameters']:,} parameters.",
+        f"score(s) = development next-token accuracy(s) + {report['lam']:g} * s, s the sparsity "
+        f"(the fraction of the teacher's prunable attention and FFN weights removed). "
+        f"Development split: {dev['samples']} samples of `{dev['split']}` ({dev['tokens']:,} "
+        "tokens), never trained on by the TA; the reported test split is not read.",
         "",
-        "| sparsity | parameters | accuracy | perplexity | score | |",
-        "|---:|---:|---:|---:|---:|---|",
+        "| model | sparsity | parameters | of the teacher | accuracy | perplexity | score | |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+        f"| teacher | 0 | {teacher:,} | 100.0 % | | | | |",
     ]
     for r in report["candidates"]:
-        mark = "TA" if r["sparsity"] == ta["sparsity"] else ""
+        mark = "**TA**" if r["sparsity"] == report["ta"]["sparsity"] else ""
         lines.append(
-            f"| {r['sparsity']:.2f} | {r['parameters']:,} | {r['accuracy']:.4f} | "
+            f"| candidate | {r['sparsity']:g} | {r['parameters']:,} | "
+            f"{100 * r['parameters'] / teacher:.1f} % | {r['accuracy']:.4f} | "
             f"{r['perplexity']:.3f} | {r['score']:.4f} | {mark} |"
         )
-    capped = " (the best candidate was beyond the target: the target is used)"
     lines += [
+        f"| student | {report['student_sparsity']:.4g} | {student:,} | "
+        f"{100 * student / teacher:.1f} % | | | | |",
         "",
-        f"TA: sparsity {ta['sparsity']:.4g}, {ta['parameters']:,} parameters, accuracy "
-        f"{ta['accuracy']:.4f}, perplexity {ta['perplexity']:.3f}"
-        + (capped if ta["capped_at_target"] else "")
-        + "; exported to `ta_hf/`.",
+        "The TA at other lambdas (the same accuracies): "
+        + ", ".join(f"{lam} -> {s:g}" for lam, s in report["ta_by_lambda"].items())
+        + ".",
+        "",
+        f"TA: sparsity {report['ta']['sparsity']:g}, {report['ta']['parameters']:,} parameters; "
+        "exported to `ta_hf/`, the teacher of the final hop to the student.",
         "",
     ]
     return "\n".join(lines)
 
 
 def plot_schedule(report: dict, path: Path) -> None:
-    """Accuracy against sparsity, and the lambda line through the TA: the points with the TA's
-    score, accuracy = score - lam * s (a candidate above it would have scored better)."""
+    """Development accuracy against sparsity, each candidate labelled with its size and score;
+    the lambda line through the TA (accuracy = TA's score - lam * s: a candidate above it would
+    have scored better) and the student's size as a sparsity."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -464,19 +570,30 @@ def plot_schedule(report: dict, path: Path) -> None:
 
     rows = report["candidates"]
     s = [r["sparsity"] for r in rows]
-    acc = [r["accuracy"] for r in rows]
-    ta = report["ta"]
-    best = ta["accuracy"] + report["lam"] * ta["sparsity"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(s, acc, "o-", label="candidates")
-    line = [min(s), max(s)]
-    ax.plot(
-        line, [best - report["lam"] * x for x in line], "--", label=f"lambda = {report['lam']:g}"
-    )
+    ta, lam = report["ta"], report["lam"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(s, [r["accuracy"] for r in rows], "o-", label="candidates")
+    for r in rows:
+        ax.annotate(
+            f"{r['parameters'] / 1e6:.3g} M\nscore {r['score']:.3f}",
+            (r["sparsity"], r["accuracy"]),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=7,
+        )
+    line = [0.0, report["student_sparsity"]]
+    ax.plot(line, [ta["score"] - lam * x for x in line], "--", label=f"lambda = {lam:g}")
     ax.plot([ta["sparsity"]], [ta["accuracy"]], "r*", markersize=12, label="TA")
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel("held-out next-token accuracy")
-    ax.legend()
+    ax.axvline(
+        report["student_sparsity"],
+        color="gray",
+        linestyle=":",
+        label=f"student ({report['student_parameters'] / 1e6:.3g} M)",
+    )
+    ax.set_xlabel("sparsity (fraction of the teacher's prunable weights removed)")
+    ax.set_ylabel("development next-token accuracy")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
