@@ -20,7 +20,7 @@ from torch import Tensor
 from ted_scale.config import ConfigError, load_run_config
 from ted_scale.distill.methods import MethodContext, get_method
 from ted_scale.distill.methods.cr_ild import MixupDraw, MixupILD, MixupTapper
-from ted_scale.flops import FROZEN, forward_flops
+from ted_scale.flops import FROZEN, TRAINED, forward_flops
 from ted_scale.model import GPT, GPTConfig, ModelMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,6 +186,104 @@ def test_the_consistency_targets_are_stop_gradient_branches():
     ), "a gradient through the clean pass would have changed the student's gradient"
 
 
+def direct_relations(model: GPT, ids: Tensor, lam: float, layer: int) -> list[Tensor]:
+    """The Q-Q, K-K, V-V relation probabilities [B, H, T, T] of block ``layer`` on x_mix:
+    softmax over the causal keys of X X^T / sqrt(d_head), X the block's per-head Q, K or V."""
+    B, L = ids.shape
+    if layer == 0:
+        pos = model.wpe.weight[:L]
+        x = lam * (model.wte.weight[ids] + pos) + (1 - lam) * (model.wte.weight[ids.flip(0)] + pos)
+    else:
+        x = direct_forward(model, ids, lam, layer - 1)[0]
+    block = model.blocks[layer]
+    C, H = x.shape[-1], block.attn.n_head
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    out = []
+    for t in block.attn.qkv_proj(block.ln_1(x)).split(C, dim=2):
+        t = t.view(B, L, H, C // H).transpose(1, 2)
+        scores = (t @ t.transpose(-2, -1)) / math.sqrt(C // H)
+        out.append(torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1))
+    return out
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_qkv_relations_and_their_consistency_equal_the_direct_formulas(layer):
+    teacher, student = _model(48, 4, 0), _model(32, 2, 1).train()
+    trained = MixupILD(
+        student, torch.nn.Identity(), layer=layer, hidden=False, attention=False, qkv=True,
+        consistency_weight=W_IC, lm_loss=False,
+    )  # fmt: skip
+    tapper = MixupTapper(teacher, 3, hidden=False, attention=False, qkv=True, with_top=False)
+    ids, labels = _batch()
+    loss, parts = trained(ids, labels, tapper(ids, mix_lambda=LAMBDA), LAMBDA, RAMP)
+
+    r_t = [r.detach() for r in direct_relations(teacher, ids, LAMBDA, 3)]
+    r_s = direct_relations(student, ids, LAMBDA, layer)
+    with torch.no_grad():
+        r_c = direct_relations(student, ids, 1.0, layer)
+    ild = sum(direct_kl(t, s) for t, s in zip(r_t, r_s, strict=True))
+    consistency = sum(
+        LAMBDA * direct_kl(c, s) + (1 - LAMBDA) * direct_kl(c.flip(0), s)
+        for c, s in zip(r_c, r_s, strict=True)
+    )
+    expected = {
+        "loss_qkv": ild,
+        "loss_layer": ild,
+        "loss_consistency_qkv": consistency,
+        "loss_consistency": W_IC * RAMP * consistency,
+    }
+    assert parts.keys() == expected.keys()
+    assert all(v > 1e-4 for v in expected.values())
+    for key, value in expected.items():
+        _close(parts[key], value.detach())
+    total = ild + W_IC * RAMP * consistency
+    _close(loss, total)
+    grads = _grads(loss, trained)
+    for got, want in zip(grads, _grads(total, trained), strict=True):
+        _close(got, want)
+    # The relations read block k's input: block k itself gets gradient only through its
+    # ln_1 and qkv_proj, and the blocks before it through that input.
+    names = [n for n, p in trained.named_parameters() if p.requires_grad]
+    named = dict(zip(names, grads, strict=True))
+    assert named[f"student.blocks.{layer}.attn.qkv_proj.weight"].abs().sum() > 0
+    assert named[f"student.blocks.{layer}.mlp.up_proj.weight"].abs().sum() == 0
+
+
+def test_the_authors_objects_build_no_fit_and_count_the_relations(tmp_path):
+    method = get_method("cr_ild")
+    ctx = _ctx(tmp_path, "cr_ild.consistency_weight=0")  # the default objects: qkv
+    qkv = method.build("ild", ctx)
+    assert isinstance(qkv.trained.fit, torch.nn.Identity)  # relations are T x T: no fit
+    assert not any(p.requires_grad for p in qkv.trained.fit.parameters())
+    assert (qkv.trained.last, qkv.tapper.last) == (0, 2)  # they read blocks k and m's inputs
+    T, d = 16, 64
+    relations = forward_flops(ctx.student.blocks[1].attn.qkv_proj, T) + 3 * 2 * T * d
+    want = FROZEN * (forward_flops(ctx.teacher.blocks[:3], T) + relations)
+    want += TRAINED * (forward_flops(ctx.student.blocks[:1], T) + relations)
+    assert qkv.flops_per_token(T) == want
+    with pytest.raises(ConfigError, match=r"cr_ild\.objects must be one of .*got 'qk'"):
+        load_run_config(CONFIG, ["cr_ild.objects=qk"])
+    with pytest.raises(ConfigError, match=r"cr_ild\.stage2_loss must be one of .*got 'ce'"):
+        load_run_config(CONFIG, ["cr_ild.stage2_loss=ce"])
+    assert load_run_config(REPO / "configs" / "gpt2-cr-ild-owt.yaml").cr_ild.objects == "qkv"
+
+
+def test_stage2_as_the_authors_ran_it_is_t2_scaled_kd_alone(tmp_path):
+    ctx = _ctx(tmp_path, "cr_ild.stage2_loss=kd")
+    method = get_method("cr_ild")
+    method.build("ild", ctx).finish()
+    phase = method.build("stage2", ctx)
+    ids, labels = _batch()
+    loss, parts = phase.trained(ids, labels, phase.tapper(ids))
+    student = phase.trained.student
+    z_s = student.lm_head(student(ids, return_logits=False).last_hidden)
+    kd = direct_kd(z_s, ctx.teacher(ids).logits, labels != -100)
+    assert parts.keys() == {"loss_kd"}
+    _close(loss, kd)
+    for got, want in zip(_grads(loss, student), _grads(kd, student), strict=True):
+        _close(got, want)
+
+
 def _ctx(tmp_path: Path, *overrides: str) -> MethodContext:
     config = load_run_config(CONFIG, [f"output_dir={tmp_path}", *overrides])
     teacher = _model(64, 4, 0)
@@ -222,8 +320,8 @@ def test_stage2_is_ce_plus_t2_scaled_kd_from_the_saved_ild_student(tmp_path):
 
 def test_flops_count_the_clean_input_pass_and_bad_settings_are_refused(tmp_path):
     method = get_method("cr_ild")
-    with_c = method.build("ild", _ctx(tmp_path)).flops_per_token(16)
-    ctx = _ctx(tmp_path, "cr_ild.consistency_weight=0")
+    with_c = method.build("ild", _ctx(tmp_path, "cr_ild.objects=both")).flops_per_token(16)
+    ctx = _ctx(tmp_path, "cr_ild.objects=both", "cr_ild.consistency_weight=0")
     without = method.build("ild", ctx).flops_per_token(16)
     assert with_c - without == FROZEN * forward_flops(ctx.student.blocks[:2], 16)
     with pytest.raises(ModelMismatchError, match=r"cr_ild.student_layer=2: the student has blocks"):

@@ -132,3 +132,15 @@ def test_teacher_kernels_overlap_student_kernels_on_cuda(tiny_data):
     ]
     overlaps = sum(1 for a, b in teacher_spans if any(c < b and a < d for c, d in student_spans))
     assert teacher_spans and overlaps > 0
+
+
+def test_every_tapped_tensor_is_handed_to_the_consumer_stream_once():
+    from ted_scale.distill.methods.cr_ild import MixedTapped
+    from ted_scale.train.prefetch import _tensors
+
+    state, top, q, k, v, attention = (torch.zeros(1) for _ in range(6))
+    tapped = MixedTapped([state], top, None, attention_log_probs=attention, relations=(q, k, v))
+    got = _tensors(tapped)
+    assert len(got) == 6 and {id(t) for t in got} == {
+        id(t) for t in (state, top, q, k, v, attention)
+    }

@@ -10,9 +10,14 @@ import pytest
 
 from ted_scale.config import ConfigError
 from ted_scale.io import atomic_write_json
-from ted_scale.study.aggregate import metric_by_seed, paired_difference, summarize
+from ted_scale.study.aggregate import (
+    metric_by_seed,
+    paired_difference,
+    summarize,
+    t_quantile_975,
+)
 from ted_scale.study.config import StudyConfig, SweepPoint, load_study_config
-from ted_scale.study.plan import DONE_FILE, StudyPaths, is_done, rows
+from ted_scale.study.plan import DONE_FILE, StudyPaths, is_done, rows, student_config
 from ted_scale.study.report import write_report
 from ted_scale.study.runner import Job, StudyError, execute, phase_flops, phase_kinds, plan_jobs
 
@@ -45,6 +50,66 @@ def test_paired_difference_uses_common_seeds_only():
     assert d["std"] == pytest.approx(math.sqrt(((1 - 4 / 3) ** 2 * 2 + (2 - 4 / 3) ** 2) / 2))
     # Paired spread is far below the rows' own spread when seeds move both rows together.
     assert d["std"] < summarize([10.0, 12.0, 11.0])["std"]
+
+
+def test_the_paired_interval_is_the_student_t_interval_computed_by_hand():
+    # Differences 0.1, 0.3, 0.2: mean 0.2, sample std 0.1, t(0.975, 2) = 4.3027 (a t table), so
+    # the interval is 0.2 -+ 4.3027 * 0.1 / sqrt(3) = 0.2 -+ 0.24841 = [-0.04841, 0.44841].
+    d = paired_difference({1: 10.1, 2: 10.3, 3: 10.2}, {1: 10.0, 2: 10.0, 3: 10.0})
+    assert d["ci95"] == pytest.approx([-0.04841, 0.44841], abs=1e-5)
+    assert d["distinguishable"] is False  # the interval contains 0
+    d = paired_difference({1: 11.1, 2: 11.3, 3: 11.2}, {1: 10.0, 2: 10.0, 3: 10.0})
+    assert d["ci95"] == pytest.approx([0.95159, 1.44841], abs=1e-5)
+    assert d["distinguishable"] is True
+    one = paired_difference({1: 11.0}, {1: 10.0})
+    assert one["ci95"] is None and one["distinguishable"] is None
+    # Table values and, beyond the table, the expansion (t tables: 2.0395, 2.0211, 1.9799).
+    assert [t_quantile_975(df) for df in (1, 2, 4, 30)] == [12.7062, 4.3027, 2.7764, 2.0423]
+    assert [t_quantile_975(df) for df in (31, 40, 120)] == pytest.approx(
+        [2.0395, 2.0211, 1.9799], abs=1e-4
+    )
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        t_quantile_975(0)
+
+
+def _seeded_build(seed: int, method: str, *overrides: str) -> list:
+    """The trainer's seeding, then a method's trained modules built as the trainer builds them:
+    their initial weights, and one training-mode forward of the student (its dropout masks)."""
+    import torch
+
+    from ted_scale.config import load_run_config
+    from ted_scale.distill.methods import MethodContext, get_method
+    from ted_scale.model import GPT, GPTConfig
+    from ted_scale.train.trainer import seed_everything
+
+    config = load_run_config(ROOT / "configs" / f"tiny-{method.replace('_', '-')}.yaml", overrides)
+    seed_everything(seed)
+    shape = GPTConfig(64, n_positions=16, n_embd=32, n_layer=2, n_head=4, dropout=0.1)
+    teacher, student = GPT(shape).eval(), GPT(shape).train()
+    ctx = MethodContext(
+        config=config, teacher=teacher, student=student, layer_map=[0, 1],
+        device=torch.device("cpu"), compute_dtype=None, run_dir=ROOT, log=lambda _: None,
+    )  # fmt: skip
+    phase = get_method(method).build(get_method(method).plan(config)[0].name, ctx)
+    own = [p.detach().clone() for n, p in phase.trained.named_parameters() if "student." not in n]
+    ids = torch.arange(24).view(2, 12)
+    return [*own, student(ids).logits.detach()]
+
+
+@pytest.mark.parametrize(
+    "method, overrides",
+    [("lwd", ()), ("cr_ild", ("cr_ild.objects=hidden", "cr_ild.hidden_fit=linear"))],
+)
+def test_a_seed_changes_the_random_inits_and_the_dropout_masks(tmp_path, method, overrides):
+    study = load_study_config(ROOT / "configs" / "study-cpu.yaml", [f"output_dir={tmp_path}"])
+    row = next(r for r in rows(study) if r.method == method)
+    raws = [student_config(study, StudyPaths(tmp_path), row, s) for s in study.seeds[:2]]
+    assert [r["seed"] for r in raws] == study.seeds[:2]
+    assert {r["student"]["dropout"] for r in raws} == {0.1}  # the paper's GPT-2 dropout
+    first, again, second = (_seeded_build(s, method, *overrides) for s in (1, 1, 2))
+    assert len(first) >= 3  # projections / the fit layer, and the logits
+    assert all(a.equal(b) for a, b in zip(first, again, strict=True))  # a seed reproduces
+    assert not any(a.equal(b) for a, b in zip(first, second, strict=True))  # another one differs
 
 
 def test_metric_by_seed_skips_missing_and_non_finite_values():
@@ -184,7 +249,12 @@ def test_report_has_mean_std_paired_rows_and_the_missing_method(tmp_path):
     assert by_name[UNKNOWN]["status"] == "not yet implemented"
     assert f"| {UNKNOWN} | not yet implemented |" in md
     assert "| kd | 3 | 32.00 ± 1.00 |" in md
-    assert "| kd | +1.33 ± 0.58 (3) |" in md
+    # Held-out differences 1, 2, 1: mean 4/3, std 0.577, 4/3 -+ 4.3027 * 0.577 / sqrt(3): spans 0.
+    assert (
+        "| kd | +1.33 [-0.10, +2.77] (3): not distinguishable | +10.00 [+10.00, +10.00] (3) |" in md
+    )
+    assert by_name["kd"]["paired_vs_ted"]["heldout_ppl"]["distinguishable"] is False
+    assert "| alone | +6.33 [+4.90, +7.77] (3) |" in md
     assert "| ted a=0.3 | 0 |" in md  # a sweep row with no finished run yet still shows
     assert "Teacher better than every student row on held-out perplexity: yes." in md
     assert "protocol lm-eval, source wikitext-2-v1 (bundled)" in md

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from ranks import run_ranks
+from torch import Tensor
 
 from ted_scale.model import GPT, GPTConfig
 from ted_scale.model.gpt import Subnet
@@ -136,3 +137,97 @@ def _bench_at_tp2() -> None:
 
 def test_the_benchmark_at_tp2_times_its_communication_and_halves_the_split_weights():
     run_ranks(_bench_at_tp2, 2)
+
+
+def _attention_dropout_per_rank() -> None:
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from ted_scale.parallel import init_parallel
+    from ted_scale.parallel.tensor import parallelize_gpt
+
+    dims = init_parallel(2)
+    config = GPTConfig(vocab_size=128, n_positions=16, n_embd=32, n_layer=2, n_head=4, dropout=0.3)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def trained(checkpointing: bool) -> tuple[list[tuple[int, Tensor]], list[Tensor]]:
+        """Every dropout mask (tensor rank, mask) of one step on the sharded model, and its
+        gradients."""
+        torch.manual_seed(0)
+        model = GPT(config, attention="eager", activation_checkpointing=checkpointing).train()
+        parallelize_gpt(model, dims, "student")
+        masks, dropout = [], F.dropout
+
+        def recording(x, p=0.5, training=True, inplace=False):
+            y = dropout(x, p, training, inplace)
+            masks.append((y.dim(), (y == 0) & (x != 0)))
+            return y
+
+        F.dropout = recording
+        try:
+            model(ids).logits.square().sum().backward()
+        finally:
+            F.dropout = dropout
+        return masks, [p.grad for p in model.parameters()]
+
+    masks, grads = trained(False)
+    everyone = [None, None]
+    dist.all_gather_object(everyone, masks, group=dims.tp_group)
+    ours, theirs = everyone
+    attention = [(a, b) for (n, a), (_, b) in zip(ours, theirs, strict=True) if n == 4]
+    replicated = [(a, b) for (n, a), (_, b) in zip(ours, theirs, strict=True) if n != 4]
+    assert len(attention) == 2 and len(replicated) == 5  # per block: heads; embeddings, 2 per block
+    assert all(not torch.equal(a, b) for a, b in attention), "both ranks drew the same heads' mask"
+    assert all(torch.equal(a, b) for a, b in replicated), "the replicated regions must agree"
+    states = [None, None]
+    dist.all_gather_object(states, torch.get_rng_state(), group=dims.tp_group)
+    assert torch.equal(*states)  # the default streams stay in step
+    # Activation checkpointing recomputes each block: the same key, the same masks, the same grads.
+    recomputed_masks, recomputed = trained(True)
+    first = recomputed_masks[: len(masks)]  # then the recomputation's own draws
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(masks, first, strict=True))
+    for a, b in zip(grads, recomputed, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_tp_ranks_draw_their_own_attention_dropout_and_checkpointing_redraws_it():
+    run_ranks(_attention_dropout_per_rank, 2)
+
+
+def _qkv_relations_match() -> None:
+    from ted_scale.distill.methods.cr_ild import MixupILD, MixupTapper
+    from ted_scale.parallel import init_parallel
+    from ted_scale.parallel.tensor import parallelize_gpt
+
+    dims = init_parallel(2)
+    torch.manual_seed(0)
+    shape = GPTConfig(vocab_size=128, n_positions=16, n_embd=32, n_layer=2, n_head=4, dropout=0.0)
+    teacher, student = GPT(shape).eval(), GPT(shape).train()
+    for p in [*teacher.parameters(), *student.parameters()]:  # far from uniform relations
+        torch.nn.init.normal_(p, std=0.3)
+    ids = torch.randint(0, 128, (3, 12))
+    results = []
+    for sharded in (False, True):
+        t, s = copy.deepcopy(teacher), copy.deepcopy(student)
+        if sharded:
+            parallelize_gpt(t, dims, "teacher")
+            parallelize_gpt(s, dims, "student")
+        trained = MixupILD(
+            s, torch.nn.Identity(), layer=1, hidden=False, attention=False, qkv=True,
+            consistency_weight=0.1, lm_loss=False,
+        )  # fmt: skip
+        tapper = MixupTapper(t, 1, hidden=False, attention=False, qkv=True, with_top=False)
+        loss, parts = trained(ids, ids, tapper(ids, mix_lambda=0.7), 0.7, 0.5)
+        loss.backward()
+        results.append((loss, parts, s.blocks[1].ln_1.weight.grad, s.blocks[0].ln_2.weight.grad))
+    (loss, parts, *grads), (tp_loss, tp_parts, *tp_grads) = results
+    torch.testing.assert_close(tp_loss, loss, rtol=1e-5, atol=1e-6)
+    assert tp_parts.keys() == parts.keys()
+    for key in parts:
+        torch.testing.assert_close(tp_parts[key], parts[key], rtol=1e-5, atol=1e-6)
+    for got, want in zip(tp_grads, grads, strict=True):  # replicated: the whole gradient
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_cr_ild_qkv_relations_on_sharded_heads_equal_one_process():
+    run_ranks(_qkv_relations_match, 2)

@@ -12,7 +12,8 @@ head by head), ``attn.out_proj`` (row-parallel), ``mlp.up_proj`` (column-paralle
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -189,6 +190,9 @@ class CausalSelfAttention(nn.Module):
         self.qkv_proj = PrefixLinear(config.n_embd, 3 * width, groups=3)
         self.out_proj = PrefixLinear(width, config.n_embd, dim=1)
         self.attn_dropout = config.dropout
+        # Where the attention-probability dropout draws its masks: the default stream, or a
+        # per-rank one when tensor parallelism shards the heads (set by ``parallelize_gpt``).
+        self.dropout_rng: Callable[[], AbstractContextManager[None]] = nullcontext
         self.resid_dropout = nn.Dropout(config.dropout)
         self.implementation = "auto"
 
@@ -220,12 +224,13 @@ class CausalSelfAttention(nn.Module):
             # [B, T, h * head_dim] -> [B, h, T, head_dim]
             q, k, v = (t.view(B, T, h, self.head_dim).transpose(1, 2) for t in (q, k, v))
             dropout_p = self.attn_dropout if self.training else 0.0
-            if return_log_probs:
-                y, log_probs = causal_attention_with_log_probs(q, k, v, dropout_p=dropout_p)
-            else:
-                y = causal_attention(
-                    q, k, v, dropout_p=dropout_p, implementation=self.implementation
-                )
+            with self.dropout_rng() if dropout_p > 0 else nullcontext():
+                if return_log_probs:
+                    y, log_probs = causal_attention_with_log_probs(q, k, v, dropout_p=dropout_p)
+                else:
+                    y = causal_attention(
+                        q, k, v, dropout_p=dropout_p, implementation=self.implementation
+                    )
             if head_mask is not None:
                 y = y * head_mask[:h].view(1, h, 1, 1).to(y.dtype)
             y = y.transpose(1, 2).reshape(B, T, h * self.head_dim)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -102,6 +104,32 @@ def tensor_parallel_sum(local: Tensor, group: dist.ProcessGroup | None) -> Tenso
     return RowParallel.apply(group, local, False)
 
 
+class ShardedDropoutRNG:
+    """The RNG stream of dropout inside a sharded region (each rank's attention heads), as
+    Megatron gives one: rank r draws its masks from a generator seeded with key + r.
+
+    key is drawn from the default CPU generator, which every rank of the group holds in the same
+    state (same seed, same draws), so the ranks' default streams, and with them the replicated
+    regions' masks, stay in step; activation checkpointing restores the default state before it
+    recomputes, so the recomputation draws the same key and the same masks; and there is no
+    state of its own to checkpoint. Entered only when dropout is on: with dropout 0 the streams,
+    and the losses, are those of one process.
+    """
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        key = int(torch.randint(2**62, (1,)))
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda):  # both default states restored on exit
+            torch.default_generator.manual_seed(key + self.rank)
+            if cuda:
+                torch.cuda.manual_seed(key + self.rank)
+            yield
+
+
 def parallelize_gpt(model: GPT, dims: ParallelDims, role: str, *, pad: bool = False) -> None:
     """Shard ``model`` in place over ``dims.tp_group`` (nothing to do at tp = 1).
 
@@ -126,6 +154,7 @@ def parallelize_gpt(model: GPT, dims: ParallelDims, role: str, *, pad: bool = Fa
         pad_for_tensor_parallel(model, tp)
     for block, widths in zip(model.blocks, kept, strict=True):
         _reorder_rank_major(block.attn.qkv_proj, tp)
+        block.attn.dropout_rng = ShardedDropoutRNG(dims.tp_rank)
         for name, layout in _LAYOUTS.items():
             parent, attr = _resolve(block, name)
             layer = (RowParallelLinear if layout == "row" else ColumnParallelLinear)(

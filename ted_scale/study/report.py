@@ -114,7 +114,7 @@ def _table(results: list[dict[str, Any]], metrics: tuple) -> list[str]:
 
 def _paired_table(results: list[dict[str, Any]], ted: dict[str, Any]) -> list[str]:
     cols = [m for m in METRICS if m[1] in PAIRED]
-    header = ["row - TED", *(f"{c[0]}: mean diff ± std (seeds)" for c in cols)]
+    header = ["row - TED", *(f"{c[0]}: mean diff [95 % interval] (seeds)" for c in cols)]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * len(cols)]
     for r in results:
         if r["name"] == REFERENCE or r["status"] == "not yet implemented":
@@ -123,15 +123,21 @@ def _paired_table(results: list[dict[str, Any]], ted: dict[str, Any]) -> list[st
         for _, key, _ in cols:
             d = paired_difference(r[key]["by_seed"], ted[key]["by_seed"])
             r.setdefault("paired_vs_ted", {})[key] = d
-            cells.append(
-                "–"
-                if d["mean"] is None
-                else f"{d['mean']:+.2f}"
-                + ("" if d["std"] is None else f" ± {d['std']:.2f}")
-                + f" ({d['n']})"
-            )
+            cells.append(_paired_cell(d))
         lines.append("| " + " | ".join([r["name"], *cells]) + " |")
     return lines
+
+
+def _paired_cell(d: dict[str, Any]) -> str:
+    """'+1.33 [+0.07, +2.60] (3)', with 'not distinguishable' when the interval contains 0."""
+    if d["mean"] is None:
+        return "–"
+    cell = f"{d['mean']:+.2f}"
+    if d["ci95"] is not None:
+        lo, hi = d["ci95"]
+        cell += f" [{lo:+.2f}, {hi:+.2f}]"
+    cell += f" ({d['n']})"
+    return cell + (": not distinguishable" if d["distinguishable"] is False else "")
 
 
 def teacher_curve(paths: StudyPaths, out: Path) -> dict[str, Any]:
@@ -225,6 +231,12 @@ def write_report(study: StudyConfig, outcome: dict[str, Any], wall_seconds: floa
         "## Paired comparison with TED (row - TED per seed; positive: TED lower, i.e. better)",
         "",
         *_paired_table(results, ted),
+        "",
+        "Each interval is the 95 % Student-t interval of the mean paired difference over the "
+        "seeds both rows finished, mean ± t(0.975, n - 1) · std / √n; a seed changes the data "
+        "order, every dropout mask and every random initialisation (filters, projections, fit "
+        "layers, mixup draws). A difference whose interval contains 0 is not distinguishable "
+        "from run-to-run variation at these seeds.",
         "",
     ]
     if sweep:

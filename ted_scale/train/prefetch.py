@@ -49,14 +49,15 @@ def _batches(loader: DistributedBatchLoader) -> Iterator[tuple[Tensor, Tensor, d
 
 
 def _tensors(tapped: TappedOutputs | None) -> list[Tensor]:
+    """Every tensor of ``tapped``, those in list or tuple fields included (``layer_states``,
+    CR-ILD's Q/K/V relations)."""
     if tapped is None:
         return []
-    out = list(tapped.layer_states)
+    out = []
     for f in fields(tapped):
         value = getattr(tapped, f.name)
-        if isinstance(value, Tensor):
-            out.append(value)
-    return out
+        out.extend(value if isinstance(value, list | tuple) else [value])
+    return [t for t in out if isinstance(t, Tensor)]
 
 
 class TeacherFeed:

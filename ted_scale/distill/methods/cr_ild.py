@@ -8,18 +8,22 @@ lambda ~ Beta(alpha, alpha), lambda <- max(lambda, 1 - lambda), drawn where the 
 teacher (run ahead when prefetching) mixes with the same lambda. On x_mix the student's block k is
 matched with the teacher's block m:
 
-- ILD: MSE(fit(H_s^k), H_t^m) (``hidden``; fit is a learnable Linear when the widths differ) and
-  KL(A_t^m || A_s^k) between the attention distributions over the causal keys (``attention``);
+- ILD: the query-query, key-key and value-value relations of the block's heads, softmax(X X^T /
+  sqrt(d_head)) over the causal keys for X = Q, K, V, each matched by KL (``qkv``, the authors'
+  ``TinyBERT-QKV`` run); MSE(fit(H_s^k), H_t^m) (``hidden``; fit is a learnable Linear when the
+  widths differ) and KL(A_t^m || A_s^k) between the attention distributions (``attention``);
 - consistency: w_ic * r(t) * [lambda D(S(x_mix), sg S(x)) + (1 - lambda) D(S(x_mix), sg S(x_rev))]
-  on the student's own states S (hidden and/or attention, D the object's distance), S(x) from an
+  on the student's own states S (relations, hidden, attention; D the object's distance), S(x) from an
   extra clean-input student pass without gradients; r(t) the progress through the phase;
 - ``two_stage`` (as published): the ``ild`` phase trains on ILD + consistency, then ``stage2`` on
-  CE + alpha_kd * KD on clean inputs. ``joint``: one phase on the mixed input,
+  CE + alpha_kd * KD (or KD alone, ``stage2_loss: kd``, as the authors ran it) on clean inputs.
+  ``joint``: one phase on the mixed input,
   lambda CE(y) + (1 - lambda) CE(y_rev) + alpha_kd * KD + alpha_layer * (ILD + consistency).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -42,14 +46,16 @@ from ted_scale.distill.modules import (
     StudentDistillation,
     TappedOutputs,
     lm_objective,
+    to_compute_dtype,
 )
 from ted_scale.distill.objectives import (
     attention_kl,
+    kl_distillation,
     mse,
 )
 from ted_scale.flops import FROZEN, TRAINED, forward_flops
 from ted_scale.io import atomic_write_bytes
-from ted_scale.model import GPT, ModelMismatchError
+from ted_scale.model import GPT, GPTOutput, ModelMismatchError
 from ted_scale.model.hf import load_state_checked
 from ted_scale.parallel.tensor import tensor_parallel_group, tensor_parallel_sum
 
@@ -65,11 +71,15 @@ class CRILDConfig:
     """w_ic; 0 turns the consistency terms (and their clean-input student pass) off."""
     consistency_ramp: Literal["linear", "none"] = "linear"
     """r(t): the progress through the phase (0 at its first step), or 1 throughout."""
-    objects: Literal["hidden", "attention", "both"] = "both"
-    """What is distilled (and kept consistent): hidden states, attention distributions, both."""
+    objects: Literal["qkv", "hidden", "attention", "both"] = "qkv"
+    """What is distilled (and kept consistent): the Q-Q, K-K, V-V relations (the authors' run),
+    hidden states, attention distributions, or both of the last two."""
     stages: Literal["two_stage", "joint"] = "two_stage"
     """``two_stage``: ILD phase (``stage1`` schedule), then logit KD (``stage2``); ``joint``: one
     phase (``stage2`` schedule) with CE + alpha_kd KD + alpha_layer (ILD + consistency)."""
+    stage2_loss: Literal["ce_kd", "kd"] = "ce_kd"
+    """``two_stage``'s second phase: CE + alpha_kd KD (as every method's Stage II), or KD alone
+    (weight 1, T = distill.temperature), as the authors' script runs it."""
     hidden_fit: Literal["auto", "linear"] = "auto"
     """The map from student to teacher states: ``auto`` a learnable Linear when the widths differ
     and none when they are equal; ``linear`` always a learnable Linear (as LWD's)."""
@@ -147,36 +157,83 @@ def mixed_token_embeddings(model: GPT, input_ids: Tensor, mix_lambda: float) -> 
     return mix_lambda * tokens + (1.0 - mix_lambda) * tokens.flip(0)
 
 
+Relations = tuple[Tensor, Tensor, Tensor]
+"""The Q-Q, K-K and V-V relations of one block, each log-probabilities [B, h, T, T]."""
+
+
+def qkv_relations(model: GPT, layer: int, out: GPTOutput) -> Relations:
+    """Block ``layer``'s relations on the input it saw in ``out``: for X = Q, K, V of each head
+    [B, h, T, d_head], log softmax(X X^T / sqrt(d_head)) over the causal keys, in fp32, -inf above
+    the diagonal. Q, K, V are recomputed from the block's input (``ln_1`` and ``qkv_proj`` have
+    no dropout, so they equal the block's own); under tensor parallelism ``qkv_proj`` yields this
+    rank's [q_r; k_r; v_r], so these are this rank's heads."""
+    block = model.blocks[layer]
+    x = out.embeddings if layer == 0 else out.hidden_states[layer - 1]
+    B, T, _ = x.shape
+    d = block.attn.head_dim
+    qkv = block.attn.qkv_proj(block.ln_1(x))
+    h = qkv.shape[-1] // (3 * d)
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    relations = []
+    for t in qkv.split(h * d, dim=2):
+        t = t.view(B, T, h, d).transpose(1, 2).float()
+        scores = (t @ t.transpose(-2, -1)) / math.sqrt(d)
+        relations.append(scores.masked_fill(~causal, float("-inf")).log_softmax(dim=-1))
+    return relations[0], relations[1], relations[2]
+
+
+def _reads(layer: int, *, hidden: bool, attention: bool, qkv: bool) -> tuple[list[int], int]:
+    """(blocks whose outputs the objects read, the last block that must run): the relations read
+    block ``layer``'s input, so alone they stop one block earlier."""
+    reads = [layer] if hidden or attention else []
+    if qkv and layer > 0:
+        reads.append(layer - 1)
+    return sorted(reads), max(reads, default=layer)
+
+
 # ------------------------------------------------------------------------------ the two sides
 @dataclass
 class MixedTapped(TappedOutputs):
-    """The teacher's outputs on x_mix; ``attention_log_probs`` [B, n_head, T, T] of block m."""
+    """The teacher's outputs on x_mix; ``attention_log_probs`` [B, n_head, T, T] and
+    ``relations`` (``qkv_relations``) of block m."""
 
     attention_log_probs: Tensor | None = None
+    relations: Relations | None = None
 
 
 class MixupTapper(FrozenTapper):
-    """The frozen teacher on x_mix, read at block ``layer`` (hidden state and/or attention)."""
+    """The frozen teacher on x_mix, read at block ``layer`` (relations, hidden state and/or
+    attention)."""
 
     def __init__(
-        self, model: GPT, layer: int, *, hidden: bool, attention: bool, with_top: bool
+        self,
+        model: GPT,
+        layer: int,
+        *,
+        hidden: bool,
+        attention: bool,
+        with_top: bool,
+        qkv: bool = False,
     ) -> None:
         super().__init__(model, [layer] if hidden else [], with_top=with_top)
         self.layer = layer
-        self.attention = attention
+        self.attention, self.qkv = attention, qkv
+        self.reads, self.last = _reads(layer, hidden=hidden, attention=attention, qkv=qkv)
 
     @torch.inference_mode()
     def __call__(self, input_ids: Tensor, mix_lambda: float = 1.0, **_: Any) -> MixedTapped:
         out = self.model(
             None,
             inputs_embeds=mixed_token_embeddings(self.model, input_ids, mix_lambda),
-            output_layers=self.layers,
+            output_layers=self.reads,
             attention_layer=self.layer if self.attention else None,
             return_logits=False,
-            stop_after=None if self.with_top else self.layer,
+            stop_after=None if self.with_top else self.last,
         )
         tapped = MixedTapped([out.hidden_states[i] for i in self.layers])
         tapped.attention_log_probs = out.attention_log_probs
+        if self.qkv:
+            tapped.relations = qkv_relations(self.model, self.layer, out)
         if self.with_top:
             tapped.last_hidden, tapped.head_weight = out.last_hidden, self.model.lm_head_weight
         return tapped
@@ -200,6 +257,7 @@ class MixupILD(nn.Module):
         attention: bool,
         consistency_weight: float,
         lm_loss: bool,
+        qkv: bool = False,
         alpha_kd: float = 0.0,
         alpha_layer: float = 1.0,
         temperature: float = 1.0,
@@ -210,7 +268,8 @@ class MixupILD(nn.Module):
         self.student = student
         self.fit = fit
         self.layer = layer
-        self.hidden, self.attention = hidden, attention
+        self.hidden, self.attention, self.qkv = hidden, attention, qkv
+        self.reads, self.last = _reads(layer, hidden=hidden, attention=attention, qkv=qkv)
         self.consistency_weight = consistency_weight
         self.lm_loss = lm_loss
         self.alpha_kd = alpha_kd
@@ -231,14 +290,18 @@ class MixupILD(nn.Module):
         heads = self.student.config.layer_heads[self.layer]
         return tensor_parallel_sum(local * student_log_probs.shape[1], group) / heads
 
+    def _relations_kl(self, student: Relations, target: Relations) -> Tensor:
+        """The sum over Q, K, V of their relations' ``_attention_kl``."""
+        return sum(self._attention_kl(s, t) for s, t in zip(student, target, strict=True))
+
     def _run(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, *, to_top: bool):
         return self.student(
             input_ids,
             inputs_embeds=inputs_embeds,
-            output_layers=[self.layer] if self.hidden else (),
+            output_layers=self.reads,
             attention_layer=self.layer if self.attention else None,
             return_logits=False,
-            stop_after=None if to_top else self.layer,
+            stop_after=None if to_top else self.last,
         )
 
     def forward(
@@ -271,7 +334,11 @@ class MixupILD(nn.Module):
                 mix=lam,
             )
         ild: list[Tensor] = []
-        mixed_states = {}
+        mixed_states: dict[str, Any] = {}
+        if self.qkv:
+            mixed_states["qkv"] = r = qkv_relations(self.student, self.layer, out)
+            parts["loss_qkv"] = d = self._relations_kl(r, tapped.relations)
+            ild.append(d)
         if self.hidden:
             mixed_states["hidden"] = h = out.hidden_states[self.layer]
             parts["loss_hidden"] = d = mse(self.fit(h), tapped.layer_states[0])
@@ -290,19 +357,23 @@ class MixupILD(nn.Module):
         return loss, {k: v.detach() for k, v in parts.items()}
 
     def _consistency(
-        self, input_ids: Tensor, mixed: dict[str, Tensor], lam: float, parts: dict
+        self, input_ids: Tensor, mixed: dict[str, Any], lam: float, parts: dict
     ) -> Tensor:
         """sum over objects of lambda D(S(x_mix), sg S(x)) + (1 - lambda) D(S(x_mix), sg S(x_rev));
         S(x_rev) is S(x) reversed along the batch, so one clean pass serves both."""
         with torch.no_grad():
             clean = self._run(input_ids, None, to_top=False)
-        targets = {"hidden": clean.hidden_states.get(self.layer)}
-        targets["attention"] = clean.attention_log_probs
-        distance = {"hidden": mse, "attention": self._attention_kl}
+            targets = {
+                "hidden": clean.hidden_states.get(self.layer),
+                "attention": clean.attention_log_probs,
+                "qkv": qkv_relations(self.student, self.layer, clean) if self.qkv else None,
+            }
+        distance = {"hidden": mse, "attention": self._attention_kl, "qkv": self._relations_kl}
         terms = []
         for name, state in mixed.items():
             target, fn = targets[name], distance[name]
-            term = lam * fn(state, target) + (1.0 - lam) * fn(state, target.flip(0))
+            reversed_ = tuple(t.flip(0) for t in target) if name == "qkv" else target.flip(0)
+            term = lam * fn(state, target) + (1.0 - lam) * fn(state, reversed_)
             parts[f"loss_consistency_{name}"] = term
             terms.append(term)
         return torch.stack(terms).sum()
@@ -351,12 +422,13 @@ class CRILD(Method):
         config, teacher = ctx.config, ctx.teacher
         section = config.cr_ild
         k, m = self._layers(ctx)
+        qkv = section.objects == "qkv"
         hidden = section.objects in ("hidden", "both")
         attention = section.objects in ("attention", "both")
         s_cfg, t_cfg = ctx.student.config, teacher.config
-        if attention and s_cfg.n_head != t_cfg.n_head:
+        if (qkv or attention) and s_cfg.n_head != t_cfg.n_head:
             raise ModelMismatchError(
-                f"cr_ild.objects={section.objects} compares attention distributions head by head: "
+                f"cr_ild.objects={section.objects} compares per-head distributions head by head: "
                 f"the student has {s_cfg.n_head} heads, the teacher {t_cfg.n_head}"
             )
         d_s, d_t = s_cfg.n_embd, t_cfg.n_embd
@@ -371,6 +443,7 @@ class CRILD(Method):
             layer=k,
             hidden=hidden,
             attention=attention,
+            qkv=qkv,
             consistency_weight=section.consistency_weight,
             lm_loss=joint,
             alpha_kd=alpha_kd,
@@ -379,7 +452,9 @@ class CRILD(Method):
             fused=config.fused_loss,
             compute_dtype=ctx.compute_dtype,
         )
-        tapper = MixupTapper(teacher, m, hidden=hidden, attention=attention, with_top=alpha_kd > 0)
+        tapper = MixupTapper(
+            teacher, m, hidden=hidden, attention=attention, qkv=qkv, with_top=alpha_kd > 0
+        )
         batch = config.batch
         draw = MixupDraw(
             section.mixup_alpha,
@@ -391,15 +466,21 @@ class CRILD(Method):
             ramp=section.consistency_ramp,
         )
 
+        s_last, t_last = trained.last, tapper.last
+
         def flops_per_token(seq_len: int) -> float:
             if joint:
                 total = student_flops(ctx, seq_len, kd=alpha_kd > 0)
-            else:  # both trunks up to the matched blocks, no heads
-                total = FROZEN * forward_flops(teacher.blocks[: m + 1], seq_len)
-                total += TRAINED * forward_flops(student.blocks[: k + 1], seq_len)
+            else:  # both trunks up to the blocks the objects read, no heads
+                total = FROZEN * forward_flops(teacher.blocks[: t_last + 1], seq_len)
+                total += TRAINED * forward_flops(student.blocks[: s_last + 1], seq_len)
             total += TRAINED * forward_flops(fit, seq_len)
+            if qkv:  # the recomputed Q, K, V projections, and X X^T for each
+                s_rel = _relations_flops(student, k, seq_len)
+                total += FROZEN * _relations_flops(teacher, m, seq_len) + TRAINED * s_rel
             if section.consistency_weight > 0:  # the clean-input student pass, no backward
-                total += FROZEN * forward_flops(student.blocks[: k + 1], seq_len)
+                total += FROZEN * forward_flops(student.blocks[: s_last + 1], seq_len)
+                total += FROZEN * _relations_flops(student, k, seq_len) if qkv else 0.0
             return total
 
         def finish() -> None:
@@ -425,8 +506,8 @@ class CRILD(Method):
         )
 
     def _logit_kd(self, name: str, ctx: MethodContext) -> Phase:
-        """Stage 2: CE + alpha_kd * KD (T^2-scaled KL at distill.temperature) on clean inputs,
-        from the student the ILD phase saved."""
+        """Stage 2 on clean inputs, from the student the ILD phase saved: CE + alpha_kd * KD, or
+        KD alone (``stage2_loss: kd``); KD the T^2-scaled KL at distill.temperature."""
         config = ctx.config
         path = self._ild_path(ctx)
         if not path.is_file():
@@ -440,15 +521,26 @@ class CRILD(Method):
         )
         load_state_checked(student, load_file(path), source=str(path))
         student = ctx.place(student.train().requires_grad_(True), "student")
-        alpha_kd = config.distill.alpha_kd
-        kd = alpha_kd > 0
-        trained = StudentDistillation(
-            student,
-            alpha_kd=alpha_kd,
-            temperature=config.distill.temperature,
-            fused=config.fused_loss,
-            compute_dtype=ctx.compute_dtype,
-        )
+        temperature = config.distill.temperature
+        trained: nn.Module
+        if config.cr_ild.stage2_loss == "kd":
+            kd = True
+            trained = LogitKD(
+                student,
+                temperature=temperature,
+                fused=config.fused_loss,
+                compute_dtype=ctx.compute_dtype,
+            )
+        else:
+            alpha_kd = config.distill.alpha_kd
+            kd = alpha_kd > 0
+            trained = StudentDistillation(
+                student,
+                alpha_kd=alpha_kd,
+                temperature=temperature,
+                fused=config.fused_loss,
+                compute_dtype=ctx.compute_dtype,
+            )
         return Phase(
             name,
             trained,
@@ -458,6 +550,48 @@ class CRILD(Method):
             evaluated=student,
             finish=lambda: ctx.export(student, "student_hf"),
         )
+
+
+class LogitKD(nn.Module):
+    """The authors' second stage: KD alone, KL(p_t || p_s) at temperature T scaled by T^2, mean
+    over the labelled tokens (no CE term)."""
+
+    def __init__(
+        self,
+        student: GPT,
+        *,
+        temperature: float,
+        fused: bool,
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self.temperature = temperature
+        self.fused = fused
+        self.compute_dtype = compute_dtype
+
+    def forward(
+        self, input_ids: Tensor, labels: Tensor, tapped: TappedOutputs
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """input_ids, labels [B, T]; ``tapped`` the teacher's top state and head."""
+        top = self.student(input_ids, return_logits=False).last_hidden
+        kd = kl_distillation(
+            to_compute_dtype(top, self.compute_dtype),
+            self.student.lm_head_weight,
+            to_compute_dtype(tapped.last_hidden, self.compute_dtype),
+            tapped.head_weight,
+            labels,
+            temperature=self.temperature,
+            fused=self.fused,
+        )
+        return kd, {"loss_kd": kd.detach()}
+
+
+def _relations_flops(model: GPT, layer: int, seq_len: int) -> float:
+    """Forward FLOPs per token of ``qkv_relations`` on block ``layer``: its ``qkv_proj`` again,
+    and X X^T for Q, K and V (2 T d_head FLOPs per token and head each; this rank's heads)."""
+    proj = model.blocks[layer].attn.qkv_proj
+    return forward_flops(proj, seq_len) + 3 * 2 * seq_len * proj.weight.shape[0] // 3
 
 
 def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
