@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor
 
 from ted_scale.config import ConfigError, load_run_config
@@ -416,23 +417,26 @@ def test_kill_and_resume_auto_reproduce_the_losses_mixup_included(
     tiny_data, tmp_path, subprocess_env
 ):
     common = ["--config", str(CONFIG), f"data.path={tiny_data}", "teacher_prefetch=on"]
+    common += ["student.dropout=0.1"]  # every draw on: mixup, consistency and dropout masks
     full = _launch(subprocess_env, *common, f"output_dir={tmp_path / 'full'}")
     out = full.communicate(timeout=300)[0]
     assert full.returncode == 0, out
 
     run = tmp_path / "killed"
-    proc = _launch(subprocess_env, *common, f"output_dir={run}")
-    marker = run / "checkpoints" / "ild-step00000003" / "complete"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists(), "the run ended before its step-3 checkpoint"
+    # Mid-ILD, then after ILD with Stage II not yet checkpointed (the phase starts again).
+    outputs = []
+    for marker in (run / "checkpoints" / "ild-step00000003" / "complete", run / "progress.json"):
+        proc = _launch(subprocess_env, *common, f"output_dir={run}", "resume=auto")
+        deadline = time.time() + 300
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        outputs.append(proc.communicate()[0])
+        assert marker.exists(), f"the run ended before writing {marker}"
+    assert "ild: resumed from" in outputs[1]
     resumed = _launch(subprocess_env, *common, f"output_dir={run}", "resume=auto")
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, out
-    assert "ild: resumed from" in out
 
     def losses(path: Path) -> list[dict]:
         return [
@@ -444,7 +448,10 @@ def test_kill_and_resume_auto_reproduce_the_losses_mixup_included(
     assert losses(run) == expected
     assert [r["stage"] for r in expected] == ["ild"] * 6 + ["stage2"] * 6
     assert all(r["loss_consistency"] > 0 for r in expected[1:6])  # ramped in after step 1
-    assert (run / "student_hf" / "model.safetensors").is_file()
+    expected, got = (
+        load_file(r / "student_hf" / "model.safetensors") for r in (tmp_path / "full", run)
+    )
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def test_without_mixing_and_consistency_the_ild_loss_is_a_last_layer_lwd_runs_layer_loss(

@@ -346,6 +346,9 @@ def test_the_ta_is_chosen_on_development_samples_kept_out_of_its_training(tiny_d
 
 # ---------------------------------------------------------------------------- runs end to end
 COMMON = ["log.interval=1", "checkpoint.interval=3", "checkpoint.keep=10"]
+# Every source of randomness on (the candidates train with the teacher's dropout): a killed run
+# must still resume to the uninterrupted one's student, bit for bit.
+WITH_DROPOUT = ["student.dropout=0.1", "teacher.arch.dropout=0.1"]
 
 
 def _launch(env, launcher: list[str], out: Path, data: Path, *extra: str) -> subprocess.Popen:
@@ -375,7 +378,7 @@ def _losses(run: Path) -> list[tuple]:
 @pytest.fixture(scope="module")
 def full_run(tiny_data, tmp_path_factory, subprocess_env) -> Path:
     run = tmp_path_factory.mktemp("minidisc") / "full"
-    _finish(_launch(subprocess_env, [sys.executable], run, tiny_data))
+    _finish(_launch(subprocess_env, [sys.executable], run, tiny_data, *WITH_DROPOUT))
     return run
 
 
@@ -443,14 +446,18 @@ def test_kill_in_every_phase_and_resume_continue_exactly(
     ]
     outputs = []
     for phase, marker in kill_points:
-        proc = _launch(subprocess_env, [sys.executable], run, tiny_data, "resume=auto")
+        proc = _launch(
+            subprocess_env, [sys.executable], run, tiny_data, *WITH_DROPOUT, "resume=auto"
+        )
         deadline = time.time() + 300
         while not marker.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         outputs.append(proc.communicate()[0])
         assert marker.exists(), f"the run ended before the {phase} kill point"
-    out = _finish(_launch(subprocess_env, [sys.executable], run, tiny_data, "resume=auto"))
+    out = _finish(
+        _launch(subprocess_env, [sys.executable], run, tiny_data, *WITH_DROPOUT, "resume=auto")
+    )
     # The importance written before the first kill was read, never computed again.
     later = "".join(outputs[1:]) + out
     assert "importance of heads and neurons saved" not in later

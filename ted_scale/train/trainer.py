@@ -22,7 +22,7 @@ import torch
 from ted_scale.config import ConfigError, RunConfig
 from ted_scale.data.loader import DistributedBatchLoader, PackedTokens, open_split
 from ted_scale.data.tokenizer import tokenizer_fingerprint
-from ted_scale.distill.methods import MethodContext, Phase, get_method
+from ted_scale.distill.methods import MethodContext, Phase, PlannedPhase, get_method
 from ted_scale.flops import device_peak_tflops
 from ted_scale.io import atomic_write_json
 from ted_scale.parallel import barrier, init_parallel, parallelize_gpt
@@ -50,11 +50,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def phase_seed(seed: int, phase: str) -> int:
-    """The seed each phase starts from: its own stream of the run's seed, so that a phase started
-    again after a resume (killed before its first checkpoint) draws what it drew the first time,
-    and a phase run alone (``stage=distill``) draws what it draws inside ``stage=all``."""
-    return int(np.random.SeedSequence([seed, zlib.crc32(phase.encode())]).generate_state(1)[0])
+def phase_seed(seed: int, planned: PlannedPhase, plan: list[PlannedPhase]) -> int:
+    """The seed a phase starts from: the run's seed, the phase's kind and its rank among the
+    method's phases of that kind. A phase started again after a resume (killed before its first
+    checkpoint) draws what it drew the first time, a phase run alone (``stage=distill``) draws
+    what it draws inside ``stage=all``, and every method's Stage II starts from the same stream
+    (the same dropout masks and draws at a seed: paired comparisons)."""
+    rank = [p for p in plan if p.kind == planned.kind].index(planned)
+    entropy = [seed, zlib.crc32(planned.kind.encode()), rank]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 class Trainer:
@@ -202,7 +206,7 @@ class Trainer:
             if planned.name in done:
                 self._log_console(f"{planned.name}: already finished in {self.run_dir}, skipping")
                 continue
-            seed_everything(phase_seed(self.config.seed, planned.name))
+            seed_everything(phase_seed(self.config.seed, planned, self.method.plan(self.config)))
             phase = self.method.build(planned.name, self.ctx)
             tag = resume_tag if resume_tag is not None and resume_tag.phase == phase.name else None
             if phase.trained is not None:  # a phase without training does its work in finish
