@@ -120,5 +120,7 @@ def test_yaml_aliases_expanding_past_the_bound_are_refused(tmp_path):
         lines.append(f"    a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
     path = tmp_path / "bomb.yaml"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ConfigError, match=f"{path}: more than 100,000 values once its YAML aliases"):
+    with pytest.raises(
+        ConfigError, match=f"{path}: more than 100,000 values once its YAML aliases"
+    ):
         load_run_config(path)
