@@ -9,12 +9,10 @@ finished phase is recorded in ``progress.json``, so a resumed run skips it.
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import time
 import zlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +39,7 @@ from ted_scale.train.models import (
 )
 from ted_scale.train.nonfinite import NonFiniteGuard
 from ted_scale.train.prefetch import TeacherFeed
-from ted_scale.train.run_dir import claim_run_dir
+from ted_scale.train.run_dir import PROGRESS_NAME, claim_run_dir, read_progress
 
 
 def seed_everything(seed: int) -> None:
@@ -136,15 +134,11 @@ class Trainer:
             self.lock = claim_run_dir(self.config, self.run_dir, self._log_console)
         barrier()
 
-    def _progress(self) -> dict[str, Any]:
-        path = self.run_dir / "progress.json"
-        return json.loads(path.read_text()) if path.exists() else {"done": []}
-
     def _mark_done(self, phase: str) -> None:
         if self.main:
-            progress = self._progress()
+            progress = read_progress(self.run_dir)
             progress["done"].append(phase)
-            atomic_write_json(self.run_dir / "progress.json", progress)
+            atomic_write_json(self.run_dir / PROGRESS_NAME, progress)
         barrier()
 
     def _open_split(self, split: str) -> PackedTokens:
@@ -188,8 +182,10 @@ class Trainer:
     # ----------------------------------------------------------------------------- phases
     def run(self) -> None:
         start = time.perf_counter()
-        done = set(self._progress()["done"])
+        done = set(read_progress(self.run_dir)["done"])
         resume_tag = self.checkpoints.resolve(self.config.resume)
+        if resume_tag is not None:  # the plan runs in order: a checkpoint's earlier phases finished
+            done.update(p.name for p in self.plan[: resume_tag.phase_index])
         self._log_console(
             f"{self.config.method}: phases {', '.join(p.name for p in self.plan)}; "
             f"{self.dims.layout} on {self.device.type}"
@@ -223,6 +219,15 @@ class Trainer:
         total_steps = schedule.max_steps or max(
             1, int(schedule.epochs * loader.batches_per_epoch // accum)
         )
+        if tag is not None and tag.step > total_steps:
+            key = next((k for k in ("stage1", "stage2") if getattr(config, k) is schedule), None)
+            knob = f"{key}.max_steps / {key}.epochs" if key else "the phase's max_steps / epochs"
+            raise ConfigError(
+                f"{phase.name}: the checkpoint {self.checkpoints.root / tag.name} is at step "
+                f"{tag.step} but this run gives the phase {total_steps} steps ({knob} lowered "
+                f"since): a resume cannot go back; set the budget to at least {tag.step}, or "
+                "start a new output_dir"
+            )
         engine, scheduler = build_engine(
             phase.trained,
             config,
