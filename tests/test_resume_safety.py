@@ -330,3 +330,16 @@ def test_a_checkpoint_save_that_fails_names_the_path_and_what_survives(
     tag = tmp_path / "run" / "checkpoints" / "stage2-step00000001"
     assert f"pretrain_ted: error: {tag}: saving the checkpoint failed (PytorchStreamWriter" in err
     assert "GiB free on its filesystem" in err and "no earlier checkpoint" in err
+
+
+def test_a_model_that_cannot_fit_is_refused_with_both_sizes_before_it_is_built(
+    tiny_data, tmp_path
+):
+    wide = ["teacher.arch.n_embd=65536", "teacher.arch.n_head=64", "teacher.arch.n_layer=48"]
+    with pytest.raises(
+        ConfigError,
+        match=r"the run needs about [\d.]+ GiB .* and this machine has [\d.]+ GiB free.*"
+        r"n_layer=48, n_embd=65536.*batch.micro_batch_size=4 and the data's seq_len 64",
+    ):
+        Trainer(_config(tiny_data, tmp_path / "run", *wide))
+    assert not (tmp_path / "run").exists()

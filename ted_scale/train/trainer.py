@@ -19,11 +19,13 @@ import torch
 
 from ted_scale.config import ConfigError, RunConfig
 from ted_scale.data.loader import DistributedBatchLoader, PackedTokens, open_split
+from ted_scale.data.manifest import load_manifest
 from ted_scale.data.tokenizer import tokenizer_fingerprint
 from ted_scale.distill.methods import MethodContext, Phase, get_method
 from ted_scale.flops import device_peak_tflops
 from ted_scale.io import atomic_write_json
 from ted_scale.parallel import barrier, init_parallel, parallelize_gpt
+from ted_scale.parallel.memory import check_run_fits
 from ted_scale.precision import autocast, compute_dtype, storage_dtype
 from ted_scale.train.checkpoint import CheckpointManager, CheckpointTag
 from ted_scale.train.engine import build_engine, deepspeed_config, gradient_accumulation_steps
@@ -76,6 +78,13 @@ class Trainer:
                 f"(the method's phases: {phases})"
             )
         deepspeed_config(config, self.dims.dp_size)  # batch and deepspeed.extra, checked now
+        check_run_fits(
+            config,
+            self.device,
+            tp=self.dims.tp_size,
+            world=self.dims.world_size,
+            seq_len=load_manifest(config.data.path).seq_len,
+        )
         self._prepare_run_dir()
         seed_everything(config.seed)
         self.tokenizer = run_tokenizer(config)
