@@ -332,9 +332,7 @@ def test_a_checkpoint_save_that_fails_names_the_path_and_what_survives(
     assert "GiB free on its filesystem" in err and "no earlier checkpoint" in err
 
 
-def test_a_model_that_cannot_fit_is_refused_with_both_sizes_before_it_is_built(
-    tiny_data, tmp_path
-):
+def test_a_model_that_cannot_fit_is_refused_with_both_sizes_before_it_is_built(tiny_data, tmp_path):
     wide = ["teacher.arch.n_embd=65536", "teacher.arch.n_head=64", "teacher.arch.n_layer=48"]
     with pytest.raises(
         ConfigError,
