@@ -12,6 +12,7 @@ import itertools
 import random
 import time
 import zlib
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -229,7 +230,10 @@ class Trainer:
             1, int(schedule.epochs * loader.batches_per_epoch // accum)
         )
         if tag is not None and tag.step > total_steps:
-            key = next((k for k in ("stage1", "stage2") if getattr(config, k) is schedule), None)
+            # The config section this schedule is (methods pick theirs): named in the message.
+            key = next(
+                (f.name for f in fields(config) if getattr(config, f.name) is schedule), None
+            )
             knob = f"{key}.max_steps / {key}.epochs" if key else "the phase's max_steps / epochs"
             raise ConfigError(
                 f"{phase.name}: the checkpoint {self.checkpoints.root / tag.name} is at step "
