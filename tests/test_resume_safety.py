@@ -341,3 +341,25 @@ def test_a_model_that_cannot_fit_is_refused_with_both_sizes_before_it_is_built(t
     ):
         Trainer(_config(tiny_data, tmp_path / "run", *wide))
     assert not (tmp_path / "run").exists()
+
+
+def test_the_probes_end_in_one_error_line_from_the_command(
+    finished_run, tiny_data, tmp_path, capsys
+):
+    from ted_scale.cli.pretrain_ted import run as pretrain
+
+    dup = tmp_path / "dup.yaml"
+    dup.write_text((REPO / "configs" / "tiny-kd.yaml").read_text() + "seed: 7\n")
+    assert pretrain(str(dup), [f"data.path={tiny_data}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pretrain_ted: error: {dup}:") and "key 'seed' is given twice" in err
+    assert err.count("\n") == 1
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "progress.json").write_bytes(b"\x00\x01")
+    argv = [f"data.path={tiny_data}", f"output_dir={run}", "log.tensorboard=false", *STEPS]
+    assert pretrain(str(REPO / "configs" / "tiny-kd.yaml"), argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pretrain_ted: error: {run / 'progress.json'}: damaged, not JSON")
+    assert err.count("\n") == 1
