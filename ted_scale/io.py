@@ -64,6 +64,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Non
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None:  # write and fsync errors (ENOSPC) carry no path: name the file
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -137,6 +142,12 @@ def atomic_replace_dir(dest: str | os.PathLike) -> Iterator[Path]:
     """
     dest = Path(dest)
     tmp, old = replace_dir_leftovers(dest)
+    for path in (dest, tmp, old):
+        if path.is_symlink():  # replacing it would move the link, and its target stays the user's
+            raise OSError(
+                f"{path} is a symbolic link (to {os.readlink(path)}): it is not replaced through "
+                "links; remove the link (its target is left as it is) or write elsewhere"
+            )
     if old.exists() and not dest.exists():
         os.rename(old, dest)  # the fallback swap was cut between its two renames
     for leftover in (tmp, old):
@@ -160,6 +171,18 @@ def atomic_replace_dir(dest: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def links_leaving(root: str | os.PathLike) -> list[Path]:
+    """The entries of directory ``root`` that are symbolic links to somewhere outside it: writing
+    there would write into another folder (a user's), so writers refuse them by name."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    inside = root.resolve()
+    return sorted(
+        p for p in root.iterdir() if p.is_symlink() and not p.resolve().is_relative_to(inside)
+    )
 
 
 # --------------------------------------------------------------------------- messages

@@ -70,3 +70,57 @@ RUN_CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     load_run_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("teacher.arch.n_layer=-1", "teacher.arch: n_layer must be a positive integer, got -1"),
+        ("teacher.arch.n_head=0", "teacher.arch: n_head must be a positive integer, got 0"),
+        ("teacher.arch.n_embd=-64", "teacher.arch: n_embd must be a positive integer, got -64"),
+        ("teacher.arch.vocab_size=-5", "vocab_size must be a positive integer, got -5"),
+        ("teacher.arch.dropout=1.5", r"teacher.arch: dropout must be in \[0, 1\), got 1.5"),
+        ("student.dropout=1.5", "student.dropout must be < 1.0, got 1.5"),
+        ("teacher.arch.layer_norm_epsilon=-1", "layer_norm_epsilon must be > 0, got -1.0"),
+        ("distill.temperature=1e-300", "distill.temperature must be >= 0.001, got 1e-300"),
+        ("optim.lr=inf", "optim.lr expects a finite number, got 'inf'"),
+        ("stage2.lr=.nan", "stage2.lr expects a finite number, got nan"),
+    ],
+)
+def test_sizes_probabilities_temperatures_and_rates_out_of_range_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(None, [override])
+
+
+def test_a_key_given_twice_is_refused_with_its_lines(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("seed: 1\noptim:\n  lr: 1e-4\nseed: 2\n")
+    with pytest.raises(ConfigError, match=f"{path}:4: key 'seed' is given twice .first on line 1"):
+        load_run_config(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "the config is empty"),
+        (b"# only a comment\n", "the config is empty"),
+        (b"seed: 1\n\xff\xfe\x00binary", "not a text config .byte 8 is not UTF-8"),
+    ],
+)
+def test_empty_or_binary_config_files_are_refused_by_name(tmp_path, content, message):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"{path}: {message}"):
+        load_run_config(path)
+
+
+def test_yaml_aliases_expanding_past_the_bound_are_refused(tmp_path):
+    lines = ["deepspeed:", "  extra:", "    a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    for i in range(1, 9):  # 10**9 values once expanded
+        lines.append(f"    a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(
+        ConfigError, match=f"{path}: more than 100,000 values once its YAML aliases"
+    ):
+        load_run_config(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -343,3 +344,51 @@ def test_an_out_under_a_file_is_one_line_naming_the_path(corpus, tmp_path):
         f"prepare_data: error: {blocker / 'd'}: Not a directory "
         "(ENOTDIR: a part of the path is a file, not a directory)"
     )
+
+
+def test_a_split_directory_linked_to_a_users_folder_is_refused_and_left_untouched(corpus, tmp_path):
+    src, _ = corpus
+    user = tmp_path / "user_folder"
+    user.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train").symlink_to(user)
+    with pytest.raises(DataError, match=rf"{out / 'train'} -> {user}.*never through links"):
+        _prepare(src, out)
+    assert list(user.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--seed", str(2**64), r"--seed must be in \[0, 2\*\*64\), got 18446744073709551616"),
+        ("--train-tokenizer", str(10**9), r"--train-tokenizer must be in \[257, 1048576\]"),
+        ("--train-tokenizer", "100", r"--train-tokenizer must be in \[257, 1048576\]"),
+    ],
+)
+def test_out_of_range_options_are_refused_naming_the_option(
+    corpus, tmp_path, capsys, option, value, message
+):
+    from ted_scale.cli.prepare_data import main
+
+    src, _ = corpus
+    argv = ["--input", str(src), "--out", str(tmp_path / "out"), "--quiet", option, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prepare_data: error: ") and re.search(message, err)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_a_full_disk_names_the_shard_being_written(corpus, tmp_path, monkeypatch, capsys):
+    from ted_scale.cli.prepare_data import main
+
+    def full(fd):
+        raise OSError(28, os.strerror(28))
+
+    src, _ = corpus
+    monkeypatch.setattr(os, "fsync", full)
+    argv = ["--input", str(src), "--out", str(tmp_path / "out"), "--quiet", "--num-workers", "0"]
+    assert main([*argv, "--train-tokenizer", "400", "--seq-len", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"prepare_data: error: {tmp_path / 'out'}/")
+    assert "No space left on device (ENOSPC: the disk is full)" in err

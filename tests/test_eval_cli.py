@@ -347,3 +347,27 @@ def test_malformed_metrics_line_is_named(tmp_path):
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": \n')
     with pytest.raises(EvalError, match=rf"{path}:2: not a JSON object"):
         read_metrics(path)
+
+
+@pytest.mark.parametrize("value", ["-1", "0"])
+def test_a_count_below_one_is_refused_naming_the_option(run_dir, tmp_path, capsys, value):
+    argv = ["--model", str(run_dir), "--tasks", "lambada", "--out", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit) as info:
+        _main("evaluate.py")([*argv, "--max-examples", value])
+    assert info.value.code == 2
+    assert f"error: --max-examples must be >= 1, got {value}" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_full_disk_names_the_results_file(run_dir, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    out = tmp_path / "r.json"
+    argv = ["--model", str(run_dir), "--tasks", "lambada", "--max-examples", "2", "--out", str(out)]
+    assert _main("evaluate.py")(argv) == 2
+    assert f"evaluate: error: {out}: No space left on device (ENOSPC" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from ted_scale.io import (
     FAULT_ENV,
     atomic_replace_dir,
     atomic_write_text,
+    links_leaving,
     os_error_message,
     replace_dir_leftovers,
 )
@@ -104,3 +105,42 @@ def test_writing_under_a_file_names_the_path_and_the_errno_meaning(tmp_path):
     )
     ro = OSError(errno.EROFS, os.strerror(errno.EROFS), "/ro/x")
     assert "EROFS: the filesystem is mounted read-only" in os_error_message(ro)
+
+
+def test_a_full_disk_while_writing_names_the_file(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write/fsync raise it: no path
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as info:
+        atomic_write_text(tmp_path / "results.json", "{}")
+    message = os_error_message(info.value)
+    assert (
+        message
+        == f"{tmp_path / 'results.json'}: No space left on device (ENOSPC: the disk is full)"
+    )
+    assert list(tmp_path.iterdir()) == []  # no temporary left behind
+
+
+def test_a_directory_that_is_a_link_is_not_replaced_and_its_target_is_untouched(tmp_path):
+    user = tmp_path / "user_folder"
+    user.mkdir()
+    (user / "mine.txt").write_text("keep")
+    dest = tmp_path / "run" / "student_hf"
+    dest.parent.mkdir()
+    dest.symlink_to(user)
+    with (
+        pytest.raises(OSError, match=rf"{dest} is a symbolic link \(to {user}\)"),
+        atomic_replace_dir(dest) as tmp,
+    ):
+        (tmp / "model.safetensors").write_bytes(b"x")
+    assert [p.name for p in user.iterdir()] == ["mine.txt"]
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["student_hf"]  # no .tmp left
+
+
+def test_links_leaving_a_directory_are_found_and_links_inside_it_are_not(tmp_path):
+    root = tmp_path / "root"
+    (root / "inner").mkdir(parents=True)
+    (root / "here").symlink_to(root / "inner")
+    (root / "away").symlink_to(tmp_path)
+    assert links_leaving(root) == [root / "away"]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ted_scale.config import ConfigError, load_run_config
+from ted_scale.train.run_dir import RunFileError
 from ted_scale.train.run_lock import RunLockedError
 from ted_scale.train.safe_checkpoint import UnsafeCheckpointError, complete_record
 from ted_scale.train.trainer import Trainer
@@ -221,3 +222,144 @@ def test_a_checkpoint_of_another_tensor_parallel_size_is_refused_saying_how_to_g
     (tag / "complete").write_text(complete_record(tag.name, tag))  # intact, only another layout
     with pytest.raises(ConfigError, match=r"saved at parallel.tensor_parallel_size=2 and this run"):
         Trainer(_config(tiny_data, run)).run()
+
+
+# ----------------------------------------------------------------- issue 30: run files and rules
+def test_a_damaged_progress_file_is_named_with_the_way_out_and_the_checkpoints_rule(
+    finished_run, tiny_data, tmp_path
+):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "progress.json").write_text('{"done": ["sta')
+    with pytest.raises(RunFileError, match=rf"{run / 'progress.json'}: damaged, not JSON.*mv "):
+        Trainer(_config(tiny_data, run))
+    (run / "progress.json").rename(run / "progress.json.damaged")
+    Trainer(_config(tiny_data, run)).run()  # from the newest checkpoint: step 2, nothing trained
+    assert json.loads((run / "progress.json").read_text()) == {"done": ["stage2"]}
+    assert _metrics(run) == _metrics(finished_run)
+
+
+def test_a_damaged_metrics_line_inside_the_file_is_named_with_file_and_line(
+    finished_run, tiny_data, tmp_path
+):
+    run = _copy_to_resume(finished_run, tmp_path)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(["{garbage", *lines]) + "\n")
+    with pytest.raises(RunFileError, match=rf"{run / 'metrics.jsonl'}:1: damaged.*delete line 1"):
+        Trainer(_config(tiny_data, run)).run()
+
+
+def test_a_budget_below_the_checkpoints_step_is_refused_with_both_numbers(
+    finished_run, tiny_data, tmp_path
+):
+    run = _copy_to_resume(finished_run, tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"stage2-step00000002 is at step 2 but this run gives the phase 1 steps"
+    ):
+        Trainer(_config(tiny_data, run, "stage2.max_steps=1")).run()
+    assert not (run / "progress.json").exists()  # nothing exported as finished
+
+
+@pytest.mark.parametrize(
+    ("out", "data", "relation"),
+    [("d", "d", "is"), ("d/run", "d", "lies inside"), ("r", "r/data", "contains")],
+)
+def test_an_output_dir_overlapping_the_data_is_refused_before_anything_is_written(
+    tiny_data, tmp_path, out, data, relation
+):
+    out, data = tmp_path / out, tmp_path / data
+    shutil.copytree(tiny_data, data)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(ConfigError, match=rf"output_dir={out} {relation} data.path={data}"):
+        Trainer(_config(tiny_data, out, f"data.path={data}"))
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_link_leaving_the_run_directory_is_refused_and_its_target_untouched(
+    finished_run, tiny_data, tmp_path
+):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    user = tmp_path / "my_folder"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    shutil.rmtree(run / "student_hf")
+    (run / "student_hf").symlink_to(user)
+    (run / "progress.json").unlink()
+    with pytest.raises(ConfigError, match=rf"{run / 'student_hf'} -> {user}"):
+        Trainer(_config(tiny_data, run))
+    assert [p.name for p in user.iterdir()] == ["notes.txt"]
+    assert not (run / ".student_hf.tmp").exists()
+
+
+def test_in_training_evaluation_without_a_test_split_is_refused(tiny_data, tmp_path):
+    from ted_scale.data.prepare import PrepareConfig, prepare
+
+    no_test = tmp_path / "no_test"
+    prepare(
+        PrepareConfig(
+            input=str(tiny_data.parent / "corpus.txt"),
+            out=str(no_test),
+            tokenizer=str(tiny_data / "tokenizer"),
+            seq_len=64,
+            test_fraction=0.0,
+            num_workers=0,
+            verbose=False,
+        )
+    )
+    with pytest.raises(ConfigError, match=r"eval.interval=1 evaluates .*holds no samples"):
+        Trainer(_config(tiny_data, tmp_path / "run", f"data.path={no_test}", "eval.interval=1"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_save_that_fails_names_the_path_and_what_survives(
+    tiny_data, tmp_path, monkeypatch, capsys
+):
+    from ted_scale.cli.pretrain_ted import run as pretrain
+
+    def disk_full(*args, **kwargs):  # what torch.save raises on a full disk: no errno, no path
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0\n"
+            "PytorchStreamWriter failed writing file data/0: file write failed"
+        )
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    argv = [f"data.path={tiny_data}", f"output_dir={tmp_path / 'run'}", "log.tensorboard=false"]
+    assert pretrain(str(REPO / "configs" / "tiny-kd.yaml"), [*argv, *STEPS]) == 2
+    err = capsys.readouterr().err
+    tag = tmp_path / "run" / "checkpoints" / "stage2-step00000001"
+    assert f"pretrain_ted: error: {tag}: saving the checkpoint failed (PytorchStreamWriter" in err
+    assert "GiB free on its filesystem" in err and "no earlier checkpoint" in err
+
+
+def test_a_model_that_cannot_fit_is_refused_with_both_sizes_before_it_is_built(tiny_data, tmp_path):
+    wide = ["teacher.arch.n_embd=65536", "teacher.arch.n_head=64", "teacher.arch.n_layer=48"]
+    with pytest.raises(
+        ConfigError,
+        match=r"the run needs about [\d.]+ GiB .* and this machine has [\d.]+ GiB free.*"
+        r"n_layer=48, n_embd=65536.*batch.micro_batch_size=4 and the data's seq_len 64",
+    ):
+        Trainer(_config(tiny_data, tmp_path / "run", *wide))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_probes_end_in_one_error_line_from_the_command(
+    finished_run, tiny_data, tmp_path, capsys
+):
+    from ted_scale.cli.pretrain_ted import run as pretrain
+
+    dup = tmp_path / "dup.yaml"
+    dup.write_text((REPO / "configs" / "tiny-kd.yaml").read_text() + "seed: 7\n")
+    assert pretrain(str(dup), [f"data.path={tiny_data}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pretrain_ted: error: {dup}:") and "key 'seed' is given twice" in err
+    assert err.count("\n") == 1
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "progress.json").write_bytes(b"\x00\x01")
+    argv = [f"data.path={tiny_data}", f"output_dir={run}", "log.tensorboard=false", *STEPS]
+    assert pretrain(str(REPO / "configs" / "tiny-kd.yaml"), argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pretrain_ted: error: {run / 'progress.json'}: damaged, not JSON")
+    assert err.count("\n") == 1

@@ -14,7 +14,7 @@ from ted_scale.eval import EvalError
 from ted_scale.eval.suite import SOURCES, format_summary, run_evaluation
 from ted_scale.eval.wikitext import PROTOCOLS
 from ted_scale.eval.wikitext import SOURCES as WIKITEXT_SOURCES
-from ted_scale.io import atomic_write_json
+from ted_scale.io import atomic_write_json, os_error_message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--max-examples", type=int, help="cap passages / articles / batches")
     args = p.parse_args(argv)
+    for option, value in (
+        ("--batch-size", args.batch_size),
+        ("--stride", args.stride),
+        ("--max-examples", args.max_examples),
+    ):
+        if value is not None and value < 1:
+            p.error(f"{option} must be >= 1, got {value}")
     try:
         results = run_evaluation(
             args.model,
@@ -59,8 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             max_examples=args.max_examples,
         )
         atomic_write_json(args.out, results)
-    except (EvalError, DataError, OSError) as e:
+    except (EvalError, DataError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # full or read-only disk, a file in the way: path and errno's meaning
+        print(f"evaluate: error: {os_error_message(e)}", file=sys.stderr)
         return 2
     print(format_summary(results))
     print(f"wrote {args.out}")

@@ -21,6 +21,7 @@ from ted_scale.io import os_error_message
 from ted_scale.model import ModelMismatchError
 from ted_scale.model.hf import CheckpointMismatchError, ModelFolderError
 from ted_scale.parallel.dims import ParallelLayoutError
+from ted_scale.train.run_dir import RunFileError
 from ted_scale.train.run_lock import RunLockedError
 from ted_scale.train.safe_checkpoint import UnsafeCheckpointError
 
@@ -33,6 +34,7 @@ USER_ERRORS = (
     ModelFolderError,
     ModelMismatchError,
     ParallelLayoutError,
+    RunFileError,
     RunLockedError,
     UnsafeCheckpointError,
 )

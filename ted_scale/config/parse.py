@@ -1,13 +1,17 @@
 """YAML + ``a.b=value`` overrides -> typed, validated dataclasses, with errors that say what to fix.
 
 Field types drive the checks (``Literal`` for choices, ``X | None``, ``list``/``tuple``, nested
-dataclasses); numeric bounds come from field metadata built with :func:`bounded`.
+dataclasses); numeric bounds come from field metadata built with :func:`bounded`, and no number may
+be infinite or NaN. A config file must be UTF-8 YAML holding at least one key, with no key twice in
+a mapping and at most :data:`MAX_YAML_NODES` values once its aliases are expanded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -17,6 +21,10 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 T = TypeVar("T")
+
+# A config has a few hundred values; aliases expanding past this are a "billion laughs" document,
+# whose expansion (to_dict, the DeepSpeed config) would exhaust memory.
+MAX_YAML_NODES = 100_000
 
 
 class ConfigError(ValueError):
@@ -42,17 +50,75 @@ def load_config(cls: type[T], path: str | os.PathLike | None, overrides: list[st
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
+        raw = read_yaml(path)
+        if not raw:
             raise ConfigError(
-                f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}"
+                f"{path}: the config is empty: it must set at least one key (see configs/)"
             )
     for item in overrides:
         apply_override(raw, item)
+    _count_nodes(raw, str(path) if path else "config")
     return build(cls, raw, where=str(path) if path else "config")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise ConfigError(
+                    f"{line}: key {key!r} is given twice (first on line {seen[key]}); keep one"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _count_nodes(value: Any, where: str) -> None:
+    """Refuse a document whose aliases expand past :data:`MAX_YAML_NODES` values (counted as
+    ``to_dict`` would walk it: a value reached twice through aliases counts twice)."""
+    count = 0
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{where}: more than {MAX_YAML_NODES:,} values once its YAML aliases (*name) are "
+                "expanded; a run config holds a few hundred: write the values out"
+            )
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML mapping in ``path``, refused by name when it is not UTF-8 text, not YAML or has a
+    duplicate key (with its line); an empty document is ``{}``."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not a text config (byte {e.start} is not UTF-8): give a YAML file"
+        ) from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no tags that run code
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    except ConfigError as e:  # a duplicate key, found with its line
+        raise ConfigError(f"{path}:{e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}"
+        )
+    return raw
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -155,14 +221,17 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         # YAML reads "1e-6" as a string; accept numbers written either way.
         if isinstance(value, bool):
             raise ConfigError(f"{where}: {key} expects a number, got {value!r}")
+        number = None
         if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: {key} expects a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"{where}: {key} expects a number, got {value!r}")
+        if not math.isfinite(number):  # no knob of a run means anything at inf or NaN
+            raise ConfigError(f"{where}: {key} expects a finite number, got {value!r}")
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: {key} expects an integer, got {value!r}")

@@ -52,7 +52,9 @@ class DistillConfig:
 
     alpha_kd: float = bounded(2.5, ge=0.0)
     alpha_layer: float = bounded(0.1, ge=0.0)
-    temperature: float = bounded(2.0, gt=0.0)
+    temperature: float = bounded(2.0, ge=1e-3)
+    """Softmax temperature of KD. Below 1e-3 the T^2 factor (<= 1e-6) erases the term and the
+    softmax is an argmax: such a value is a typo, refused (docs/design.md, "Config validation")."""
     layer_reduction: Literal["mean", "sum"] = "mean"
     """How per-layer distances combine into D_TED / D_layer: ``mean`` over the K layers, as the
     TED authors' code (``layer_averaged_mse_loss``; the paper's alpha_layer 0.1 is in this

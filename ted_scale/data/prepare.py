@@ -58,6 +58,7 @@ from ted_scale.data.sources import (
 from ted_scale.data.tokenizer import (
     DEFAULT_TOKENIZER,
     backend_path,
+    check_trained_vocab_size,
     load_tokenizer,
     tokenizer_fingerprint,
     train_bpe_tokenizer,
@@ -67,6 +68,7 @@ from ted_scale.io import (
     atomic_write_bytes,
     atomic_write_json,
     file_sha256,
+    links_leaving,
     replace_dir_leftovers,
 )
 
@@ -124,8 +126,10 @@ class PrepareConfig:
             raise DataError(f"--shard-tokens must be in [1, 2**32), got {self.shard_tokens}")
         if self.num_workers < 0:
             raise DataError(f"--num-workers must be >= 0, got {self.num_workers}")
-        if self.seed < 0:
-            raise DataError(f"--seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed < 2**64:  # the 8-byte key of the split's hash
+            raise DataError(f"--seed must be in [0, 2**64), got {self.seed}")
+        if self.train_tokenizer is not None:
+            check_trained_vocab_size(self.train_tokenizer)
 
 
 def prepare(cfg: PrepareConfig) -> Manifest:
@@ -133,6 +137,13 @@ def prepare(cfg: PrepareConfig) -> Manifest:
     cfg.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if links := links_leaving(out):
+        listed = ", ".join(f"{p} -> {os.readlink(p)}" for p in links)
+        raise DataError(
+            f"{out} holds symbolic links to folders outside it ({listed}): prepare_data writes "
+            "only inside --out, never through links; remove them (their targets stay as they "
+            "are) or use another --out"
+        )
     settings = cfg.settings()
     inputs = input_fingerprint(cfg.source())
     if manifest_path(out).exists():

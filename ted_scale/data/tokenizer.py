@@ -42,14 +42,28 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     return tok
 
 
+# The largest vocabulary a BPE is trained to: 4x the largest vocabularies in use (~256k); far
+# larger sizes make the Rust trainer panic (capacity overflow) instead of answering.
+MAX_TRAINED_VOCAB = 2**20
+
+
+def check_trained_vocab_size(vocab_size: int) -> None:
+    """Refuse a BPE size outside [256 byte tokens + EOS, :data:`MAX_TRAINED_VOCAB`], by option."""
+    least = len(pre_tokenizers.ByteLevel.alphabet()) + 1
+    if not least <= vocab_size <= MAX_TRAINED_VOCAB:
+        raise DataError(
+            f"--train-tokenizer must be in [{least}, {MAX_TRAINED_VOCAB}] (the 256 byte tokens "
+            f"and EOS at least), got {vocab_size}"
+        )
+
+
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Train a GPT-2-style byte-level BPE on streamed `texts`; `<|endoftext|>` is its EOS.
 
     `vocab_size` counts the 256 byte tokens and EOS. Training is deterministic for equal input.
     """
+    check_trained_vocab_size(vocab_size)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if vocab_size < len(alphabet) + 1:
-        raise DataError(f"--train-tokenizer {vocab_size}: need at least {len(alphabet) + 1}")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

@@ -47,6 +47,15 @@ class GPTConfig:
     """FFN width of each block, each >= 0 (a pruned model); null = n_inner in every block."""
 
     def __post_init__(self) -> None:
+        # Checked here, not as config bounds: HF folders' config.json build this class too.
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.layer_norm_epsilon > 0.0:  # also refuses NaN
+            raise ValueError(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_inner is not None and self.n_inner < 0:

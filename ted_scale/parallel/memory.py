@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from ted_scale.parallel.tensor import (
     pad_for_tensor_parallel,
     padded_vocab_size,
 )
+from ted_scale.precision import compute_dtype
 
 FP32 = 4
 MASK = 1  # a dropout mask is one bool byte per element
@@ -405,3 +407,58 @@ def run_memory_table(
             str(largest_micro_batch(e, estimate_at, gib * GIB)) for e in estimates
         ]
     return format_table(estimates, extra)
+
+
+def available_bytes(device: torch.device) -> tuple[int, str]:
+    """Memory this machine has free for a rank on ``device``, and where it was read."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"{device} has"
+    import psutil  # a DeepSpeed dependency
+
+    return psutil.virtual_memory().available, "this machine has"
+
+
+def check_run_fits(config, device: torch.device, *, tp: int, world: int, seq_len: int) -> None:
+    """Refuse, before any model is built, a run whose estimate (:func:`estimate_memory` of its
+    shapes on the meta device, less DeepSpeed's lazily sized reduction bucket) exceeds the memory
+    free on ``device``: on a CPU, for all the ranks this machine runs. A teacher whose shape is
+    not known offline (a hub name other than GPT-2's) is not checked here."""
+    from ted_scale.config import ConfigError
+
+    try:
+        models = run_models(config)
+    except (ValueError, OSError):  # a shape not known offline: the build itself will tell
+        return
+    layout = replace(
+        run_layout(config, tp=tp, world=world, seq_len=seq_len),
+        compute_bytes=FP32 if compute_dtype(config.precision, device) is None else 2,
+        reduce_bucket=0,
+    )
+    estimate = estimate_memory(
+        models.teacher,
+        models.student,
+        layout,
+        teacher_filters=models.teacher_filters,
+        student_filters=models.student_filters,
+        kd=models.kd,
+    )
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    needed = estimate.total * ranks
+    free, where = available_bytes(device)
+    if needed <= free:
+        return
+    largest = sorted(estimate.parts.items(), key=lambda kv: -kv[1])[:3]
+    parts = ", ".join(f"{name} {size / GIB:.1f}" for name, size in largest)
+    raise ConfigError(
+        f"the run needs about {needed / GIB:.1f} GiB ({ranks} rank(s) x {estimate.total / GIB:.1f}"
+        f" GiB; largest: {parts} GiB) and {where} {free / GIB:.1f} GiB free. It grows with the "
+        f"teacher ({_shape(models.teacher.config)}: teacher.pretrained / teacher.arch), the "
+        f"student ({_shape(models.student.config)}: student.n_layer, student.init), "
+        f"batch.micro_batch_size={config.batch.micro_batch_size} and the data's seq_len "
+        f"{seq_len}; `launch/estimate_memory.py` shows the table"
+    )
+
+
+def _shape(c: GPTConfig) -> str:
+    return f"n_layer={c.n_layer}, n_embd={c.n_embd}, vocab_size={c.vocab_size}"

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ted_scale.config import ConfigError
-from ted_scale.io import atomic_write_json, atomic_write_text
+from ted_scale.io import atomic_write_json, atomic_write_text, os_error_message
 from ted_scale.parallel import barrier
 from ted_scale.train.safe_checkpoint import (
     UnsafeCheckpointError,
@@ -147,10 +147,13 @@ class CheckpointManager:
         if self.rank == 0 and path.exists():
             shutil.rmtree(path)  # an earlier, interrupted save of the same tag
         barrier()
-        engine.save_checkpoint(
-            str(self.root), tag=tag.name, client_state=client_state, save_latest=False
-        )
-        save_rng_state(rng_file(path, self.rank))
+        try:
+            engine.save_checkpoint(
+                str(self.root), tag=tag.name, client_state=client_state, save_latest=False
+            )
+            save_rng_state(rng_file(path, self.rank))
+        except (OSError, RuntimeError) as e:  # torch.save tells a full disk without errno or path
+            raise OSError(self._save_failure(path, e)) from e
         barrier()
         if self.rank == 0:
             layout = {"tensor_parallel_size": self.tensor_parallel_size}
@@ -161,6 +164,23 @@ class CheckpointManager:
                 shutil.rmtree(self.root / old.name, ignore_errors=True)
         barrier()
         return path
+
+    def _save_failure(self, path: Path, error: Exception) -> str:
+        """One line for a save that failed: the tag, the reason, the space left, what survives."""
+        reason = os_error_message(error) if isinstance(error, OSError) else str(error).strip()
+        free = shutil.disk_usage(self.root).free
+        previous = self.latest()
+        kept = (
+            f"the previous checkpoint {self.root / previous.name} is intact and resume=auto "
+            "continues from it"
+            if previous
+            else "there is no earlier checkpoint; resume=auto restarts the phase"
+        )
+        return (
+            f"{path}: saving the checkpoint failed ({reason.splitlines()[-1] if reason else '?'}); "
+            f"{free / 2**30:.2f} GiB free on its filesystem (a full disk?). The partial {path} "
+            f"can be deleted; {kept} once there is room"
+        )
 
     def load(self, engine, tag: CheckpointTag) -> dict[str, Any]:
         """Restore engine, optimizer, scheduler and this rank's RNG; return the client state."""

@@ -17,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ted_scale.io import atomic_write_text
+from ted_scale.train.run_dir import RunFileError
 
 
 class LossAverager:
@@ -69,8 +70,11 @@ class MetricsWriter:
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in record.items()
         }
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(clean) + "\n")
+        except OSError as e:  # a full disk fails the write with no path: name the file
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
         if self.tb is not None:
             step = record["step"]
             for key, value in record.items():
@@ -92,7 +96,12 @@ class MetricsWriter:
             except ValueError:
                 if number == len(lines):  # a line half-written by a killed run
                     continue
-                raise ValueError(f"{self.path}:{number}: not a JSON metrics line") from None
+                raise RunFileError(
+                    f"{self.path}:{number}: damaged, not a JSON metrics line. The file is a log, "
+                    f"the checkpoints are the run's state: delete line {number}, or move the "
+                    f"file aside (mv {self.path} {self.path}.damaged; the resume starts a new "
+                    "one), then run again with resume=auto"
+                ) from None
             if record.get("stage") == stage and record.get("step", 0) > step:
                 continue
             kept.append(line)

@@ -9,23 +9,24 @@ finished phase is recorded in ``progress.json``, so a resumed run skips it.
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import time
 import zlib
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from ted_scale.config import ConfigError, RunConfig
 from ted_scale.data.loader import DistributedBatchLoader, PackedTokens, open_split
+from ted_scale.data.manifest import load_manifest
 from ted_scale.data.tokenizer import tokenizer_fingerprint
 from ted_scale.distill.methods import MethodContext, Phase, PlannedPhase, get_method
 from ted_scale.flops import device_peak_tflops
 from ted_scale.io import atomic_write_json
 from ted_scale.parallel import barrier, init_parallel, parallelize_gpt
+from ted_scale.parallel.memory import check_run_fits
 from ted_scale.precision import autocast, compute_dtype, storage_dtype
 from ted_scale.train.checkpoint import CheckpointManager, CheckpointTag
 from ted_scale.train.engine import build_engine, deepspeed_config, gradient_accumulation_steps
@@ -41,7 +42,7 @@ from ted_scale.train.models import (
 )
 from ted_scale.train.nonfinite import NonFiniteGuard
 from ted_scale.train.prefetch import TeacherFeed
-from ted_scale.train.run_dir import claim_run_dir
+from ted_scale.train.run_dir import PROGRESS_NAME, claim_run_dir, read_progress
 
 
 def seed_everything(seed: int) -> None:
@@ -82,6 +83,13 @@ class Trainer:
                 f"(the method's phases: {phases})"
             )
         deepspeed_config(config, self.dims.dp_size)  # batch and deepspeed.extra, checked now
+        check_run_fits(
+            config,
+            self.device,
+            tp=self.dims.tp_size,
+            world=self.dims.world_size,
+            seq_len=load_manifest(config.data.path).seq_len,
+        )
         self._prepare_run_dir()
         seed_everything(config.seed)
         self.tokenizer = run_tokenizer(config)
@@ -140,15 +148,11 @@ class Trainer:
             self.lock = claim_run_dir(self.config, self.run_dir, self._log_console)
         barrier()
 
-    def _progress(self) -> dict[str, Any]:
-        path = self.run_dir / "progress.json"
-        return json.loads(path.read_text()) if path.exists() else {"done": []}
-
     def _mark_done(self, phase: str) -> None:
         if self.main:
-            progress = self._progress()
+            progress = read_progress(self.run_dir)
             progress["done"].append(phase)
-            atomic_write_json(self.run_dir / "progress.json", progress)
+            atomic_write_json(self.run_dir / PROGRESS_NAME, progress)
         barrier()
 
     def _open_split(self, split: str, samples: slice | None = None) -> PackedTokens:
@@ -196,8 +200,10 @@ class Trainer:
     # ----------------------------------------------------------------------------- phases
     def run(self) -> None:
         start = time.perf_counter()
-        done = set(self._progress()["done"])
+        done = set(read_progress(self.run_dir)["done"])
         resume_tag = self.checkpoints.resolve(self.config.resume)
+        if resume_tag is not None:  # the plan runs in order: a checkpoint's earlier phases finished
+            done.update(p.name for p in self.plan[: resume_tag.phase_index])
         self._log_console(
             f"{self.config.method}: phases {', '.join(p.name for p in self.plan)}; "
             f"{self.dims.layout} on {self.device.type}"
@@ -231,6 +237,18 @@ class Trainer:
         total_steps = schedule.max_steps or max(
             1, int(schedule.epochs * loader.batches_per_epoch // accum)
         )
+        if tag is not None and tag.step > total_steps:
+            # The config section this schedule is (methods pick theirs): named in the message.
+            key = next(
+                (f.name for f in fields(config) if getattr(config, f.name) is schedule), None
+            )
+            knob = f"{key}.max_steps / {key}.epochs" if key else "the phase's max_steps / epochs"
+            raise ConfigError(
+                f"{phase.name}: the checkpoint {self.checkpoints.root / tag.name} is at step "
+                f"{tag.step} but this run gives the phase {total_steps} steps ({knob} lowered "
+                f"since): a resume cannot go back; set the budget to at least {tag.step}, or "
+                "start a new output_dir"
+            )
         engine, scheduler = build_engine(
             phase.trained,
             config,
