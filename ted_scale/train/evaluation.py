@@ -69,15 +69,15 @@ class InTrainingEval:
 
     def _evaluate(self, model: GPT, device: torch.device) -> dict[str, float]:
         results = {}
-        if len(self.heldout):  # a tiny corpus may leave the test split empty
-            # Always the same first batches: a fixed seed and one rank's view of the split.
-            loader = DistributedBatchLoader(
-                self.heldout, self.config.batch.micro_batch_size, seed=0, drop_last=False
-            )
-            heldout = heldout_perplexity(
-                model, loader, device=device, max_batches=self.config.eval.heldout_batches
-            )
-            results["eval_heldout_ppl"] = heldout["perplexity"]
+        # Always the same first batches: a fixed seed and one rank's view of the split (a run
+        # whose split is empty is refused before step 1).
+        loader = DistributedBatchLoader(
+            self.heldout, self.config.batch.micro_batch_size, seed=0, drop_last=False
+        )
+        heldout = heldout_perplexity(
+            model, loader, device=device, max_batches=self.config.eval.heldout_batches
+        )
+        results["eval_heldout_ppl"] = heldout["perplexity"]
         lambada = evaluate_lambada(
             model,
             self.tokenizer,
