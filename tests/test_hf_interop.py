@@ -113,6 +113,37 @@ def test_a_damaged_model_folder_is_named_by_file(tiny_gpt, tmp_path, damage, mes
         load_pretrained(tmp_path / "hf")
 
 
+def test_a_folder_of_another_architecture_is_refused_naming_it(tmp_path):
+    """A Llama folder was loaded into GPT-2 with every weight newly initialised, and trained on."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ModelFolderError, match=r"a 'llama' model \(LlamaForCausalLM\)"):
+        load_pretrained(tmp_path / "llama")
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected"])
+def test_a_gpt2_folder_whose_weights_do_not_all_load_is_refused_naming_the_keys(
+    tiny_gpt, tmp_path, change
+):
+    from safetensors.torch import load_file, save_file
+
+    export_hf(tiny_gpt, tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    state = load_file(weights)
+    if change == "missing":
+        del state["transformer.h.1.mlp.c_fc.weight"]
+    else:
+        state["transformer.h.1.mlp.extra"] = torch.zeros(3)
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(ModelFolderError, match=rf"{change} keys: \[.*h\.1\.mlp\."):
+        load_pretrained(tmp_path / "hf")
+
+
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_a_model_folders_damaged_tokenizer_is_named_never_replaced(tiny_gpt, tmp_path, damage):
     from ted_scale.data import DataError

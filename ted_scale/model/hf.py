@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
 from ted_scale.io import atomic_replace_dir
 from ted_scale.model.gpt import GPT, SHAPED_TENSORS, GPTConfig
@@ -52,7 +52,8 @@ class CheckpointMismatchError(ValueError):
 
 
 class ModelFolderError(ValueError):
-    """A local HF model folder lacks a file, or holds a truncated or unreadable one."""
+    """A local HF model folder lacks a file, holds a truncated or unreadable one, or holds a
+    model that is not GPT-2 or whose weights do not all load."""
 
 
 def check_model_folder(folder: Path) -> None:
@@ -242,11 +243,29 @@ def from_hf_model(
 def load_pretrained(
     name_or_path: str | os.PathLike, *, config: GPTConfig | None = None, **model_kwargs
 ) -> GPT:
-    """Load an HF GPT-2 checkpoint (a hub name such as ``gpt2``, or a local folder), fp32 on CPU."""
+    """Load an HF GPT-2 checkpoint (a hub name such as ``gpt2``, or a local folder), fp32 on CPU.
+
+    Another architecture, or a checkpoint whose weights do not all load (transformers would
+    initialise the missing ones at random and go on), is refused naming it or the keys.
+    """
+    source = str(name_or_path)
     if Path(name_or_path).is_dir():
         check_model_folder(Path(name_or_path))
-    hf_model = GPT2LMHeadModel.from_pretrained(str(name_or_path), dtype=torch.float32)
-    return from_hf_model(hf_model, config=config, source=str(name_or_path), **model_kwargs)
+    hf_config = AutoConfig.from_pretrained(source)
+    if hf_config.model_type != "gpt2":
+        architectures = ", ".join(hf_config.architectures or []) or "no architecture named"
+        raise ModelFolderError(
+            f"{source}: a {hf_config.model_type!r} model ({architectures}); ted_scale loads "
+            "GPT-2 checkpoints (model_type 'gpt2', GPT2LMHeadModel)"
+        )
+    hf_model, info = GPT2LMHeadModel.from_pretrained(
+        source, config=hf_config, dtype=torch.float32, output_loading_info=True
+    )
+    problems = {k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        found = "; ".join(f"{k.replace('_', ' ')}: {v[:5]}" for k, v in problems.items() if v)
+        raise ModelFolderError(f"{source}: its weights do not all load into GPT-2 ({found})")
+    return from_hf_model(hf_model, config=config, source=source, **model_kwargs)
 
 
 def to_hf_model(model: GPT, *, eos_token_id: int | None = None) -> GPT2LMHeadModel:
