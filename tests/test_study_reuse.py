@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,116 @@ def test_a_second_study_on_one_output_dir_is_refused_naming_the_holder(tmp_path,
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert not (root / "data").exists()  # refused before any work
+
+
+TINY_STUDY = {
+    "workers": 1,
+    "seeds": [1],
+    "teacher": {
+        "seed": 1234,
+        "teacher": {
+            "arch": {"vocab_size": 300, "n_positions": 32, "n_embd": 32, "n_layer": 4, "n_head": 2}
+        },
+        "student": {"dropout": 0.1},
+        "batch": {"global_batch_size": 8, "micro_batch_size": 8},
+        "stage2": {"max_steps": 12},
+        "log": {"interval": 2, "tensorboard": False, "progress_bar": False},
+        "checkpoint": {"interval": 4},
+        "eval": {"interval": 4, "heldout_batches": 2, "lambada_examples": 1},
+        "deepspeed": {"zero_stage": 0},
+    },
+    "student": {
+        "student": {"n_layer": 2, "dropout": 0.1},
+        "batch": {"global_batch_size": 8, "micro_batch_size": 8},
+        "stage1": {"max_steps": 4},
+        "stage2": {"max_steps": 6},
+        "log": {"interval": 2, "tensorboard": False, "progress_bar": False},
+        "checkpoint": {"interval": 3},
+        "deepspeed": {"zero_stage": 0},
+    },
+    "methods": ["ted"],
+    "eval": {
+        "wikitext_source": "bundled",
+        "wikitext_articles": 1,
+        "lambada": "never",
+        "batch_size": 8,
+    },
+}
+
+
+def _results(root: Path, approx: bool = False) -> dict[str, dict]:
+    """What the report is built from, each run's evaluation and FLOPs, without wall times and
+    with the study's directory as `ROOT`; `approx`: floats equal to rounding (FLOPs are rates
+    divided by rates)."""
+
+    def numbers(value):
+        if isinstance(value, dict):
+            return {k: numbers(v) for k, v in value.items() if not k.endswith("seconds")}
+        if approx and isinstance(value, float):
+            return pytest.approx(value, rel=1e-12)
+        return value
+
+    runs = {"teacher": root / "teacher", **{p.name: p for p in (root / "runs").iterdir()}}
+    results = {}
+    for name, run in runs.items():
+        if run.is_dir():
+            done = json.loads((run / DONE_FILE).read_text().replace(str(root), "ROOT"))
+            results[name] = numbers({k: done[k] for k in ("eval", "flops")})
+    return results
+
+
+@pytest.mark.slow
+def test_a_study_killed_in_its_teacher_then_in_a_student_reports_an_uninterrupted_studys_numbers(
+    tmp_path, subprocess_env
+):
+    import yaml
+
+    from ted_scale.eval.datafiles import asset_text
+
+    text = asset_text("wikitext-2-valid.txt.gz", 60_000)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
+    config = tmp_path / "study.yaml"
+    corpus_keys = {"path": str(corpus), "vocab_size": 300, "seq_len": 32, "test_fraction": 0.1}
+    config.write_text(yaml.safe_dump({**TINY_STUDY, "corpus": corpus_keys}))
+
+    started: list[subprocess.Popen] = []
+
+    def study(root: Path) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "ted_scale.cli.study", "--config", str(config)]
+        started.append(
+            subprocess.Popen(
+                [*cmd, f"output_dir={root}"],
+                env={**subprocess_env, "DS_ACCELERATOR": "cpu"},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,  # one process group: the study and the runs it started
+            )
+        )
+        return started[-1]
+
+    def kill_at(proc: subprocess.Popen, marker: Path) -> None:
+        deadline = time.time() + 300
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert marker.exists(), f"the study went on without writing {marker}"
+
+    try:
+        whole = study(tmp_path / "whole")
+        assert whole.wait(600) == 0, whole.stderr.read()[-4000:]
+        root = tmp_path / "killed"
+        # Kill after the teacher's checkpoint at step 8, then after the TED student's at step 3.
+        kill_at(study(root), root / "teacher" / "checkpoints" / "lm-step00000008" / "complete")
+        student = root / "runs" / "ted-s1" / "checkpoints" / "stage2-step00000003"
+        kill_at(study(root), student / "complete")
+        again = study(root)
+        assert again.wait(600) == 0, again.stderr.read()[-4000:]
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert _results(root) == _results(tmp_path / "whole", approx=True)

@@ -58,12 +58,16 @@ def agreed() -> Iterator[None]:
     raise RankRefusedError(message) from None
 
 
-def die_with_launcher() -> None:
-    """Have the kernel kill this rank when its launcher dies (kill -9 included).
+DIE_WITH_PARENT = "TED_SCALE_DIE_WITH_PARENT"
+"""Set to 1 in a command's environment by a parent (the study) that its commands die with."""
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (kill -9 included).
 
     torchrun and deepspeed start each rank in its own session, so a killed launcher would leave
-    its ranks training to the end, holding the run lock. Linux only (``prctl(PR_SET_PDEATHSIG)``);
-    elsewhere a no-op.
+    its ranks training to the end, holding the run lock; so would a killed study its runs.
+    Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere a no-op.
     """
     if not sys.platform.startswith("linux"):
         return
@@ -71,7 +75,7 @@ def die_with_launcher() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         return
-    if os.getppid() != parent:  # the launcher died before the request took effect
+    if os.getppid() != parent:  # the parent died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from ted_scale.parallel.agree import die_with_launcher
+from ted_scale.parallel.agree import die_with_parent
 
 
 class ParallelLayoutError(ValueError):
@@ -131,7 +131,7 @@ def init_parallel(tensor_parallel_size: int = 1) -> ParallelDims:
         # Must be set before deepspeed is imported: its accelerator is chosen once, at import.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "RANK" in os.environ:  # started by a launcher (torchrun, deepspeed) or a spawner
-        die_with_launcher()
+        die_with_parent()
     else:  # plain `python`: a group of one
         os.environ.update(
             RANK="0",

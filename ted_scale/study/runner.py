@@ -32,6 +32,7 @@ from ted_scale.eval.datafiles import asset
 from ted_scale.eval.plots import read_metrics
 from ted_scale.io import atomic_write_json
 from ted_scale.model import export_hf, load_pretrained, student_from_teacher
+from ted_scale.parallel.agree import DIE_WITH_PARENT
 from ted_scale.study.config import StudyConfig
 from ted_scale.study.plan import (
     DONE_FILE,
@@ -68,7 +69,10 @@ def log(message: str) -> None:
 
 def run_logged(cmd: Sequence[str | os.PathLike], log_path: Path, threads: int) -> None:
     """Run `cmd`, appending its output to `log_path`; StudyError naming the log if it fails."""
+    # DIE_WITH_PARENT: a study killed with -9 takes its commands with it (they would go on
+    # training, holding their run's lock against the study's re-run).
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+    env[DIE_WITH_PARENT] = "1"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a") as f:
         f.write(f"$ {' '.join(str(c) for c in cmd)}\n")
