@@ -52,13 +52,16 @@ def _run(env: dict[str, str], cmd: list[str]) -> subprocess.CompletedProcess:
     )
 
 
+def _finished(env: dict[str, str], data: Path, out: Path, *overrides: str) -> Path:
+    proc = _run(env, _command(_torchrun(), data, out, *overrides))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
 @pytest.fixture(scope="module")
 def two_rank_run(tiny_data, tmp_path_factory, subprocess_env) -> Path:
     """A finished 2-step KD run on 2 data-parallel ranks (ZeRO-1), checkpoints at steps 1 and 2."""
-    out = tmp_path_factory.mktemp("two_ranks") / "run"
-    proc = _run(subprocess_env, _command(_torchrun(), tiny_data, out))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
+    return _finished(subprocess_env, tiny_data, tmp_path_factory.mktemp("dp2") / "run")
 
 
 def _copy_to_resume(run: Path, tmp_path: Path) -> Path:
@@ -108,14 +111,19 @@ def test_a_run_lock_held_by_another_run_stops_both_ranks_naming_the_holder(
     _assert_every_rank_says(proc, f"{run} is in use by another run (pid {holder.pid} on")
 
 
+@pytest.mark.parametrize("tp", [1, 2], ids=["data-parallel", "tensor-parallel"])
 def test_a_bad_rng_file_of_rank_1_stops_both_ranks_naming_it(
-    two_rank_run, tiny_data, tmp_path, subprocess_env
+    tp, two_rank_run, tiny_data, tmp_path, subprocess_env
 ):
-    run = _copy_to_resume(two_rank_run, tmp_path)
+    layout = f"parallel.tensor_parallel_size={tp}"
+    finished = (
+        two_rank_run if tp == 1 else _finished(subprocess_env, tiny_data, tmp_path / "tp2", layout)
+    )
+    run = _copy_to_resume(finished, tmp_path)
     tag = run / "checkpoints" / TAG
     (tag / "rng_rank1.safetensors").write_bytes(b"not safetensors")
     (tag / "complete").write_text(complete_record(TAG, tag))  # intact, only a bad file
-    proc = _run(subprocess_env, _command(_torchrun(), tiny_data, run))
+    proc = _run(subprocess_env, _command(_torchrun(), tiny_data, run, layout))
     _assert_every_rank_says(proc, f"{tag / 'rng_rank1.safetensors'}: not a ted_scale RNG state")
 
 
@@ -158,11 +166,14 @@ def _children(pid: int) -> list[int]:
 
 
 def _alive(pid: int) -> bool:
+    """Not yet a zombie whose threads have all exited (a multi-threaded rank's main thread shows
+    as a zombie while its other threads, holding its files, still exit)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        threads = len(os.listdir(f"/proc/{pid}/task"))
     except FileNotFoundError:
         return False
-    return state != "Z"
+    return state != "Z" or threads > 1
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")

@@ -72,7 +72,9 @@ def run(config_path: str, overrides: list[str], plugins: list[str] = ()) -> int:
     except (*USER_ERRORS, NonFiniteLossError, OSError) as e:
         # An OS error (full or read-only disk, a file in the way) with its path and errno's meaning.
         line = f"pretrain_ted: error: {error_message(e)}"
-        print(line, file=sys.stderr)
+        # One write: every rank prints its line into the same pipe, and print() writes the text
+        # and the newline apart, so two ranks' lines could merge.
+        sys.stderr.write(line + "\n")
         tell_launcher(line)
         return 2
     return 0
