@@ -73,11 +73,8 @@ def claim(directory: Path, fingerprint: Fingerprint, log: Callable[[str], None])
             keys = sorted(
                 k for k in old.keys() | fingerprint.keys() if old.get(k) != fingerprint.get(k)
             )
-            why = (
-                "changed: "
-                + ", ".join(keys[:8])
-                + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
-            )
+            more = f" and {len(keys) - 8} more" if len(keys) > 8 else ""
+            why = f"changed: {', '.join(keys[:8])}{more}"
         else:
             why = "no fingerprint record: made by an older study or a changed one"
         log(f"{directory}: not reused ({why}); redoing it")
