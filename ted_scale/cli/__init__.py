@@ -6,7 +6,7 @@ scripts are the same commands. Nothing in the package imports from here.
 
 import os
 
-from ted_scale.parallel.agree import DIE_WITH_PARENT, die_with_parent
+from ted_scale.process import DIE_WITH_PARENT, die_with_parent
 
 if os.environ.get(DIE_WITH_PARENT) == "1":  # a command of a study: killed with the study
     die_with_parent()

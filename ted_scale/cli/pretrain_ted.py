@@ -20,8 +20,9 @@ from ted_scale.distill.filter_io import FilterMismatchError
 from ted_scale.eval import EvalError
 from ted_scale.model import ModelMismatchError
 from ted_scale.model.hf import CheckpointMismatchError, ModelFolderError
-from ted_scale.parallel.agree import RankRefusedError, error_message, tell_launcher
+from ted_scale.parallel.agree import RankRefusedError, error_message
 from ted_scale.parallel.dims import ParallelLayoutError
+from ted_scale.process import tell_launcher
 from ted_scale.train.run_lock import RunLockedError
 from ted_scale.train.safe_checkpoint import UnsafeCheckpointError
 

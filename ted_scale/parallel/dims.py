@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from ted_scale.parallel.agree import die_with_parent
+from ted_scale.process import die_with_parent
 
 
 class ParallelLayoutError(ValueError):

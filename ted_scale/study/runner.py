@@ -32,7 +32,7 @@ from ted_scale.eval.datafiles import asset
 from ted_scale.eval.plots import read_metrics
 from ted_scale.io import atomic_write_json
 from ted_scale.model import export_hf, load_pretrained, student_from_teacher
-from ted_scale.parallel.agree import DIE_WITH_PARENT
+from ted_scale.process import DIE_WITH_PARENT
 from ted_scale.study.config import StudyConfig
 from ted_scale.study.plan import (
     DONE_FILE,
