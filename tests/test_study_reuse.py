@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -225,3 +226,36 @@ def test_a_study_killed_in_its_teacher_then_in_a_student_reports_an_uninterrupte
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     assert _results(root) == _results(tmp_path / "whole", approx=True)
+
+
+def test_a_killed_study_takes_its_commands_with_it(tmp_path, subprocess_env):
+    """A command left running would hold its run's lock against the study's re-run."""
+    log = tmp_path / "command.log"
+    command = "import ted_scale.cli, time; print('ready', flush=True); time.sleep(120)"
+    study = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from ted_scale.study.runner import run_logged; "
+            f"run_logged([sys.executable, '-c', {command!r}], Path(sys.argv[1]), 1)",
+            str(log),
+        ],
+        env=subprocess_env,
+        start_new_session=True,  # one process group, to clean up after a failure
+    )
+    try:
+        deadline = time.time() + 60
+        while not (log.exists() and "ready" in log.read_text()) and time.time() < deadline:
+            time.sleep(0.05)
+        (child,) = map(
+            int, Path(f"/proc/{study.pid}/task/{study.pid}/children").read_text().split()
+        )
+        study.send_signal(signal.SIGKILL)
+        study.wait()
+        deadline = time.time() + 10
+        while Path(f"/proc/{child}").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{child}").exists(), "the command outlived the study"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(study.pid, signal.SIGKILL)
