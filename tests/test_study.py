@@ -152,6 +152,7 @@ def test_bad_study_keys_are_refused_by_the_trainers_loader(tmp_path):
 def test_finished_runs_are_skipped(tmp_path):
     study = _study(tmp_path, methods=("ted",), seeds=(1, 2))
     paths = StudyPaths(tmp_path / "study")
+    plan_jobs(study, paths)  # records each run's fingerprint before it starts
     done = paths.run_dir("ted", 2)
     done.mkdir(parents=True)
     atomic_write_json(done / DONE_FILE, {"eval": {}})

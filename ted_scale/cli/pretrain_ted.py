@@ -17,23 +17,28 @@ from pathlib import Path
 from ted_scale.config import ConfigError, load_run_config
 from ted_scale.data import DataError
 from ted_scale.distill.filter_io import FilterMismatchError
-from ted_scale.io import os_error_message
+from ted_scale.eval import EvalError
 from ted_scale.model import ModelMismatchError
 from ted_scale.model.hf import CheckpointMismatchError, ModelFolderError
+from ted_scale.parallel.agree import RankRefusedError, error_message
 from ted_scale.parallel.dims import ParallelLayoutError
+from ted_scale.process import tell_launcher
 from ted_scale.train.run_dir import RunFileError
 from ted_scale.train.run_lock import RunLockedError
 from ted_scale.train.safe_checkpoint import UnsafeCheckpointError
 
-# Errors whose message tells the user what to fix: printed without a traceback.
+# Errors whose message tells the user what to fix: printed without a traceback, on every rank
+# (RankRefusedError: one that another rank found, agreed across ranks).
 USER_ERRORS = (
     ConfigError,
     DataError,
+    EvalError,
     FilterMismatchError,
     CheckpointMismatchError,
     ModelFolderError,
     ModelMismatchError,
     ParallelLayoutError,
+    RankRefusedError,
     RunFileError,
     RunLockedError,
     UnsafeCheckpointError,
@@ -67,11 +72,13 @@ def run(config_path: str, overrides: list[str], plugins: list[str] = ()) -> int:
             load_plugin(plugin)
         config = load_run_config(config_path, overrides)
         train(config)
-    except (*USER_ERRORS, NonFiniteLossError) as e:
-        print(f"pretrain_ted: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # full or read-only disk, a file in the way: path and errno's meaning
-        print(f"pretrain_ted: error: {os_error_message(e)}", file=sys.stderr)
+    except (*USER_ERRORS, NonFiniteLossError, OSError) as e:
+        # An OS error (full or read-only disk, a file in the way) with its path and errno's meaning.
+        line = f"pretrain_ted: error: {error_message(e)}"
+        # One write: every rank prints its line into the same pipe, and print() writes the text
+        # and the newline apart, so two ranks' lines could merge.
+        sys.stderr.write(line + "\n")
+        tell_launcher(line)
         return 2
     return 0
 

@@ -4,7 +4,16 @@ Every component that talks to other ranks asks ``ParallelDims`` which group to u
 in the project reads the global rank as a data-parallel rank (docs/design.md, "Parallelism").
 """
 
+from ted_scale.parallel.agree import RankRefusedError, agreed
 from ted_scale.parallel.dims import ParallelDims, barrier, init_parallel
 from ted_scale.parallel.tensor import gathered_state, parallelize_gpt
 
-__all__ = ["ParallelDims", "barrier", "gathered_state", "init_parallel", "parallelize_gpt"]
+__all__ = [
+    "ParallelDims",
+    "RankRefusedError",
+    "agreed",
+    "barrier",
+    "gathered_state",
+    "init_parallel",
+    "parallelize_gpt",
+]

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from ted_scale.process import die_with_parent
+
 
 class ParallelLayoutError(ValueError):
     """The world size and the requested parallel sizes do not fit together."""
@@ -128,7 +130,9 @@ def init_parallel(tensor_parallel_size: int = 1) -> ParallelDims:
     if not cuda:
         # Must be set before deepspeed is imported: its accelerator is chosen once, at import.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "RANK" not in os.environ:  # plain `python`: a group of one
+    if "RANK" in os.environ:  # started by a launcher (torchrun, deepspeed) or a spawner
+        die_with_parent()
+    else:  # plain `python`: a group of one
         os.environ.update(
             RANK="0",
             LOCAL_RANK="0",

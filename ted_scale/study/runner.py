@@ -2,8 +2,10 @@
 every (row, seed) student, `workers` at a time, each as subprocesses of the public entries
 (`ted_scale.cli.prepare_data`, `.pretrain_ted`, `.evaluate`, each run as `python -m`).
 
-Resumable: a run whose `study.json` exists is skipped; an interrupted run resumes from its own
-checkpoints (`resume: auto`), and an interrupted corpus preparation resumes too.
+Resumable: a run whose `study.json` exists and whose fingerprint (`ted_scale/study/reuse.py`:
+resolved configuration, inputs, evaluation settings) is unchanged is skipped; a changed one is
+redone. An interrupted run resumes from its own checkpoints (`resume: auto`), and an interrupted
+corpus preparation resumes too. A study holds a lock on its `output_dir` while it runs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ted_scale.config import load_run_config
+from ted_scale.data.sources import SourceSpec, input_fingerprint
 from ted_scale.data.tokenizer import load_tokenizer
 from ted_scale.distill.layer_map import resolve_layer_map
 from ted_scale.distill.methods import PhaseKind, get_method
@@ -29,6 +32,7 @@ from ted_scale.eval.datafiles import asset
 from ted_scale.eval.plots import read_metrics
 from ted_scale.io import atomic_write_json
 from ted_scale.model import export_hf, load_pretrained, student_from_teacher
+from ted_scale.process import DIE_WITH_PARENT
 from ted_scale.study.config import StudyConfig
 from ted_scale.study.plan import (
     DONE_FILE,
@@ -41,6 +45,8 @@ from ted_scale.study.plan import (
     teacher_config,
     write_run_config,
 )
+from ted_scale.study.reuse import Fingerprint, claim, data_digest, digest, flatten, run_fingerprint
+from ted_scale.train.run_lock import RunLock, RunLockedError
 
 
 class StudyError(RuntimeError):
@@ -63,7 +69,10 @@ def log(message: str) -> None:
 
 def run_logged(cmd: Sequence[str | os.PathLike], log_path: Path, threads: int) -> None:
     """Run `cmd`, appending its output to `log_path`; StudyError naming the log if it fails."""
+    # DIE_WITH_PARENT: a study killed with -9 takes its commands with it (they would go on
+    # training, holding their run's lock against the study's re-run).
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+    env[DIE_WITH_PARENT] = "1"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a") as f:
         f.write(f"$ {' '.join(str(c) for c in cmd)}\n")
@@ -91,11 +100,16 @@ def corpus_file(study: StudyConfig, paths: StudyPaths) -> Path:
 
 
 def prepare_corpus(study: StudyConfig, paths: StudyPaths, threads: int) -> None:
-    if (paths.data / "manifest.json").is_file():
+    """Prepare the corpus into `paths.data`, unless it holds this corpus with these settings."""
+    source = corpus_file(study, paths)
+    fingerprint = flatten(study.corpus, "corpus.") | flatten(
+        input_fingerprint(SourceSpec(str(source))), "input."
+    )
+    if claim(paths.data, fingerprint, log) and (paths.data / "manifest.json").is_file():
         return
     c = study.corpus
     log(f"preparing {c.path}: BPE of {c.vocab_size} tokens, {c.seq_len}-token samples")
-    cmd = [sys.executable, "-m", "ted_scale.cli.prepare_data", "--input", corpus_file(study, paths)]
+    cmd = [sys.executable, "-m", "ted_scale.cli.prepare_data", "--input", source]
     cmd += ["--out", paths.data, "--train-tokenizer", c.vocab_size, "--seq-len", c.seq_len]
     cmd += ["--test-fraction", c.test_fraction, "--quiet"]
     run_logged(cmd, paths.root / "logs" / "prepare.log", threads)
@@ -197,19 +211,25 @@ def train_and_evaluate(
     return done
 
 
-def export_student_init(study: StudyConfig, paths: StudyPaths) -> None:
-    """The teacher's blocks at the layer map as an HF folder: the CE-only baseline's start."""
-    if (paths.student_init / "config.json").is_file():
-        return
+def export_student_init(study: StudyConfig, paths: StudyPaths, teacher: str) -> str:
+    """The teacher's blocks at the layer map as an HF folder: the CE-only baseline's start.
+    `teacher`: the teacher's fingerprint digest; returns this folder's."""
+    student = study.student.get("student", {})
+    fingerprint = {"teacher": teacher, **flatten(student, "student.")}
+    if (
+        claim(paths.student_init, fingerprint, log)
+        and (paths.student_init / "config.json").is_file()
+    ):
+        return digest(fingerprint)
     teacher_dir = paths.teacher / "student_hf"
     teacher = load_pretrained(str(teacher_dir))
-    student = study.student.get("student", {})
     layer_map = resolve_layer_map(
         student.get("layer_map"), len(teacher.blocks), int(student.get("n_layer", 6))
     )
     export_hf(
         student_from_teacher(teacher, layer_map), paths.student_init, load_tokenizer(teacher_dir)
     )
+    return digest(fingerprint)
 
 
 def lambada_decision(study: StudyConfig, teacher_eval: dict[str, Any]) -> tuple[bool, str]:
@@ -230,8 +250,14 @@ def lambada_decision(study: StudyConfig, teacher_eval: dict[str, Any]) -> tuple[
     return True, f"LAMBADA kept: the teacher's accuracy is {100 * acc:.2f} %."
 
 
-def plan_jobs(study: StudyConfig, paths: StudyPaths) -> tuple[list[Job], dict[str, str]]:
-    """Every (row, seed) run still to do, and the rows the installed trainer cannot run."""
+def plan_jobs(
+    study: StudyConfig, paths: StudyPaths, inputs: Fingerprint | None = None
+) -> tuple[list[Job], dict[str, str]]:
+    """Every (row, seed) run still to do, and the rows the installed trainer cannot run.
+
+    `inputs`: what the run configs name only by path (data, teacher, baseline start) and the
+    evaluation settings; a finished run is reused only if they and its config are unchanged.
+    """
     jobs: list[Job] = []
     missing: dict[str, str] = {}
     for row in rows(study):
@@ -242,6 +268,7 @@ def plan_jobs(study: StudyConfig, paths: StudyPaths) -> tuple[list[Job], dict[st
             if reason is not None:
                 missing[row.name] = reason
                 break
+            claim(run_dir, run_fingerprint(config_path, inputs or {}), log)
             if not is_done(run_dir):
                 jobs.append(Job(row, seed, run_dir, config_path))
     return jobs, missing
@@ -267,6 +294,17 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
     """Run (or finish) the study; returns {"missing": rows not implemented, "failures": ...}."""
     paths = StudyPaths(Path(study.output_dir))
     paths.root.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = RunLock(paths.root).acquire()
+    except RunLockedError as e:
+        raise StudyError(f"another study holds {paths.root}: {e}") from None
+    try:
+        return _run_study(study, paths)
+    finally:
+        lock.release()
+
+
+def _run_study(study: StudyConfig, paths: StudyPaths) -> dict[str, Any]:
     cores = os.cpu_count() or 1
     threads = max(1, cores // study.workers)
     prepare_corpus(study, paths, cores)
@@ -274,6 +312,10 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
     raw_teacher = teacher_config(study, paths)
     teacher_yaml = paths.root / "configs" / "teacher.yaml"
     write_run_config(raw_teacher, teacher_yaml)
+    evaluation = flatten(study.eval)
+    data = data_digest(paths.data)
+    teacher = run_fingerprint(teacher_yaml, {"data": data, "eval": evaluation})
+    claim(paths.teacher, teacher, log)
     if not is_done(paths.teacher):
         log("pre-training the teacher")
         train_and_evaluate(
@@ -288,9 +330,16 @@ def run_study(study: StudyConfig) -> dict[str, Any]:
         )
     teacher_done = read_done(paths.teacher)
     lambada, lambada_note = lambada_decision(study, teacher_done["eval"])
-    export_student_init(study, paths)
+    student_init = export_student_init(study, paths, digest(teacher))
 
-    jobs, missing = plan_jobs(study, paths)
+    inputs = {
+        "data": data,
+        "teacher": digest(teacher),
+        "student_init": student_init,
+        "eval": evaluation,
+        "lambada": lambada,
+    }
+    jobs, missing = plan_jobs(study, paths, inputs)
     for name, reason in missing.items():
         log(f"row {name!r}: not yet implemented by the installed trainer ({reason})")
     raws = {job.run_dir: student_config(study, paths, job.row, job.seed) for job in jobs}

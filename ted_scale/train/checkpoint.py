@@ -11,7 +11,10 @@ the newest complete tag, so the previous checkpoint stays loadable. ``complete``
 sha256 of every file of the tag; a resume checks them and falls back, saying so, past a
 corrupted or truncated checkpoint. Nothing a resume reads can run code (safe_checkpoint.py).
 Tags are ordered by the run's phase plan (which the method decides), then by step. A checkpoint
-resumes only at the tensor-parallel size it was saved with (``layout.json``).
+resumes only at the tensor-parallel size it was saved with (``layout.json``) and, when ZeRO
+partitions the optimizer states, at its data-parallel size (one optimizer file per rank).
+Everything a rank reads before DeepSpeed's collectives is checked under ``agreed()``, so a
+refusal found by one rank stops every rank with its message.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from typing import Any
 
 from ted_scale.config import ConfigError
 from ted_scale.io import atomic_write_json, atomic_write_text, os_error_message
-from ted_scale.parallel import barrier
+from ted_scale.parallel import agreed, barrier
 from ted_scale.train.safe_checkpoint import (
     UnsafeCheckpointError,
+    check_loadable,
     complete_record,
-    load_rng_state,
     make_loads_safe,
+    read_rng_state,
     rng_file,
     save_rng_state,
     verify_checkpoint,
@@ -39,6 +43,8 @@ from ted_scale.train.safe_checkpoint import (
 
 LAYOUT_FILE = "layout.json"
 _TAG = re.compile(r"^(?P<phase>[a-z0-9_]+)-step(?P<step>\d{8})$")
+# One file per data-parallel rank when ZeRO partitions the optimizer states (stages 1-3).
+_OPTIM_FILE = re.compile(r"^zero_pp_rank_(?P<dp>\d+)_mp_rank_00_optim_states\.pt$")
 
 
 @dataclass(frozen=True, order=True)
@@ -57,7 +63,8 @@ class CheckpointTag:
 class CheckpointManager:
     """The checkpoints of one run and their cadence: every ``interval`` steps (0: never in the
     middle of a phase) and at each phase's last step. ``phases``: the run's phase names in order;
-    ``tensor_parallel_size``: the run's, recorded in each checkpoint and checked on resume."""
+    ``tensor_parallel_size``: the run's, recorded in each checkpoint and checked on resume, as is
+    ``data_parallel_size`` when the optimizer states are partitioned."""
 
     def __init__(
         self,
@@ -68,10 +75,12 @@ class CheckpointManager:
         keep: int,
         interval: int,
         tensor_parallel_size: int = 1,
+        data_parallel_size: int = 1,
         log: Callable[[str], None] = print,
     ) -> None:
         self.root = root
         self.tensor_parallel_size = tensor_parallel_size
+        self.data_parallel_size = data_parallel_size
         self.phases = list(phases)
         self.rank = rank
         self.keep = keep
@@ -106,8 +115,12 @@ class CheckpointManager:
         """What ``resume`` (``auto``, ``never`` or a tag directory) points at, checksums checked.
 
         ``auto`` takes the newest intact checkpoint, naming each damaged one it passes over; an
-        explicit tag directory must be intact.
+        explicit tag directory must be intact. Every rank resolves; they agree on the outcome.
         """
+        with agreed():
+            return self._resolve(resume)
+
+    def _resolve(self, resume: str) -> CheckpointTag | None:
         if resume == "never":
             return None
         if resume == "auto":
@@ -183,31 +196,53 @@ class CheckpointManager:
         )
 
     def load(self, engine, tag: CheckpointTag) -> dict[str, Any]:
-        """Restore engine, optimizer, scheduler and this rank's RNG; return the client state."""
-        self._check_layout(self.root / tag.name)
+        """Restore engine, optimizer, scheduler and this rank's RNG; return the client state.
+
+        What each rank reads (the layout, every DeepSpeed file's pickled structure, its RNG file)
+        is checked, and agreed on, before ``load_checkpoint``, whose collectives a refusing rank
+        would leave the others waiting in."""
+        path = self.root / tag.name
+        restore_rng = None
+        with agreed():
+            self._check_layout(path)
+            check_loadable(path)
+            rng = rng_file(path, self.rank)
+            if rng.exists():  # absent when resuming with more ranks than were saved
+                restore_rng = read_rng_state(rng)
         make_loads_safe(engine)
-        path, client_state = engine.load_checkpoint(
+        loaded, client_state = engine.load_checkpoint(
             str(self.root), tag=tag.name, load_optimizer_states=True, load_lr_scheduler_states=True
         )
-        if path is None:
-            raise FileNotFoundError(f"DeepSpeed could not load checkpoint {self.root / tag.name}")
-        rng = rng_file(self.root / tag.name, self.rank)
-        if rng.exists():  # absent when resuming with more ranks than were saved
-            load_rng_state(rng)
+        if loaded is None:
+            raise FileNotFoundError(f"DeepSpeed could not load checkpoint {path}")
+        if restore_rng is not None:
+            restore_rng()
         return client_state
 
     def _check_layout(self, path: Path) -> None:
-        """Refuse a checkpoint saved at another tensor-parallel size: its model files hold other
-        shards. (Checkpoints from before tensor parallelism have no layout file: tp 1.)"""
+        """Refuse a checkpoint saved at another tensor-parallel size (its model files hold other
+        shards; checkpoints from before tensor parallelism have no layout file: tp 1), or, when
+        ZeRO partitioned its optimizer states, at another data-parallel size: DeepSpeed cannot
+        repartition them (its universal checkpoints need an offline conversion)."""
         record = path / LAYOUT_FILE
         saved = _read_layout(record) if record.exists() else 1
         if saved != self.tensor_parallel_size:
             raise ConfigError(
                 f"{path} was saved at parallel.tensor_parallel_size={saved} and this run has "
                 f"{self.tensor_parallel_size}: its weights and optimizer states are sharded for "
-                f"{saved} ranks. Resume with parallel.tensor_parallel_size={saved} (any "
-                "data-parallel size), or start a new output_dir from the exported model "
+                f"{saved} ranks. Resume with parallel.tensor_parallel_size={saved}, or start a new output_dir from the exported model "
                 "(student.init: pretrained, student.pretrained: <run>/student_hf)"
+            )
+        partitions = {int(m["dp"]) for p in path.iterdir() if (m := _OPTIM_FILE.match(p.name))}
+        if partitions and len(partitions) != self.data_parallel_size:
+            saved_dp, tp = len(partitions), self.tensor_parallel_size
+            raise ConfigError(
+                f"{path} was saved by {saved_dp} data-parallel ranks and this run has "
+                f"{self.data_parallel_size}: ZeRO partitioned its optimizer states over "
+                f"{saved_dp} ranks and DeepSpeed cannot repartition them. Resume on a world of "
+                f"{saved_dp * tp} ranks ({saved_dp} data-parallel x {tp} tensor-parallel), or "
+                "start a new output_dir from the exported model (student.init: pretrained, "
+                "student.pretrained: <run>/student_hf)"
             )
 
 

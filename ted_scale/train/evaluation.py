@@ -17,7 +17,7 @@ from ted_scale.eval.heldout import heldout_perplexity
 from ted_scale.eval.lambada import evaluate_lambada, load_lambada
 from ted_scale.eval.scoring import eval_mode
 from ted_scale.model import GPT
-from ted_scale.parallel import barrier, gathered_state
+from ted_scale.parallel import agreed, barrier, gathered_state
 from ted_scale.parallel.tensor import tensor_parallel_group
 
 
@@ -60,11 +60,11 @@ class InTrainingEval:
                 return results if self.is_main else {}
             state = gathered_state(model)  # a collective under ZeRO-3: every rank takes part
             results: dict[str, float] = {}
-            if self.is_main:
-                copy = GPT(model.config, attention=model.blocks[0].attn.implementation)
-                copy.load_state_dict(state)
-                results = self._evaluate(copy.to(device).eval(), device)
-            barrier()
+            with agreed():  # an evaluation error on rank 0 stops the waiting ranks too
+                if self.is_main:
+                    copy = GPT(model.config, attention=model.blocks[0].attn.implementation)
+                    copy.load_state_dict(state)
+                    results = self._evaluate(copy.to(device).eval(), device)
             return results
 
     def _evaluate(self, model: GPT, device: torch.device) -> dict[str, float]:

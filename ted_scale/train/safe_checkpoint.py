@@ -15,6 +15,7 @@ import json
 import pickle
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,30 +55,36 @@ def save_rng_state(path: Path) -> None:
     save_file(tensors, str(path), metadata={"rng": json.dumps(meta)})
 
 
-def load_rng_state(path: Path) -> None:
-    """Restore what :func:`save_rng_state` wrote; an unreadable file is named."""
+def read_rng_state(path: Path) -> Callable[[], None]:
+    """Read what :func:`save_rng_state` wrote (an unreadable file is named) and return the
+    function that restores it: ranks read first, agree that every file is good, then restore."""
     from safetensors import safe_open
 
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {})["rng"])
-    except (SafetensorError, KeyError, ValueError, OSError) as e:
-        raise UnsafeCheckpointError(f"{path}: not a ted_scale RNG state ({e})") from None
-    mt = tuple(int(x) for x in tensors["python"].tolist())
-    random.setstate((meta["python_version"], mt, meta["python_gauss"]))
-    np.random.set_state(
-        (
+        mt = tuple(int(x) for x in tensors["python"].tolist())
+        python = (meta["python_version"], mt, meta["python_gauss"])
+        numpy = (
             meta["numpy_name"],
             tensors["numpy"].numpy().astype(np.uint32),
             meta["numpy_pos"],
             meta["numpy_has_gauss"],
             meta["numpy_cached"],
         )
-    )
-    torch.set_rng_state(tensors["torch"])
-    if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["cuda"])
+        cpu = tensors["torch"]
+    except (SafetensorError, KeyError, ValueError, TypeError, OSError) as e:
+        raise UnsafeCheckpointError(f"{path}: not a ted_scale RNG state ({e})") from None
+
+    def restore() -> None:
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(cpu)
+        if "cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["cuda"])
+
+    return restore
 
 
 # ----------------------------------------------------------------------------- DeepSpeed's pickles
@@ -90,11 +97,12 @@ def _allowed_globals() -> list[Any]:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def safe_torch_load(path: str | Path, map_location: Any = None) -> Any:
-    """``torch.load`` that can only build tensors, plain containers and the allow-listed types."""
+def safe_torch_load(path: str | Path, map_location: Any = None, *, mmap: bool = False) -> Any:
+    """``torch.load`` that can only build tensors, plain containers and the allow-listed types
+    (``mmap``: tensors stay on disk, for a check that reads only the pickled structure)."""
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = re.search(r"(?:Unsupported global: GLOBAL|Unsupported operand) ?([\w.]*)", str(e))
         what = f" ({found.group(0).strip()})" if found else ""
@@ -117,6 +125,14 @@ class SafeLoadingCheckpointEngine:
 
     def load(self, path: str, map_location: Any = None) -> Any:
         return safe_torch_load(path, map_location=map_location)
+
+
+def check_loadable(tag_dir: Path) -> None:
+    """Every DeepSpeed file of ``tag_dir`` through the safe loader, tensors left on disk: a rank
+    that would refuse a file inside ``load_checkpoint`` (its own optimizer partition) is found
+    before DeepSpeed's collectives, where the other ranks would wait for it."""
+    for path in sorted(tag_dir.glob("*.pt")):
+        safe_torch_load(path, map_location="cpu", mmap=True)
 
 
 def make_loads_safe(engine: Any) -> None:

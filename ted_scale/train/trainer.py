@@ -25,7 +25,7 @@ from ted_scale.data.tokenizer import tokenizer_fingerprint
 from ted_scale.distill.methods import MethodContext, Phase, PlannedPhase, get_method
 from ted_scale.flops import device_peak_tflops
 from ted_scale.io import atomic_write_json
-from ted_scale.parallel import barrier, init_parallel, parallelize_gpt
+from ted_scale.parallel import agreed, barrier, init_parallel, parallelize_gpt
 from ted_scale.parallel.memory import check_run_fits
 from ted_scale.precision import autocast, compute_dtype, storage_dtype
 from ted_scale.train.checkpoint import CheckpointManager, CheckpointTag
@@ -114,6 +114,7 @@ class Trainer:
             keep=config.checkpoint.keep,
             interval=config.checkpoint.interval,
             tensor_parallel_size=self.dims.tp_size,
+            data_parallel_size=self.dims.dp_size,
             log=self._log_console,
         )
         self.metrics = MetricsWriter(
@@ -143,10 +144,11 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- set-up
     def _prepare_run_dir(self) -> None:
-        """Lock the run directory (one run per directory) and record this invocation's config."""
-        if self.main:
-            self.lock = claim_run_dir(self.config, self.run_dir, self._log_console)
-        barrier()
+        """Lock the run directory (one run per directory) and record this invocation's config, on
+        the main rank; a refusal there (a held lock, a used directory) stops every rank."""
+        with agreed():
+            if self.main:
+                self.lock = claim_run_dir(self.config, self.run_dir, self._log_console)
 
     def _mark_done(self, phase: str) -> None:
         if self.main:
