@@ -210,3 +210,19 @@ def os_error_message(e: OSError) -> str:
         where = f"{where} -> {e.filename2}"
     meaning = e.strerror or str(e)
     return f"{where}: {meaning}" + (f" ({detail})" if detail else "")
+
+
+class DamagedFileError(ValueError):
+    """A file the project wrote is truncated or is not what its name says."""
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a truncated file, or another format under the
+    name (a pickle renamed ``.safetensors``), is refused naming it. Never unpickles."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
+    except (SafetensorError, ValueError) as e:
+        raise DamagedFileError(f"{path}: truncated or not a safetensors file ({e})") from None

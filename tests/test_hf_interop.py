@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
 from ted_scale.data.tokenizer import train_bpe_tokenizer
+from ted_scale.io import DamagedFileError, read_safetensors
 from ted_scale.model import GPT, GPTConfig, export_hf, from_hf_model, load_pretrained, to_hf_model
 from ted_scale.model.hf import CheckpointMismatchError, ModelFolderError, config_to_hf
 
@@ -160,11 +161,29 @@ def test_a_model_folders_damaged_tokenizer_is_named_never_replaced(tiny_gpt, tmp
 def test_a_truncated_filters_file_is_named(tmp_path):
     from safetensors.torch import save_file
 
-    from ted_scale.distill.filter_io import FilterMismatchError, load_filters_into
+    from ted_scale.distill.filter_io import load_filters_into
     from ted_scale.distill.filters import FilterBank
 
     bank = FilterBank([torch.nn.Linear(8, 8)], [0])
     save_file(bank.state_dict(), tmp_path / "teacher.safetensors")
     _truncate(tmp_path / "teacher.safetensors")
-    with pytest.raises(FilterMismatchError, match=r"teacher.safetensors: truncated"):
+    with pytest.raises(DamagedFileError, match=r"teacher.safetensors: truncated"):
         load_filters_into(bank, tmp_path, "teacher")
+
+
+def test_a_pickle_renamed_safetensors_is_refused_by_name_never_unpickled(tmp_path):
+    """What CR-ILD (ild_student.safetensors) and MiniDisc (importance.safetensors) read back."""
+    path = tmp_path / "ild_student.safetensors"
+    torch.save({"w": torch.zeros(2)}, path)  # a pickle under a safetensors name
+    with pytest.raises(DamagedFileError, match=r"ild_student.safetensors: truncated or not a"):
+        read_safetensors(path)
+
+
+def test_a_weight_index_pointing_at_a_pickle_is_refused_naming_the_shard(tiny_gpt, tmp_path):
+    export_hf(tiny_gpt, tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    torch.save(tiny_gpt.state_dict(), tmp_path / "hf" / "pytorch_model-00001.bin")
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "pytorch_model-00001.bin"}}
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelFolderError, match=r"pytorch_model-00001.bin: truncated or not a"):
+        load_pretrained(tmp_path / "hf")

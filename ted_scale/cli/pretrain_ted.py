@@ -18,6 +18,7 @@ from ted_scale.config import ConfigError, load_run_config
 from ted_scale.data import DataError
 from ted_scale.distill.filter_io import FilterMismatchError
 from ted_scale.eval import EvalError
+from ted_scale.io import DamagedFileError
 from ted_scale.model import ModelMismatchError
 from ted_scale.model.hf import CheckpointMismatchError, ModelFolderError
 from ted_scale.parallel.agree import RankRefusedError, error_message
@@ -31,6 +32,7 @@ from ted_scale.train.safe_checkpoint import UnsafeCheckpointError
 # (RankRefusedError: one that another rank found, agreed across ranks).
 USER_ERRORS = (
     ConfigError,
+    DamagedFileError,
     DataError,
     EvalError,
     FilterMismatchError,

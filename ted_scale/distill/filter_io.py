@@ -8,12 +8,11 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ted_scale.distill.filters import FilterBank
-from ted_scale.io import atomic_replace_dir
+from ted_scale.io import atomic_replace_dir, read_safetensors
 from ted_scale.parallel import gathered_state
 
 FORMAT_VERSION = 1
@@ -90,10 +89,7 @@ def load_filters_into(bank: FilterBank, filters_dir: Path, name: str) -> None:
     path = filters_dir / f"{name}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"missing filter weights {path}")
-    try:
-        state = load_file(path)
-    except SafetensorError as e:
-        raise FilterMismatchError(f"{path}: truncated or not a safetensors file ({e})") from None
+    state, _ = read_safetensors(path)
     own = bank.state_dict()
     for key, tensor in state.items():
         if key not in own or own[key].shape != tensor.shape:

@@ -70,17 +70,23 @@ def check_model_folder(folder: Path) -> None:
         raise ModelFolderError(f"{config}: missing (an HF model folder needs it)") from None
     except (OSError, ValueError) as e:
         raise ModelFolderError(f"{config}: truncated or not JSON ({e})") from None
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        if (folder / "model.safetensors.index.json").is_file():
-            return
-        found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
-        raise ModelFolderError(f"{weights}: missing (the folder holds {found})")
-    try:
-        with safe_open(str(weights), "pt") as f:
-            f.keys()
-    except (SafetensorError, OSError) as e:
-        raise ModelFolderError(f"{weights}: truncated or not a safetensors file ({e})") from None
+    weights = [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if not weights[0].is_file():
+        if not index.is_file():
+            found = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+            raise ModelFolderError(f"{weights[0]}: missing (the folder holds {found})")
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelFolderError(f"{index}: truncated or not a weight index ({e})") from None
+        weights = [folder / shard for shard in shards]
+    for path in weights:
+        try:
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise ModelFolderError(f"{path}: truncated or not a safetensors file ({e})") from None
 
 
 def config_from_hf(hf_config: GPT2Config, *, dropout: float | None = None) -> GPTConfig:

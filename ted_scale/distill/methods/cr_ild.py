@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from torch import Tensor, nn
 
 from ted_scale.config.parse import bounded
@@ -54,7 +54,7 @@ from ted_scale.distill.objectives import (
     mse,
 )
 from ted_scale.flops import FROZEN, TRAINED, forward_flops
-from ted_scale.io import atomic_write_bytes
+from ted_scale.io import atomic_write_bytes, read_safetensors
 from ted_scale.model import GPT, GPTOutput, ModelMismatchError
 from ted_scale.model.hf import load_state_checked
 from ted_scale.parallel.tensor import tensor_parallel_group, tensor_parallel_sum
@@ -519,7 +519,7 @@ class CRILD(Method):
             attention=config.model.attention,
             activation_checkpointing=config.model.activation_checkpointing,
         )
-        load_state_checked(student, load_file(path), source=str(path))
+        load_state_checked(student, read_safetensors(path)[0], source=str(path))
         student = ctx.place(student.train().requires_grad_(True), "student")
         temperature = config.distill.temperature
         trained: nn.Module

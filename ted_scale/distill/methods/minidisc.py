@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
@@ -42,7 +41,12 @@ from ted_scale.distill.modules import FrozenTapper, TappedOutputs, to_compute_dt
 from ted_scale.distill.objectives import kl_distillation, mse_distance
 from ted_scale.eval.heldout import heldout_perplexity
 from ted_scale.flops import FROZEN, TRAINED, forward_flops, head_flops, subnet_flops
-from ted_scale.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ted_scale.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_safetensors,
+)
 from ted_scale.model import (
     GPT,
     GPTConfig,
@@ -384,9 +388,7 @@ class MiniDisc(Method):
         path = ctx.run_dir / WORK_DIR / IMPORTANCE_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no importance; run the importance phase first")
-        with safe_open(str(path), framework="pt") as f:
-            found = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        tensors, found = read_safetensors(path)
         expected = self._importance_record(ctx)
         if found != expected:
             diff = sorted(k for k in expected if found.get(k) != expected[k])
