@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -62,6 +63,34 @@ def kill_at():
         assert marker.exists(), f"the run ended before writing {marker}"
 
     return kill
+
+
+@pytest.fixture
+def lock_holder(subprocess_env):
+    """``lock_holder(run_dir)``: another process holding ``run_dir``'s run lock until it is killed
+    (at the latest when the test ends)."""
+    holders: list[subprocess.Popen] = []
+
+    def hold(run_dir: Path) -> subprocess.Popen:
+        code = (
+            "import sys, time; from pathlib import Path; from ted_scale.train.run_lock import "
+            "RunLock; RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); "
+            "time.sleep(120)"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(run_dir)],
+            env=subprocess_env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        holders.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield hold
+    for proc in holders:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture

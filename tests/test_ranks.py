@@ -86,28 +86,11 @@ def _assert_every_rank_says(proc: subprocess.CompletedProcess, message: str) -> 
 
 
 def test_a_run_lock_held_by_another_run_stops_both_ranks_naming_the_holder(
-    two_rank_run, tiny_data, tmp_path, subprocess_env
+    two_rank_run, tiny_data, tmp_path, subprocess_env, lock_holder
 ):
     run = _copy_to_resume(two_rank_run, tmp_path)
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from pathlib import Path; from ted_scale.train.run_lock import "
-            "RunLock; RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); "
-            "time.sleep(120)",
-            str(run),
-        ],
-        env=subprocess_env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        proc = _run(subprocess_env, _command(_torchrun(), tiny_data, run))
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
+    holder = lock_holder(run)
+    proc = _run(subprocess_env, _command(_torchrun(), tiny_data, run))
     _assert_every_rank_says(proc, f"{run} is in use by another run (pid {holder.pid} on")
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -106,31 +104,16 @@ def test_a_corrupted_newest_checkpoint_is_named_and_the_run_falls_back_to_the_in
 
 
 def test_a_second_run_on_a_locked_directory_is_refused_and_a_dead_holders_lock_taken_over(
-    tiny_data, tmp_path, subprocess_env, capsys
+    tiny_data, tmp_path, lock_holder, capsys
 ):
     run = tmp_path / "run"
     run.mkdir()
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from pathlib import Path; from ted_scale.train.run_lock import "
-            "RunLock; RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); "
-            "time.sleep(120)",
-            str(run),
-        ],
-        env=subprocess_env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(RunLockedError, match=rf"in use by another run \(pid {holder.pid} on"):
-            Trainer(_config(tiny_data, run))
-        assert not (run / "config.yaml").exists()
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
+    holder = lock_holder(run)
+    with pytest.raises(RunLockedError, match=rf"in use by another run \(pid {holder.pid} on"):
+        Trainer(_config(tiny_data, run))
+    assert not (run / "config.yaml").exists()
+    holder.send_signal(signal.SIGKILL)  # the holder dies without releasing its lock
+    holder.wait()
     Trainer(_config(tiny_data, run, "stage2.max_steps=1")).run()
     assert (
         f"took over the lock left in {run / '.lock'} by pid {holder.pid} on host"
