@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from ted_scale.parallel.dims import free_port
+from ted_scale.parallel.dims import close_parallel, free_port
 
 
 def _rank_main(fn: Callable, rank: int, world: int, port: int, errors: Any, args: tuple) -> None:
@@ -32,6 +32,7 @@ def _rank_main(fn: Callable, rank: int, world: int, port: int, errors: Any, args
     except BaseException:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise
+    close_parallel()
 
 
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300) -> None:

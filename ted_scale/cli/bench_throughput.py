@@ -113,10 +113,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _tensor_parallel(args: argparse.Namespace) -> None:
     from ted_scale.bench.tensor_parallel import format_tp_table, run_tp_suite
+    from ted_scale.parallel.dims import close_parallel
 
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run_tp_suite(PRESETS[args.preset], args.methods, args.tp)
+    close_parallel()
     if rows is None:  # not rank 0
         return
     print(format_tp_table(rows))

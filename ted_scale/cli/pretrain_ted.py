@@ -102,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="config overrides as key.subkey=value")
     args = parser.parse_args(argv)
-    return run(args.config, args.overrides, args.plugin)
+    status = run(args.config, args.overrides, args.plugin)
+    if status == 0:
+        from ted_scale.parallel.dims import close_parallel
+
+        close_parallel()
+    return status
 
 
 if __name__ == "__main__":

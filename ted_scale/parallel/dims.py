@@ -185,6 +185,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def close_parallel() -> None:
+    """Leave the process group together, at the end of a process that finished its work.
+
+    A rank that exits while a peer's gloo threads still talk to it can abort the peer at exit
+    ("terminate called without an active exception", SIGABRT): a finished run would report a
+    failure. Every rank waits for the others, then the group is torn down before interpreter exit.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def zero3_gathered_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A full CPU state dict of ``module``, gathering ZeRO-3 partitions when there are any."""
     params = [p for p in module.parameters() if hasattr(p, "ds_id")]
