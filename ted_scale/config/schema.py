@@ -1,7 +1,7 @@
 """The run configuration: every core key a YAML file under ``configs/`` may set, with its default.
 
 Each distillation method adds its own section (``filters:`` for TED, ...; see
-``ted_scale.distill.methods``). The README's config reference is written from these dataclasses;
+``ted_scale.distill.methods``). docs/configuration.md is written from these dataclasses;
 keep the two in step.
 """
 
