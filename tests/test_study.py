@@ -77,8 +77,7 @@ def _seeded_build(seed: int, method: str, *overrides: str) -> list:
     their initial weights, and one training-mode forward of the student (its dropout masks)."""
     import torch
 
-    from ted_scale.config import load_run_config
-    from ted_scale.distill.methods import MethodContext, get_method
+    from ted_scale.distill.methods import MethodContext, get_method, load_run_config
     from ted_scale.model import GPT, GPTConfig
     from ted_scale.train.trainer import seed_everything
 

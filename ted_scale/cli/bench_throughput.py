@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ted_scale.bench.presets import PRESETS
 from ted_scale.bench.suite import configurations, format_table, run_suite
-from ted_scale.bench.throughput import PRESETS
 from ted_scale.distill.methods import method_names
 from ted_scale.model.attention import IMPLEMENTATIONS
 

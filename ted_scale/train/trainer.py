@@ -26,11 +26,11 @@ from ted_scale.distill.methods import MethodContext, Phase, PlannedPhase, get_me
 from ted_scale.flops import device_peak_tflops
 from ted_scale.io import atomic_write_json
 from ted_scale.parallel import agreed, barrier, init_parallel, parallelize_gpt
-from ted_scale.parallel.memory import check_run_fits
 from ted_scale.precision import autocast, compute_dtype, storage_dtype
 from ted_scale.train.checkpoint import CheckpointManager, CheckpointTag
 from ted_scale.train.engine import build_engine, deepspeed_config, gradient_accumulation_steps
 from ted_scale.train.evaluation import InTrainingEval
+from ted_scale.train.memory_check import check_run_fits
 from ted_scale.train.metrics import MetricsWriter, StepLog, Throughput
 from ted_scale.train.models import (
     build_student,

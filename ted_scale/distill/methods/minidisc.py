@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from ted_scale.config.parse import ConfigError, bounded
 from ted_scale.config.schema import ScheduleConfig
 from ted_scale.distill.filter_io import weights_fingerprint
-from ted_scale.distill.methods import get_method, register
 from ted_scale.distill.methods.base import Method, MethodContext, Phase, PlannedPhase
+from ted_scale.distill.methods.registry import get_method, register
 from ted_scale.distill.modules import FrozenTapper, TappedOutputs, to_compute_dtype
 from ted_scale.distill.objectives import kl_distillation, mse_distance
 from ted_scale.eval.heldout import heldout_perplexity
