@@ -51,15 +51,10 @@ from ted_scale.distill.methods import (
     build_benchmarked,
     get_method,
 )
+from ted_scale.distill.run_models import build_run_models, build_teacher
 from ted_scale.flops import device_peak_tflops
-from ted_scale.parallel import ParallelDims, parallelize_gpt
-from ted_scale.precision import autocast, compute_dtype, storage_dtype
-from ted_scale.train.models import (
-    build_student,
-    build_teacher,
-    compile_models,
-    teacher_layer_map,
-)
+from ted_scale.parallel import ParallelDims
+from ted_scale.precision import autocast, compute_dtype
 from ted_scale.train.optim import build_optimizer
 from ted_scale.train.prefetch import TeacherFeed
 from ted_scale.train.trainer import seed_everything
@@ -108,20 +103,18 @@ class ProjectStep:
         self.device = device
         self.compute_dtype = compute_dtype(config.precision, device)
         seed_everything(config.seed)  # the trainer's order: teacher, then student
-        teacher = build_teacher(config) if method.needs_teacher else None
-        student = build_student(config, teacher)
-        if teacher is not None:
-            teacher.to(device, dtype=storage_dtype(self.compute_dtype))
-        if dims is not None:
-            if teacher is not None:
-                parallelize_gpt(teacher, dims, "teacher")
-            parallelize_gpt(student.to(device), dims, "student")
-        compile_models(config, device, teacher, student)
+        models = build_run_models(
+            config,
+            needs_teacher=method.needs_teacher,
+            device=device,
+            compute_dtype=self.compute_dtype,
+            dims=dims,
+        )
         ctx = MethodContext(
             config=config,
-            teacher=teacher,
-            student=student,
-            layer_map=teacher_layer_map(config, teacher) if teacher is not None else [],
+            teacher=models.teacher,
+            student=models.student,
+            layer_map=models.layer_map,
             device=device,
             compute_dtype=self.compute_dtype,
             run_dir=run_dir,

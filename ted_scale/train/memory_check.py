@@ -15,9 +15,8 @@ import torch
 from ted_scale.config import ConfigError, RunConfig
 from ted_scale.distill.methods import get_method
 from ted_scale.distill.methods.base import ExtraModules
+from ted_scale.distill.run_models import run_model_shapes
 from ted_scale.model.gpt import GPT, GPTConfig
-from ted_scale.model.hf import pretrained_shape
-from ted_scale.model.student import student_from_teacher
 from ted_scale.parallel.memory import (
     DEEPSPEED_REDUCE_BUCKET,
     FP32,
@@ -29,11 +28,10 @@ from ted_scale.parallel.memory import (
     largest_micro_batch,
 )
 from ted_scale.precision import compute_dtype
-from ted_scale.train.models import teacher_layer_map
 
 
 @dataclass
-class RunModels:
+class EstimatedModels:
     """A run's models on the meta device (shapes only) and what its method adds to them."""
 
     teacher: GPT
@@ -54,28 +52,15 @@ class RunModels:
         )
 
 
-def run_models(config: RunConfig) -> RunModels:
-    """Teacher, student and the method's extra modules of ``config``, built on the meta device
-    as the trainer builds them, so every shape is the run's."""
+def run_models(config: RunConfig) -> EstimatedModels:
+    """Teacher, student and the method's extra modules of ``config`` on the meta device, built
+    by the trainer's own constructors (``run_model_shapes``), so every shape is the run's."""
+    shapes = run_model_shapes(config)
     with torch.device("meta"):
-        teacher = GPT(
-            pretrained_shape(config.teacher.pretrained)
-            if config.teacher.pretrained
-            else config.teacher.arch
+        extra = get_method(config.method).extra_modules(
+            config, shapes.teacher, shapes.student, shapes.layer_map
         )
-        layer_map = teacher_layer_map(config, teacher)
-        if config.student.init == "teacher_layers":
-            student = student_from_teacher(teacher, layer_map, dropout=config.student.dropout)
-        elif config.student.init == "pretrained":
-            shape = pretrained_shape(config.student.pretrained)
-            student = GPT(replace(shape, dropout=config.student.dropout))
-        else:
-            shape = replace(
-                teacher.config, n_layer=config.student.n_layer, dropout=config.student.dropout
-            )
-            student = GPT(shape)
-        extra = get_method(config.method).extra_modules(config, teacher, student, layer_map)
-    return RunModels(teacher, student, extra, config.distill.alpha_kd > 0)
+    return EstimatedModels(shapes.teacher, shapes.student, extra, config.distill.alpha_kd > 0)
 
 
 def run_layout(config: RunConfig, *, tp: int, world: int, seq_len: int) -> Layout:
