@@ -1,4 +1,4 @@
-"""The per-GPU memory estimate (ted_scale/parallel/memory.py) against real models and the paper's
+"""The per-GPU memory estimate (ted_scale/parallel/memory_per_gpu.py) against real models and the paper's
 activation formula, and its command on a shipped config."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ted_scale.model.gpt import GPT, Block, GPTConfig
-from ted_scale.parallel.memory import (
+from ted_scale.parallel.memory_per_gpu import (
     TP_SPLIT_DIM,
     Layout,
     block_activation_bytes,

@@ -135,7 +135,7 @@ def test_the_memory_estimate_counts_the_modules_a_method_reports():
     projection): its weights, gradients, AdamW state and autocast copy are counted."""
     from dataclasses import replace
 
-    from ted_scale.parallel.memory import FP32, Layout
+    from ted_scale.parallel.memory_per_gpu import FP32, Layout
     from ted_scale.train.memory_check import run_models
 
     config = load_run_config(REPO / "configs" / "tiny-kd.yaml", ["method=toy_match"])

@@ -18,7 +18,7 @@ from ted_scale.study.aggregate import (
 )
 from ted_scale.study.config import StudyConfig, SweepPoint, load_study_config
 from ted_scale.study.plan import DONE_FILE, StudyPaths, is_done, rows, student_config
-from ted_scale.study.report import write_report
+from ted_scale.study.results import write_report
 from ted_scale.study.runner import Job, StudyError, execute, phase_flops, phase_kinds, plan_jobs
 
 ROOT = Path(__file__).resolve().parent.parent

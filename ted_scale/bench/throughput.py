@@ -2,7 +2,7 @@
 
 A configuration is a registered method (``lm`` = student alone with CE, ``kd``, ``lwd``, ``ted``,
 ``ted_kl``, ...) with the loss (fused or full logits), teacher prefetch and attention kernel switched
-as in a run config, or the ``reference`` (TED as plain `transformers` code, see ``reference.py``).
+as in a run config, or the ``reference`` (TED as plain `transformers` code, see ``hf_reference.py``).
 This project's step is the trainer's own: ``bench_config`` writes the run configuration, the
 method registry builds the phases from it exactly as the trainer does (the phases before the
 benchmarked one, ``Method.benchmarked``, are built and finished without training, so it finds
@@ -26,7 +26,7 @@ Measurement, per configuration:
   its peak table, MFU.
 - peak memory (``PeakMemory``) above the process's state before any model was built, so weights,
   gradients, optimizer state and activations all count. Run in a fresh process per configuration
-  (``python -m ted_scale.bench.suite``) for clean CPU numbers.
+  (``python -m ted_scale.bench.throughput_suite``) for clean CPU numbers.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ted_scale.bench.memory import PeakMemory
+from ted_scale.bench.hf_reference import ReferenceTED
+from ted_scale.bench.peak_memory import PeakMemory
 from ted_scale.bench.presets import ALPHA_KD, ALPHA_LAYER, TEMPERATURE, Preset, Spec, bench_config
-from ted_scale.bench.reference import ReferenceTED
 from ted_scale.config.schema import OptimConfig
 from ted_scale.distill.layer_map import paper_layer_map
 from ted_scale.distill.methods import (

@@ -2,7 +2,7 @@
 trainer's own constructors, the method's extra modules reported by the method itself, and the
 check that refuses a run before it builds anything that does not fit.
 
-The arithmetic (bytes per part at a layout) is ``ted_scale.parallel.memory``.
+The arithmetic (bytes per part at a layout) is ``ted_scale.parallel.memory_per_gpu``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ted_scale.distill.methods import get_method
 from ted_scale.distill.methods.base import ExtraModules
 from ted_scale.distill.run_models import run_model_shapes
 from ted_scale.model.gpt import GPT, GPTConfig
-from ted_scale.parallel.memory import (
+from ted_scale.parallel.memory_per_gpu import (
     DEEPSPEED_REDUCE_BUCKET,
     FP32,
     GIB,

@@ -27,9 +27,9 @@ from dataclasses import asdict
 import torch
 
 from ted_scale.bench.ceiling import Ceiling, best_ceiling, measure_ceiling, step_shapes
-from ted_scale.bench.engine import measure_engine
 from ted_scale.bench.presets import PRESETS, Preset, Spec
 from ted_scale.bench.throughput import PIECES, measure
+from ted_scale.bench.trainer_loop import measure_engine
 from ted_scale.distill.methods import get_method
 
 SPEEDUP_TARGET, MEMORY_TARGET, FLOP_RATIO_TOLERANCE, MFU_TARGET = 1.3, 0.6, 0.10, 0.45
@@ -73,7 +73,7 @@ def run_configuration(
         finally:
             torch.set_num_threads(before)
     cmd = [
-        sys.executable, "-m", "ted_scale.bench.suite",
+        sys.executable, "-m", "ted_scale.bench.throughput_suite",
         "--preset", preset, "--spec", json.dumps(asdict(spec)),
     ]  # fmt: skip
     if threads:
@@ -273,7 +273,7 @@ def main() -> None:
 
 def measure_row(preset: Preset, spec: Spec, engine: bool) -> dict:
     """``measure``, and with ``engine`` the trainer's own loop on the same configuration
-    (``ted_scale.bench.engine``) beside it: ``engine_tokens_per_s`` and ``engine_vs_plain``."""
+    (``ted_scale.bench.trainer_loop``) beside it: ``engine_tokens_per_s`` and ``engine_vs_plain``."""
     row = measure(preset, spec)
     if engine and spec.impl != "reference":
         row.update(measure_engine(preset, spec))
