@@ -50,6 +50,7 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 demo: setup
 	$(PY) launch/demo.py

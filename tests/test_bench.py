@@ -12,8 +12,14 @@ from ted_scale.bench.ceiling import (
     measure_ceiling,
     step_shapes,
 )
-from ted_scale.bench.suite import configurations, format_table, run_configuration, run_suite
-from ted_scale.bench.throughput import PIECES, Spec
+from ted_scale.bench.presets import Spec
+from ted_scale.bench.throughput import PIECES
+from ted_scale.bench.throughput_suite import (
+    configurations,
+    format_table,
+    run_configuration,
+    run_suite,
+)
 from ted_scale.distill.methods import method_names
 
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch._dynamo.utils
 
-from ted_scale.bench.throughput import Preset, ProjectStep, Spec
-from ted_scale.config import load_run_config
-from ted_scale.distill.methods import method_names
+from ted_scale.bench.presets import Preset, Spec
+from ted_scale.bench.throughput import ProjectStep
+from ted_scale.distill.methods import load_run_config, method_names
 from ted_scale.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

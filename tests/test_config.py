@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ted_scale.config import ConfigError, load_run_config, record_invocation
+from ted_scale.config import ConfigError, record_invocation
 from ted_scale.config.schema import RunConfig
+from ted_scale.distill.methods import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ted_scale.config import ConfigError, load_run_config
-from ted_scale.distill.methods import MethodContext, get_method
+from ted_scale.config import ConfigError
+from ted_scale.distill.methods import MethodContext, get_method, load_run_config
 from ted_scale.distill.methods.cr_ild import MixupDraw, MixupILD, MixupTapper
 from ted_scale.flops import FROZEN, TRAINED, forward_flops
 from ted_scale.model import GPT, GPTConfig, ModelMismatchError

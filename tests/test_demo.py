@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ted_scale.config import load_run_config
-from ted_scale.demo import STUDENTS, config_file
+from ted_scale.demo_pipeline import STUDENTS, config_file
+from ted_scale.distill.methods import load_run_config
 from ted_scale.study.config import load_study_config
 
 REPO = Path(__file__).resolve().parents[1]

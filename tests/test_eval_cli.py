@@ -15,7 +15,7 @@ import torch
 from ted_scale.data.tokenizer import train_bpe_tokenizer
 from ted_scale.eval import EvalError
 from ted_scale.eval.lambada import load_lambada
-from ted_scale.eval.models import resolve_model
+from ted_scale.eval.model_loading import resolve_model
 from ted_scale.eval.plots import read_metrics
 from ted_scale.eval.wikitext import detokenize, load_wikitext
 from ted_scale.model import GPT, GPTConfig, export_hf
@@ -225,7 +225,7 @@ def _study_results(tmp_path) -> Path:
     from ted_scale.io import atomic_write_json
     from ted_scale.study.config import StudyConfig
     from ted_scale.study.plan import DONE_FILE, StudyPaths
-    from ted_scale.study.report import write_report
+    from ted_scale.study.results import write_report
 
     study = StudyConfig(output_dir=str(tmp_path / "study"), methods=["kd", "ted"])
     paths = StudyPaths(tmp_path / "study")

@@ -23,7 +23,7 @@ from ted_scale.data.tokenizer import train_bpe_tokenizer
 from ted_scale.eval import EvalError
 from ted_scale.eval.heldout import evaluate_heldout
 from ted_scale.eval.lambada import evaluate_lambada, load_lambada
-from ted_scale.eval.models import load_model
+from ted_scale.eval.model_loading import load_model
 from ted_scale.eval.wikitext import (
     count_words,
     detokenize,

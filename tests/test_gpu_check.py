@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ted_scale.bench.gpu_check import NO_CUDA, Piece, pieces, write_check
+from ted_scale.bench.gpu_report import NO_CUDA, Piece, pieces, write_check
 
 REPO = Path(__file__).resolve().parents[1]
 

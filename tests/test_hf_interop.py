@@ -148,7 +148,7 @@ def test_a_gpt2_folder_whose_weights_do_not_all_load_is_refused_naming_the_keys(
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_a_model_folders_damaged_tokenizer_is_named_never_replaced(tiny_gpt, tmp_path, damage):
     from ted_scale.data import DataError
-    from ted_scale.train.models import folder_tokenizer
+    from ted_scale.distill.run_models import folder_tokenizer
 
     tokenizer = train_bpe_tokenizer(["hello world, a tiny corpus"] * 8, vocab_size=300)
     export_hf(tiny_gpt, tmp_path / "hf", tokenizer)

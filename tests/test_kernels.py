@@ -19,7 +19,7 @@ from ted_scale.kernels import (
     fused_linear_ce_kd,
     fused_linear_cross_entropy,
     fused_linear_kl_div,
-    reference,
+    torch_ops,
 )
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -179,7 +179,7 @@ def test_bf16_inputs_give_fp32_loss_and_bf16_grads_close_to_fp32(backend):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)])
 def test_torch_ops_match_naive_over_uneven_row_blocks(monkeypatch, dtype, tol):
-    monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 2 * VOCAB)  # chunks of 4 + 3 rows: 2+2, 2+1
+    monkeypatch.setattr(torch_ops, "BLOCK_ELEMENTS", 2 * VOCAB)  # chunks of 4 + 3 rows: 2+2, 2+1
     hidden, weight, targets, teacher_hidden, teacher_weight = make_inputs(dtype=dtype)
     student, teacher = (hidden, weight), (teacher_hidden, teacher_weight)
     keep = targets != -100
@@ -249,7 +249,7 @@ def test_chunk_ops_never_see_more_than_chunk_size_rows(monkeypatch):
         return wrapped
 
     for name in ("cross_entropy_", "kl_div_", "cross_entropy_kl_div_"):
-        monkeypatch.setattr(reference, name, record(getattr(reference, name)))
+        monkeypatch.setattr(torch_ops, name, record(getattr(torch_ops, name)))
     fused_linear_cross_entropy(hidden, weight, targets, chunk_size=4)
     fused_linear_kl_div(hidden, weight, teacher_hidden, teacher_weight, temperature=T, chunk_size=4)
     fused_linear_ce_kd(

@@ -1,4 +1,4 @@
-"""The per-GPU memory estimate (ted_scale/parallel/memory.py) against real models and the paper's
+"""The per-GPU memory estimate (ted_scale/parallel/memory_per_gpu.py) against real models and the paper's
 activation formula, and its command on a shipped config."""
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from ted_scale.model.gpt import GPT, Block, GPTConfig
-from ted_scale.parallel.memory import (
+from ted_scale.parallel.memory_per_gpu import (
     TP_SPLIT_DIM,
     Layout,
     block_activation_bytes,
     estimate_memory,
     meta_gpt,
     params_per_rank,
-    run_memory_table,
 )
 from ted_scale.parallel.tensor import check_shardable, padded_vocab_size
+from ted_scale.train.memory_check import run_memory_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -205,7 +205,7 @@ def test_the_command_prints_the_xl_table(capsys):
 
 
 def test_the_table_has_a_column_per_layout(tiny_data):
-    from ted_scale.config import load_run_config
+    from ted_scale.distill.methods import load_run_config
 
     config = load_run_config(REPO / "configs" / "tiny-ted.yaml", [f"data.path={tiny_data}"])
     table = run_memory_table(config, tps=[1, 2], world=2, seq_len=64, gpus_gib=[3.0], with_sp=True)
@@ -225,7 +225,7 @@ def test_the_table_has_a_column_per_layout(tiny_data):
 def test_optimizer_bytes_are_what_deepspeed_holds(tiny_config, one_thread, stage):
     """The trainer's DeepSpeed engine after a step: AdamW's m and v, and under ZeRO its fp32 copy
     of the (here whole, dp = 1) partition, byte for byte."""
-    from ted_scale.config import load_run_config
+    from ted_scale.distill.methods import load_run_config
     from ted_scale.parallel import init_parallel
     from ted_scale.train.engine import build_engine
 

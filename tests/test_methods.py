@@ -19,13 +19,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from ted_scale.config import ConfigError, load_run_config
+from ted_scale.config import ConfigError
 from ted_scale.config.parse import bounded
 from ted_scale.distill.methods import (
+    ExtraModules,
     Method,
     MethodContext,
     Phase,
     PlannedPhase,
+    load_run_config,
     method_names,
     register,
 )
@@ -44,12 +46,17 @@ class ToyMatchConfig:
     """Weight of the match term."""
 
 
-class ToyMatch(nn.Module):
-    """CE + weight * MSE(student's final-normed top state, the teacher's)."""
+def toy_projection(student, teacher) -> nn.Linear:
+    return nn.Linear(student.config.n_embd, teacher.config.n_embd)
 
-    def __init__(self, student, weight: float) -> None:
+
+class ToyMatch(nn.Module):
+    """CE + weight * MSE(a learnable projection of the student's top state, the teacher's)."""
+
+    def __init__(self, student, projection: nn.Linear, weight: float) -> None:
         super().__init__()
         self.student = student
+        self.projection = projection
         self.weight = weight
 
     def forward(
@@ -57,7 +64,7 @@ class ToyMatch(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         top = self.student(input_ids, return_logits=False).last_hidden
         ce = cross_entropy(top, self.student.lm_head_weight, labels, fused=True)
-        match = mse(top, tapped.last_hidden)
+        match = mse(self.projection(top), tapped.last_hidden)
         return ce + self.weight * match, {"loss_ce": ce.detach(), "loss_match": match.detach()}
 
 
@@ -69,11 +76,15 @@ class ToyMatchMethod(Method):
     def plan(self, config) -> list[PlannedPhase]:
         return [PlannedPhase("match", "distill")]
 
+    def extra_modules(self, config, teacher, student, layer_map) -> ExtraModules:
+        return ExtraModules(trained=toy_projection(student, teacher))
+
     def build(self, phase: str, ctx: MethodContext) -> Phase:
         student = ctx.student.to(ctx.device)
+        projection = toy_projection(student, ctx.teacher).to(ctx.device)
         return Phase(
             phase,
-            ToyMatch(student, ctx.config.toy_match.weight),
+            ToyMatch(student, projection, ctx.config.toy_match.weight),
             FrozenTapper(ctx.teacher, [], with_top=True),
             ctx.config.stage2,
             lambda seq_len: 1.0,
@@ -117,6 +128,28 @@ def test_the_trainer_names_no_method_and_no_phase():
         if pattern.search(line)
     ]
     assert not offenders, offenders
+
+
+def test_the_memory_estimate_counts_the_modules_a_method_reports():
+    """The run-level estimate asks the method what it adds (here the plug-in's trained
+    projection): its weights, gradients, AdamW state and autocast copy are counted."""
+    from dataclasses import replace
+
+    from ted_scale.parallel.memory_per_gpu import FP32, Layout
+    from ted_scale.train.memory_check import run_models
+
+    config = load_run_config(REPO / "configs" / "tiny-kd.yaml", ["method=toy_match"])
+    models = run_models(config)
+    assert isinstance(models.extra.trained, nn.Linear)
+    n = sum(p.numel() for p in models.extra.trained.parameters())
+    layout = Layout(zero_stage=0, compute_bytes=2)
+    with_it, without = (
+        models.estimate(layout),
+        replace(models, extra=ExtraModules()).estimate(layout),
+    )
+    assert with_it.parts["method's modules (frozen, trained)"] == (FP32 + FP32 + 2 * FP32) * n
+    assert without.parts["method's modules (frozen, trained)"] == 0
+    assert with_it.total - without.total == (4 * FP32 + 2) * n  # + the bf16 copy autocast makes
 
 
 # ---------------------------------------------------------------------------- recorded losses
@@ -199,7 +232,8 @@ def test_the_benchmark_times_the_trainers_step(method, tiny_data, tmp_path):
     same configuration, give the same loss parts on the same batch. The step is the method's
     benchmarked phase (``Method.benchmarked``: the first distill phase, MiniDisc's sandwich),
     the phases before it built and finished untrained on the same data (MiniDisc's importance)."""
-    from ted_scale.bench.throughput import Preset, ProjectStep, Spec, bench_config
+    from ted_scale.bench.presets import Preset, Spec, bench_config
+    from ted_scale.bench.throughput import ProjectStep
     from ted_scale.config.parse import dump_yaml
     from ted_scale.distill.methods import build_benchmarked
     from ted_scale.train.trainer import Trainer

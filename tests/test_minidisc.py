@@ -18,7 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ted_scale.config import ConfigError, load_run_config
+from ted_scale.config import ConfigError
+from ted_scale.distill.methods import load_run_config
 from ted_scale.distill.methods.minidisc import (
     MiniDiscConfig,
     candidate_parameters,

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ted_scale.config import ConfigError, load_run_config
+from ted_scale.config import ConfigError
+from ted_scale.distill.methods import load_run_config
 from ted_scale.parallel.dims import free_port
 from ted_scale.train.run_lock import RunLock
 from ted_scale.train.safe_checkpoint import complete_record

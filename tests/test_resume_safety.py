@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ted_scale.config import ConfigError, load_run_config
+from ted_scale.config import ConfigError
+from ted_scale.distill.methods import load_run_config
 from ted_scale.train.run_dir import RunFileError
 from ted_scale.train.run_lock import RunLockedError
 from ted_scale.train.safe_checkpoint import UnsafeCheckpointError, complete_record

@@ -18,7 +18,7 @@ from ted_scale.study.aggregate import (
 )
 from ted_scale.study.config import StudyConfig, SweepPoint, load_study_config
 from ted_scale.study.plan import DONE_FILE, StudyPaths, is_done, rows, student_config
-from ted_scale.study.report import write_report
+from ted_scale.study.results import write_report
 from ted_scale.study.runner import Job, StudyError, execute, phase_flops, phase_kinds, plan_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,8 +77,7 @@ def _seeded_build(seed: int, method: str, *overrides: str) -> list:
     their initial weights, and one training-mode forward of the student (its dropout masks)."""
     import torch
 
-    from ted_scale.config import load_run_config
-    from ted_scale.distill.methods import MethodContext, get_method
+    from ted_scale.distill.methods import MethodContext, get_method, load_run_config
     from ted_scale.model import GPT, GPTConfig
     from ted_scale.train.trainer import seed_everything
 

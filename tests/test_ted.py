@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ted_scale.config import ConfigError, load_run_config
+from ted_scale.config import ConfigError
 from ted_scale.distill.filters import build_filters
 from ted_scale.distill.layer_map import paper_layer_map
+from ted_scale.distill.methods import load_run_config
 from ted_scale.distill.methods.ted import TED, ted_distance
 from ted_scale.distill.modules import FrozenTapper, StudentDistillation
 from ted_scale.model import GPT, GPTConfig, student_from_teacher

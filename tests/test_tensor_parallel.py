@@ -119,8 +119,9 @@ def _bench_at_tp2() -> None:
     import tempfile
     from pathlib import Path
 
+    from ted_scale.bench.presets import PRESETS, Spec
     from ted_scale.bench.tensor_parallel import measure_tp
-    from ted_scale.bench.throughput import PRESETS, ProjectStep, Spec
+    from ted_scale.bench.throughput import ProjectStep
     from ted_scale.parallel import init_parallel
 
     dims = init_parallel(2)

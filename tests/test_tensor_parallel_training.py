@@ -40,7 +40,7 @@ def _config_file(method: str) -> Path:
 
 
 def _train_methods(data: Path, root: Path, tp: int, methods: list[str]) -> None:
-    from ted_scale.config import load_run_config
+    from ted_scale.distill.methods import load_run_config
     from ted_scale.train.trainer import train
 
     for method in methods:

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from ted_scale.config import load_run_config
 from ted_scale.distill.filter_io import FilterMismatchError
+from ted_scale.distill.methods import load_run_config
 from ted_scale.model import ModelMismatchError
 from ted_scale.train.trainer import Trainer
 

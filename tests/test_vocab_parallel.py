@@ -245,9 +245,9 @@ def test_scores_match_full_head_scoring(all_ranks, case):
 
 
 def split_ops_agree(device: str, n: int, vocab: int, dtype: torch.dtype) -> None:
-    """triton_ops' statistics and gradient passes equal reference's on one shard's logits [n, V],
+    """triton_ops' statistics and gradient passes equal torch_ops' on one shard's logits [n, V],
     for CE (two targets per row, some in another shard: -1), KD and both."""
-    from ted_scale.kernels import reference, triton_ops
+    from ted_scale.kernels import torch_ops, triton_ops
 
     g = torch.Generator(device=device).manual_seed(0)
     logits = (torch.randn(n, vocab, device=device, generator=g) * 3).to(dtype)
@@ -267,12 +267,12 @@ def split_ops_agree(device: str, n: int, vocab: int, dtype: torch.dtype) -> None
         ce_args = (targets, weights) if ce else (None, None)
         stats = [
             ops.shard_stats(logits, *ce_args, teacher if kd else None, T)
-            for ops in (triton_ops, reference)
+            for ops in (triton_ops, torch_ops)
         ]
         assert stats[0].shape == stats[1].shape == (n, 3 * ce + 5 * kd)
         torch.testing.assert_close(stats[0], stats[1], rtol=TOL, atol=TOL)
         grads = []
-        for ops in (triton_ops, reference):
+        for ops in (triton_ops, torch_ops):
             grad, scratch = logits.clone(), teacher.clone() if kd else None
             ops.shard_grad_(grad, *ce_args, lse, scratch, kd_scale if kd else None, T)
             grads.append(grad)

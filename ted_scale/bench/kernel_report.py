@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from ted_scale.bench.losses import PRESETS as LOSS_PRESETS
-from ted_scale.config import load_run_config
+from ted_scale.distill.methods import load_run_config
 from ted_scale.kernels import default_chunk_size, triton_ops
 from ted_scale.kernels.aot import MAX_SHARED_BYTES, CompiledKernel, compile_launch
-from ted_scale.kernels.reference import stats_width
+from ted_scale.kernels.torch_ops import stats_width
 from ted_scale.precision import compute_dtype, storage_dtype
 
 TARGETS = (80, 90)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ted_scale.bench.memory import PeakMemory
+from ted_scale.bench.peak_memory import PeakMemory
 from ted_scale.kernels import default_chunk_size, fused_linear_ce_kd, fused_linear_cross_entropy
 
 PRESETS = {

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ted_scale.bench.throughput import Preset, ProjectStep, Spec, _synthetic_batches
+from ted_scale.bench.presets import Preset, Spec
+from ted_scale.bench.throughput import ProjectStep, synthetic_batches
 from ted_scale.parallel import ParallelDims
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor")
@@ -70,7 +71,7 @@ def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def measure_tp(preset: Preset, spec: Spec, dims: ParallelDims) -> dict:
     """``spec``'s step sharded over ``dims`` (one data-parallel replica): its row, on every rank."""
-    batches = _synthetic_batches(preset, 4, dims.device)
+    batches = synthetic_batches(preset, 4, dims.device)
     timer = CommTimer(dims.device)
     with tempfile.TemporaryDirectory() as run_dir:
         step = ProjectStep(preset, spec, dims.device, Path(run_dir), dims=dims)

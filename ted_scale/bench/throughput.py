@@ -2,7 +2,7 @@
 
 A configuration is a registered method (``lm`` = student alone with CE, ``kd``, ``lwd``, ``ted``,
 ``ted_kl``, ...) with the loss (fused or full logits), teacher prefetch and attention kernel switched
-as in a run config, or the ``reference`` (TED as plain `transformers` code, see ``reference.py``).
+as in a run config, or the ``reference`` (TED as plain `transformers` code, see ``hf_reference.py``).
 This project's step is the trainer's own: ``bench_config`` writes the run configuration, the
 method registry builds the phases from it exactly as the trainer does (the phases before the
 benchmarked one, ``Method.benchmarked``, are built and finished without training, so it finds
@@ -26,126 +26,42 @@ Measurement, per configuration:
   its peak table, MFU.
 - peak memory (``PeakMemory``) above the process's state before any model was built, so weights,
   gradients, optimizer state and activations all count. Run in a fresh process per configuration
-  (``python -m ted_scale.bench.throughput``) for clean CPU numbers.
+  (``python -m ted_scale.bench.throughput_suite``) for clean CPU numbers.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ted_scale.bench.memory import PeakMemory
-from ted_scale.bench.reference import ReferenceTED
-from ted_scale.config.parse import build
-from ted_scale.config.schema import OptimConfig, RunConfig
+from ted_scale.bench.hf_reference import ReferenceTED
+from ted_scale.bench.peak_memory import PeakMemory
+from ted_scale.bench.presets import ALPHA_KD, ALPHA_LAYER, TEMPERATURE, Preset, Spec, bench_config
+from ted_scale.config.schema import OptimConfig
 from ted_scale.distill.layer_map import paper_layer_map
 from ted_scale.distill.methods import (
     MethodContext,
     build_benchmarked,
     get_method,
-    run_config_class,
 )
+from ted_scale.distill.run_models import build_run_models, build_teacher
 from ted_scale.flops import device_peak_tflops
-from ted_scale.parallel import ParallelDims, parallelize_gpt
-from ted_scale.precision import autocast, compute_dtype, storage_dtype
-from ted_scale.train.models import (
-    build_student,
-    build_teacher,
-    compile_models,
-    teacher_layer_map,
-)
+from ted_scale.parallel import ParallelDims
+from ted_scale.precision import autocast, compute_dtype
 from ted_scale.train.optim import build_optimizer
 from ted_scale.train.prefetch import TeacherFeed
 from ted_scale.train.trainer import seed_everything
 
 PIECES = ("teacher", "student_forward", "losses", "backward", "optimizer")
-# The paper's Stage II settings for GPT-2 (docs/design.md).
-ALPHA_KD, ALPHA_LAYER, TEMPERATURE, DROPOUT = 2.5, 0.1, 2.0, 0.1
 OPTIM = OptimConfig()
 CPU = torch.device("cpu")
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Model and batch sizes. Teacher: ``teacher_layers`` x ``width``; student: ``student_layers``
-    of the teacher's blocks (paper layer map), same width; linear filters width -> width."""
-
-    teacher_layers: int
-    student_layers: int
-    width: int
-    heads: int
-    vocab: int
-    seq_len: int
-    micro_batch: int
-    warmup: int
-    steps: int
-    instrumented: int
-
-
-PRESETS = {
-    # The paper's setting: GPT-2 124M -> 6 layers, 1024-token sequences; a GPU preset.
-    "gpt2": Preset(12, 6, 768, 12, 50257, 1024, 8, warmup=3, steps=10, instrumented=3),
-    # Real vocabulary (the LM head and logits dominate as they do at full size), small trunk.
-    "cpu": Preset(4, 2, 256, 4, 50257, 128, 4, warmup=1, steps=5, instrumented=3),
-    # Smoke-test size (seconds per configuration).
-    "micro": Preset(4, 2, 32, 2, 128, 16, 2, warmup=1, steps=2, instrumented=1),
-}
-
-
-@dataclass(frozen=True)
-class Spec:
-    """One configuration. ``impl`` is ``ted_scale`` or ``reference`` (TED only, full logits)."""
-
-    method: str
-    fused: bool
-    prefetch: bool
-    attention: str
-    impl: str = "ted_scale"
-    compile: bool = False
-
-    @property
-    def name(self) -> str:
-        if self.impl == "reference":
-            return f"reference/{self.attention}"
-        loss = "fused" if self.fused else "unfused"
-        prefetch = "/prefetch" if self.prefetch else ""
-        compiled = "/compiled" if self.compile else ""
-        return f"{self.method}/{loss}{prefetch}{compiled}/{self.attention}"
-
-
-def bench_config(preset: Preset, spec: Spec, *, seed: int = 0) -> RunConfig:
-    """The run configuration of ``spec``'s step: a random teacher of the preset's shape, a student
-    of its blocks at the paper's map (random for ``lm``, which has no teacher), linear filters
-    copied from the teacher's, the paper's Stage II loss weights."""
-    arch = {
-        "vocab_size": preset.vocab, "n_positions": preset.seq_len, "n_embd": preset.width,
-        "n_layer": preset.teacher_layers, "n_head": preset.heads, "dropout": DROPOUT,
-    }  # fmt: skip
-    needs_teacher = get_method(spec.method).needs_teacher
-    raw = {
-        "seed": seed,
-        "method": spec.method,
-        "fused_loss": spec.fused,
-        "teacher": {"pretrained": None, "arch": arch},
-        "student": {
-            "init": "teacher_layers" if needs_teacher else "random",
-            "n_layer": preset.student_layers,
-            "dropout": DROPOUT,
-        },
-        "model": {"attention": spec.attention, "compile": spec.compile},
-        "distill": {"alpha_kd": ALPHA_KD, "alpha_layer": ALPHA_LAYER, "temperature": TEMPERATURE},
-        "batch": {"global_batch_size": preset.micro_batch, "micro_batch_size": preset.micro_batch},
-    }
-    return build(run_config_class(), raw, where="benchmark")
 
 
 class _SyntheticLoader:
@@ -187,26 +103,23 @@ class ProjectStep:
         self.device = device
         self.compute_dtype = compute_dtype(config.precision, device)
         seed_everything(config.seed)  # the trainer's order: teacher, then student
-        teacher = build_teacher(config) if method.needs_teacher else None
-        student = build_student(config, teacher)
-        if teacher is not None:
-            teacher.to(device, dtype=storage_dtype(self.compute_dtype))
-        if dims is not None:
-            if teacher is not None:
-                parallelize_gpt(teacher, dims, "teacher")
-            parallelize_gpt(student.to(device), dims, "student")
-        compile_models(config, device, teacher, student)
+        models = build_run_models(
+            config,
+            needs_teacher=method.needs_teacher,
+            device=device,
+            compute_dtype=self.compute_dtype,
+            dims=dims,
+        )
         ctx = MethodContext(
             config=config,
-            teacher=teacher,
-            student=student,
-            layer_map=teacher_layer_map(config, teacher) if teacher is not None else [],
+            teacher=models.teacher,
+            student=models.student,
+            layer_map=models.layer_map,
             device=device,
             compute_dtype=self.compute_dtype,
             run_dir=run_dir,
             log=lambda _: None,
-            batches=batches
-            or (lambda _split, n, _samples=None: _synthetic_batches(preset, n, CPU)),
+            batches=batches or (lambda _split, n, _samples=None: synthetic_batches(preset, n, CPU)),
             dims=dims,
         )
         self.phase = build_benchmarked(method, ctx)
@@ -263,7 +176,7 @@ class _PieceTimer:
         self.last = now
 
 
-def _synthetic_batches(preset: Preset, n: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+def synthetic_batches(preset: Preset, n: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
     """``n`` random (input_ids, labels) pairs [B, T] on the host, pinned for a GPU run."""
     g = torch.Generator().manual_seed(0)
     out = []
@@ -280,7 +193,7 @@ def measure(preset: Preset, spec: Spec, device: torch.device | None = None) -> d
     """Build ``spec``'s step, run it, and return its row of the benchmark (see module docstring)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    batches = _synthetic_batches(preset, 4, device)
+    batches = synthetic_batches(preset, 4, device)
     with tempfile.TemporaryDirectory() as run_dir:
         if spec.impl == "reference":  # the reference computes what the ted step computes
             ted = ProjectStep(preset, Spec("ted", False, False, spec.attention), CPU, Path(run_dir))
@@ -363,32 +276,3 @@ def _instrumented_steps(
     finally:
         hook.remove()
     return {piece: 1000 * min(timer.times[piece], default=0.0) for piece in PIECES}
-
-
-def main() -> None:
-    """Worker entry: measure one configuration in this (fresh) process, print its row as JSON."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    parser.add_argument("--spec", required=True, help="a Spec as a JSON object")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--engine", action="store_true", help="also time the trainer's loop")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(json.dumps(measure_row(PRESETS[args.preset], Spec(**json.loads(args.spec)), args.engine)))
-
-
-def measure_row(preset: Preset, spec: Spec, engine: bool) -> dict:
-    """``measure``, and with ``engine`` the trainer's own loop on the same configuration
-    (``ted_scale.bench.engine``) beside it: ``engine_tokens_per_s`` and ``engine_vs_plain``."""
-    row = measure(preset, spec)
-    if engine and spec.impl != "reference":
-        from ted_scale.bench.engine import measure_engine
-
-        row.update(measure_engine(preset, spec))
-        row["engine_vs_plain"] = row["engine_tokens_per_s"] / row["tokens_per_s"]
-    return row
-
-
-if __name__ == "__main__":
-    main()

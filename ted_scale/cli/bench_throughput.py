@@ -7,7 +7,7 @@ Synthetic token batches, random weights. For each configuration (method x fused 
 prefetch x attention, plus the reference): tokens/s, the step split into teacher / student forward /
 losses / backward / optimizer, achieved TFLOP/s (ted_scale.flops), MFU on a GPU, peak memory,
 and ratios to the reference and to the student-alone step. Each configuration runs in a fresh
-process. Method details: ted_scale/bench/throughput.py; targets: ted_scale/bench/suite.py.
+process. Method details: ted_scale/bench/throughput.py; targets: ted_scale/bench/throughput_suite.py.
 With --tp N (N ranks, one tensor-parallel group; gloo on CPU): each method's fused step sharded
 over the N ranks, with the share of the step spent in tensor-parallel communication and each
 rank's parameter and optimizer bytes (ted_scale/bench/tensor_parallel.py).
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ted_scale.bench.suite import configurations, format_table, run_suite
-from ted_scale.bench.throughput import PRESETS
+from ted_scale.bench.presets import PRESETS
+from ted_scale.bench.throughput_suite import configurations, format_table, run_suite
 from ted_scale.distill.methods import method_names
 from ted_scale.model.attention import IMPLEMENTATIONS
 

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ted_scale.demo import CONFIGS, STUDY_RESULTS, run_demo
+from ted_scale.demo_pipeline import CONFIGS, STUDY_RESULTS, run_demo
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,9 +2,9 @@
 
     python launch/estimate_memory.py --config configs/gpt2-xl-ted-owt.yaml --world 10 --tp 1,5
 
-Counts teacher, student, gradients, optimizer state, filters and one micro-batch's activations
-from the models' shapes (ted_scale/parallel/memory.py; docs/design.md, "Tensor parallelism:
-memory per GPU") and prints a Markdown table in GiB.
+Counts teacher, student, gradients, optimizer state, the method's modules (filters, projections)
+and one micro-batch's activations from the models' shapes (ted_scale/train/memory_check.py;
+docs/tensor_parallel.md, "Memory per GPU") and prints a Markdown table in GiB.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import argparse
 import math
 import sys
 
-from ted_scale.config import ConfigError, load_run_config
+from ted_scale.config import ConfigError
+from ted_scale.distill.methods import load_run_config
 from ted_scale.model.student import ModelMismatchError
-from ted_scale.parallel.memory import run_memory_table
+from ted_scale.train.memory_check import run_memory_table
 
 
 def main(argv: list[str] | None = None) -> int:

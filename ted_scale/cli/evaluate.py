@@ -11,7 +11,7 @@ import sys
 
 from ted_scale.data import DataError
 from ted_scale.eval import EvalError
-from ted_scale.eval.suite import SOURCES, format_summary, run_evaluation
+from ted_scale.eval.run_tasks import SOURCES, format_summary, run_evaluation
 from ted_scale.eval.wikitext import PROTOCOLS
 from ted_scale.eval.wikitext import SOURCES as WIKITEXT_SOURCES
 from ted_scale.io import atomic_write_json, os_error_message

@@ -6,14 +6,14 @@ Runs the cuda-marked tests, the gpt2 preset throughput benchmark (teacher prefet
 torch.compile on/off), the fused losses benchmark at the gpt2 preset and the Triton kernel report,
 then writes OUT/report.md (benchmark JSON beside it). Exit status 1 if any check failed. Without a
 CUDA device it fails at once with "no CUDA device: nothing to check". Details:
-ted_scale/bench/gpu_check.py.
+ted_scale/bench/gpu_report.py.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from ted_scale.bench.gpu_check import run_check
+from ted_scale.bench.gpu_report import run_check
 
 
 def main(argv: list[str] | None = None) -> int:

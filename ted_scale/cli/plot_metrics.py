@@ -10,7 +10,7 @@ import sys
 
 from ted_scale.eval import EvalError
 from ted_scale.eval.plots import plot_runs
-from ted_scale.eval.report import parse_named
+from ted_scale.eval.table1 import parse_named
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,9 +14,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from ted_scale.config import ConfigError, load_run_config
+from ted_scale.config import ConfigError
 from ted_scale.data import DataError
 from ted_scale.distill.filter_io import FilterMismatchError
+from ted_scale.distill.methods import load_run_config
 from ted_scale.eval import EvalError
 from ted_scale.io import DamagedFileError
 from ted_scale.model import ModelMismatchError

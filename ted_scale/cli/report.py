@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from ted_scale.eval import EvalError
-from ted_scale.eval.report import load_results, load_study, parse_named, table1
+from ted_scale.eval.table1 import load_results, load_study, parse_named, table1
 from ted_scale.io import atomic_write_text
 
 

@@ -14,7 +14,7 @@ import time
 from ted_scale.config import ConfigError
 from ted_scale.data import DataError
 from ted_scale.study.config import load_study_config
-from ted_scale.study.report import write_report
+from ted_scale.study.results import write_report
 from ted_scale.study.runner import StudyError, run_study
 
 

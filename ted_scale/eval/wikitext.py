@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ted_scale.eval import EvalError
 from ted_scale.eval.datafiles import asset, read_lines
-from ted_scale.eval.models import encode
+from ted_scale.eval.model_loading import encode
 from ted_scale.eval.scoring import IGNORE_INDEX, model_device, perplexity, score_sequences
 from ted_scale.model import GPT
 

@@ -1,7 +1,7 @@
 """Chunked fused linear losses: LM-head matmul + CE / KD without materialising [N, V] logits.
 
 Each autograd Function walks the rows in chunks: logits = h_chunk @ W.T, a per-chunk op
-(`reference` or `triton_ops`) turns them into per-row losses and overwrites them with dloss/dlogits,
+(`torch_ops` or `triton_ops`) turns them into per-row losses and overwrites them with dloss/dlogits,
 and two matmuls fold that into grad_hidden[chunk] and grad_weight. Gradients are thus finished in
 the forward pass (as in Liger-Kernel); backward only scales them by grad_output. Peak extra memory
 is one logits chunk (plus the chunk op's fp32 temporaries on the torch path), grad_hidden, and an
@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import reference
+from . import torch_ops
 from .vocab_parallel import VocabShard, shard_chunk_
 
 # Default chunk: the largest power-of-two row count whose logits hold <= 2^24 elements
@@ -43,17 +43,17 @@ def default_chunk_size(vocab_size: int) -> int:
 def _chunk_ops(backend: Backend, device: torch.device) -> ModuleType:
     """The per-chunk op module: Triton on CUDA when available ("auto"), or as forced."""
     if backend == "torch":
-        return reference
+        return torch_ops
     if backend not in ("auto", "triton"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "auto" and device.type != "cuda":
-        return reference
+        return torch_ops
     try:
         from . import triton_ops
     except ImportError:
         if backend == "triton":
             raise
-        return reference
+        return torch_ops
     return triton_ops
 
 

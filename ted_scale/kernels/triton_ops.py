@@ -2,7 +2,7 @@
 
 The first sweep keeps an online softmax (running max and rescaled sum of exponentials, as in
 flash attention), so a row never has to fit in one block; the second writes the gradient over
-the logits in place. Same contracts as `reference.py`. CPU tensors run under TRITON_INTERPRET=1.
+the logits in place. Same contracts as `torch_ops.py`. CPU tensors run under TRITON_INTERPRET=1.
 """
 
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .reference import stats_width
+from .torch_ops import stats_width
 
 # Largest V-block, and logits per thread and tensor on a GPU. 4 K-blocks at 4 logits per thread
 # (1024 threads) keep the CE + KD kernel at <= 46 registers of the 64 a 1024-thread block may use,
@@ -212,7 +212,7 @@ def cross_entropy_launch(logits: Tensor, targets: Tensor, weights: Tensor, loss:
 
 
 def cross_entropy_(logits: Tensor, targets: Tensor, row_weight: Tensor) -> Tensor:
-    """Cross-entropy per row; logits [n, V] become dloss/dlogits. See `reference.cross_entropy_`."""
+    """Cross-entropy per row; logits [n, V] become dloss/dlogits. See `torch_ops.cross_entropy_`."""
     loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     cross_entropy_launch(logits, targets, row_weight, loss)()
     return loss
@@ -277,7 +277,7 @@ def _kl_div(
 def kl_div_(
     logits: Tensor, teacher_logits: Tensor, row_weight: Tensor, temperature: float
 ) -> Tensor:
-    """KL * T^2 per row; student logits become the gradient. See `reference.kl_div_`."""
+    """KL * T^2 per row; student logits become the gradient. See `torch_ops.kl_div_`."""
     return _kl_div(logits, teacher_logits, None, None, row_weight, temperature, 1.0)[1]
 
 
@@ -290,11 +290,11 @@ def cross_entropy_kl_div_(
     kd_weight: float,
     ce_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """CE and KD rows from one logits chunk. See `reference.cross_entropy_kl_div_`."""
+    """CE and KD rows from one logits chunk. See `torch_ops.cross_entropy_kl_div_`."""
     return _kl_div(logits, teacher_logits, targets, ce_weight, row_weight, temperature, kd_weight)
 
 
-# The vocabulary-parallel split (`reference.shard_stats` / `reference.shard_grad_`): a statistics
+# The vocabulary-parallel split (`torch_ops.shard_stats` / `torch_ops.shard_grad_`): a statistics
 # sweep over one shard's logits, the TP group's reduction, then a gradient sweep.
 
 
@@ -454,7 +454,7 @@ def shard_stats(
     teacher_logits: Tensor | None = None,
     temperature: float = 1.0,
 ) -> Tensor:
-    """Per-row statistics of one vocabulary shard's logits chunk. See `reference.shard_stats`."""
+    """Per-row statistics of one vocabulary shard's logits chunk. See `torch_ops.shard_stats`."""
     width = stats_width(targets is not None, teacher_logits is not None)
     stats = torch.empty(logits.shape[0], width, dtype=torch.float32, device=logits.device)
     shard_stats_launch(logits, targets, ce_weight, teacher_logits, stats, temperature)()
@@ -490,5 +490,5 @@ def shard_grad_(
     kd_scale: Tensor | None = None,
     temperature: float = 1.0,
 ) -> None:
-    """One shard's logits [n, V] become their gradient. See `reference.shard_grad_`."""
+    """One shard's logits [n, V] become their gradient. See `torch_ops.shard_grad_`."""
     shard_grad_launch(logits, targets, ce_weight, lse, teacher_logits, kd_scale, temperature)()

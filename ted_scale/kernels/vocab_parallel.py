@@ -3,7 +3,7 @@
 Rank r holds rows [start, start + V_r) of a head whose row count was padded (Megatron: to a
 multiple of 128 x TP); ids >= the true vocabulary size are padding, kept out of every loss,
 gradient and score whatever their weight rows hold. Per chunk of rows each rank computes its
-shard's softmax statistics (`reference.shard_stats` / `triton_ops.shard_stats`), one all-gather
+shard's softmax statistics (`torch_ops.shard_stats` / `triton_ops.shard_stats`), one all-gather
 over the group brings every shard's statistics to every rank, each rank merges them into the
 global log-sum-exps and losses (the same on every rank) and finishes its own shard's gradient
 (`shard_grad_`). No rank ever holds full-vocabulary logits. docs/design.md, "Vocabulary-parallel
@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .reference import CE_STATS, stats_width
+from .torch_ops import CE_STATS, stats_width
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def shard_chunk_(
     """CE and KD rows of one chunk over the whole vocabulary; this shard's logits become the grad.
 
     Args:
-        ops: `reference` or `triton_ops`.
+        ops: `torch_ops` or `triton_ops`.
         logits: [n, V_r] this shard's student logits; teacher_logits [n, V_r] or None (no KD),
             clobbered.
         targets: [n] (or [n, k]) global ids in [0, vocab_size), ce_weight of the same shape

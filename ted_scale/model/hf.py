@@ -111,6 +111,30 @@ def config_from_hf(hf_config: GPT2Config, *, dropout: float | None = None) -> GP
     )
 
 
+# Shapes of the HF hub's GPT-2 checkpoints (n_layer, n_embd, n_head), so that an estimate needs
+# neither the network nor the weights; any other teacher must be a local HF folder.
+GPT2_HUB_SHAPES = {
+    "gpt2": (12, 768, 12),
+    "gpt2-medium": (24, 1024, 16),
+    "gpt2-large": (36, 1280, 20),
+    "gpt2-xl": (48, 1600, 25),
+}
+
+
+def pretrained_shape(name_or_path: str) -> GPTConfig:
+    """The ``GPTConfig`` of an HF GPT-2 (hub name or local folder) without loading its weights."""
+    if Path(name_or_path).is_dir():
+        return config_from_hf(GPT2Config.from_pretrained(name_or_path))
+    shape = GPT2_HUB_SHAPES.get(name_or_path.removeprefix("openai-community/"))
+    if shape is None:
+        raise ValueError(
+            f"{name_or_path!r}: not a local HF folder nor one of {sorted(GPT2_HUB_SHAPES)}, so "
+            "its shape is unknown offline"
+        )
+    n_layer, n_embd, n_head = shape
+    return GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head)
+
+
 def config_to_hf(config: GPTConfig, *, eos_token_id: int | None = None) -> GPT2Config:
     eos = config.vocab_size - 1 if eos_token_id is None else eos_token_id
     inner = _hf_inner(config)

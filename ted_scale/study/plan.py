@@ -12,7 +12,8 @@ from typing import Any
 
 import yaml
 
-from ted_scale.config import ConfigError, load_run_config
+from ted_scale.config import ConfigError
+from ted_scale.distill.methods import load_run_config
 from ted_scale.io import atomic_write_text
 from ted_scale.study.config import BASELINE, StudyConfig
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ted_scale.config import load_run_config
+from ted_scale.distill.methods import load_run_config
 from ted_scale.io import atomic_write_json, file_sha256
 
 Fingerprint = dict[str, Any]

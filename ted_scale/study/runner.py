@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ted_scale.config import load_run_config
 from ted_scale.data.sources import SourceSpec, input_fingerprint
 from ted_scale.data.tokenizer import load_tokenizer
 from ted_scale.distill.layer_map import resolve_layer_map
-from ted_scale.distill.methods import PhaseKind, get_method
+from ted_scale.distill.methods import PhaseKind, get_method, load_run_config
 from ted_scale.eval.datafiles import asset
 from ted_scale.eval.plots import read_metrics
 from ted_scale.io import atomic_write_json

@@ -23,23 +23,16 @@ from ted_scale.data.loader import DistributedBatchLoader, PackedTokens, open_spl
 from ted_scale.data.manifest import load_manifest
 from ted_scale.data.tokenizer import tokenizer_fingerprint
 from ted_scale.distill.methods import MethodContext, Phase, PlannedPhase, get_method
+from ted_scale.distill.run_models import build_run_models, run_tokenizer
 from ted_scale.flops import device_peak_tflops
 from ted_scale.io import atomic_write_json
-from ted_scale.parallel import agreed, barrier, init_parallel, parallelize_gpt
-from ted_scale.parallel.memory import check_run_fits
-from ted_scale.precision import autocast, compute_dtype, storage_dtype
+from ted_scale.parallel import agreed, barrier, init_parallel
+from ted_scale.precision import autocast, compute_dtype
 from ted_scale.train.checkpoint import CheckpointManager, CheckpointTag
 from ted_scale.train.engine import build_engine, deepspeed_config, gradient_accumulation_steps
 from ted_scale.train.evaluation import InTrainingEval
+from ted_scale.train.memory_check import check_run_fits
 from ted_scale.train.metrics import MetricsWriter, StepLog, Throughput
-from ted_scale.train.models import (
-    build_student,
-    build_teacher,
-    check_compatible,
-    compile_models,
-    run_tokenizer,
-    teacher_layer_map,
-)
 from ted_scale.train.nonfinite import NonFiniteGuard
 from ted_scale.train.prefetch import TeacherFeed
 from ted_scale.train.run_dir import PROGRESS_NAME, claim_run_dir, read_progress
@@ -93,20 +86,16 @@ class Trainer:
         self._prepare_run_dir()
         seed_everything(config.seed)
         self.tokenizer = run_tokenizer(config)
-        # A method without a teacher (lm, the "student alone" baseline) still builds it when the
-        # student starts from its blocks, then drops it: same init as the distilled students.
-        copies_blocks = config.student.init == "teacher_layers"
-        teacher = build_teacher(config) if self.method.needs_teacher or copies_blocks else None
-        self.student = build_student(config, teacher)
-        self.teacher = teacher if self.method.needs_teacher else None
-        check_compatible(config, self.tokenizer, self.teacher, self.student)
         self.compute_dtype = compute_dtype(config.precision, self.device)
-        padding = config.parallel.tensor_parallel_padding
-        if self.teacher is not None:
-            self.teacher.to(self.device, dtype=storage_dtype(self.compute_dtype))
-            parallelize_gpt(self.teacher, self.dims, "teacher", pad=padding)
-        parallelize_gpt(self.student.to(self.device), self.dims, "student", pad=padding)
-        compile_models(config, self.device, self.teacher, self.student)
+        self.models = build_run_models(
+            config,
+            needs_teacher=self.method.needs_teacher,
+            device=self.device,
+            compute_dtype=self.compute_dtype,
+            dims=self.dims,
+            tokenizer=self.tokenizer,
+        )
+        self.teacher, self.student = self.models.teacher, self.models.student
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints",
             [p.name for p in self.plan],
@@ -128,7 +117,7 @@ class Trainer:
             config=config,
             teacher=self.teacher,
             student=self.student,
-            layer_map=teacher_layer_map(config, self.teacher) if self.teacher else [],
+            layer_map=self.models.layer_map,
             device=self.device,
             compute_dtype=self.compute_dtype,
             run_dir=self.run_dir,

@@ -72,6 +72,22 @@ class Phase:
 
 
 @dataclass
+class ExtraModules:
+    """The modules a method adds to the teacher and the student, for the memory estimate
+    (``Method.extra_modules``; built on the meta device: shapes only).
+
+    frozen: held without gradients in the storage dtype (TED's teacher filters).
+    trained: trained with the student (student filters, LWD's projections, CR-ILD's fit layer).
+    tapped_layers: student layers whose states the layer term compares (their inputs to the
+        trained modules and the teacher's matching outputs are held for the loss).
+    """
+
+    frozen: nn.Module | None = None
+    trained: nn.Module | None = None
+    tapped_layers: int = 0
+
+
+@dataclass
 class MethodContext:
     """What a method builds its phases from: the run's config and models, where to put files, and
     the rank's place (``data_rank`` of ``data_ranks``: its data-parallel rank and their number).
@@ -201,6 +217,14 @@ class Method(ABC):
     @abstractmethod
     def build(self, phase: str, ctx: MethodContext) -> Phase:
         """Build ``phase`` (a name from ``plan``); earlier phases have finished."""
+
+    def extra_modules(
+        self, config: RunConfig, teacher: GPT, student: GPT, layer_map: list[int]
+    ) -> ExtraModules:
+        """The modules this method adds to ``teacher`` and ``student`` in its distillation
+        phase, built with the run's shapes on the current device (the memory estimate calls it
+        under ``torch.device("meta")``); default: none."""
+        return ExtraModules()
 
     def benchmarked(self, config: RunConfig) -> str:
         """The phase whose step the throughput benchmark times: the method's characteristic

@@ -33,14 +33,15 @@ from safetensors.torch import save
 from torch import Tensor, nn
 
 from ted_scale.config.parse import bounded
-from ted_scale.distill.methods import register
 from ted_scale.distill.methods.base import (
+    ExtraModules,
     Method,
     MethodContext,
     Phase,
     PlannedPhase,
     student_flops,
 )
+from ted_scale.distill.methods.registry import register
 from ted_scale.distill.modules import (
     FrozenTapper,
     StudentDistillation,
@@ -380,10 +381,27 @@ class MixupILD(nn.Module):
 
 
 # ------------------------------------------------------------------------------ the method
+def hidden_fit(section: CRILDConfig, d_s: int, d_t: int) -> nn.Module:
+    """fit for the hidden-state MSE: a learnable Linear d_s -> d_t when ``hidden_fit: linear`` or
+    the widths differ, else the identity (also when no hidden states are distilled)."""
+    hidden = section.objects in ("hidden", "both")
+    linear = section.hidden_fit == "linear" or d_s != d_t
+    return nn.Linear(d_s, d_t) if hidden and linear else nn.Identity()
+
+
 @register
 class CRILD(Method):
     name = "cr_ild"
     section = ("cr_ild", CRILDConfig)
+
+    def extra_modules(
+        self, config, teacher: GPT, student: GPT, layer_map: list[int]
+    ) -> ExtraModules:
+        # The ILD phase's fit layer (the larger phase for memory: it also holds the fit's input).
+        fit = hidden_fit(config.cr_ild, student.config.n_embd, teacher.config.n_embd)
+        if isinstance(fit, nn.Identity):
+            return ExtraModules()
+        return ExtraModules(trained=fit, tapped_layers=1)
 
     def plan(self, config) -> list[PlannedPhase]:
         if config.cr_ild.stages == "joint":
@@ -431,10 +449,7 @@ class CRILD(Method):
                 f"cr_ild.objects={section.objects} compares per-head distributions head by head: "
                 f"the student has {s_cfg.n_head} heads, the teacher {t_cfg.n_head}"
             )
-        d_s, d_t = s_cfg.n_embd, t_cfg.n_embd
-        linear = section.hidden_fit == "linear" or d_s != d_t
-        fit = nn.Linear(d_s, d_t) if hidden and linear else nn.Identity()
-        fit.to(ctx.device)
+        fit = hidden_fit(section, s_cfg.n_embd, t_cfg.n_embd).to(ctx.device)
         student = ctx.student.to(ctx.device)
         alpha_kd = config.distill.alpha_kd if joint else 0.0
         trained = MixupILD(

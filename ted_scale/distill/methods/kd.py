@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ted_scale.distill.methods import register
 from ted_scale.distill.methods.base import (
     Method,
     MethodContext,
@@ -10,6 +9,7 @@ from ted_scale.distill.methods.base import (
     PlannedPhase,
     student_flops,
 )
+from ted_scale.distill.methods.registry import register
 from ted_scale.distill.modules import FrozenTapper
 
 

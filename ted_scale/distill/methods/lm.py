@@ -3,8 +3,8 @@ and the "student alone" baseline every distillation method must beat."""
 
 from __future__ import annotations
 
-from ted_scale.distill.methods import register
 from ted_scale.distill.methods.base import Method, MethodContext, Phase, PlannedPhase
+from ted_scale.distill.methods.registry import register
 from ted_scale.distill.modules import StudentDistillation
 from ted_scale.flops import TRAINED, forward_flops, head_flops
 

@@ -6,40 +6,51 @@ from __future__ import annotations
 import torch
 
 from ted_scale.distill.filters import FilterBank
-from ted_scale.distill.methods import register
 from ted_scale.distill.methods.base import (
+    ExtraModules,
     Method,
     MethodContext,
     Phase,
     PlannedPhase,
     student_flops,
 )
+from ted_scale.distill.methods.registry import register
 from ted_scale.distill.modules import FrozenTapper
 from ted_scale.distill.objectives import mse_distance
 from ted_scale.flops import TRAINED, forward_flops
+from ted_scale.model import GPT
+
+
+def projections(student: GPT, teacher: GPT) -> FilterBank:
+    """W^k: student width -> teacher width, one per student block, randomly initialised."""
+    d_s, d_t = student.config.n_embd, teacher.config.n_embd
+    layers = list(range(student.config.n_layer))
+    return FilterBank([torch.nn.Linear(d_s, d_t) for _ in layers], layers)
 
 
 @register
 class LWD(Method):
     name = "lwd"
 
+    def extra_modules(
+        self, config, teacher: GPT, student: GPT, layer_map: list[int]
+    ) -> ExtraModules:
+        return ExtraModules(trained=projections(student, teacher), tapped_layers=len(layer_map))
+
     def plan(self, config) -> list[PlannedPhase]:
         return [PlannedPhase("stage2", "distill")]
 
     def build(self, phase: str, ctx: MethodContext) -> Phase:
-        d_s, d_t = ctx.student.config.n_embd, ctx.teacher.config.n_embd
-        layers = list(range(ctx.student.config.n_layer))
-        projections = FilterBank([torch.nn.Linear(d_s, d_t) for _ in layers], layers)
-        projections.to(ctx.device)
+        layer_modules = projections(ctx.student, ctx.teacher).to(ctx.device)
         trained = ctx.distillation(
-            layer_modules=projections,
+            layer_modules=layer_modules,
             layer_distance=lambda states, tapped, _: mse_distance(states, tapped.layer_states),
         )
         kd = ctx.config.distill.alpha_kd > 0
 
         def flops_per_token(seq_len: int) -> float:
             return student_flops(ctx, seq_len, kd=kd) + TRAINED * forward_flops(
-                projections, seq_len
+                layer_modules, seq_len
             )
 
         return ctx.student_phase(

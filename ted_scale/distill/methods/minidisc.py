@@ -35,10 +35,11 @@ from torch import Tensor, nn
 from ted_scale.config.parse import ConfigError, bounded
 from ted_scale.config.schema import ScheduleConfig
 from ted_scale.distill.filter_io import weights_fingerprint
-from ted_scale.distill.methods import get_method, register
 from ted_scale.distill.methods.base import Method, MethodContext, Phase, PlannedPhase
+from ted_scale.distill.methods.registry import get_method, register
 from ted_scale.distill.modules import FrozenTapper, TappedOutputs, to_compute_dtype
 from ted_scale.distill.objectives import kl_distillation, mse_distance
+from ted_scale.distill.run_models import place_teacher
 from ted_scale.eval.heldout import heldout_perplexity
 from ted_scale.flops import FROZEN, TRAINED, forward_flops, head_flops, subnet_flops
 from ted_scale.io import (
@@ -56,11 +57,9 @@ from ted_scale.model import (
     load_pretrained,
     set_dropout,
 )
-from ted_scale.model.compile import compile_blocks, compile_enabled
 from ted_scale.model.pruning import Importance, extract, mask_importance, reorder, subnet_at
 from ted_scale.parallel import barrier
 from ted_scale.parallel.tensor import tensor_parallel_group, unsharded_copy
-from ted_scale.precision import storage_dtype
 
 FINAL_PREFIX = "final_"
 WORK_DIR = "minidisc"  # run_dir/minidisc: importance and the shared TA weights
@@ -512,11 +511,8 @@ class MiniDisc(Method):
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no TA; run the scoring phase first")
         ta = load_pretrained(path, attention=config.model.attention)
-        ta.eval().requires_grad_(False).to(ctx.device, dtype=storage_dtype(ctx.compute_dtype))
         # The TA's blocks have the pruned shapes scoring chose: padded where tp does not divide.
-        ctx.place(ta, "teacher", pad=True)
-        if compile_enabled(config.model.compile, ctx.device):
-            compile_blocks(ta)
+        place_teacher(ta, config, ctx.device, ctx.compute_dtype, ctx.dims, pad=True)
         self._final_ctx = dataclasses.replace(ctx, teacher=ta)
         return self._final_ctx
 

@@ -31,14 +31,15 @@ from ted_scale.distill.filter_io import (
     weights_fingerprint,
 )
 from ted_scale.distill.filters import FilterArch, FilterBank, FilterInit, build_filters
-from ted_scale.distill.methods import register
 from ted_scale.distill.methods.base import (
+    ExtraModules,
     Method,
     MethodContext,
     Phase,
     PlannedPhase,
     student_flops,
 )
+from ted_scale.distill.methods.registry import register
 from ted_scale.distill.modules import (
     FrozenTapper,
     LayerDistance,
@@ -186,6 +187,21 @@ class TED(Method):
             frozen = copy.deepcopy(ctx.student).to(ctx.device)
             return self._stage1(phase, ctx, frozen, list(range(frozen.config.n_layer)), "student")
         return self._stage2(ctx)
+
+    def extra_modules(
+        self, config, teacher: GPT, student: GPT, layer_map: list[int]
+    ) -> ExtraModules:
+        section = config.filters
+        kwargs = {"d_out": teacher.config.n_embd, "mlp_hidden": section.mlp_hidden}
+        kwargs["generator"] = torch.Generator()  # shapes only: any draw
+        frozen = build_filters(section.arch, teacher, layer_map, **kwargs)
+        layers = list(range(student.config.n_layer))
+        trained = (
+            copy.deepcopy(frozen)  # the teacher's filter at M(k), as _student_filters copies it
+            if section.student_filters == "copy"
+            else build_filters(section.arch, student, layers, **kwargs)
+        )
+        return ExtraModules(frozen, trained, tapped_layers=len(layers))
 
     # ------------------------------------------------------------------------- filters
     @staticmethod

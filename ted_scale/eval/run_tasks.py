@@ -11,7 +11,7 @@ import torch
 from ted_scale.eval import EvalError
 from ted_scale.eval.heldout import evaluate_heldout
 from ted_scale.eval.lambada import evaluate_lambada, load_lambada, load_lambada_hf
-from ted_scale.eval.models import load_model
+from ted_scale.eval.model_loading import load_model
 from ted_scale.eval.wikitext import PROTOCOLS, evaluate_wikitext, load_wikitext_source
 
 TASKS = ("lambada", "wikitext", "heldout")

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from ted_scale.config import load_run_config
+from ted_scale.distill.methods import load_run_config
 from ted_scale.study.config import BASELINE, load_study_config
 from ted_scale.study.plan import StudyPaths
 from ted_scale.study.runner import corpus_file

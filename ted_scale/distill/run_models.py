@@ -1,9 +1,13 @@
-"""Teacher, student and tokenizer as the run configuration describes them, checked against each
-other before any training starts."""
+"""The run's teacher, student and tokenizer, made in one place: loaded or initialised as the run
+configuration says, checked against each other, and placed (dtype, device, tensor-parallel
+sharding with the configured padding, per-block compile). The trainer, the throughput benchmark,
+MiniDisc's final hop and the memory estimate (shapes only, on the meta device) all build here, so
+they cannot drift apart.
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +25,9 @@ from ted_scale.model import (
     student_from_teacher,
 )
 from ted_scale.model.compile import compile_blocks, compile_enabled
+from ted_scale.model.hf import pretrained_shape
+from ted_scale.parallel import ParallelDims, parallelize_gpt
+from ted_scale.precision import storage_dtype
 
 # Any of these in a model folder means it ships a tokenizer, which must then load whole.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
@@ -85,12 +92,102 @@ def build_student(config: RunConfig, teacher: GPT | None) -> GPT:
     return student.train().requires_grad_(True)
 
 
-def compile_models(config: RunConfig, device: torch.device, *models: GPT | None) -> None:
-    """Compile the blocks of every model given when ``model.compile`` says so on ``device``."""
+@dataclass
+class RunModels:
+    """What a ``MethodContext`` needs of the run's models.
+
+    teacher: the frozen teacher (None for a method without one, e.g. ``lm``).
+    student: the trained student.
+    layer_map: the teacher block each student block is matched with ([] without a teacher).
+    """
+
+    teacher: GPT | None
+    student: GPT
+    layer_map: list[int]
+
+
+def place_teacher(
+    teacher: GPT,
+    config: RunConfig,
+    device: torch.device,
+    compute_dtype: torch.dtype | None,
+    dims: ParallelDims | None,
+    *,
+    pad: bool,
+) -> GPT:
+    """``teacher`` frozen (eval, no gradients) in the storage dtype on ``device``, sharded over
+    ``dims``' tensor-parallel group (``pad``: as ``parallelize_gpt``), blocks compiled when
+    ``model.compile`` says so on ``device``."""
+    teacher.eval().requires_grad_(False).to(device, dtype=storage_dtype(compute_dtype))
+    if dims is not None:
+        parallelize_gpt(teacher, dims, "teacher", pad=pad)
     if compile_enabled(config.model.compile, device):
-        for model in models:
-            if model is not None:
-                compile_blocks(model)
+        compile_blocks(teacher)
+    return teacher
+
+
+def place_student(
+    student: GPT, config: RunConfig, device: torch.device, dims: ParallelDims | None, *, pad: bool
+) -> GPT:
+    """``student`` (fp32 master weights) on ``device``, sharded and compiled as ``place_teacher``."""
+    student.to(device)
+    if dims is not None:
+        parallelize_gpt(student, dims, "student", pad=pad)
+    if compile_enabled(config.model.compile, device):
+        compile_blocks(student)
+    return student
+
+
+def build_run_models(
+    config: RunConfig,
+    *,
+    needs_teacher: bool,
+    device: torch.device,
+    compute_dtype: torch.dtype | None = None,
+    dims: ParallelDims | None = None,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+) -> RunModels:
+    """The run's models, placed. The caller seeds the generators first: the teacher draws first
+    (when random), then the student. A method without a teacher (``needs_teacher`` False) still
+    builds it when the student starts from its blocks, then drops it: the same init as the
+    distilled students. With ``tokenizer`` (the data's), vocabulary, tokenizer and context are
+    checked before anything is placed."""
+    copies_blocks = config.student.init == "teacher_layers"
+    teacher = build_teacher(config) if needs_teacher or copies_blocks else None
+    student = build_student(config, teacher)
+    teacher = teacher if needs_teacher else None
+    if tokenizer is not None:
+        check_compatible(config, tokenizer, teacher, student)
+    pad = config.parallel.tensor_parallel_padding
+    if teacher is not None:
+        place_teacher(teacher, config, device, compute_dtype, dims, pad=pad)
+    place_student(student, config, device, dims, pad=pad)
+    layer_map = teacher_layer_map(config, teacher) if teacher is not None else []
+    return RunModels(teacher, student, layer_map)
+
+
+def run_model_shapes(config: RunConfig) -> RunModels:
+    """The run's teacher and student on the meta device (shapes only, nothing loaded: a
+    pretrained model's shape is read from its ``config.json`` or GPT-2's known hub shapes),
+    built by the same constructors; the teacher is always built (the memory estimate counts it)."""
+    with torch.device("meta"):
+        teacher = GPT(
+            pretrained_shape(config.teacher.pretrained)
+            if config.teacher.pretrained
+            else config.teacher.arch
+        )
+        layer_map = teacher_layer_map(config, teacher)
+        if config.student.init == "teacher_layers":
+            student = student_from_teacher(teacher, layer_map, dropout=config.student.dropout)
+        elif config.student.init == "pretrained":
+            shape = pretrained_shape(config.student.pretrained)
+            student = GPT(replace(shape, dropout=config.student.dropout))
+        else:
+            shape = replace(
+                teacher.config, n_layer=config.student.n_layer, dropout=config.student.dropout
+            )
+            student = GPT(shape)
+    return RunModels(teacher, student, layer_map)
 
 
 def check_compatible(

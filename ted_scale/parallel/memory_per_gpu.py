@@ -10,9 +10,13 @@ Each rank of a (dp, tp) layout (docs/design.md, "Tensor parallelism: memory per 
 - the bf16 copies autocast makes of every trained weight for one forward/backward (2 bytes each);
 - DeepSpeed's contiguous gradient-reduction bucket (ZeRO 1 and 2: ``reduce_bucket_size`` fp32,
   allocated at the first gradient of each backward pass, when the activations are still held);
-- filters: the teacher's frozen (storage dtype), the student's trained (fp32, with gradients and
-  AdamW state like the student's); replicated over the tensor-parallel group;
+- the modules a method adds: frozen ones (TED's teacher filters, storage dtype) and trained ones
+  (student filters, projections: fp32, with gradients and AdamW state like the student's);
+  replicated over the tensor-parallel group;
 - the activations autograd saves for one micro-batch (see :func:`block_activation_bytes`).
+
+The estimate of a whole run configuration (its models built on the meta device, the check before
+a run starts) is ``ted_scale.train.memory_check``; this module is the arithmetic.
 
 Sharding (Megatron's): ``attn.qkv_proj`` (by heads) and ``mlp.up_proj`` are column-parallel (weight
 and bias split), ``attn.out_proj`` and ``mlp.down_proj`` row-parallel (weight split, bias
@@ -24,9 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,7 +40,6 @@ from ted_scale.parallel.tensor import (
     pad_for_tensor_parallel,
     padded_vocab_size,
 )
-from ted_scale.precision import compute_dtype
 
 FP32 = 4
 MASK = 1  # a dropout mask is one bool byte per element
@@ -165,18 +166,22 @@ def estimate_memory(
     student: nn.Module,
     layout: Layout,
     *,
-    teacher_filters: nn.Module | None = None,
-    student_filters: nn.Module | None = None,
+    frozen_modules: nn.Module | None = None,
+    trained_modules: nn.Module | None = None,
+    tapped_layers: int = 0,
     kd: bool = True,
     teacher_ahead: bool = False,
 ) -> MemoryEstimate:
     """Bytes per GPU of a distillation step (Stage II, the larger one) of ``student`` from the
     frozen ``teacher`` (both ``GPT``: ``meta_gpt(config)`` builds one from a ``GPTConfig``) with
-    the given filters, at ``layout``. Other modules a method trains (LWD's projections, ...) are not counted.
+    the modules the method adds, at ``layout``: ``frozen_modules`` (TED's teacher filters) and
+    ``trained_modules`` (its student filters, LWD's projections, CR-ILD's fit layer), each whole
+    on every tensor-parallel rank.
 
     Activations are the student's: its blocks, embeddings and head (all blocks at once, or under
-    activation checkpointing each block's fp32 input plus one block recomputed), and with filters
-    per tapped layer the student filter's saved input (c) and the fp32 difference the squared
+    activation checkpointing each block's fp32 input plus one block recomputed), and per tapped
+    layer (``tapped_layers``: the student layers the layer term compares) the trained module's
+    saved input (c) and the fp32 difference the squared
     error saves (4), per token and width. The teacher's outputs held for the loss are its filtered
     state per tapped layer and, with ``kd``, its final hidden state (c each), twice with
     ``teacher_ahead`` (prefetch computes the next micro-batch's during this one). The teacher's
@@ -191,11 +196,11 @@ def estimate_memory(
         else:
             check_shardable(model.config, tp, name)
     n_student = params_per_rank(student, tp)
-    # Filters stay whole on every tensor-parallel rank (block filters too).
-    frozen_filters = 0 if teacher_filters is None else params_per_rank(teacher_filters, 1)
-    trained_filters = 0 if student_filters is None else params_per_rank(student_filters, 1)
+    # A method's modules stay whole on every tensor-parallel rank (block filters too).
+    n_frozen = 0 if frozen_modules is None else params_per_rank(frozen_modules, 1)
+    n_trained = 0 if trained_modules is None else params_per_rank(trained_modules, 1)
     weights, grads, optimizer = _trained_bytes(n_student, layout)
-    f_weights, f_grads, f_optimizer = _trained_bytes(trained_filters, layout)
+    m_weights, m_grads, m_optimizer = _trained_bytes(n_trained, layout)
 
     cfg = student.config
     dropout = cfg.dropout > 0
@@ -218,10 +223,11 @@ def estimate_memory(
         student_acts = sum(blocks)
     # Embedding dropout mask, the final LayerNorm's fp32 input and the LM head's input.
     student_acts += ((MASK if dropout else 0) + FP32 + c) * tokens * cfg.n_embd // sp
-    tapped = 0 if student_filters is None else len(getattr(student_filters, "filters", []))
     d_t = teacher.config.n_embd
-    student_acts += tapped * (c + FP32) * tokens * d_t
-    teacher_outputs = (tapped + (1 if kd else 0)) * c * tokens * d_t * (2 if teacher_ahead else 1)
+    student_acts += tapped_layers * (c + FP32) * tokens * d_t
+    teacher_outputs = (
+        (tapped_layers + (1 if kd else 0)) * c * tokens * d_t * (2 if teacher_ahead else 1)
+    )
 
     estimate = MemoryEstimate(layout)
     estimate.parts = {
@@ -229,11 +235,8 @@ def estimate_memory(
         "student weights (fp32)": weights,
         "student gradients (fp32)": grads,
         "optimizer (fp32 copy + AdamW m, v)": optimizer,
-        "filters (teacher frozen, student trained)": c * frozen_filters
-        + f_weights
-        + f_grads
-        + f_optimizer,
-        "bf16 weight copies (autocast)": c * (n_student + trained_filters) if c < FP32 else 0,
+        "method's modules (frozen, trained)": c * n_frozen + m_weights + m_grads + m_optimizer,
+        "bf16 weight copies (autocast)": c * (n_student + n_trained) if c < FP32 else 0,
         "ZeRO gradient bucket (fp32)": FP32 * layout.reduce_bucket
         if layout.zero_stage in (1, 2)
         else 0,
@@ -267,198 +270,3 @@ def format_table(estimates: list[MemoryEstimate], extra_rows: dict[str, list[str
     for name, cells in {**rows, **extra_rows}.items():
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-# Shapes of the HF hub's GPT-2 checkpoints (n_layer, n_embd, n_head), so that an estimate needs
-# neither the network nor the weights; any other teacher must be a local HF folder.
-GPT2_HUB_SHAPES = {
-    "gpt2": (12, 768, 12),
-    "gpt2-medium": (24, 1024, 16),
-    "gpt2-large": (36, 1280, 20),
-    "gpt2-xl": (48, 1600, 25),
-}
-
-
-def pretrained_shape(name_or_path: str) -> GPTConfig:
-    """The ``GPTConfig`` of an HF GPT-2 (hub name or local folder) without loading its weights."""
-    from transformers import GPT2Config
-
-    from ted_scale.model.hf import config_from_hf
-
-    if Path(name_or_path).is_dir():
-        return config_from_hf(GPT2Config.from_pretrained(name_or_path))
-    shape = GPT2_HUB_SHAPES.get(name_or_path.removeprefix("openai-community/"))
-    if shape is None:
-        raise ValueError(
-            f"{name_or_path!r}: not a local HF folder nor one of {sorted(GPT2_HUB_SHAPES)}, so "
-            "its shape is unknown offline"
-        )
-    n_layer, n_embd, n_head = shape
-    return GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head)
-
-
-@dataclass
-class RunModels:
-    """A run's models on the meta device (shapes only): what :func:`estimate_memory` takes."""
-
-    teacher: nn.Module
-    student: nn.Module
-    teacher_filters: nn.Module | None
-    student_filters: nn.Module | None
-    kd: bool
-
-
-def run_models(config) -> RunModels:
-    """Teacher, student and (TED and its variants) filters of a ``RunConfig``, built on the meta
-    device by the trainer's own constructors, so every shape is the run's."""
-    # Imported here: the method and trainer modules import ted_scale.parallel themselves.
-    from ted_scale.distill.filters import build_filters
-    from ted_scale.distill.methods import get_method
-    from ted_scale.distill.methods.ted import TED
-    from ted_scale.model.student import student_from_teacher
-    from ted_scale.train.models import teacher_layer_map
-
-    with torch.device("meta"):
-        teacher = GPT(
-            pretrained_shape(config.teacher.pretrained)
-            if config.teacher.pretrained
-            else config.teacher.arch
-        )
-        layer_map = teacher_layer_map(config, teacher)
-        if config.student.init == "teacher_layers":
-            student = student_from_teacher(teacher, layer_map, dropout=config.student.dropout)
-        elif config.student.init == "pretrained":
-            shape = pretrained_shape(config.student.pretrained)
-            student = GPT(replace(shape, dropout=config.student.dropout))
-        else:
-            shape = replace(
-                teacher.config, n_layer=config.student.n_layer, dropout=config.student.dropout
-            )
-            student = GPT(shape)
-        teacher_filters = student_filters = None
-        if isinstance(get_method(config.method), TED):
-            arch, d_t = config.filters.arch, teacher.config.n_embd
-            kwargs = {"d_out": d_t, "mlp_hidden": config.filters.mlp_hidden}
-            kwargs["generator"] = torch.Generator()  # shapes only: any draw
-            teacher_filters = build_filters(arch, teacher, layer_map, **kwargs)
-            layers = list(range(student.config.n_layer))
-            student_filters = (
-                copy.deepcopy(teacher_filters)  # the teacher's filter at M(k), as the trainer
-                if config.filters.student_filters == "copy"
-                else build_filters(arch, student, layers, **kwargs)
-            )
-    return RunModels(
-        teacher, student, teacher_filters, student_filters, config.distill.alpha_kd > 0
-    )
-
-
-def run_layout(config, *, tp: int, world: int, seq_len: int) -> Layout:
-    """The ``Layout`` of a ``RunConfig`` at tensor-parallel size ``tp`` on ``world`` GPUs."""
-    if world % tp:
-        raise ValueError(f"tensor_parallel_size={tp} does not divide the world size {world}")
-    zero = config.deepspeed.extra.get("zero_optimization", {})
-    return Layout(
-        tp=tp,
-        dp=world // tp,
-        zero_stage=config.deepspeed.zero_stage,
-        micro_batch=config.batch.micro_batch_size,
-        seq_len=seq_len,
-        compute_bytes=FP32 if config.precision == "fp32" else 2,
-        activation_checkpointing=config.model.activation_checkpointing,
-        sequence_parallel=config.parallel.sequence_parallel and tp > 1,
-        padding=config.parallel.tensor_parallel_padding and tp > 1,
-        flash_attention=config.model.attention != "eager",
-        offload_optimizer=config.deepspeed.offload_optimizer,
-        reduce_bucket=int(zero.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET)),
-    )
-
-
-def run_memory_table(
-    config, *, tps: list[int], world: int, seq_len: int, gpus_gib: list[float], with_sp: bool
-) -> str:
-    """The Markdown table of a ``RunConfig`` at each tensor-parallel size in ``tps`` on ``world``
-    GPUs (and, with ``with_sp``, each tp > 1 again with sequence parallelism), with whether it
-    fits and the largest micro-batch that fits on GPUs of each size in ``gpus_gib``."""
-    models = run_models(config)
-
-    def estimate_at(layout: Layout) -> MemoryEstimate:
-        return estimate_memory(
-            models.teacher,
-            models.student,
-            layout,
-            teacher_filters=models.teacher_filters,
-            student_filters=models.student_filters,
-            kd=models.kd,
-            teacher_ahead=config.teacher_prefetch != "off",  # "auto" prefetches on a GPU
-        )
-
-    layouts = []
-    for tp in tps:
-        layouts.append(run_layout(config, tp=tp, world=world, seq_len=seq_len))
-        if with_sp and tp > 1 and not layouts[-1].sequence_parallel:
-            layouts.append(replace(layouts[-1], sequence_parallel=True))
-    estimates = [estimate_at(layout) for layout in layouts]
-    extra = {}
-    for gib in gpus_gib:
-        extra[f"fits in {gib:g} GiB"] = [
-            "yes" if e.total <= gib * GIB else "**no**" for e in estimates
-        ]
-        extra[f"largest micro-batch in {gib:g} GiB"] = [
-            str(largest_micro_batch(e, estimate_at, gib * GIB)) for e in estimates
-        ]
-    return format_table(estimates, extra)
-
-
-def available_bytes(device: torch.device) -> tuple[int, str]:
-    """Memory this machine has free for a rank on ``device``, and where it was read."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free, f"{device} has"
-    import psutil  # a DeepSpeed dependency
-
-    return psutil.virtual_memory().available, "this machine has"
-
-
-def check_run_fits(config, device: torch.device, *, tp: int, world: int, seq_len: int) -> None:
-    """Refuse, before any model is built, a run whose estimate (:func:`estimate_memory` of its
-    shapes on the meta device, less DeepSpeed's lazily sized reduction bucket) exceeds the memory
-    free on ``device``: on a CPU, for all the ranks this machine runs. A teacher whose shape is
-    not known offline (a hub name other than GPT-2's) is not checked here."""
-    from ted_scale.config import ConfigError
-
-    try:
-        models = run_models(config)
-    except (ValueError, OSError):  # a shape not known offline: the build itself will tell
-        return
-    layout = replace(
-        run_layout(config, tp=tp, world=world, seq_len=seq_len),
-        compute_bytes=FP32 if compute_dtype(config.precision, device) is None else 2,
-        reduce_bucket=0,
-    )
-    estimate = estimate_memory(
-        models.teacher,
-        models.student,
-        layout,
-        teacher_filters=models.teacher_filters,
-        student_filters=models.student_filters,
-        kd=models.kd,
-    )
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
-    needed = estimate.total * ranks
-    free, where = available_bytes(device)
-    if needed <= free:
-        return
-    largest = sorted(estimate.parts.items(), key=lambda kv: -kv[1])[:3]
-    parts = ", ".join(f"{name} {size / GIB:.1f}" for name, size in largest)
-    raise ConfigError(
-        f"the run needs about {needed / GIB:.1f} GiB ({ranks} rank(s) x {estimate.total / GIB:.1f}"
-        f" GiB; largest: {parts} GiB) and {where} {free / GIB:.1f} GiB free. It grows with the "
-        f"teacher ({_shape(models.teacher.config)}: teacher.pretrained / teacher.arch), the "
-        f"student ({_shape(models.student.config)}: student.n_layer, student.init), "
-        f"batch.micro_batch_size={config.batch.micro_batch_size} and the data's seq_len "
-        f"{seq_len}; `launch/estimate_memory.py` shows the table"
-    )
-
-
-def _shape(c: GPTConfig) -> str:
-    return f"n_layer={c.n_layer}, n_embd={c.n_embd}, vocab_size={c.vocab_size}"

@@ -19,7 +19,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from ted_scale.bench.throughput import Preset, Spec, bench_config
+from ted_scale.bench.presets import Preset, Spec, bench_config
 from ted_scale.config.parse import dump_yaml
 from ted_scale.config.schema import ScheduleConfig
 from ted_scale.data.prepare import PrepareConfig, prepare
@@ -70,8 +70,7 @@ def synthetic_dataset(
 def measure_engine(preset: Preset, spec: Spec, *, zero_stage: int = 1) -> dict:
     """Run the trainer on ``spec``'s configuration; every phase gets the preset's warm-up + timed
     steps (so the benchmarked phase, ``Method.benchmarked``, does; the others only set it up)."""
-    from ted_scale.config import load_run_config
-    from ted_scale.distill.methods import get_method
+    from ted_scale.distill.methods import get_method, load_run_config
     from ted_scale.train.trainer import Trainer
 
     steps = preset.warmup + preset.steps

@@ -17,6 +17,7 @@ that ceiling.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import subprocess
@@ -26,7 +27,9 @@ from dataclasses import asdict
 import torch
 
 from ted_scale.bench.ceiling import Ceiling, best_ceiling, measure_ceiling, step_shapes
-from ted_scale.bench.throughput import PIECES, PRESETS, Preset, Spec, measure_row
+from ted_scale.bench.presets import PRESETS, Preset, Spec
+from ted_scale.bench.throughput import PIECES, measure
+from ted_scale.bench.trainer_loop import measure_engine
 from ted_scale.distill.methods import get_method
 
 SPEEDUP_TARGET, MEMORY_TARGET, FLOP_RATIO_TOLERANCE, MFU_TARGET = 1.3, 0.6, 0.10, 0.45
@@ -70,7 +73,7 @@ def run_configuration(
         finally:
             torch.set_num_threads(before)
     cmd = [
-        sys.executable, "-m", "ted_scale.bench.throughput",
+        sys.executable, "-m", "ted_scale.bench.throughput_suite",
         "--preset", preset, "--spec", json.dumps(asdict(spec)),
     ]  # fmt: skip
     if threads:
@@ -253,3 +256,30 @@ def _fmt(value, width: int = 8) -> str:
     if isinstance(value, float):
         return f"{value:{width}.3f}"
     return f"{value!s:>{width}s}"
+
+
+def main() -> None:
+    """Worker entry: measure one configuration in this (fresh) process, print its row as JSON."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    parser.add_argument("--spec", required=True, help="a Spec as a JSON object")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--engine", action="store_true", help="also time the trainer's loop")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(json.dumps(measure_row(PRESETS[args.preset], Spec(**json.loads(args.spec)), args.engine)))
+
+
+def measure_row(preset: Preset, spec: Spec, engine: bool) -> dict:
+    """``measure``, and with ``engine`` the trainer's own loop on the same configuration
+    (``ted_scale.bench.trainer_loop``) beside it: ``engine_tokens_per_s`` and ``engine_vs_plain``."""
+    row = measure(preset, spec)
+    if engine and spec.impl != "reference":
+        row.update(measure_engine(preset, spec))
+        row["engine_vs_plain"] = row["engine_tokens_per_s"] / row["tokens_per_s"]
+    return row
+
+
+if __name__ == "__main__":
+    main()

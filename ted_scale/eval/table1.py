@@ -23,7 +23,7 @@ class Column:
     task: str  # key of an `evaluate.py` results file
     metric: str
     is_accuracy: bool
-    study_key: str  # the same metric's key in the study's results.json (ted_scale/study/report.py)
+    study_key: str  # the same metric's key in the study's results.json (ted_scale/study/results.py)
     meaning: str
 
 
@@ -77,7 +77,7 @@ def load_results(path: str | os.PathLike) -> dict:
 
 
 def load_study(path: str | os.PathLike) -> dict | None:
-    """The study's `results.json` (ted_scale/study/report.py), or None when the file is absent.
+    """The study's `results.json` (ted_scale/study/results.py), or None when the file is absent.
 
     EvalError naming the file when it is there but is not a study's results.
     """
