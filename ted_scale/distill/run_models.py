@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import PreTrainedTokenizerFast
@@ -106,8 +107,9 @@ class RunModels:
     layer_map: list[int]
 
 
-def place_teacher(
-    teacher: GPT,
+def place(
+    model: GPT,
+    role: Literal["teacher", "student"],
     config: RunConfig,
     device: torch.device,
     compute_dtype: torch.dtype | None,
@@ -115,27 +117,19 @@ def place_teacher(
     *,
     pad: bool,
 ) -> GPT:
-    """``teacher`` frozen (eval, no gradients) in the storage dtype on ``device``, sharded over
-    ``dims``' tensor-parallel group (``pad``: as ``parallelize_gpt``), blocks compiled when
+    """``model`` placed for its role: a teacher frozen (eval, no gradients) in the storage dtype,
+    a student in fp32 (master weights under autocast), on ``device``; sharded over ``dims``'
+    tensor-parallel group (``pad``: as ``parallelize_gpt``); blocks compiled when
     ``model.compile`` says so on ``device``."""
-    teacher.eval().requires_grad_(False).to(device, dtype=storage_dtype(compute_dtype))
+    if role == "teacher":
+        model.eval().requires_grad_(False).to(device, dtype=storage_dtype(compute_dtype))
+    else:
+        model.to(device)
     if dims is not None:
-        parallelize_gpt(teacher, dims, "teacher", pad=pad)
+        parallelize_gpt(model, dims, role, pad=pad)
     if compile_enabled(config.model.compile, device):
-        compile_blocks(teacher)
-    return teacher
-
-
-def place_student(
-    student: GPT, config: RunConfig, device: torch.device, dims: ParallelDims | None, *, pad: bool
-) -> GPT:
-    """``student`` (fp32 master weights) on ``device``, sharded and compiled as ``place_teacher``."""
-    student.to(device)
-    if dims is not None:
-        parallelize_gpt(student, dims, "student", pad=pad)
-    if compile_enabled(config.model.compile, device):
-        compile_blocks(student)
-    return student
+        compile_blocks(model)
+    return model
 
 
 def build_run_models(
@@ -160,8 +154,8 @@ def build_run_models(
         check_compatible(config, tokenizer, teacher, student)
     pad = config.parallel.tensor_parallel_padding
     if teacher is not None:
-        place_teacher(teacher, config, device, compute_dtype, dims, pad=pad)
-    place_student(student, config, device, dims, pad=pad)
+        place(teacher, "teacher", config, device, compute_dtype, dims, pad=pad)
+    place(student, "student", config, device, compute_dtype, dims, pad=pad)
     layer_map = teacher_layer_map(config, teacher) if teacher is not None else []
     return RunModels(teacher, student, layer_map)
 

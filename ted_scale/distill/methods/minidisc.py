@@ -39,7 +39,7 @@ from ted_scale.distill.methods.base import Method, MethodContext, Phase, Planned
 from ted_scale.distill.methods.registry import get_method, register
 from ted_scale.distill.modules import FrozenTapper, TappedOutputs, to_compute_dtype
 from ted_scale.distill.objectives import kl_distillation, mse_distance
-from ted_scale.distill.run_models import place_teacher
+from ted_scale.distill.run_models import place
 from ted_scale.eval.heldout import heldout_perplexity
 from ted_scale.flops import FROZEN, TRAINED, forward_flops, head_flops, subnet_flops
 from ted_scale.io import (
@@ -512,7 +512,7 @@ class MiniDisc(Method):
             raise FileNotFoundError(f"{path}: no TA; run the scoring phase first")
         ta = load_pretrained(path, attention=config.model.attention)
         # The TA's blocks have the pruned shapes scoring chose: padded where tp does not divide.
-        place_teacher(ta, config, ctx.device, ctx.compute_dtype, ctx.dims, pad=True)
+        place(ta, "teacher", config, ctx.device, ctx.compute_dtype, ctx.dims, pad=True)
         self._final_ctx = dataclasses.replace(ctx, teacher=ta)
         return self._final_ctx
 
