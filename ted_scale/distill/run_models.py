@@ -170,17 +170,12 @@ def run_model_shapes(config: RunConfig) -> RunModels:
             if config.teacher.pretrained
             else config.teacher.arch
         )
-        layer_map = teacher_layer_map(config, teacher)
-        if config.student.init == "teacher_layers":
-            student = student_from_teacher(teacher, layer_map, dropout=config.student.dropout)
-        elif config.student.init == "pretrained":
+        if config.student.init == "pretrained":
             shape = pretrained_shape(config.student.pretrained)
             student = GPT(replace(shape, dropout=config.student.dropout))
-        else:
-            shape = replace(
-                teacher.config, n_layer=config.student.n_layer, dropout=config.student.dropout
-            )
-            student = GPT(shape)
+        else:  # the trainer's constructor: teacher blocks at the layer map, or random
+            student = build_student(config, teacher)
+    layer_map = teacher_layer_map(config, teacher)
     return RunModels(teacher, student, layer_map)
 
 
