@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ted_scale.model.gpt import GPT, CausalSelfAttention, Subnet
+from ted_scale.model.tp_layout import ShardedLinear
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity), from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {
@@ -35,9 +36,6 @@ PEAK_BF16_TFLOPS = {
     "H200": 989.0,
 }
 
-# ``tp_layout`` of the tensor-parallel linear layers (ted_scale.parallel.tensor).
-_SHARDED_LINEAR = ("qkv", "column", "row")
-
 TRAINED = 3.0  # forward + backward
 FROZEN = 1.0  # forward only
 
@@ -46,7 +44,7 @@ def forward_flops(module: nn.Module, seq_len: int) -> float:
     """Forward FLOPs per token of every linear layer and attention inside ``module``."""
     total = 0.0
     for m in module.modules():
-        if isinstance(m, nn.Linear) or getattr(m, "tp_layout", None) in _SHARDED_LINEAR:
+        if isinstance(m, nn.Linear | ShardedLinear):
             d_out, d_in = _shape(m.weight)  # this rank's shard of a tensor-parallel one
             total += 2 * d_in * d_out
         elif isinstance(m, CausalSelfAttention):

@@ -39,6 +39,8 @@ def test_yaml_file_and_overrides_build_typed_config(tmp_path):
         ("teacher.arch.n_embd=50", "teacher.arch: n_embd .50. must be divisible by n_head"),
         ("batch.global_batch_size=10", "must be a multiple of batch.micro_batch_size"),
         ("optim", "must look like key.subkey=value"),
+        ("distill.divergence=kl", "distill.divergence must be one of 'forward_kl', .*got 'kl'"),
+        ("distill.jsd_beta=1", r"distill.jsd_beta must be < 1.0, got 1"),
     ],
 )
 def test_each_kind_of_config_error_names_the_key_and_what_it_expects(override, message):

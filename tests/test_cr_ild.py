@@ -21,6 +21,7 @@ from torch import Tensor
 from ted_scale.config import ConfigError
 from ted_scale.distill.methods import MethodContext, get_method, load_run_config
 from ted_scale.distill.methods.cr_ild import MixupDraw, MixupILD, MixupTapper
+from ted_scale.distill.objectives import LossSettings
 from ted_scale.flops import FROZEN, TRAINED, forward_flops
 from ted_scale.model import GPT, GPTConfig, ModelMismatchError
 
@@ -95,9 +96,9 @@ def _sides(*, lm_loss: bool) -> tuple[GPT, GPT, MixupILD, MixupTapper]:
     teacher, student = _model(48, 4, 0), _model(32, 2, 1).train()
     fit = torch.nn.Linear(32, 48)
     trained = MixupILD(
-        student, fit, layer=1, hidden=True, attention=True, consistency_weight=W_IC,
-        lm_loss=lm_loss, alpha_kd=ALPHA_KD if lm_loss else 0.0,
-        alpha_layer=ALPHA_LAYER if lm_loss else 1.0, temperature=T, fused=True,
+        student, fit, LossSettings(), layer=1, hidden=True, attention=True,
+        consistency_weight=W_IC, lm_loss=lm_loss, alpha_kd=ALPHA_KD if lm_loss else 0.0,
+        alpha_layer=ALPHA_LAYER if lm_loss else 1.0, temperature=T,
     )  # fmt: skip
     tapper = MixupTapper(teacher, 3, hidden=True, attention=True, with_top=lm_loss)
     return teacher, student, trained, tapper
@@ -211,7 +212,7 @@ def direct_relations(model: GPT, ids: Tensor, lam: float, layer: int) -> list[Te
 def test_qkv_relations_and_their_consistency_equal_the_direct_formulas(layer):
     teacher, student = _model(48, 4, 0), _model(32, 2, 1).train()
     trained = MixupILD(
-        student, torch.nn.Identity(), layer=layer, hidden=False, attention=False, qkv=True,
+        student, torch.nn.Identity(), LossSettings(), layer=layer, hidden=False, attention=False, qkv=True,
         consistency_weight=W_IC, lm_loss=False,
     )  # fmt: skip
     tapper = MixupTapper(teacher, 3, hidden=False, attention=False, qkv=True, with_top=False)

@@ -14,6 +14,7 @@ import torch
 import triton
 
 from ted_scale.bench.kernel_report import (
+    GENERIC_DIVERGENCES,
     H100_BANDWIDTH,
     build_report,
     default_problems,
@@ -46,6 +47,8 @@ def test_every_kernel_compiles_for_both_targets_at_every_problem(report):
     losses = ("cross_entropy", "kl_div", "ce_kl_div")
     # The fused kernels, and the vocabulary-parallel statistics / gradient pair of each.
     kernel_names = [*losses, *(f"{loss}_{part}" for loss in losses for part in ("stats", "grad"))]
+    # The generic KD divergences' sums and gradient kernels, one compile per divergence.
+    kernel_names += [f"{d}_{part}" for d in GENERIC_DIVERGENCES for part in ("sums", "grad")]
     expected = {
         (p.name, {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype], kernel, target)
         for p in problems

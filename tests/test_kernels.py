@@ -1,4 +1,5 @@
-"""Fused linear losses against naive full-logits PyTorch, for the torch and Triton backends.
+"""Fused linear losses against naive full-logits PyTorch, for the torch and Triton backends; the
+KD divergences (`distill.divergence`) against their formulas written out on fp64 logits.
 
 Triton runs on CPU tensors only through its interpreter, which must be on before triton is first
 imported (conftest already imports it through transformers). So the Triton cases run here only
@@ -15,12 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from ted_scale.kernels import (
+    DIVERGENCES,
     default_chunk_size,
     fused_linear_ce_kd,
     fused_linear_cross_entropy,
-    fused_linear_kl_div,
+    fused_linear_kd,
     torch_ops,
 )
+from ted_scale.kernels.divergences import divergence_chunk_
+from ted_scale.kernels.linear_losses import _chunk_ops
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -93,7 +97,7 @@ def test_cross_entropy_matches_naive_over_uneven_chunks_with_ignored_targets(bac
 def test_kl_div_matches_naive_with_other_teacher_width(backend, masked):
     hidden, weight, targets, teacher_hidden, teacher_weight = make_inputs()
     mask = targets != -100 if masked else None
-    loss = fused_linear_kl_div(
+    loss = fused_linear_kd(
         hidden, weight, teacher_hidden, teacher_weight,
         temperature=T, mask=mask, chunk_size=4, backend=backend,
     )  # fmt: skip
@@ -167,7 +171,7 @@ def test_bf16_inputs_give_fp32_loss_and_bf16_grads_close_to_fp32(backend):
 
     fused = fused_linear_cross_entropy(*student, targets, **kw)
     assert_matches(fused, naive_ce(*student, targets), student, BF16_TOL)
-    fused = fused_linear_kl_div(*student, *teacher, temperature=T, mask=keep, **kw)
+    fused = fused_linear_kd(*student, *teacher, temperature=T, mask=keep, **kw)
     assert_matches(fused, naive_kd(), student, BF16_TOL)
     fused = fused_linear_ce_kd(
         *student, targets, *teacher, temperature=T, kd_weight=KD_WEIGHT, **kw
@@ -190,7 +194,7 @@ def test_torch_ops_match_naive_over_uneven_row_blocks(monkeypatch, dtype, tol):
 
     fused = fused_linear_cross_entropy(*student, targets, **kw)
     assert_matches(fused, naive_ce(*student, targets), student, tol)
-    fused = fused_linear_kl_div(*student, *teacher, temperature=T, mask=keep, **kw)
+    fused = fused_linear_kd(*student, *teacher, temperature=T, mask=keep, **kw)
     assert_matches(fused, naive_kd(), student, tol)
     fused = fused_linear_ce_kd(
         *student, targets, *teacher, temperature=T, kd_weight=KD_WEIGHT, **kw
@@ -201,7 +205,7 @@ def test_torch_ops_match_naive_over_uneven_row_blocks(monkeypatch, dtype, tol):
 def test_fp32_student_accepts_bf16_teacher():
     hidden, weight, _, teacher_hidden, teacher_weight = make_inputs()
     teacher_hidden, teacher_weight = teacher_hidden.bfloat16(), teacher_weight.bfloat16()
-    loss = fused_linear_kl_div(
+    loss = fused_linear_kd(
         hidden, weight, teacher_hidden, teacher_weight, temperature=T, chunk_size=4
     )
     expected = naive_kd_rows(hidden, weight, teacher_hidden, teacher_weight).mean()
@@ -251,7 +255,7 @@ def test_chunk_ops_never_see_more_than_chunk_size_rows(monkeypatch):
     for name in ("cross_entropy_", "kl_div_", "cross_entropy_kl_div_"):
         monkeypatch.setattr(torch_ops, name, record(getattr(torch_ops, name)))
     fused_linear_cross_entropy(hidden, weight, targets, chunk_size=4)
-    fused_linear_kl_div(hidden, weight, teacher_hidden, teacher_weight, temperature=T, chunk_size=4)
+    fused_linear_kd(hidden, weight, teacher_hidden, teacher_weight, temperature=T, chunk_size=4)
     fused_linear_ce_kd(
         hidden, weight, targets, teacher_hidden, teacher_weight,
         temperature=T, kd_weight=KD_WEIGHT, chunk_size=4,
@@ -290,13 +294,106 @@ def test_triton_matches_torch_backend_on_cuda_at_gpt2_vocab(dtype):
             temperature=T, kd_weight=KD_WEIGHT, chunk_size=384, backend=backend,
         )  # fmt: skip
         ce_only = fused_linear_cross_entropy(hidden, weight, targets, backend=backend)
-        kl_only = fused_linear_kl_div(
+        kl_only = fused_linear_kd(
             hidden, weight, teacher_hidden, teacher_weight, temperature=T, backend=backend
         )
         grads = torch.autograd.grad(loss + ce_only + kl_only, (hidden, weight))
         results[backend] = (loss, ce, kd, ce_only, kl_only, *grads)
     for triton_value, torch_value in zip(results["triton"], results["torch"], strict=True):
         assert rel_diff(triton_value, torch_value) <= tol
+
+
+# ------------------------------------------------------------------ KD divergences
+BETA = 0.3
+
+
+def formula_rows(divergence, hidden, weight, teacher_hidden, teacher_weight, beta=BETA):
+    """T^2 * D(p_t, p_s) per token, from the definitions on full fp64 logits."""
+    p_s = torch.softmax(hidden.double() @ weight.double().T / T, dim=-1)
+    p_t = torch.softmax(teacher_hidden.double() @ teacher_weight.double().T / T, dim=-1)
+    if divergence == "forward_kl":
+        d = (p_t * (p_t.log() - p_s.log())).sum(-1)
+    elif divergence == "reverse_kl":
+        d = (p_s * (p_s.log() - p_t.log())).sum(-1)
+    elif divergence == "jsd":
+        m = beta * p_t + (1 - beta) * p_s
+        d = beta * (p_t * (p_t / m).log()).sum(-1) + (1 - beta) * (p_s * (p_s / m).log()).sum(-1)
+    else:
+        d = 0.5 * (p_t - p_s).abs().sum(-1)
+    return d * T**2
+
+
+def assert_close_with_grads(loss, expected, params):
+    grads = torch.autograd.grad(loss, params)
+    expected_grads = torch.autograd.grad(expected, params)
+    assert loss.dtype == torch.float32
+    assert rel_diff(loss, expected) <= FP32_TOL, (loss, expected)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert rel_diff(grad, expected_grad) <= FP32_TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_kd_divergence_matches_its_formula_over_masked_tokens(backend, divergence):
+    hidden, weight, targets, teacher_hidden, teacher_weight = make_inputs()
+    mask = targets != -100
+    loss = fused_linear_kd(
+        hidden, weight, teacher_hidden, teacher_weight, temperature=T, divergence=divergence,
+        beta=BETA, mask=mask, chunk_size=4, backend=backend,
+    )  # fmt: skip
+    rows = formula_rows(divergence, hidden, weight, teacher_hidden, teacher_weight)
+    assert_close_with_grads(loss, rows[mask].mean(), (hidden, weight))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_ce_plus_kd_divergence_matches_the_formulas(backend, divergence):
+    hidden, weight, targets, teacher_hidden, teacher_weight = make_inputs()
+    loss, ce, kd = fused_linear_ce_kd(
+        hidden, weight, targets, teacher_hidden, teacher_weight, temperature=T,
+        kd_weight=KD_WEIGHT, divergence=divergence, beta=BETA, chunk_size=4, backend=backend,
+    )  # fmt: skip
+    expected_kd = formula_rows(divergence, hidden, weight, teacher_hidden, teacher_weight)
+    expected_kd = expected_kd[targets != -100].mean()
+    expected_ce = naive_ce(hidden.double(), weight.double(), targets)
+    assert rel_diff(ce, expected_ce) <= FP32_TOL and rel_diff(kd, expected_kd) <= FP32_TOL
+    assert_close_with_grads(loss, expected_ce + KD_WEIGHT * expected_kd, (hidden, weight))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_divergence_path_gives_the_fused_forward_kl(backend):
+    """The generic statistics -> sums -> gradient path, run for forward KL, equals the fused
+    one-sweep forward KL the default uses (values and gradient logits)."""
+    ops = _chunk_ops(backend, torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    logits, teacher = torch.randn(6, 5000, generator=g) * 3, torch.randn(6, 5000, generator=g) * 3
+    row_weight = torch.full((6,), 1 / 6)
+    fused_grad = logits.clone()
+    fused = ops.kl_div_(fused_grad, teacher.clone(), row_weight, T)
+    generic_grad = teacher.clone()
+    generic = divergence_chunk_(
+        ops, logits, generic_grad, row_weight, T, "forward_kl", BETA, 1.0, None
+    )
+    assert rel_diff(generic, fused) <= FP32_TOL
+    assert rel_diff(generic_grad, fused_grad) <= FP32_TOL
+
+
+def test_jsd_is_finite_where_both_distributions_underflow():
+    """A column where p_s and p_t are both 0 in fp32 adds 0, not NaN (log m from the logs)."""
+    log_p_s = torch.tensor([[-1e-3, -200.0, -150.0]])
+    log_p_t = torch.tensor([[-1e-2, -300.0, -160.0]])
+    terms, g = torch_ops.divergence_terms("jsd", 0.5, log_p_s, log_p_t)
+    assert torch.isfinite(terms).all() and torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize(("divergence", "beta"), [("kl", 0.5), ("jsd", 0.0), ("jsd", 1.0)])
+def test_an_unknown_divergence_or_a_jsd_beta_outside_0_1_is_refused(divergence, beta):
+    hidden, weight, _, teacher_hidden, teacher_weight = make_inputs()
+    with pytest.raises(ValueError, match=r"divergence must be one of|0 < beta < 1"):
+        fused_linear_kd(
+            hidden, weight, teacher_hidden, teacher_weight, temperature=T,
+            divergence=divergence, beta=beta,
+        )  # fmt: skip
 
 
 @pytest.mark.skipif(not HAS_TRITON or INTERPRETING, reason="needs triton; already interpreting")

@@ -32,7 +32,7 @@ from ted_scale.distill.methods import (
     register,
 )
 from ted_scale.distill.modules import FrozenTapper, TappedOutputs
-from ted_scale.distill.objectives import cross_entropy, mse
+from ted_scale.distill.objectives import LossSettings, cross_entropy, mse
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ class ToyMatch(nn.Module):
         self, input_ids: Tensor, labels: Tensor, tapped: TappedOutputs
     ) -> tuple[Tensor, dict[str, Tensor]]:
         top = self.student(input_ids, return_logits=False).last_hidden
-        ce = cross_entropy(top, self.student.lm_head_weight, labels, fused=True)
+        ce = cross_entropy(top, self.student.lm_head_weight, labels, LossSettings())
         match = mse(self.projection(top), tapped.last_hidden)
         return ce + self.weight * match, {"loss_ce": ce.detach(), "loss_match": match.detach()}
 

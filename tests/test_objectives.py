@@ -8,7 +8,7 @@ from ted_scale.distill.filters import FilterBank, build_filters
 from ted_scale.distill.layer_map import paper_layer_map, resolve_layer_map
 from ted_scale.distill.methods.ted import FilterTraining, ted_distance, ted_kl_distance
 from ted_scale.distill.modules import FrozenTapper, StudentDistillation
-from ted_scale.distill.objectives import mse_distance
+from ted_scale.distill.objectives import LossSettings, mse_distance
 from ted_scale.model import GPT, GPTConfig, student_from_teacher
 
 T_KD = 2.0
@@ -41,6 +41,20 @@ def _kd(z_s, z_t, keep):
     return kl.mean() * T_KD**2
 
 
+def _divergence(name, z_s, z_t, keep, beta=0.3):
+    """T^2 * D(p_t, p_s), mean over kept tokens, from each divergence's definition."""
+    p_s = F.softmax(z_s[keep].double() / T_KD, -1)
+    p_t = F.softmax(z_t[keep].double() / T_KD, -1)
+    if name == "reverse_kl":
+        d = (p_s * (p_s / p_t).log()).sum(-1)
+    elif name == "jsd":
+        m = beta * p_t + (1 - beta) * p_s
+        d = beta * (p_t * (p_t / m).log()).sum(-1) + (1 - beta) * (p_s * (p_s / m).log()).sum(-1)
+    else:
+        d = 0.5 * (p_t - p_s).abs().sum(-1)
+    return d.mean() * T_KD**2
+
+
 def _ce(logits, labels):
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
@@ -67,16 +81,16 @@ def _student_side(student, method, *, fused, reduction="sum", head=None):
     if method == "ted":
         distance = ted_distance()[1]
     if method == "ted_kl":
-        distance = ted_kl_distance(head, temperature=T_KD, fused=fused, compute_dtype=None)
+        distance = ted_kl_distance(head, LossSettings(fused=fused), temperature=T_KD)
     module = StudentDistillation(
         student,
+        LossSettings(fused=fused),
         layer_modules=s_filters,
         layer_distance=distance,
         alpha_kd=A_KD,
         alpha_layer=A_LAYER,
         temperature=T_KD,
         layer_reduction=reduction,
-        fused=fused,
     )
     return s_filters, module
 
@@ -99,7 +113,7 @@ def _filters(teacher, layer_map):
 def test_stage1_loss_is_the_sum_of_each_filters_cross_entropy_through_the_frozen_head(setup, fused):
     teacher, _, layer_map, ids, labels = setup
     bank = _filters(teacher, layer_map).requires_grad_(True)
-    module = FilterTraining(bank, teacher, fused=fused)
+    module = FilterTraining(bank, teacher, LossSettings(fused=fused))
     loss, parts = module(ids, labels, FrozenTapper(teacher, layer_map)(ids))
     hidden = teacher(ids, output_layers=layer_map).hidden_states
     expected = [
@@ -208,7 +222,9 @@ def test_ted_kl_loss_uses_kl_between_filter_predictions_through_the_heads(setup,
 @pytest.mark.parametrize("fused", [True, False])
 def test_kd_loss_is_ce_plus_alpha_kd(setup, fused):
     teacher, student, _, ids, labels = setup
-    module = StudentDistillation(student, alpha_kd=A_KD, temperature=T_KD, fused=fused)
+    module = StudentDistillation(
+        student, LossSettings(fused=fused), alpha_kd=A_KD, temperature=T_KD
+    )
     tapper = FrozenTapper(teacher, [3], with_top=True)
     loss, parts = module(ids, labels, tapper(ids))
     s_logits, t_logits = student(ids).logits, teacher(ids).logits
@@ -218,18 +234,42 @@ def test_kd_loss_is_ce_plus_alpha_kd(setup, fused):
 
 
 @pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd", "tvd"])
+def test_kd_term_is_the_configured_divergence(setup, fused, divergence):
+    teacher, student, _, ids, labels = setup
+    settings = LossSettings(fused=fused, divergence=divergence, jsd_beta=0.3)
+    module = StudentDistillation(student, settings, alpha_kd=A_KD, temperature=T_KD)
+    loss, parts = module(ids, labels, FrozenTapper(teacher, [3], with_top=True)(ids))
+    s_logits, t_logits = student(ids).logits, teacher(ids).logits
+    expected_kd = _divergence(divergence, s_logits, t_logits, labels != -100)
+    torch.testing.assert_close(parts["loss_kd"].double(), expected_kd, rtol=1e-5, atol=1e-7)
+    expected = _ce(s_logits, labels).double() + A_KD * expected_kd
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_kd_alone_without_ce_is_cr_ilds_second_stage(setup):
+    teacher, student, _, ids, labels = setup
+    module = StudentDistillation(student, LossSettings(), alpha_kd=A_KD, temperature=T_KD,
+                                 with_ce=False)  # fmt: skip
+    loss, parts = module(ids, labels, FrozenTapper(teacher, [3], with_top=True)(ids))
+    expected = _kd(student(ids).logits, teacher(ids).logits, labels != -100)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert set(parts) == {"loss_kd"}
+
+
+@pytest.mark.parametrize("fused", [True, False])
 def test_lwd_loss_projects_student_states_onto_raw_teacher_states(setup, fused):
     teacher, student, layer_map, ids, labels = setup
     torch.manual_seed(3)
     projections = FilterBank([torch.nn.Linear(32, 32) for _ in range(2)], [0, 1])
     module = StudentDistillation(
         student,
+        LossSettings(fused=fused),
         layer_modules=projections,
         layer_distance=_mse_distance,
         alpha_kd=A_KD,
         alpha_layer=A_LAYER,
         temperature=T_KD,
-        fused=fused,
     )
     loss, _ = module(ids, labels, FrozenTapper(teacher, layer_map, with_top=True)(ids))
     t_out = teacher(ids, output_layers=layer_map)

@@ -18,6 +18,7 @@ from ted_scale.distill.layer_map import paper_layer_map
 from ted_scale.distill.methods import load_run_config
 from ted_scale.distill.methods.ted import TED, ted_distance
 from ted_scale.distill.modules import FrozenTapper, StudentDistillation
+from ted_scale.distill.objectives import LossSettings
 from ted_scale.model import GPT, GPTConfig, student_from_teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,13 +72,14 @@ def _gradient_ratio(arch: str) -> float:
     knobs = {"alpha_kd": defaults.alpha_kd, "temperature": defaults.temperature}
     ted = StudentDistillation(
         student,
+        LossSettings(),
         layer_modules=s_filters,
         layer_distance=distance,
         alpha_layer=defaults.alpha_layer,
         layer_reduction=defaults.layer_reduction,
         **knobs,
     )
-    kd = StudentDistillation(student, **knobs)
+    kd = StudentDistillation(student, LossSettings(), **knobs)
     blocks = list(student.blocks.parameters())
     total = torch.autograd.grad(ted(ids, labels, tapped)[0], blocks)
     prediction = torch.autograd.grad(kd(ids, labels, tapped)[0], blocks)

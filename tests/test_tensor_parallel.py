@@ -66,7 +66,7 @@ def _forward_matches(config: GPTConfig, pad: bool) -> None:
     layers = list(range(config.n_layer))
     out = model(ids, output_layers=layers)
     want = reference(ids, output_layers=layers)
-    torch.testing.assert_close(_gather_logits(out.logits, model.wte.vocab_shard), want.logits,
+    torch.testing.assert_close(_gather_logits(out.logits, model.vocab_shard), want.logits,
                                rtol=1e-5, atol=1e-5)  # fmt: skip
     for i in layers:
         torch.testing.assert_close(
@@ -82,7 +82,7 @@ def _forward_matches(config: GPTConfig, pad: bool) -> None:
     # A prefix sub-network (MiniDisc's candidates): rank 0 holds all of its heads in block 0.
     subnet = Subnet(heads=(1, 1), inner=tuple(n // 2 for n in config.layer_inner))
     got, want = model(ids, subnet=subnet).logits, reference(ids, subnet=subnet).logits
-    torch.testing.assert_close(_gather_logits(got, model.wte.vocab_shard), want,
+    torch.testing.assert_close(_gather_logits(got, model.vocab_shard), want,
                                rtol=1e-5, atol=1e-5)  # fmt: skip
     full = gathered_state(model)
     assert full.keys() == reference.state_dict().keys()
@@ -197,6 +197,7 @@ def test_tp_ranks_draw_their_own_attention_dropout_and_checkpointing_redraws_it(
 
 def _qkv_relations_match() -> None:
     from ted_scale.distill.methods.cr_ild import MixupILD, MixupTapper
+    from ted_scale.distill.objectives import LossSettings
     from ted_scale.parallel import init_parallel
     from ted_scale.parallel.tensor import parallelize_gpt
 
@@ -214,7 +215,7 @@ def _qkv_relations_match() -> None:
             parallelize_gpt(t, dims, "teacher")
             parallelize_gpt(s, dims, "student")
         trained = MixupILD(
-            s, torch.nn.Identity(), layer=1, hidden=False, attention=False, qkv=True,
+            s, torch.nn.Identity(), LossSettings(), layer=1, hidden=False, attention=False, qkv=True,
             consistency_weight=0.1, lm_loss=False,
         )  # fmt: skip
         tapper = MixupTapper(t, 1, hidden=False, attention=False, qkv=True, with_top=False)

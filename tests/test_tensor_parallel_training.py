@@ -155,8 +155,11 @@ def test_a_tp2_run_killed_after_a_checkpoint_resumes_to_the_same_losses(
     deadline = time.time() + 600
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    if proc.poll() is not None and not marker.exists():  # it ended on its own: say how
+        out = proc.communicate()[0]
+        raise AssertionError(f"exit {proc.returncode} before the step-3 checkpoint:\n{out[-6000:]}")
     _kill_job(proc)
-    assert marker.exists(), "the run ended before its step-3 checkpoint"
+    assert marker.exists(), "no step-3 checkpoint within 600 s"
     assert not (run / "student_hf").exists()
 
     out = _finish(_torchrun(subprocess_env, 2, *common, f"output_dir={run}", "resume=auto"))

@@ -3,9 +3,10 @@
 One launch runs this file as a script on two ranks (`_worker`, Triton under TRITON_INTERPRET=1 on
 CPU tensors): every rank builds the same inputs and holds its half of a head padded Megatron-style
 (random padding rows 10x larger: they would dominate every softmax and argmax if they leaked in),
-runs CE, mixed CE, KL, CE + KD and mixed CE + KD per backend sharded over both ranks, and rank 0
-the unsharded functions on the true vocabulary, rank 1 the sharded ones over a group of one (the
-whole padded head); the tests compare what the ranks saved.
+runs CE, mixed CE, KL, CE + KD, mixed CE + KD, the other KD divergences and mixed CE + JSD per
+backend sharded over both ranks, and rank 0 the unsharded functions on the true vocabulary, rank 1
+the sharded ones over a group of one (the whole padded head); the tests compare what the ranks
+saved (tests/test_divergences.py checks the unsharded ones against the formulas).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ted_scale.kernels import (
     VocabShard,
     fused_linear_ce_kd,
     fused_linear_cross_entropy,
-    fused_linear_kl_div,
+    fused_linear_kd,
     vocab_parallel_token_scores,
 )
 from ted_scale.parallel.dims import free_port
@@ -34,7 +35,9 @@ WORLD = 2
 VOCABS = {"padded": (9000, 9216), "unpadded": (512, 512), "padding_rank": (100, 256)}
 SHAPE, D_STUDENT, D_TEACHER, CHUNK, T, KD_WEIGHT, MIX = (2, 3), 16, 24, 4, 2.0, 2.5, 0.7
 TOL, BF16_TOL = 1e-5, 1e-2
-LOSSES = ("ce", "ce_mix", "kl", "ce_kd", "ce_kd_mix")
+# Forward KL (fused with CE) and the other divergences (`kernels.divergences`), alone and with CE.
+LOSSES = ("ce", "ce_mix", "kl", "ce_kd", "ce_kd_mix", "reverse_kl", "jsd", "tvd", "ce_jsd_mix")
+JSD_BETA = 0.3
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 BACKENDS = [
     "torch",
@@ -78,15 +81,18 @@ def run_losses(x: dict, weight, teacher_weight, **kw) -> dict[str, tuple[torch.T
         hidden = x["hidden"].clone().requires_grad_()
         head = weight.clone().requires_grad_()
         mixed = {"targets2": x["targets2"], "mix": MIX} if name.endswith("_mix") else {}
-        if name.startswith("ce_kd"):
+        divergence = {"divergence": "jsd", "beta": JSD_BETA} if "jsd" in name else {}
+        if name in ("reverse_kl", "tvd"):
+            divergence = {"divergence": name}
+        if name.startswith(("ce_kd", "ce_jsd")):
             values = fused_linear_ce_kd(
                 hidden, head, x["targets"], x["teacher_hidden"], teacher_weight,
-                temperature=T, kd_weight=KD_WEIGHT, **mixed, **kw,
+                temperature=T, kd_weight=KD_WEIGHT, **divergence, **mixed, **kw,
             )  # fmt: skip
-        elif name == "kl":
+        elif not name.startswith("ce"):
             mask = x["targets"] != -100
-            values = (fused_linear_kl_div(hidden, head, x["teacher_hidden"], teacher_weight,
-                                          temperature=T, mask=mask, **kw),)  # fmt: skip
+            values = (fused_linear_kd(hidden, head, x["teacher_hidden"], teacher_weight,
+                                      temperature=T, mask=mask, **divergence, **kw),)  # fmt: skip
         else:
             values = (fused_linear_cross_entropy(hidden, head, x["targets"], **mixed, **kw),)
         values[0].backward()
@@ -295,7 +301,7 @@ def test_heads_of_different_vocabulary_rows_are_refused_by_name():
     with pytest.raises(
         ValueError, match="teacher_weight has 256 vocabulary rows, student_weight 512"
     ):
-        fused_linear_kl_div(
+        fused_linear_kd(
             x["hidden"], x["weight"], x["teacher_hidden"], x["teacher_weight"][:256], temperature=T
         )
 

@@ -72,7 +72,22 @@ COSTS = {
     # Both: the CE sweeps' ops on top of KD's (grad: sub, exp, mul, add, ==, where, sub).
     "ce_kl_div_stats": KernelCost(passes=2, ops_per_element=23, row_bytes=8 + 4 + 32, matmuls=4),
     "ce_kl_div_grad": KernelCost(passes=3, ops_per_element=15, row_bytes=8 + 4 + 16, matmuls=0),
+    # The other KD divergences (`divergences.py`, after the kl_div statistics kernel gave the lse):
+    # a sums sweep reading x and t, a gradient sweep reading both and writing over t. Common to
+    # every sums sweep: log p_s and log p_t (4), 2 exps, delta, 2 masks, 2 sums (11); to every
+    # gradient sweep: the logs (4), 2 exps, delta, scale * (g - p_s * sum g) (3) (10). Each
+    # expm1 / log1p counts as its series' multiply-adds plus the exact branch (15 / 17 ops), so
+    # `_to` is 20 ops. Rows: lse (8) and the two sums (8); lse, sum g and scale (16).
+    "reverse_kl_sums": KernelCost(passes=2, ops_per_element=11 + 25, row_bytes=16, matmuls=4),
+    "reverse_kl_grad": KernelCost(passes=3, ops_per_element=10 + 2, row_bytes=16, matmuls=0),
+    # log(m / p_t) on both sides of 0 (two expm1, two log1p: ~73), then JSD's terms with two `_to`.
+    "jsd_sums": KernelCost(passes=2, ops_per_element=11 + 126, row_bytes=16, matmuls=4),
+    "jsd_grad": KernelCost(passes=3, ops_per_element=10 + 76, row_bytes=16, matmuls=0),
+    "tvd_sums": KernelCost(passes=2, ops_per_element=11 + 9, row_bytes=16, matmuls=4),
+    "tvd_grad": KernelCost(passes=3, ops_per_element=10 + 7, row_bytes=16, matmuls=0),
 }
+# The divergences that run the generic kernels (forward KL has its fused ones).
+GENERIC_DIVERGENCES = ("reverse_kl", "jsd", "tvd")
 
 
 @dataclass(frozen=True)
@@ -117,7 +132,8 @@ def config_problems(pattern: str = TINY_CONFIGS, root: str | Path = ".") -> list
 
 def launches(problem: Problem, dtype: torch.dtype) -> dict[str, triton_ops.Launch]:
     """Each kernel's GPU launch for one chunk of ``problem`` (meta tensors: nothing allocated).
-    Temperature and KD weight are fp32 arguments, never specialised on: any value compiles alike.
+    Temperature, KD weight and JSD's beta are fp32 arguments, never specialised on: any value
+    compiles alike; the divergence is a constexpr, so each generic one is its own compile.
     The vocabulary-parallel pairs are launched over all V columns: a shard's V_r only changes the
     loop count, and the block (4096 from V = 8192 on) too once V_r < 4096 (tiny configs at TP)."""
     n, vocab = problem.chunk_rows, problem.vocab
@@ -137,6 +153,14 @@ def launches(problem: Problem, dtype: torch.dtype) -> dict[str, triton_ops.Launc
         )
         split[f"{name}_grad"] = triton_ops.shard_grad_launch(
             logits, *args, empty(n, 3), teacher if kd else None, rows if kd else None, 2.0
+        )
+    lse = empty(n, 2)
+    for divergence in GENERIC_DIVERGENCES:
+        split[f"{divergence}_sums"] = triton_ops.divergence_sums_launch(
+            logits, teacher, lse, lse, 2.0, divergence, 0.5
+        )
+        split[f"{divergence}_grad"] = triton_ops.divergence_grad_launch(
+            logits, teacher, lse, rows, rows, 2.0, divergence, 0.5
         )
     return {
         "cross_entropy": triton_ops.cross_entropy_launch(logits, targets, rows, empty(n)),

@@ -55,6 +55,14 @@ class DistillConfig:
     temperature: float = bounded(2.0, ge=1e-3)
     """Softmax temperature of KD. Below 1e-3 the T^2 factor (<= 1e-6) erases the term and the
     softmax is an argmax: such a value is a typo, refused (docs/design.md, "Config validation")."""
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
+    """KD's D in T^2 * D(p_t, p_s) at temperature T, in every method with a KD term:
+    ``forward_kl`` KL(p_t || p_s) (Hinton's KD; the paper's), ``reverse_kl`` KL(p_s || p_t)
+    (mode-seeking, as in MiniLLM), ``jsd`` the generalized JSD of ``jsd_beta`` (GKD / TRL), ``tvd``
+    total variation. TED-KL's layer term stays forward KL, its definition."""
+    jsd_beta: float = bounded(0.5, gt=0.0, lt=1.0)
+    """JSD's beta: beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s;
+    0.5 is the symmetric JSD. Read only with ``divergence: jsd``."""
     layer_reduction: Literal["mean", "sum"] = "mean"
     """How per-layer distances combine into D_TED / D_layer: ``mean`` over the K layers, as the
     TED authors' code (``layer_averaged_mse_loss``; the paper's alpha_layer 0.1 is in this

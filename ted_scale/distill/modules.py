@@ -18,10 +18,12 @@ from torch import Tensor, nn
 
 from ted_scale.distill.filters import FilterBank
 from ted_scale.distill.objectives import (
+    LossSettings,
     Reduction,
     combine_layers,
     cross_entropy,
     cross_entropy_and_kd,
+    logit_distillation,
 )
 from ted_scale.model.gpt import GPT
 
@@ -104,45 +106,46 @@ class FrozenTapper:
         return TappedOutputs(states, out.last_hidden, self.model.lm_head_weight)
 
 
-def to_compute_dtype(hidden: Tensor, dtype: torch.dtype | None) -> Tensor:
-    """An LM head's input in the compute dtype: under autocast LayerNorm returns fp32, and the
-    fused head's matmul runs in its input's dtype."""
-    return hidden if dtype is None else hidden.to(dtype)
-
-
 def lm_objective(
     student: GPT,
     top: Tensor,
     labels: Tensor,
     tapped: TappedOutputs | None,
     parts: dict[str, Tensor],
+    settings: LossSettings,
     *,
     alpha_kd: float,
     temperature: float,
-    fused: bool,
-    compute_dtype: torch.dtype | None,
+    with_ce: bool = True,
     labels2: Tensor | None = None,
     mix: float = 1.0,
 ) -> Tensor:
     """CE + alpha_kd * KD on the student's final-normed top state ``top`` [B, T, d] through its
-    head, KD against the tapped teacher top (no KD when alpha_kd is 0). With ``labels2`` the CE is
-    mix * CE(labels) + (1 - mix) * CE(labels2) from one logits pass. Adds the detached ``loss_ce``
-    (and ``loss_kd``) to ``parts``."""
-    top = to_compute_dtype(top, compute_dtype)
-    weight = student.lm_head_weight
+    head, KD against the tapped teacher top (no KD when alpha_kd is 0; KD alone, at weight 1,
+    without ``with_ce``). With ``labels2`` the CE is mix * CE(labels) + (1 - mix) * CE(labels2)
+    from one logits pass. Adds the detached ``loss_ce`` (and ``loss_kd``) to ``parts``."""
+    weight, shard = student.lm_head_weight, student.vocab_shard
+    if not with_ce:
+        loss = logit_distillation(
+            top, weight, tapped.last_hidden, tapped.head_weight, labels, settings,
+            temperature=temperature, shard=shard,
+        )  # fmt: skip
+        parts["loss_kd"] = loss.detach()
+        return loss
     if alpha_kd == 0.0:
-        loss = cross_entropy(top, weight, labels, fused=fused, labels2=labels2, mix=mix)
+        loss = cross_entropy(top, weight, labels, settings, shard=shard, labels2=labels2, mix=mix)
         parts["loss_ce"] = loss.detach()
         return loss
     loss, parts["loss_ce"], parts["loss_kd"] = cross_entropy_and_kd(
         top,
         weight,
         labels,
-        to_compute_dtype(tapped.last_hidden, compute_dtype),
+        tapped.last_hidden,
         tapped.head_weight,
+        settings,
         temperature=temperature,
         alpha_kd=alpha_kd,
-        fused=fused,
+        shard=shard,
         labels2=labels2,
         mix=mix,
     )
@@ -159,13 +162,15 @@ class StudentDistillation(nn.Module):
 
     D combines ``layer_distance`` over the student's blocks 0..K-1, each first mapped by its layer
     module (student filters, LWD projections). Without ``layer_modules`` there is no D; with
-    ``alpha_kd`` 0 (or nothing tapped at the top) there is no KD: plain next-token CE. With D,
-    ``parts`` also holds ``layer_to_ce`` = alpha_layer * D / CE.
+    ``alpha_kd`` 0 (or nothing tapped at the top) there is no KD: plain next-token CE; without
+    ``with_ce`` the objective is KD alone (CR-ILD's second stage). With D, ``parts`` also holds
+    ``layer_to_ce`` = alpha_layer * D / CE.
     """
 
     def __init__(
         self,
         student: GPT,
+        settings: LossSettings,
         *,
         layer_modules: FilterBank | None = None,
         layer_distance: LayerDistance | None = None,
@@ -173,21 +178,22 @@ class StudentDistillation(nn.Module):
         alpha_layer: float = 0.0,
         temperature: float = 1.0,
         layer_reduction: Reduction = "mean",
-        fused: bool = True,
-        compute_dtype: torch.dtype | None = None,
+        with_ce: bool = True,
     ) -> None:
         super().__init__()
         if (layer_modules is None) != (layer_distance is None):
             raise ValueError("layer_modules and layer_distance come together")
+        if layer_modules is not None and not with_ce:
+            raise ValueError("a layer term needs CE: its layer_to_ce ratio is taken against it")
         self.student = student
+        self.settings = settings
         self.layer_modules = layer_modules
         self.layer_distance = layer_distance
         self.alpha_kd = alpha_kd
         self.alpha_layer = alpha_layer
         self.temperature = temperature
         self.layer_reduction = layer_reduction
-        self.fused = fused
-        self.compute_dtype = compute_dtype
+        self.with_ce = with_ce
 
     def forward(
         self, input_ids: Tensor, labels: Tensor, tapped: TappedOutputs | None = None
@@ -201,10 +207,10 @@ class StudentDistillation(nn.Module):
             labels,
             tapped,
             parts,
+            self.settings,
             alpha_kd=self.alpha_kd,
             temperature=self.temperature,
-            fused=self.fused,
-            compute_dtype=self.compute_dtype,
+            with_ce=self.with_ce,
         )
         if self.layer_modules is None:
             return loss, parts

@@ -1,7 +1,8 @@
 """The training objectives of docs/design.md, each in a fused form and a plain full-logits form.
 
 - CE: next-token cross-entropy, mean over tokens.
-- KD: KL(softmax(z_t / T) || softmax(z_s / T)) * T^2, mean over tokens.
+- KD: T^2 * D(softmax(z_t / T), softmax(z_s / T)), mean over tokens; D is KL(p_t || p_s) by
+  default (``distill.divergence``: reverse KL, JSD(beta), TVD).
 - D_TED = mean_k MSE(N(g_t^k(H_t^{M(k)})), N(g_s^k(H_s^k))), N a LayerNorm without its affine
   map (``normalized``); LWD's D_layer is mean_k MSE(H_t^{M(k)}, W^k H_s^k) on the raw
   states; TED-KL replaces each MSE by KD between the filters' predictions through the Stage I head.
@@ -9,13 +10,15 @@
 - CR-ILD: on a mixup input, CE is lambda * CE(y) + (1 - lambda) * CE(y_rev) (``labels2``, ``mix``);
   attention relations compare two attention distributions over the causal keys (``attention_kl``).
 
-Tokens whose label is ``IGNORE_INDEX`` count for neither CE nor KD. All loss math is fp32. A head
-weight sharded by vocabulary (tensor parallelism) goes to the vocabulary-parallel fused losses.
+Tokens whose label is ``IGNORE_INDEX`` count for neither CE nor KD. All loss math is fp32. The LM-head
+losses take the run's ``LossSettings``; a head sharded by vocabulary (tensor parallelism) comes with
+its ``shard`` and goes to the vocabulary-parallel fused losses.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -23,26 +26,55 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ted_scale.data.loader import IGNORE_INDEX
-from ted_scale.kernels import fused_linear_ce_kd, fused_linear_cross_entropy, fused_linear_kl_div
-from ted_scale.parallel.tensor import vocab_shard_of
+from ted_scale.kernels import (
+    Divergence,
+    VocabShard,
+    divergence_terms,
+    fused_linear_ce_kd,
+    fused_linear_cross_entropy,
+    fused_linear_kd,
+)
 
 Reduction = Literal["mean", "sum"]
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """How every LM-head loss of a run computes, from the config to the losses in one object.
+
+    fused: the chunked fused losses (``fused_loss``) or full-logits PyTorch.
+    compute_dtype: the dtype the head's matmuls run in (None: the hidden states' own).
+    divergence, jsd_beta: KD's D (``distill.divergence``, ``distill.jsd_beta``).
+    """
+
+    fused: bool = True
+    compute_dtype: torch.dtype | None = None
+    divergence: Divergence = "forward_kl"
+    jsd_beta: float = 0.5
+
+    def head_input(self, hidden: Tensor) -> Tensor:
+        """An LM head's input in the compute dtype: under autocast LayerNorm returns fp32, and
+        the fused head's matmul runs in its input's dtype."""
+        return hidden if self.compute_dtype is None else hidden.to(self.compute_dtype)
 
 
 def cross_entropy(
     hidden: Tensor,
     head_weight: Tensor,
     labels: Tensor,
+    settings: LossSettings,
     *,
-    fused: bool,
+    shard: VocabShard | None = None,
     labels2: Tensor | None = None,
     mix: float = 1.0,
 ) -> Tensor:
-    """Mean CE of ``hidden`` [B, T, d] (already final-normed) through ``head_weight`` [V, d].
+    """Mean CE of ``hidden`` [B, T, d] (already final-normed) through ``head_weight`` [V, d]
+    (this rank's vocabulary rows with ``shard``).
 
     With ``labels2`` [B, T]: mix * CE(labels) + (1 - mix) * CE(labels2) from the same logits.
     """
-    if fused:
+    hidden = settings.head_input(hidden)
+    if settings.fused:
         return fused_linear_cross_entropy(
             hidden,
             head_weight,
@@ -50,7 +82,7 @@ def cross_entropy(
             ignore_index=IGNORE_INDEX,
             targets2=labels2,
             mix=mix,
-            shard=vocab_shard_of(head_weight),
+            shard=shard,
         )
     logits = F.linear(hidden, head_weight).float().flatten(0, -2)
     ce = F.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE_INDEX)
@@ -60,35 +92,42 @@ def cross_entropy(
     return mix * ce + (1.0 - mix) * ce2
 
 
-def kl_distillation(
+def logit_distillation(
     student_hidden: Tensor,
     student_weight: Tensor,
     teacher_hidden: Tensor,
     teacher_weight: Tensor,
     labels: Tensor,
+    settings: LossSettings,
     *,
     temperature: float,
-    fused: bool,
+    divergence: Divergence | None = None,
+    shard: VocabShard | None = None,
 ) -> Tensor:
-    """KD between two heads' predictions, mean over tokens with a label: the KD and TED-KL term.
+    """T^2 * D between two heads' predictions at temperature T, mean over tokens with a label:
+    the KD term (D = ``settings.divergence``) and TED-KL's (``divergence="forward_kl"``).
 
     student_hidden [B, T, ds] with student_weight [V, ds]; teacher_hidden [B, T, dt] with
     teacher_weight [V, dt]; both hidden states already final-normed.
     """
+    divergence = divergence or settings.divergence
+    student_hidden, teacher_hidden = map(settings.head_input, (student_hidden, teacher_hidden))
     keep = labels != IGNORE_INDEX
-    if fused:
-        return fused_linear_kl_div(
+    if settings.fused:
+        return fused_linear_kd(
             student_hidden,
             student_weight,
             teacher_hidden,
             teacher_weight,
             temperature=temperature,
+            divergence=divergence,
+            beta=settings.jsd_beta,
             mask=keep,
-            shard=vocab_shard_of(student_weight),
+            shard=shard,
         )
     z_s = F.linear(student_hidden, student_weight).float()[keep]
     z_t = F.linear(teacher_hidden, teacher_weight).float()[keep]
-    return _kl_from_logits(z_s, z_t, temperature)
+    return _divergence_from_logits(z_s, z_t, temperature, divergence, settings.jsd_beta)
 
 
 def cross_entropy_and_kd(
@@ -97,10 +136,11 @@ def cross_entropy_and_kd(
     labels: Tensor,
     teacher_hidden: Tensor,
     teacher_weight: Tensor,
+    settings: LossSettings,
     *,
     temperature: float,
     alpha_kd: float,
-    fused: bool,
+    shard: VocabShard | None = None,
     labels2: Tensor | None = None,
     mix: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -108,7 +148,8 @@ def cross_entropy_and_kd(
 
     With ``labels2``, CE is the mixed one of ``cross_entropy``; KD stays over ``labels``' tokens.
     """
-    if fused:
+    student_hidden, teacher_hidden = map(settings.head_input, (student_hidden, teacher_hidden))
+    if settings.fused:
         return fused_linear_ce_kd(
             student_hidden,
             student_weight,
@@ -117,10 +158,12 @@ def cross_entropy_and_kd(
             teacher_weight,
             temperature=temperature,
             kd_weight=alpha_kd,
+            divergence=settings.divergence,
+            beta=settings.jsd_beta,
             ignore_index=IGNORE_INDEX,
             targets2=labels2,
             mix=mix,
-            shard=vocab_shard_of(student_weight),
+            shard=shard,
         )
     z_s = F.linear(student_hidden, student_weight).float()
     keep = labels != IGNORE_INDEX
@@ -129,18 +172,26 @@ def cross_entropy_and_kd(
         ce2 = F.cross_entropy(z_s.flatten(0, -2), labels2.flatten(), ignore_index=IGNORE_INDEX)
         ce = mix * ce + (1.0 - mix) * ce2
     z_t = F.linear(teacher_hidden, teacher_weight).float()
-    kd = _kl_from_logits(z_s[keep], z_t[keep], temperature)
+    kd = _divergence_from_logits(
+        z_s[keep], z_t[keep], temperature, settings.divergence, settings.jsd_beta
+    )
     return ce + alpha_kd * kd, ce.detach(), kd.detach()
 
 
-def _kl_from_logits(z_s: Tensor, z_t: Tensor, temperature: float) -> Tensor:
-    """KL(softmax(z_t/T) || softmax(z_s/T)) * T^2, mean over rows of [N, V] logits."""
+def _divergence_from_logits(
+    z_s: Tensor, z_t: Tensor, temperature: float, divergence: Divergence, beta: float
+) -> Tensor:
+    """T^2 * D(softmax(z_t/T), softmax(z_s/T)), mean over rows of [N, V] logits, with autograd
+    through full fp32 logits (``fused_loss: false``)."""
     if z_s.shape[0] == 0:
         return z_s.sum() * 0.0
     log_p_s = F.log_softmax(z_s / temperature, dim=-1)
     log_p_t = F.log_softmax(z_t / temperature, dim=-1)
-    kl = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum") / z_s.shape[0]
-    return kl * temperature**2
+    if divergence == "forward_kl":
+        d = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
+    else:  # the kernels' per-element algebra, kept accurate where p_s and p_t nearly agree
+        d = divergence_terms(divergence, beta, log_p_s, log_p_t)[0].sum()
+    return d / z_s.shape[0] * temperature**2
 
 
 def mse(student: Tensor, teacher: Tensor) -> Tensor:

@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from ted_scale.data.loader import IGNORE_INDEX
 from ted_scale.kernels import vocab_parallel_token_scores
 from ted_scale.model import GPT
-from ted_scale.parallel.tensor import vocab_shard_of
 from ted_scale.precision import autocast, compute_dtype
 
 
@@ -77,7 +76,7 @@ def score_tokens(
     scored = targets[mask]  # [N]
     with autocast(input_ids.device, compute_dtype("auto", input_ids.device)):
         out = model(input_ids, return_logits=not fused)
-    shard = vocab_shard_of(model.lm_head_weight)
+    shard = model.vocab_shard
     if shard is not None:  # a vocabulary-parallel head: every rank of its group takes part
         hidden = out.last_hidden[mask].float()
         rows_nll, rows_correct = vocab_parallel_token_scores(

@@ -1,21 +1,25 @@
 """Chunked fused linear losses: LM-head matmul + CE / KD without materialising [N, V] logits.
 
-Each autograd Function walks the rows in chunks: logits = h_chunk @ W.T, a per-chunk op
-(`torch_ops` or `triton_ops`) turns them into per-row losses and overwrites them with dloss/dlogits,
-and two matmuls fold that into grad_hidden[chunk] and grad_weight. Gradients are thus finished in
-the forward pass (as in Liger-Kernel); backward only scales them by grad_output. Peak extra memory
-is one logits chunk (plus the chunk op's fp32 temporaries on the torch path), grad_hidden, and an
-fp32 grad_weight accumulator when the weight is trained.
+One autograd Function (`_FusedLinearLoss`) owns what every loss shares: it walks the rows in
+chunks, logits = h_chunk @ W.T, a per-chunk op turns them into per-row losses and overwrites them
+with dloss/dlogits, and two matmuls fold that into grad_hidden[chunk] and grad_weight. Gradients
+are thus finished in the forward pass (as in Liger-Kernel); backward only scales them by
+grad_output. The per-chunk op (`_chunk_op`) is CE, KD or both, from `torch_ops` or `triton_ops`:
+the default forward KL fused with CE in one sweep, any other divergence through
+`divergences.divergence_chunk_`. Peak extra memory is one logits chunk (two with a teacher, plus
+the chunk op's fp32 temporaries on the torch path), grad_hidden, and an fp32 grad_weight
+accumulator when the weight is trained.
 
 Matmuls run in the hidden states' dtype (a weight of another dtype is cast once); losses are
 accumulated in fp32 and returned as fp32 scalars; gradients come back in the inputs' dtypes.
 
-With a `VocabShard` the weights are one rank's vocabulary rows: the chunk op becomes
-`vocab_parallel.shard_chunk_` (statistics, one all-gather, gradient) and grad_hidden is summed
-over the tensor-parallel group, so it is the full gradient of the replicated hidden states.
+With a `VocabShard` the weights are one rank's vocabulary rows: the chunk ops reduce their
+statistics over the tensor-parallel group (`vocab_parallel.shard_chunk_`, `divergences`) and
+grad_hidden is summed over it, so it is the full gradient of the replicated hidden states.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Literal
 
@@ -24,6 +28,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import torch_ops
+from .divergences import divergence_chunk_
+from .torch_ops import DIVERGENCES, Divergence
 from .vocab_parallel import VocabShard, shard_chunk_
 
 # Default chunk: the largest power-of-two row count whose logits hold <= 2^24 elements
@@ -130,144 +136,112 @@ def _chunked_linear_grads(
     return grad_hidden, grad_weight
 
 
-def _run_chunks(
-    ctx,
-    hidden: Tensor,
-    weight: Tensor,
-    chunk_size: int | None,
-    chunk_op: ChunkOp,
-    teacher: tuple[Tensor, Tensor] | None = None,
-    shard: VocabShard | None = None,
-) -> None:
-    """Computes the student gradients chunk by chunk and saves them for backward; with a shard,
-    grad_hidden summed over its group (each rank's holds its vocabulary rows' share)."""
-    chunk_size = chunk_size or default_chunk_size(weight.shape[0])
-    with torch.autocast(hidden.device.type, enabled=False):
-        grad_hidden, grad_weight = _chunked_linear_grads(
-            hidden, weight, chunk_size, chunk_op, teacher
-        )
-    if shard is not None:
-        dist.all_reduce(grad_hidden, group=shard.group)
-    ctx.save_for_backward(grad_hidden, grad_weight)
+@dataclass(frozen=True)
+class _Terms:
+    """What one fused pass computes besides the student's head: CE over targets (None: no CE)
+    and KD against a teacher head (teacher_hidden None: no KD), as rows of fp32 weights."""
+
+    targets: Tensor | None  # [N] or [N, k], ids in [0, V)
+    ce_weight: Tensor | None  # the same shape, fp32
+    teacher_hidden: Tensor | None  # [N, dt]
+    teacher_weight: Tensor | None  # [V, dt]
+    kd_row_weight: Tensor | None  # [N] fp32
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    divergence: Divergence = "forward_kl"
+    beta: float = 0.5
+    chunk_size: int | None = None
+    backend: Backend = "auto"
+    shard: VocabShard | None = None
 
 
-def _scaled_grads(ctx, grad_output: Tensor, num_inputs: int) -> tuple[Tensor | None, ...]:
-    """(grad_hidden, grad_weight) * grad_output, then None for the remaining inputs."""
-    grad_hidden, grad_weight = ctx.saved_tensors
-    grad_weight = None if grad_weight is None else grad_weight * grad_output
-    return (grad_hidden * grad_output, grad_weight) + (None,) * (num_inputs - 2)
+def _chunk_op(terms: _Terms, ops: ModuleType, ce_rows: Tensor, kd_rows: Tensor) -> ChunkOp:
+    """The per-chunk op of ``terms``: fills ce_rows / kd_rows and overwrites the logits with
+    d(CE + kd_weight * KD)/dlogits. Forward KL runs fused with CE in one sweep; any other
+    divergence writes its gradient over the teacher logits (`divergences`), added after CE's."""
+    shard, with_ce = terms.shard, terms.targets is not None
 
+    def cross_entropy_(rows: slice, logits: Tensor) -> None:
+        targets, weight = terms.targets[rows], terms.ce_weight[rows]
+        if shard is None:
+            ce_rows[rows] = ops.cross_entropy_(logits, targets, weight)
+        else:
+            ce_rows[rows] = shard_chunk_(ops, shard, logits, targets, weight)[0]
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx, hidden, weight, targets, targets2, mix, ignore_index, chunk_size, backend, shard
-    ):
-        ops = _chunk_ops(backend, hidden.device)
-        safe_targets, ce_weight, _ = _ce_targets(targets, targets2, mix, ignore_index)
-        loss_rows = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
+    def forward_kl_(rows: slice, logits: Tensor, teacher_logits: Tensor) -> None:
+        row_weight, temperature = terms.kd_row_weight[rows], terms.temperature
+        if shard is not None:
+            targets = terms.targets[rows] if with_ce else None
+            ce_weight = terms.ce_weight[rows] if with_ce else None
+            ce, kd_rows[rows] = shard_chunk_(
+                ops, shard, logits, targets, ce_weight, teacher_logits, row_weight, temperature,
+                terms.kd_weight,
+            )  # fmt: skip
+            if with_ce:
+                ce_rows[rows] = ce
+        elif with_ce:
+            ce_rows[rows], kd_rows[rows] = ops.cross_entropy_kl_div_(
+                logits, teacher_logits, terms.targets[rows], row_weight, temperature,
+                terms.kd_weight, terms.ce_weight[rows],
+            )  # fmt: skip
+        else:
+            kd_rows[rows] = ops.kl_div_(logits, teacher_logits, row_weight, temperature)
 
-        def chunk_op(rows: slice, logits: Tensor, _: None) -> None:
-            if shard is None:
-                loss_rows[rows] = ops.cross_entropy_(logits, safe_targets[rows], ce_weight[rows])
+    def chunk_op(rows: slice, logits: Tensor, teacher_logits: Tensor | None) -> None:
+        if teacher_logits is None:
+            cross_entropy_(rows, logits)
+        elif terms.divergence == "forward_kl":
+            forward_kl_(rows, logits, teacher_logits)
+        else:
+            kd_rows[rows] = divergence_chunk_(
+                ops, logits, teacher_logits, terms.kd_row_weight[rows], terms.temperature,
+                terms.divergence, terms.beta, terms.kd_weight, shard,
+            )  # fmt: skip
+            if with_ce:
+                cross_entropy_(rows, logits)
+                logits.add_(teacher_logits)
             else:
-                loss_rows[rows] = shard_chunk_(
-                    ops, shard, logits, safe_targets[rows], ce_weight[rows]
-                )[0]
+                logits.copy_(teacher_logits)
 
-        _run_chunks(ctx, hidden, weight, chunk_size, chunk_op, shard=shard)
-        return loss_rows.sum()
+    return chunk_op
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    """CE + kd_weight * KD of hidden @ weight.T, gradients finished in forward (chunk by chunk)
+    and only scaled by the incoming gradient in backward."""
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        return _scaled_grads(ctx, grad_loss, 9)
-
-
-class _LinearKLDiv(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        hidden,
-        weight,
-        teacher_hidden,
-        teacher_weight,
-        temperature,
-        mask,
-        chunk_size,
-        backend,
-        shard,
-    ):
-        ops = _chunk_ops(backend, hidden.device)
+    def forward(ctx, hidden: Tensor, weight: Tensor, terms: _Terms):
+        ops = _chunk_ops(terms.backend, hidden.device)
         n = hidden.shape[0]
-        keep = torch.ones(n, dtype=torch.bool, device=hidden.device) if mask is None else mask
-        row_weight = _mean_weights(keep)
-        teacher_weight = teacher_weight.to(teacher_hidden.dtype)
-        loss_rows = torch.empty(n, dtype=torch.float32, device=hidden.device)
-
-        def chunk_op(rows: slice, logits: Tensor, teacher_logits: Tensor) -> None:
-            if shard is None:
-                loss_rows[rows] = ops.kl_div_(logits, teacher_logits, row_weight[rows], temperature)
-            else:
-                loss_rows[rows] = shard_chunk_(
-                    ops, shard, logits, teacher_logits=teacher_logits,
-                    kd_row_weight=row_weight[rows], temperature=temperature,
-                )[1]  # fmt: skip
-
-        teacher = (teacher_hidden, teacher_weight)
-        _run_chunks(ctx, hidden, weight, chunk_size, chunk_op, teacher, shard)
-        return loss_rows.sum()
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return _scaled_grads(ctx, grad_loss, 9)
-
-
-class _LinearCrossEntropyKLDiv(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        hidden,
-        weight,
-        targets,
-        targets2,
-        mix,
-        teacher_hidden,
-        teacher_weight,
-        temperature,
-        kd_weight,
-        ignore_index,
-        chunk_size,
-        backend,
-        shard,
-    ):
-        ops = _chunk_ops(backend, hidden.device)
-        # KD averages over the rows the (first) targets keep.
-        safe_targets, ce_weight, row_weight = _ce_targets(targets, targets2, mix, ignore_index)
-        teacher_weight = teacher_weight.to(teacher_hidden.dtype)
-        ce_rows = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
-        kd_rows = torch.empty_like(ce_rows)
-
-        def chunk_op(rows: slice, logits: Tensor, teacher_logits: Tensor) -> None:
-            if shard is None:
-                ce_rows[rows], kd_rows[rows] = ops.cross_entropy_kl_div_(
-                    logits, teacher_logits, safe_targets[rows], row_weight[rows], temperature,
-                    kd_weight, ce_weight[rows],
-                )  # fmt: skip
-            else:
-                ce_rows[rows], kd_rows[rows] = shard_chunk_(
-                    ops, shard, logits, safe_targets[rows], ce_weight[rows], teacher_logits,
-                    row_weight[rows], temperature, kd_weight,
-                )  # fmt: skip
-
-        teacher = (teacher_hidden, teacher_weight)
-        _run_chunks(ctx, hidden, weight, chunk_size, chunk_op, teacher, shard)
+        ce_rows = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        kd_rows = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        teacher = None
+        if terms.teacher_hidden is not None:
+            teacher = (terms.teacher_hidden, terms.teacher_weight.to(terms.teacher_hidden.dtype))
+        chunk_size = terms.chunk_size or default_chunk_size(weight.shape[0])
+        with torch.autocast(hidden.device.type, enabled=False):
+            grad_hidden, grad_weight = _chunked_linear_grads(
+                hidden, weight, chunk_size, _chunk_op(terms, ops, ce_rows, kd_rows), teacher
+            )
+        if terms.shard is not None:
+            dist.all_reduce(grad_hidden, group=terms.shard.group)
+        ctx.save_for_backward(grad_hidden, grad_weight)
         ce, kd = ce_rows.sum(), kd_rows.sum()
         ctx.mark_non_differentiable(ce, kd)
-        return ce + kd_weight * kd, ce, kd
+        if terms.targets is None:
+            loss = kd_rows.sum()
+        elif terms.teacher_hidden is None:
+            loss = ce_rows.sum()
+        else:
+            loss = ce + terms.kd_weight * kd
+        return loss, ce, kd
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_ce, grad_kd):
-        return _scaled_grads(ctx, grad_loss, 13)
+    def backward(ctx, grad_loss: Tensor, grad_ce: Tensor, grad_kd: Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_weight = None if grad_weight is None else grad_weight * grad_loss
+        return grad_hidden * grad_loss, grad_weight, None
 
 
 def _rows(hidden: Tensor) -> Tensor:
@@ -280,6 +254,20 @@ def _check_tokens(hidden: Tensor, *per_token: Tensor | None) -> None:
     for t in per_token:
         if t is not None and t.numel() != n:
             raise ValueError(f"expected {n} per-token values to match hidden {tuple(hidden.shape)}")
+
+
+def _check_divergence(divergence: Divergence, beta: float) -> None:
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if divergence == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(
+            f"jsd needs 0 < beta < 1, got {beta!r} (at 0 and 1 it vanishes: use forward_kl or "
+            "reverse_kl)"
+        )
+
+
+def _flat(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.reshape(-1)
 
 
 def _check_heads(student_weight: Tensor, teacher_weight: Tensor) -> None:
@@ -321,34 +309,35 @@ def fused_linear_cross_entropy(
     Returns: fp32 scalar; 0 with zero gradients when no target is kept.
     """
     _check_tokens(hidden, targets, targets2)
-    return _LinearCrossEntropy.apply(
-        _rows(hidden),
-        weight,
-        targets.reshape(-1),
-        None if targets2 is None else targets2.reshape(-1),
-        mix,
-        ignore_index,
-        chunk_size,
-        backend,
-        shard,
+    safe_targets, ce_weight, _ = _ce_targets(
+        targets.reshape(-1), _flat(targets2), mix, ignore_index
     )
+    terms = _Terms(
+        safe_targets, ce_weight, None, None, None,
+        chunk_size=chunk_size, backend=backend, shard=shard,
+    )  # fmt: skip
+    return _FusedLinearLoss.apply(_rows(hidden), weight, terms)[0]
 
 
-def fused_linear_kl_div(
+def fused_linear_kd(
     student_hidden: Tensor,
     student_weight: Tensor,
     teacher_hidden: Tensor,
     teacher_weight: Tensor,
     *,
     temperature: float,
+    divergence: Divergence = "forward_kl",
+    beta: float = 0.5,
     mask: Tensor | None = None,
     chunk_size: int | None = None,
     backend: Backend = "auto",
     shard: VocabShard | None = None,
 ) -> Tensor:
-    """Mean over (masked) tokens of KL(softmax(z_t/T) || softmax(z_s/T)) * T^2, chunked.
+    """Mean over (masked) tokens of T^2 * D(softmax(z_t/T), softmax(z_s/T)), chunked.
 
-    z_s = student_hidden @ student_weight.T, z_t = teacher_hidden @ teacher_weight.T.
+    z_s = student_hidden @ student_weight.T, z_t = teacher_hidden @ teacher_weight.T; D is
+    ``divergence`` (`torch_ops.divergence_terms`: forward_kl = KL(p_t || p_s), reverse_kl,
+    jsd with ``beta``, tvd).
 
     Args:
         student_hidden: [..., ds]; student_weight: [V, ds] (gradient when it requires one).
@@ -363,17 +352,14 @@ def fused_linear_kl_div(
     """
     _check_tokens(student_hidden, teacher_hidden[..., 0], mask)
     _check_heads(student_weight, teacher_weight)
-    return _LinearKLDiv.apply(
-        _rows(student_hidden),
-        student_weight,
-        _rows(teacher_hidden),
-        teacher_weight,
-        temperature,
-        None if mask is None else mask.reshape(-1),
-        chunk_size,
-        backend,
-        shard,
-    )
+    _check_divergence(divergence, beta)
+    n = student_hidden.shape[:-1].numel()
+    keep = torch.ones(n, dtype=torch.bool, device=student_hidden.device) if mask is None else mask
+    terms = _Terms(
+        None, None, _rows(teacher_hidden), teacher_weight, _mean_weights(keep.reshape(-1)),
+        temperature, 1.0, divergence, beta, chunk_size, backend, shard,
+    )  # fmt: skip
+    return _FusedLinearLoss.apply(_rows(student_hidden), student_weight, terms)[0]
 
 
 def fused_linear_ce_kd(
@@ -385,6 +371,8 @@ def fused_linear_ce_kd(
     *,
     temperature: float,
     kd_weight: float,
+    divergence: Divergence = "forward_kl",
+    beta: float = 0.5,
     ignore_index: int = -100,
     targets2: Tensor | None = None,
     mix: float = 1.0,
@@ -396,26 +384,21 @@ def fused_linear_ce_kd(
 
     Both terms are means over the tokens whose target != ignore_index (KD skips ignored tokens
     too). With targets2, CE is mix * CE(targets) + (1 - mix) * CE(targets2) as in
-    `fused_linear_cross_entropy` (KD still over the first targets' tokens). Shapes and shard
+    `fused_linear_cross_entropy` (KD still over the first targets' tokens). KD, shapes and shard
     (student and teacher weights split alike) as in `fused_linear_cross_entropy` and
-    `fused_linear_kl_div`.
+    `fused_linear_kd`.
 
     Returns: (loss, ce, kd) fp32 scalars; only loss is differentiable.
     """
     _check_tokens(student_hidden, targets, teacher_hidden[..., 0], targets2)
     _check_heads(student_weight, teacher_weight)
-    return _LinearCrossEntropyKLDiv.apply(
-        _rows(student_hidden),
-        student_weight,
-        targets.reshape(-1),
-        None if targets2 is None else targets2.reshape(-1),
-        mix,
-        _rows(teacher_hidden),
-        teacher_weight,
-        temperature,
-        kd_weight,
-        ignore_index,
-        chunk_size,
-        backend,
-        shard,
+    _check_divergence(divergence, beta)
+    # KD averages over the rows the (first) targets keep.
+    safe_targets, ce_weight, row_weight = _ce_targets(
+        targets.reshape(-1), _flat(targets2), mix, ignore_index
     )
+    terms = _Terms(
+        safe_targets, ce_weight, _rows(teacher_hidden), teacher_weight, row_weight, temperature,
+        kd_weight, divergence, beta, chunk_size, backend, shard,
+    )  # fmt: skip
+    return _FusedLinearLoss.apply(_rows(student_hidden), student_weight, terms)

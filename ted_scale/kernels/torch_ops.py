@@ -17,9 +17,13 @@ row sums kept apart and folded into the gradient's per-row scale factors.
 """
 
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
 from torch import Tensor
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd"]
+DIVERGENCES: tuple[Divergence, ...] = ("forward_kl", "reverse_kl", "jsd", "tvd")
 
 # Elements per block of rows (10 GPT-2 rows): a block's student and teacher rows and two fp32
 # scratch buffers (8 MB) stay in L2/L3 between passes, and ~20 ops per block keep the per-op
@@ -311,3 +315,105 @@ def shard_grad_(
         _shard_grad_block_(x, t, scratch, block_targets, w, lse[rows], scale, 1.0 / temperature)
         if x.dtype != logits.dtype:
             logits[rows] = x
+
+
+# Any KD divergence D(p_t, p_s) as one per-element function (`divergence_terms`) under one
+# statistics -> sums -> gradient path (`kernels.divergences`). With l = log p_s and
+# g = dD/dl (l's entries taken as free), the chain rule through l = x/T - lse(x/T) gives
+# dD/dx = (g - p_s * sum(g)) / T; only row sums cross the vocabulary (or its shards).
+
+
+def _to(p: Tensor, q: Tensor, log_ratio: Tensor) -> Tensor:
+    """q - p for log_ratio = log(q / p), as p * expm1(log_ratio) where that is the accurate
+    form (log_ratio < 1), so that p * log(p / q) + (q - p), a KL term made >= 0 and O(log_ratio^2)
+    (its sum over a distribution is the KL: the added q - p sum to 0), does not lose the small
+    result to fp32 cancellation between O(log_ratio) terms."""
+    return torch.where(log_ratio < 1, p * torch.expm1(log_ratio.clamp(max=1)), q - p)
+
+
+def divergence_terms(
+    divergence: Divergence, beta: float, log_p_s: Tensor, log_p_t: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(the terms whose sum over the vocabulary is D(p_t, p_s), g = dD/dlog p_s) per element.
+
+    forward_kl: KL(p_t || p_s); reverse_kl: KL(p_s || p_t); jsd: beta KL(p_t || m) +
+    (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s (TRL's generalized JSD; 0 < beta <
+    1); tvd: sum |p_t - p_s| / 2. log_p_s, log_p_t: fp32 [b, V] (columns of a shard allowed).
+    """
+    p_s, p_t = log_p_s.exp(), log_p_t.exp()
+    delta = log_p_s - log_p_t
+    if divergence == "forward_kl":
+        return p_t * -delta + _to(p_t, p_s, delta), -p_t
+    if divergence == "reverse_kl":
+        return p_s * delta + _to(p_s, p_t, -delta), p_s * (delta + 1)
+    if divergence == "jsd":
+        # log(m / p_t) = log(beta + (1 - beta) e^delta), with expm1/log1p on either side of 0.
+        log_m_t = torch.where(
+            delta <= 0,
+            torch.log1p((1 - beta) * torch.expm1(delta.clamp(max=0))),
+            delta + torch.log1p(beta * torch.expm1(-delta.clamp(min=0))),
+        )
+        log_s_m = delta - log_m_t  # log(p_s / m)
+        m = beta * p_t + (1 - beta) * p_s
+        g = (1 - beta) * p_s * log_s_m
+        teacher = p_t * -log_m_t + _to(p_t, m, log_m_t)
+        return beta * teacher + g + (1 - beta) * _to(p_s, m, -log_s_m), g
+    if divergence == "tvd":
+        diff = p_s - p_t
+        return 0.5 * diff.abs(), 0.5 * diff.sign() * p_s
+    raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+
+
+def _log_probs(x: Tensor, t: Tensor, lse: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
+    """(log p_s, log p_t) of fp32 blocks x, t [b, V] through lse [b, 2] = (lse(x/T), lse(t/T))."""
+    return x * inv_t - lse[:, 0:1], t * inv_t - lse[:, 1:2]
+
+
+def divergence_sums(
+    logits: Tensor,
+    teacher_logits: Tensor,
+    lse: Tensor,
+    temperature: float,
+    divergence: Divergence,
+    beta: float,
+) -> Tensor:
+    """Per-row sums over this chunk's columns of D's terms and of g (`divergence_terms`).
+
+    Args: logits, teacher_logits [n, V] (not modified); lse [n, 2] fp32, (lse(x/T), lse(t/T))
+    over the whole vocabulary. Returns [n, 2] fp32; summed over the shards of a vocabulary they
+    are the rows' D and sum(g).
+    """
+    sums = torch.empty(logits.shape[0], 2, dtype=torch.float32, device=logits.device)
+    for rows in _blocks(*logits.shape):
+        log_p = _log_probs(
+            logits[rows].float(), teacher_logits[rows].float(), lse[rows], 1 / temperature
+        )
+        terms, g = divergence_terms(divergence, beta, *log_p)
+        sums[rows, 0], sums[rows, 1] = terms.sum(dim=1), g.sum(dim=1)
+    return sums
+
+
+def divergence_grad_(
+    logits: Tensor,
+    teacher_logits: Tensor,
+    lse: Tensor,
+    g_sum: Tensor,
+    scale: Tensor,
+    temperature: float,
+    divergence: Divergence,
+    beta: float,
+) -> None:
+    """teacher_logits [n, V] become scale * (g - p_s * sum(g)) = scale * T * dD/dx per row: with
+    scale = kd_weight * row weight * T, the gradient of kd_weight * row weight * T^2 * D.
+
+    Args: logits [n, V] (not modified); lse [n, 2] as in `divergence_sums`; g_sum [n] fp32, the
+    rows' sum(g) over the whole vocabulary; scale [n] fp32.
+    """
+    inv_t = 1.0 / temperature
+    for rows in _blocks(*logits.shape):
+        log_p_s, log_p_t = _log_probs(
+            logits[rows].float(), teacher_logits[rows].float(), lse[rows], inv_t
+        )
+        g = divergence_terms(divergence, beta, log_p_s, log_p_t)[1]
+        grad = g.sub_(log_p_s.exp_().mul_(g_sum[rows, None])).mul_(scale[rows, None])
+        teacher_logits[rows] = grad

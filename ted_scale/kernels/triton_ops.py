@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .torch_ops import stats_width
+from .torch_ops import DIVERGENCES, Divergence, stats_width
 
 # Largest V-block, and logits per thread and tensor on a GPU. 4 K-blocks at 4 logits per thread
 # (1024 threads) keep the CE + KD kernel at <= 46 registers of the 64 a 1024-thread block may use,
@@ -492,3 +492,196 @@ def shard_grad_(
 ) -> None:
     """One shard's logits [n, V] become their gradient. See `torch_ops.shard_grad_`."""
     shard_grad_launch(logits, targets, ce_weight, lse, teacher_logits, kd_scale, temperature)()
+
+
+# Any KD divergence (`torch_ops.divergence_terms`, `divergences.divergence_chunk_`): the sums
+# sweep and the gradient sweep, the divergence a compile-time switch.
+_DIVERGENCE_ID = {name: i for i, name in enumerate(DIVERGENCES)}
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1, accurate near 0 (its Taylor series below 0.05 in magnitude: terms past x^4
+    are < 1e-7 of the result)."""
+    series = x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0)))))
+    return tl.where(tl.abs(x) < 0.05, series, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _log1p(y):
+    """log(1 + y), accurate near 0 (its series below 0.05 in magnitude)."""
+    series = y * (1.0 - y * (0.5 - y * (1.0 / 3.0 - y * (0.25 - y * (0.2 - y / 6.0)))))
+    return tl.where(tl.abs(y) < 0.05, series, tl.log(1.0 + y))
+
+
+@triton.jit
+def _to(p, q, log_ratio):
+    """q - p for log_ratio = log(q / p). See `torch_ops._to`."""
+    return tl.where(log_ratio < 1.0, p * _expm1(tl.minimum(log_ratio, 1.0)), q - p)
+
+
+@triton.jit
+def _divergence_terms(log_p_s, log_p_t, beta, DIVERGENCE: tl.constexpr):
+    """(D's terms, g = dD/dlog p_s) per element; DIVERGENCE indexes `torch_ops.DIVERGENCES`.
+    The same algebra as `torch_ops.divergence_terms`."""
+    p_s = tl.exp(log_p_s)
+    p_t = tl.exp(log_p_t)
+    delta = log_p_s - log_p_t
+    if DIVERGENCE == 0:  # forward_kl
+        terms = -p_t * delta + _to(p_t, p_s, delta)
+        g = -p_t
+    elif DIVERGENCE == 1:  # reverse_kl
+        terms = p_s * delta + _to(p_s, p_t, -delta)
+        g = p_s * (delta + 1.0)
+    elif DIVERGENCE == 2:  # jsd
+        below = _log1p((1.0 - beta) * _expm1(tl.minimum(delta, 0.0)))
+        above = delta + _log1p(beta * _expm1(-tl.maximum(delta, 0.0)))
+        log_m_t = tl.where(delta <= 0.0, below, above)
+        log_s_m = delta - log_m_t
+        m = beta * p_t + (1.0 - beta) * p_s
+        g = (1.0 - beta) * p_s * log_s_m
+        teacher = -p_t * log_m_t + _to(p_t, m, log_m_t)
+        terms = beta * teacher + g + (1.0 - beta) * _to(p_s, m, -log_s_m)
+    else:  # tvd
+        diff = p_s - p_t
+        terms = 0.5 * tl.abs(diff)
+        g = tl.where(diff > 0, 0.5 * p_s, tl.where(diff < 0, -0.5 * p_s, 0.0))
+    return terms, g
+
+
+@triton.jit
+def _divergence_sums_kernel(
+    logits_ptr,
+    teacher_ptr,
+    stride,
+    teacher_stride,
+    lse_ptr,
+    sums_ptr,
+    V,
+    inv_t,
+    beta,
+    DIVERGENCE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The row's sums of D's terms and of g over its V columns, from lse (x/T, t/T)."""
+    row = tl.program_id(0).to(tl.int64)
+    logits_ptr += row * stride
+    teacher_ptr += row * teacher_stride
+    lse_s = tl.load(lse_ptr + row * 2)
+    lse_t = tl.load(lse_ptr + row * 2 + 1)
+    total = 0.0
+    g_total = 0.0
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < V
+        x = tl.load(logits_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        t = tl.load(teacher_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        terms, g = _divergence_terms(x * inv_t - lse_s, t * inv_t - lse_t, beta, DIVERGENCE)
+        total += tl.sum(tl.where(in_row, terms, 0.0), axis=0)
+        g_total += tl.sum(tl.where(in_row, g, 0.0), axis=0)
+    tl.store(sums_ptr + row * 2, total)
+    tl.store(sums_ptr + row * 2 + 1, g_total)
+
+
+@triton.jit
+def _divergence_grad_kernel(
+    logits_ptr,
+    teacher_ptr,
+    stride,
+    teacher_stride,
+    lse_ptr,
+    g_sum_ptr,
+    scale_ptr,
+    V,
+    inv_t,
+    beta,
+    DIVERGENCE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The row's teacher logits become scale * (g - p_s * sum(g))."""
+    row = tl.program_id(0).to(tl.int64)
+    logits_ptr += row * stride
+    teacher_ptr += row * teacher_stride
+    lse_s = tl.load(lse_ptr + row * 2)
+    lse_t = tl.load(lse_ptr + row * 2 + 1)
+    g_sum = tl.load(g_sum_ptr + row)
+    scale = tl.load(scale_ptr + row)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < V
+        x = tl.load(logits_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        t = tl.load(teacher_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        log_p_s = x * inv_t - lse_s
+        g = _divergence_terms(log_p_s, t * inv_t - lse_t, beta, DIVERGENCE)[1]
+        grad = scale * (g - tl.exp(log_p_s) * g_sum)
+        tl.store(teacher_ptr + cols, grad.to(teacher_ptr.dtype.element_ty), mask=in_row)
+
+
+def _divergence_args(
+    logits: Tensor, teacher_logits: Tensor, lse: Tensor, temperature: float,
+    divergence: Divergence, beta: float,
+) -> dict[str, Any]:  # fmt: skip
+    return {
+        "logits_ptr": logits,
+        "teacher_ptr": teacher_logits,
+        "stride": logits.stride(0),
+        "teacher_stride": teacher_logits.stride(0),
+        "lse_ptr": lse.contiguous(),
+        "inv_t": 1.0 / temperature,
+        "beta": beta,
+        "DIVERGENCE": _DIVERGENCE_ID[divergence],
+    }
+
+
+def divergence_sums_launch(
+    logits: Tensor, teacher_logits: Tensor, lse: Tensor, sums: Tensor, temperature: float,
+    divergence: Divergence, beta: float,
+) -> Launch:  # fmt: skip
+    """The launch of `divergence_sums` into sums [n, 2] fp32 (contiguous)."""
+    args = _divergence_args(logits, teacher_logits, lse, temperature, divergence, beta)
+    return _launch(_divergence_sums_kernel, logits, **args, sums_ptr=sums)
+
+
+def divergence_sums(
+    logits: Tensor,
+    teacher_logits: Tensor,
+    lse: Tensor,
+    temperature: float,
+    divergence: Divergence,
+    beta: float,
+) -> Tensor:
+    """Per-row sums of D's terms and of g. See `torch_ops.divergence_sums`."""
+    sums = torch.empty(logits.shape[0], 2, dtype=torch.float32, device=logits.device)
+    divergence_sums_launch(logits, teacher_logits, lse, sums, temperature, divergence, beta)()
+    return sums
+
+
+def divergence_grad_launch(
+    logits: Tensor, teacher_logits: Tensor, lse: Tensor, g_sum: Tensor, scale: Tensor,
+    temperature: float, divergence: Divergence, beta: float,
+) -> Launch:  # fmt: skip
+    """The launch of `divergence_grad_`: g_sum, scale [n] fp32."""
+    args = _divergence_args(logits, teacher_logits, lse, temperature, divergence, beta)
+    return _launch(
+        _divergence_grad_kernel,
+        logits,
+        **args,
+        g_sum_ptr=g_sum.contiguous(),
+        scale_ptr=scale.contiguous(),
+    )
+
+
+def divergence_grad_(
+    logits: Tensor,
+    teacher_logits: Tensor,
+    lse: Tensor,
+    g_sum: Tensor,
+    scale: Tensor,
+    temperature: float,
+    divergence: Divergence,
+    beta: float,
+) -> None:
+    """Teacher logits become the KD gradient. See `torch_ops.divergence_grad_`."""
+    divergence_grad_launch(
+        logits, teacher_logits, lse, g_sum, scale, temperature, divergence, beta
+    )()

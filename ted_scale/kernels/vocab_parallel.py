@@ -52,14 +52,14 @@ class VocabShard:
         return torch.where((local >= 0) & (local < valid), local, -1)
 
 
-def _gather(stats: Tensor, group: dist.ProcessGroup) -> Tensor:
+def gather_stats(stats: Tensor, group: dist.ProcessGroup) -> Tensor:
     """[n, S] from every rank of group -> [world, n, S], in rank order (one collective)."""
     parts = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, stats.contiguous(), group=group)
     return torch.stack(parts)
 
 
-def _merge(scaled_max: Tensor, total: Tensor, *sums: Tensor) -> tuple[Tensor, ...]:
+def merge_stats(scaled_max: Tensor, total: Tensor, *sums: Tensor) -> tuple[Tensor, ...]:
     """Shards' (max m_r, sum_r of exp(z - m_r), further sums_r relative to m_r), each [world, n]
     -> (global lse [n], global sum of exp(z - max) [n], the further sums relative to it [n]).
     A shard without columns has m_r = -inf and contributes exp(-inf) = 0."""
@@ -69,7 +69,7 @@ def _merge(scaled_max: Tensor, total: Tensor, *sums: Tensor) -> tuple[Tensor, ..
     return global_max + total.log(), total, *((s * rescale).sum(dim=0) for s in sums)
 
 
-def _identity_stats(n: int, with_ce: bool, with_kd: bool, device: torch.device) -> Tensor:
+def identity_stats(n: int, with_ce: bool, with_kd: bool, device: torch.device) -> Tensor:
     """The statistics of a shard with no vocabulary columns (all padding): maxima -inf, sums 0."""
     stats = torch.zeros(n, stats_width(with_ce, with_kd), device=device)
     max_columns = ([0] if with_ce else []) + [CE_STATS * with_ce + i for i in (0, 2) if with_kd]
@@ -109,17 +109,17 @@ def shard_chunk_(
     if valid:
         stats = ops.shard_stats(x, local, ce_weight, t, temperature)
     else:
-        stats = _identity_stats(n, with_ce, with_kd, logits.device)
-    stats = _gather(stats, shard.group).unbind(dim=2)  # S tensors [world, n]
+        stats = identity_stats(n, with_ce, with_kd, logits.device)
+    stats = gather_stats(stats, shard.group).unbind(dim=2)  # S tensors [world, n]
     lse = torch.zeros(n, 3, dtype=torch.float32, device=logits.device)  # x, x / T, t / T
     ce = kd = kd_scale = None
     if with_ce:
-        lse[:, 0] = _merge(*stats[:2])[0]
+        lse[:, 0] = merge_stats(*stats[:2])[0]
         ce = ce_weight.view(n, -1).sum(dim=1) * lse[:, 0] - stats[2].sum(dim=0)
         stats = stats[CE_STATS:]
     if with_kd:
-        lse[:, 1] = _merge(*stats[:2])[0]
-        lse[:, 2], total_b, cross = _merge(*stats[2:])
+        lse[:, 1] = merge_stats(*stats[:2])[0]
+        lse[:, 2], total_b, cross = merge_stats(*stats[2:])
         kd = kd_row_weight * temperature**2 * (cross / total_b - lse[:, 2] + lse[:, 1])
         kd_scale = kd_weight * temperature * kd_row_weight  # d(T^2 KL)/dx = T (p_s - p_t)
     if valid:
@@ -157,8 +157,8 @@ def vocab_parallel_token_scores(
             stats[:, 0], stats[:, 2] = best_logit[:, 0], target_logit[:, 0]
             stats[:, 1] = (logits - best_logit).exp().sum(dim=1)
             stats[:, 3] = best[:, 0] + shard.start
-        best_logit, total, target_logit, best = _gather(stats, shard.group).unbind(dim=2)
-        lse = _merge(best_logit, total)[0]
+        best_logit, total, target_logit, best = gather_stats(stats, shard.group).unbind(dim=2)
+        lse = merge_stats(best_logit, total)[0]
         nll.append((lse - target_logit.sum(dim=0)).float())
         # The lowest id among the shards holding the global max.
         best = torch.where(best_logit == best_logit.amax(dim=0), best, float("inf")).amin(dim=0)

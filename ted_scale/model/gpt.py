@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ted_scale.kernels.vocab_parallel import VocabShard
 from ted_scale.model.attention import causal_attention, causal_attention_with_log_probs
+from ted_scale.model.tp_layout import TensorParallelLayout
 
 
 @dataclass
@@ -319,6 +321,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.activation_checkpointing = activation_checkpointing
+        self.tensor_parallel: TensorParallelLayout | None = None
+        """How the model is sharded (set by ``parallelize_gpt``); None when it is whole."""
         self.set_attention(attention)
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) at initialisation.
@@ -338,6 +342,11 @@ class GPT(nn.Module):
     def lm_head_weight(self) -> Tensor:
         """The LM head, tied to the token embedding: [vocab_size, n_embd]."""
         return self.wte.weight
+
+    @property
+    def vocab_shard(self) -> VocabShard | None:
+        """This rank's vocabulary rows of the LM head under tensor parallelism, else None."""
+        return None if self.tensor_parallel is None else self.tensor_parallel.vocab
 
     def set_attention(self, implementation: str) -> None:
         for block in self.blocks:

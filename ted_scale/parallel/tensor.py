@@ -30,15 +30,21 @@ from torch import Tensor, nn
 
 from ted_scale.kernels.vocab_parallel import VocabShard
 from ted_scale.model.gpt import GPT, GPTConfig
+from ted_scale.model.tp_layout import (
+    ShardedWeight,
+    Split,
+    TensorParallelLayout,
+    split_dim,
+    split_groups,
+)
 from ted_scale.parallel.dims import ParallelDims, ParallelLayoutError, zero3_gathered_state
 
 VOCAB_MULTIPLE = 128
 """The vocabulary is padded to a multiple of this times the tensor-parallel size (Megatron's
 ``make-vocab-size-divisible-by``), so every rank's shard has the same, aligned size."""
 
-# Each block's projection -> how it is split: column-parallel ("qkv": by heads, rank-major),
-# row-parallel ("row": input features, all-reduce after).
-_LAYOUTS = {
+# Each block's projection -> how it is split (``ted_scale.model.tp_layout.Split``).
+_LAYOUTS: dict[str, Split] = {
     "attn.qkv_proj": "qkv",
     "attn.out_proj": "row",
     "mlp.up_proj": "column",
@@ -84,24 +90,14 @@ def padded_width(n: int, tp_size: int) -> int:
     return -(-n // tp_size) * tp_size
 
 
-def vocab_shard_of(head_weight: Tensor) -> VocabShard | None:
-    """The vocabulary partition of an LM-head weight, or None when it is not sharded."""
-    return getattr(head_weight, "vocab_shard", None)
-
-
-def tensor_parallel_group(model: nn.Module) -> dist.ProcessGroup | None:
-    """The group ``model`` is sharded over, or None."""
-    return getattr(model, "tp_group", None)
-
-
-def tensor_parallel_sum(local: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-    """The sum over the group of a per-rank scalar (a loss over this rank's heads), with the
-    gradient of that sum reaching each rank's own term (sum forward, identity backward)."""
-    if group is None:
+def tensor_parallel_sum(local: Tensor, layout: TensorParallelLayout | None) -> Tensor:
+    """The sum over the layout's group of a per-rank scalar (a loss over this rank's heads), with
+    the gradient of that sum reaching each rank's own term (sum forward, identity backward)."""
+    if layout is None:
         return local
     from deepspeed.module_inject.layers import RowParallel
 
-    return RowParallel.apply(group, local, False)
+    return RowParallel.apply(layout.group, local, False)
 
 
 class ShardedDropoutRNG:
@@ -152,16 +148,17 @@ def parallelize_gpt(model: GPT, dims: ParallelDims, role: str, *, pad: bool = Fa
     kept = [_split_widths(block) for block in model.blocks]
     if pad:
         pad_for_tensor_parallel(model, tp)
-    for block, widths in zip(model.blocks, kept, strict=True):
+    modules: dict[str, ShardedWeight] = {}
+    for i, (block, widths) in enumerate(zip(model.blocks, kept, strict=True)):
         _reorder_rank_major(block.attn.qkv_proj, tp)
         block.attn.dropout_rng = ShardedDropoutRNG(dims.tp_rank)
-        for name, layout in _LAYOUTS.items():
+        for name, split in _LAYOUTS.items():
             parent, attr = _resolve(block, name)
-            layer = (RowParallelLinear if layout == "row" else ColumnParallelLinear)(
+            layer = (RowParallelLinear if split == "row" else ColumnParallelLinear)(
                 getattr(parent, attr), group
             )
-            layer.tp_layout, layer.tp_kept = layout, widths[name]
-            layer.groups = _split_of(layout)[1]
+            modules[f"blocks.{i}.{name}"] = ShardedWeight(split, widths[name])
+            layer.groups = split_groups(split)
             setattr(parent, attr, layer)
     vocab, weight = model.config.vocab_size, model.wte.weight.detach()
     rows = weight.new_zeros(padded_vocab_size(vocab, tp), weight.shape[1])
@@ -170,25 +167,19 @@ def parallelize_gpt(model: GPT, dims: ParallelDims, role: str, *, pad: bool = Fa
     # initialised after this, e.g. LWD's projections) is the same at every tensor-parallel size.
     padded = nn.Embedding(rows.shape[0], rows.shape[1], _weight=rows)
     model.wte = VocabParallelEmbedding(padded, group)
-    model.wte.tp_layout, model.wte.tp_kept = "vocab", vocab
-    model.wte.vocab_shard = model.wte.weight.vocab_shard = VocabShard(
-        group=group, start=model.wte.vocab_start_index, vocab_size=vocab
-    )
-    model.tp_group = group
+    modules["wte"] = ShardedWeight("vocab", vocab)
+    shard = VocabShard(group=group, start=model.wte.vocab_start_index, vocab_size=vocab)
+    model.tensor_parallel = TensorParallelLayout(group, dims.tp_rank, tp, shard, modules)
     model.requires_grad_(not frozen)
-
-
-def _split_of(layout: str) -> tuple[int, int]:
-    """(weight dimension split, equal groups along it) of a layout: [q; k; v] is 3 groups."""
-    return int(layout == "row"), 3 if layout == "qkv" else 1
 
 
 def _split_widths(block: nn.Module) -> dict[str, int]:
     """Each projection's real width along its split, per group."""
     widths = {}
-    for name, layout in _LAYOUTS.items():
-        dim, groups = _split_of(layout)
-        widths[name] = block.get_submodule(name).weight.shape[dim] // groups
+    for name, split in _LAYOUTS.items():
+        widths[name] = block.get_submodule(name).weight.shape[split_dim(split)] // split_groups(
+            split
+        )
     return widths
 
 
@@ -213,8 +204,8 @@ def pad_for_tensor_parallel(model: GPT, tp: int) -> None:
             ("mlp.up_proj", mlp_width),
             ("mlp.down_proj", mlp_width),
         ):
-            linear, layout = block.get_submodule(name), _LAYOUTS[name]
-            dim, groups = _split_of(layout)
+            linear, split = block.get_submodule(name), _LAYOUTS[name]
+            dim, groups = split_dim(split), split_groups(split)
             trainable = linear.weight.requires_grad
             weight = _zero_extend(linear.weight, dim, groups, width)
             linear.weight = nn.Parameter(weight, requires_grad=trainable)
@@ -267,28 +258,33 @@ def _gather(shard: Tensor, dim: int, group: dist.ProcessGroup) -> Tensor:
 @torch.no_grad()
 def gathered_state(module: nn.Module) -> dict[str, Tensor]:
     """The full (unsharded) state dict of ``module``, fp32 on the CPU, under the names of the
-    unsharded module: tensor-parallel shards and ZeRO-3 partitions gathered.
+    unsharded module: the tensor-parallel shards of every sharded ``GPT`` inside it and ZeRO-3
+    partitions gathered.
 
     A collective over the tensor-parallel group (and under ZeRO-3 the world): every rank calls
     it, every rank gets the whole state.
     """
-    layouts = {
-        name: m for name, m in module.named_modules() if getattr(m, "tp_layout", None) is not None
-    }
-    if not layouts:
+    split: dict[str, tuple[ShardedWeight, TensorParallelLayout]] = {}
+    for prefix, m in module.named_modules():
+        if isinstance(m, GPT) and m.tensor_parallel is not None:
+            dot = f"{prefix}." if prefix else ""
+            for name, sharded in m.tensor_parallel.modules.items():
+                split[dot + name] = (sharded, m.tensor_parallel)
+    if not split:
         return zero3_gathered_state(module)
     state = {}
     for name, tensor in module.state_dict().items():
         owner, _, kind = name.rpartition(".")
-        layer = layouts.get(owner)
-        state[name] = tensor if layer is None else _unshard(layer, kind, tensor)
+        if owner in split:
+            tensor = _unshard(*split[owner], kind, tensor)
+        state[name] = tensor
     return {k: v.detach().float().cpu().clone() for k, v in state.items()}
 
 
 def unsharded_copy(model: GPT) -> GPT:
     """A plain, whole copy of ``model`` on its device: gathered from the tensor-parallel shards
     (a collective: every rank of the group calls it; padding removed), else a deep copy."""
-    if tensor_parallel_group(model) is None:
+    if model.tensor_parallel is None:
         return copy.deepcopy(model)
     state = gathered_state(model)
     with torch.device("meta"):  # no initialisation: the RNG stream is left as it is
@@ -303,13 +299,15 @@ def unsharded_copy(model: GPT) -> GPT:
     )
 
 
-def _unshard(layer: nn.Module, kind: str, tensor: Tensor) -> Tensor:
-    """The whole ``kind`` ("weight" or "bias") tensor of a sharded ``layer`` from its shards,
-    without the padded rows or columns."""
-    if layer.tp_layout == "row" and kind != "weight":
+def _unshard(
+    sharded: ShardedWeight, layout: TensorParallelLayout, kind: str, tensor: Tensor
+) -> Tensor:
+    """The whole ``kind`` ("weight" or "bias") tensor of a split module from its shards, without
+    the padded rows or columns."""
+    if sharded.split == "row" and kind != "weight":
         return tensor  # the bias is replicated
-    dim, groups = _split_of(layer.tp_layout)
-    full = _gather(tensor, dim, layer.mp_group)
-    if layer.tp_layout == "qkv":
-        full = full[torch.argsort(_qkv_order(full.shape[0], layer.tp_world_size))]
-    return _crop(full, dim, groups, layer.tp_kept)
+    dim = split_dim(sharded.split)
+    full = _gather(tensor, dim, layout.group)
+    if sharded.split == "qkv":
+        full = full[torch.argsort(_qkv_order(full.shape[0], layout.size))]
+    return _crop(full, dim, split_groups(sharded.split), sharded.kept)

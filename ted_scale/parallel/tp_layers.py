@@ -20,13 +20,15 @@ from deepspeed.module_inject.layers import (
 )
 from torch import Tensor
 
+from ted_scale.model.tp_layout import ShardedLinear
+
 
 def _local_keep(keep: int, local: int, tp_index: int) -> int:
     """How many of this rank's ``local`` features fall inside the global prefix [0, keep)."""
     return min(max(keep - tp_index * local, 0), local)
 
 
-class ColumnParallelLinear(LinearLayer):
+class ColumnParallelLinear(LinearLayer, ShardedLinear):
     """Column-parallel: the output features split over the ranks, in ``groups`` equal groups
     ([q; k; v] is 3, each split by heads)."""
 
@@ -44,7 +46,7 @@ class ColumnParallelLinear(LinearLayer):
         return F.linear(x, w, b)
 
 
-class RowParallelLinear(LinearAllreduce):
+class RowParallelLinear(LinearAllreduce, ShardedLinear):
     """Row-parallel: the input features split over the ranks, partial outputs all-reduced, the
     (replicated) bias added once."""
 

@@ -18,7 +18,6 @@ from ted_scale.eval.lambada import evaluate_lambada, load_lambada
 from ted_scale.eval.scoring import eval_mode
 from ted_scale.model import GPT
 from ted_scale.parallel import agreed, barrier, gathered_state
-from ted_scale.parallel.tensor import tensor_parallel_group
 
 
 class InTrainingEval:
@@ -53,7 +52,7 @@ class InTrainingEval:
         # Nothing drawn here may move the training's generators: a run resumed from the
         # checkpoint saved just before this evaluation continues from the state saved with it.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if tensor_parallel_group(model) is not None:
+            if model.tensor_parallel is not None:
                 with eval_mode(model):
                     results = self._evaluate(model, device)
                 barrier()

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ted_scale.config.schema import ScheduleConfig
 from ted_scale.distill.filters import FilterBank
 from ted_scale.distill.modules import BatchDraw, FrozenTapper, LayerDistance, StudentDistillation
+from ted_scale.distill.objectives import LossSettings
 from ted_scale.flops import FROZEN, TRAINED, forward_flops, head_flops
 from ted_scale.model import GPT, export_hf
 from ted_scale.parallel import ParallelDims, barrier, gathered_state, parallelize_gpt
@@ -112,6 +113,16 @@ class MethodContext:
     dims: ParallelDims | None = None
     """The run's parallel layout (None: one process, nothing sharded)."""
 
+    @property
+    def loss_settings(self) -> LossSettings:
+        """How the run's LM-head losses compute (``fused_loss``, the precision, KD's divergence)."""
+        return LossSettings(
+            fused=self.config.fused_loss,
+            compute_dtype=self.compute_dtype,
+            divergence=self.config.distill.divergence,
+            jsd_beta=self.config.distill.jsd_beta,
+        )
+
     def place(self, model: GPT, role: str, *, pad: bool | None = None) -> GPT:
         """``model``, a whole model the method built itself (from its own saved file), on the
         run's device and sharded like the run's models (tensor parallelism); ``pad`` (default
@@ -134,22 +145,25 @@ class MethodContext:
     def distillation(
         self,
         *,
+        student: GPT | None = None,
         layer_modules: FilterBank | None = None,
         layer_distance: LayerDistance | None = None,
+        with_ce: bool = True,
     ) -> StudentDistillation:
-        """The student's objective CE + alpha_kd * KD [+ alpha_layer * D] with the run's shared
-        knobs (``distill:``, ``fused_loss``, the precision)."""
+        """The objective CE + alpha_kd * KD [+ alpha_layer * D] (KD alone without ``with_ce``) of
+        ``student`` (default: the run's) with the run's shared knobs (``distill:``,
+        ``fused_loss``, the precision)."""
         distill = self.config.distill
         return StudentDistillation(
-            self.student.to(self.device),
+            (student or self.student).to(self.device),
+            self.loss_settings,
             layer_modules=layer_modules,
             layer_distance=layer_distance,
             alpha_kd=distill.alpha_kd,
             alpha_layer=distill.alpha_layer,
             temperature=distill.temperature,
             layer_reduction=distill.layer_reduction,
-            fused=self.config.fused_loss,
-            compute_dtype=self.compute_dtype,
+            with_ce=with_ce,
         )
 
     def student_phase(

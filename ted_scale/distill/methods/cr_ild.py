@@ -42,23 +42,13 @@ from ted_scale.distill.methods.base import (
     student_flops,
 )
 from ted_scale.distill.methods.registry import register
-from ted_scale.distill.modules import (
-    FrozenTapper,
-    StudentDistillation,
-    TappedOutputs,
-    lm_objective,
-    to_compute_dtype,
-)
-from ted_scale.distill.objectives import (
-    attention_kl,
-    kl_distillation,
-    mse,
-)
+from ted_scale.distill.modules import FrozenTapper, TappedOutputs, lm_objective
+from ted_scale.distill.objectives import LossSettings, attention_kl, mse
 from ted_scale.flops import FROZEN, TRAINED, forward_flops
 from ted_scale.io import atomic_write_bytes, read_safetensors
 from ted_scale.model import GPT, GPTOutput, ModelMismatchError
 from ted_scale.model.hf import load_state_checked
-from ted_scale.parallel.tensor import tensor_parallel_group, tensor_parallel_sum
+from ted_scale.parallel.tensor import tensor_parallel_sum
 
 
 @dataclass
@@ -252,6 +242,7 @@ class MixupILD(nn.Module):
         self,
         student: GPT,
         fit: nn.Module,
+        settings: LossSettings,
         *,
         layer: int,
         hidden: bool,
@@ -262,12 +253,11 @@ class MixupILD(nn.Module):
         alpha_kd: float = 0.0,
         alpha_layer: float = 1.0,
         temperature: float = 1.0,
-        fused: bool = True,
-        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.student = student
         self.fit = fit
+        self.settings = settings
         self.layer = layer
         self.hidden, self.attention, self.qkv = hidden, attention, qkv
         self.reads, self.last = _reads(layer, hidden=hidden, attention=attention, qkv=qkv)
@@ -276,20 +266,18 @@ class MixupILD(nn.Module):
         self.alpha_kd = alpha_kd
         self.alpha_layer = alpha_layer
         self.temperature = temperature
-        self.fused = fused
-        self.compute_dtype = compute_dtype
 
     def _attention_kl(self, student_log_probs: Tensor, target_log_probs: Tensor) -> Tensor:
         """``attention_kl`` averaged over all heads: under tensor parallelism each rank holds
         its own heads' distributions, and the mean runs over the group."""
         local = attention_kl(student_log_probs, target_log_probs)
-        group = tensor_parallel_group(self.student)
-        if group is None:
+        layout = self.student.tensor_parallel
+        if layout is None:
             return local
         # The mean over this rank's heads as their sum, summed over the group, over the real
         # heads: padded heads attend uniformly in both models and add exactly zero.
         heads = self.student.config.layer_heads[self.layer]
-        return tensor_parallel_sum(local * student_log_probs.shape[1], group) / heads
+        return tensor_parallel_sum(local * student_log_probs.shape[1], layout) / heads
 
     def _relations_kl(self, student: Relations, target: Relations) -> Tensor:
         """The sum over Q, K, V of their relations' ``_attention_kl``."""
@@ -327,10 +315,9 @@ class MixupILD(nn.Module):
                 labels,
                 tapped,
                 parts,
+                self.settings,
                 alpha_kd=self.alpha_kd,
                 temperature=self.temperature,
-                fused=self.fused,
-                compute_dtype=self.compute_dtype,
                 labels2=None if lam == 1.0 else labels.flip(0),
                 mix=lam,
             )
@@ -455,6 +442,7 @@ class CRILD(Method):
         trained = MixupILD(
             student,
             fit,
+            ctx.loss_settings,
             layer=k,
             hidden=hidden,
             attention=attention,
@@ -464,8 +452,6 @@ class CRILD(Method):
             alpha_kd=alpha_kd,
             alpha_layer=config.distill.alpha_layer if joint else 1.0,
             temperature=config.distill.temperature,
-            fused=config.fused_loss,
-            compute_dtype=ctx.compute_dtype,
         )
         tapper = MixupTapper(
             teacher, m, hidden=hidden, attention=attention, qkv=qkv, with_top=alpha_kd > 0
@@ -536,26 +522,10 @@ class CRILD(Method):
         )
         load_state_checked(student, read_safetensors(path)[0], source=str(path))
         student = ctx.place(student.train().requires_grad_(True), "student")
-        temperature = config.distill.temperature
-        trained: nn.Module
-        if config.cr_ild.stage2_loss == "kd":
-            kd = True
-            trained = LogitKD(
-                student,
-                temperature=temperature,
-                fused=config.fused_loss,
-                compute_dtype=ctx.compute_dtype,
-            )
-        else:
-            alpha_kd = config.distill.alpha_kd
-            kd = alpha_kd > 0
-            trained = StudentDistillation(
-                student,
-                alpha_kd=alpha_kd,
-                temperature=temperature,
-                fused=config.fused_loss,
-                compute_dtype=ctx.compute_dtype,
-            )
+        kd_only = config.cr_ild.stage2_loss == "kd"
+        kd = kd_only or config.distill.alpha_kd > 0
+        # KD alone is the authors' second stage; otherwise CE + alpha_kd * KD.
+        trained = ctx.distillation(student=student, with_ce=not kd_only)
         return Phase(
             name,
             trained,
@@ -565,41 +535,6 @@ class CRILD(Method):
             evaluated=student,
             finish=lambda: ctx.export(student, "student_hf"),
         )
-
-
-class LogitKD(nn.Module):
-    """The authors' second stage: KD alone, KL(p_t || p_s) at temperature T scaled by T^2, mean
-    over the labelled tokens (no CE term)."""
-
-    def __init__(
-        self,
-        student: GPT,
-        *,
-        temperature: float,
-        fused: bool,
-        compute_dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        self.student = student
-        self.temperature = temperature
-        self.fused = fused
-        self.compute_dtype = compute_dtype
-
-    def forward(
-        self, input_ids: Tensor, labels: Tensor, tapped: TappedOutputs
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """input_ids, labels [B, T]; ``tapped`` the teacher's top state and head."""
-        top = self.student(input_ids, return_logits=False).last_hidden
-        kd = kl_distillation(
-            to_compute_dtype(top, self.compute_dtype),
-            self.student.lm_head_weight,
-            to_compute_dtype(tapped.last_hidden, self.compute_dtype),
-            tapped.head_weight,
-            labels,
-            temperature=self.temperature,
-            fused=self.fused,
-        )
-        return kd, {"loss_kd": kd.detach()}
 
 
 def _relations_flops(model: GPT, layer: int, seq_len: int) -> float:

@@ -23,7 +23,5 @@ class LM(Method):
             return TRAINED * (trunk + head_flops(ctx.student))
 
         # No teacher: distill.alpha_kd is ignored, the objective is plain next-token CE.
-        trained = StudentDistillation(
-            ctx.student.to(ctx.device), fused=ctx.config.fused_loss, compute_dtype=ctx.compute_dtype
-        )
+        trained = StudentDistillation(ctx.student.to(ctx.device), ctx.loss_settings)
         return ctx.student_phase(phase, trained, None, flops_per_token)

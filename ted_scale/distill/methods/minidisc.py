@@ -37,8 +37,8 @@ from ted_scale.config.schema import ScheduleConfig
 from ted_scale.distill.filter_io import weights_fingerprint
 from ted_scale.distill.methods.base import Method, MethodContext, Phase, PlannedPhase
 from ted_scale.distill.methods.registry import get_method, register
-from ted_scale.distill.modules import FrozenTapper, TappedOutputs, to_compute_dtype
-from ted_scale.distill.objectives import kl_distillation, mse_distance
+from ted_scale.distill.modules import FrozenTapper, TappedOutputs
+from ted_scale.distill.objectives import LossSettings, logit_distillation, mse_distance
 from ted_scale.distill.run_models import place
 from ted_scale.eval.heldout import heldout_perplexity
 from ted_scale.flops import FROZEN, TRAINED, forward_flops, head_flops, subnet_flops
@@ -59,7 +59,7 @@ from ted_scale.model import (
 )
 from ted_scale.model.pruning import Importance, extract, mask_importance, reorder, subnet_at
 from ted_scale.parallel import barrier
-from ted_scale.parallel.tensor import tensor_parallel_group, unsharded_copy
+from ted_scale.parallel.tensor import unsharded_copy
 
 FINAL_PREFIX = "final_"
 WORK_DIR = "minidisc"  # run_dir/minidisc: importance and the shared TA weights
@@ -240,20 +240,18 @@ class SandwichDistillation(nn.Module):
         student: GPT,
         subnets: list[Subnet],
         layers: list[int],
+        settings: LossSettings,
         *,
         temperature: float,
-        fused: bool,
         layer_reduction: Literal["mean", "sum"] = "mean",
-        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.student = student
         self.subnets = subnets
         self.layers = layers
+        self.settings = settings
         self.temperature = temperature
         self.layer_reduction = layer_reduction
-        self.fused = fused
-        self.compute_dtype = compute_dtype
 
     def forward(
         self, input_ids: Tensor, labels: Tensor, tapped: TappedOutputs
@@ -266,14 +264,15 @@ class SandwichDistillation(nn.Module):
             states = [out.embeddings, *(out.hidden_states[i] for i in self.layers)]
             mse = torch.stack(mse_distance(states, tapped.layer_states))  # [matched states]
             layer = mse.mean() if self.layer_reduction == "mean" else mse.sum()
-            kd = kl_distillation(
-                to_compute_dtype(out.last_hidden, self.compute_dtype),
+            kd = logit_distillation(
+                out.last_hidden,
                 self.student.lm_head_weight,
-                to_compute_dtype(tapped.last_hidden, self.compute_dtype),
+                tapped.last_hidden,
                 tapped.head_weight,
                 labels,
+                self.settings,
                 temperature=self.temperature,
-                fused=self.fused,
+                shard=self.student.vocab_shard,
             )
             losses.append((layer + kd) / 2)
             layer_terms.append(layer.detach())
@@ -367,7 +366,7 @@ class MiniDisc(Method):
                 return
             record = self._importance_record(ctx)  # collectives: on every rank
             teacher = ctx.teacher
-            if tensor_parallel_group(teacher) is not None:
+            if teacher.tensor_parallel is not None:
                 teacher = unsharded_copy(teacher)
             if ctx.is_main:
                 split, samples = self._calibration(ctx.config)
@@ -417,10 +416,9 @@ class MiniDisc(Method):
             ta,
             subnets,
             layers,
+            ctx.loss_settings,
             temperature=config.minidisc.temperature,
-            fused=config.fused_loss,
             layer_reduction=config.minidisc.layer_reduction,
-            compute_dtype=ctx.compute_dtype,
         )
 
         def flops_per_token(seq_len: int) -> float:

@@ -45,11 +45,11 @@ from ted_scale.distill.modules import (
     LayerDistance,
     StateTransform,
     TappedOutputs,
-    to_compute_dtype,
 )
 from ted_scale.distill.objectives import (
+    LossSettings,
     cross_entropy,
-    kl_distillation,
+    logit_distillation,
     mse_distance,
     normalized,
 )
@@ -102,15 +102,13 @@ class FilterTraining(nn.Module):
         self,
         filters: FilterBank,
         frozen_model: GPT,
-        *,
-        fused: bool,
-        compute_dtype: torch.dtype | None = None,
+        settings: LossSettings,
     ) -> None:
         super().__init__()
         self.filters = filters
         self._frozen_head = (frozen_model.ln_f, frozen_model.wte)  # a tuple is not registered
-        self.fused = fused
-        self.compute_dtype = compute_dtype
+        self.shard = frozen_model.vocab_shard
+        self.settings = settings
 
     def forward(
         self, input_ids: Tensor, labels: Tensor, tapped: TappedOutputs
@@ -122,9 +120,7 @@ class FilterTraining(nn.Module):
         # autograd must save, so they are copied into ordinary tensors (K x [B, T, d], cheap).
         states = [h.clone() for h in tapped.layer_states]
         per_layer = [
-            cross_entropy(
-                to_compute_dtype(ln_f(g), self.compute_dtype), wte.weight, labels, fused=self.fused
-            )
+            cross_entropy(ln_f(g), wte.weight, labels, self.settings, shard=self.shard)
             for g in self.filters(states)
         ]
         loss = torch.stack(per_layer).sum()
@@ -145,23 +141,23 @@ def ted_distance() -> tuple[StateTransform, LayerDistance]:
     return transform, distance
 
 
-def ted_kl_distance(
-    head: GPT, *, temperature: float, fused: bool, compute_dtype: torch.dtype | None
-) -> LayerDistance:
+def ted_kl_distance(head: GPT, settings: LossSettings, *, temperature: float) -> LayerDistance:
     """TED-KL's per-layer term: KD between the student filters' predictions through ``head``'s
     final LayerNorm and LM head (the frozen teacher's, or the student's own) and the teacher
     filters' predictions, already final-normed by the tapper, through the teacher's head."""
 
     def distance(states: list[Tensor], tapped: TappedOutputs, labels: Tensor) -> list[Tensor]:
         return [
-            kl_distillation(
-                to_compute_dtype(head.ln_f(g_s), compute_dtype),
+            logit_distillation(
+                head.ln_f(g_s),
                 head.lm_head_weight,
-                to_compute_dtype(g_t, compute_dtype),
+                g_t,
                 tapped.head_weight,
                 labels,
+                settings,
                 temperature=temperature,
-                fused=fused,
+                divergence="forward_kl",  # TED-KL's definition, whatever distill.divergence
+                shard=head.vocab_shard,
             )
             for g_s, g_t in zip(states, tapped.layer_states, strict=True)
         ]
@@ -302,9 +298,7 @@ class TED(Method):
 
         return Phase(
             name,
-            FilterTraining(
-                bank, model, fused=ctx.config.fused_loss, compute_dtype=ctx.compute_dtype
-            ),
+            FilterTraining(bank, model, ctx.loss_settings),
             FrozenTapper(model, layers),
             ctx.config.stage1,
             flops_per_token,
@@ -356,9 +350,6 @@ class TEDKL(TED):
         teacher = ctx.teacher
         head = teacher if ctx.config.ted_kl.head == "frozen" else ctx.student
         distance = ted_kl_distance(
-            head,
-            temperature=ctx.config.distill.temperature,
-            fused=ctx.config.fused_loss,
-            compute_dtype=ctx.compute_dtype,
+            head, ctx.loss_settings, temperature=ctx.config.distill.temperature
         )
         return lambda states: [teacher.ln_f(g) for g in teacher_filters(states)], distance, head

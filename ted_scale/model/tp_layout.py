@@ -1,0 +1,61 @@
+"""The tensor-parallel facts of a sharded model, as one typed record.
+
+``ted_scale.parallel.parallelize_gpt`` fills ``GPT.tensor_parallel`` with a
+``TensorParallelLayout``; the losses (the vocabulary shard of the LM head), the methods (CR-ILD's
+sum over heads, MiniDisc's whole copy), evaluation and ``gathered_state`` read it from there. An
+unsharded model holds None. docs/design.md, "Tensor parallelism", has the layout itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch.distributed as dist
+
+from ted_scale.kernels.vocab_parallel import VocabShard
+
+Split = Literal["qkv", "column", "row", "vocab"]
+"""How a weight is split over the group: column-parallel by heads, rank-major [q_r; k_r; v_r]
+("qkv"); column-parallel ("column"); row-parallel, partial outputs all-reduced ("row"); by
+vocabulary rows, padded ("vocab")."""
+
+
+def split_dim(split: Split) -> int:
+    """The weight dimension a split runs along."""
+    return int(split == "row")
+
+
+def split_groups(split: Split) -> int:
+    """Equal groups along the split dimension, each split alike: [q; k; v] is 3."""
+    return 3 if split == "qkv" else 1
+
+
+@dataclass(frozen=True)
+class ShardedWeight:
+    """One split module: ``split`` and its real (unpadded) width along the split, per group."""
+
+    split: Split
+    kept: int
+
+
+@dataclass(frozen=True)
+class TensorParallelLayout:
+    """A model sharded over ``group`` (``size`` ranks, this one ``rank``).
+
+    vocab: the LM head's (and token embedding's) vocabulary rows on this rank.
+    modules: the split modules by their names inside the model (``blocks.0.attn.qkv_proj``,
+        ``wte``); every other parameter is replicated.
+    """
+
+    group: dist.ProcessGroup
+    rank: int
+    size: int
+    vocab: VocabShard
+    modules: Mapping[str, ShardedWeight]
+
+
+class ShardedLinear:
+    """Marks a linear layer whose weight is one rank's shard (``ted_scale.parallel.tp_layers``),
+    so that FLOP counts find it without knowing DeepSpeed's classes."""
