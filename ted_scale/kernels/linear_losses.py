@@ -105,8 +105,9 @@ def _chunked_linear_grads(
     compute_weight = weight.to(hidden.dtype)
     grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
     grad_weight = None
-    if weight.requires_grad:
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    if weight.requires_grad:  # written by the first chunk, accumulated into by the others
+        empty = torch.zeros if hidden.shape[0] == 0 else torch.empty
+        grad_weight = empty(weight.shape, dtype=torch.float32, device=weight.device)
     # Every chunk's logits go to the same buffers: on CPU a fresh [chunk, V] tensor per chunk is
     # handed back to the OS when freed and page-faulted in again, ~20% on top of its matmul.
     buffer_shape = (min(chunk_size, hidden.shape[0]), weight.shape[0])
@@ -128,8 +129,13 @@ def _chunked_linear_grads(
         if grad_weight is None:
             continue
         if logits.dtype == torch.float32:
-            grad_weight.addmm_(logits.T, h)
-        else:  # low-precision matmul, fp32 accumulation across chunks
+            if start == 0:
+                torch.mm(logits.T, h, out=grad_weight)
+            else:
+                grad_weight.addmm_(logits.T, h)
+        elif start == 0:  # a low-precision matmul, accumulated across chunks in fp32
+            grad_weight.copy_(logits.T @ h)
+        else:
             grad_weight.add_(logits.T @ h)
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)

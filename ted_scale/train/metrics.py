@@ -180,11 +180,15 @@ class StepLog:
         """One micro-batch's loss parts (detached tensors)."""
         self.losses.add(parts)
 
+    def due(self, step: int) -> bool:
+        """Whether ``step`` writes a metrics line: every ``interval`` steps and the last one."""
+        return step % self.interval == 0 or step == self.total_steps
+
     def step_done(self, step: int, tokens: int, extras) -> None:
         """Count ``tokens``; at the cadence, write the line (``extras()`` adds lr, timings...)."""
         self.throughput.add_tokens(tokens)
         self.bar.update(1)
-        if step % self.interval and step != self.total_steps:
+        if not self.due(step):
             return
         record = {"step": step, "stage": self.phase, **self.losses.pop()}
         record.update(**extras(), **self.throughput.pop())

@@ -304,10 +304,12 @@ class Trainer:
             self._train_step(engine, feed, accum, step + 1, guard, log)
             step += 1
             self.total_tokens += tokens_per_step
+            if log.due(step):  # the host reads the losses here anyway
+                guard.verify(step, self._last_checkpoint)
             log.step_done(step, tokens_per_step, extras)
             # A checkpoint first, so that a failing evaluation loses nothing; never one of a step
             # whose loss was not finite.
-            if self.checkpoints.due(step, total_steps) and not guard.last_step_bad:
+            if self.checkpoints.due(step, total_steps) and guard.saves(step, self._last_checkpoint):
                 client = {
                     "step": step,
                     "phase": phase.name,
