@@ -64,10 +64,19 @@ def subnet_flops(model: GPT, subnet: Subnet, seq_len: int) -> float:
 
 
 def head_flops(model: GPT) -> float:
-    """Forward FLOPs per token of one application of ``model``'s LM head [d] -> [V], on this
-    rank: a head sharded by vocabulary (tensor parallelism) counts its own rows."""
-    rows, width = _shape(model.lm_head_weight)
+    """Forward FLOPs per token of one application of the LM head [d] -> [V] the losses use
+    (``GPT.loss_head``), on this rank: a head sharded by vocabulary (tensor parallelism) counts
+    its own rows, the whole head of a teacher split apart from its student all of them."""
+    rows, width = _shape(model.loss_head()[0])
     return 2 * rows * width
+
+
+def batch_factor(model: GPT) -> int:
+    """Micro-batches ``model`` runs for each of this rank's: its group's size when it runs on the
+    group's gathered batch (a teacher split apart from its student, each rank then doing a
+    1/size share of the work of size micro-batches), else 1."""
+    layout = model.tensor_parallel
+    return layout.size if layout is not None and layout.gathers_batch else 1
 
 
 def _shape(weight: torch.Tensor) -> tuple[int, ...]:

@@ -233,3 +233,69 @@ def _qkv_relations_match() -> None:
 
 def test_cr_ild_qkv_relations_on_sharded_heads_equal_one_process():
     run_ranks(_qkv_relations_match, 2)
+
+
+# ------------------------------------------------------------------ a teacher split apart
+def _apart_step_matches_one_process() -> None:
+    """2 ranks, the teacher split over both, each rank with its own micro-batch: the tapped
+    states, top and whole head equal one process's teacher on that micro-batch."""
+    import torch.distributed as dist
+
+    from ted_scale.distill.modules import FrozenTapper
+    from ted_scale.parallel import init_parallel, teacher_dims
+    from ted_scale.parallel.tensor import parallelize_gpt
+
+    dims = init_parallel(1)
+    apart = teacher_dims(dims, 2)
+    torch.manual_seed(0)
+    shape = GPTConfig(vocab_size=97, n_positions=16, n_embd=32, n_layer=3, n_head=4, dropout=0.0)
+    whole = GPT(shape).eval().requires_grad_(False)
+    teacher = copy.deepcopy(whole)
+    parallelize_gpt(teacher, apart, "teacher", gathers_batch=True)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(dims.rank))
+    got = FrozenTapper(teacher, [0, 2], with_top=True)(ids)
+    want = FrozenTapper(whole, [0, 2], with_top=True)(ids)
+    got_states, want_states = (
+        [*got.layer_states, got.last_hidden],
+        [*want.layer_states, want.last_hidden],
+    )
+    for g, w in zip(got_states, want_states, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.head_weight, whole.lm_head_weight, rtol=0, atol=0)
+    assert teacher.vocab_shard is not None and teacher.loss_head()[1] is None
+    assert dist.get_world_size(apart.tp_group) == 2
+
+
+def test_a_teacher_split_apart_taps_each_ranks_own_micro_batch_as_one_process():
+    run_ranks(_apart_step_matches_one_process, 2)
+
+
+def test_a_teacher_split_apart_needs_an_unsplit_student():
+    from ted_scale.config import ConfigError
+    from ted_scale.distill.methods import load_run_config
+
+    sizes = ["parallel.tensor_parallel_size=2", "parallel.teacher_tensor_parallel_size=4"]
+    with pytest.raises(ConfigError, match=r"teacher_tensor_parallel_size=4 with parallel\.tensor_"):
+        load_run_config(None, sizes)
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ("cr_ild", "method=cr_ild does not support a teacher split apart"),
+        ("minidisc", "method=minidisc does not support a teacher split apart"),
+        ("ted_kl", "method=ted_kl does not support a teacher split apart"),
+        ("lm", "method=lm: the method has no teacher"),
+    ],
+)
+def test_methods_without_a_teacher_split_apart_are_refused_by_name(method, message, tmp_path):
+    from ted_scale.config import ConfigError
+    from ted_scale.distill.methods import load_run_config
+    from ted_scale.train.trainer import Trainer
+
+    config = load_run_config(
+        None,
+        [f"method={method}", "parallel.teacher_tensor_parallel_size=2", f"output_dir={tmp_path}"],
+    )
+    with pytest.raises(ConfigError, match=message):
+        Trainer(config)

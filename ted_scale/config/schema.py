@@ -73,12 +73,27 @@ class DistillConfig:
 class ParallelConfig:
     tensor_parallel_size: int = bounded(1, ge=1)
     """Ranks that shard each model's weights (Megatron-style); world = data-parallel x this."""
+    teacher_tensor_parallel_size: int | None = bounded(None, ge=1)
+    """Ranks that shard the teacher alone: with ``tensor_parallel_size: 1`` each group of this
+    many consecutive ranks holds one teacher split Megatron-style and runs it on the group's
+    micro-batches together, while the student is purely data-parallel (ZeRO) over every rank.
+    null: the same as ``tensor_parallel_size`` (teacher and student split alike)."""
     tensor_parallel_padding: bool = False
     """Pad blocks whose heads or FFN width the tensor-parallel size does not divide with zero
     heads and neurons (exact; they cost their compute): e.g. GPT-2 XL's 25 heads at tp 2 or 4.
     Off: such a model is refused, naming the block."""
     sequence_parallel: bool = False
     """Shard the LayerNorm/dropout regions along the sequence (needs tensor parallelism)."""
+
+    @property
+    def teacher_size(self) -> int:
+        """The teacher's tensor-parallel size (``teacher_tensor_parallel_size`` or the shared one)."""
+        return self.teacher_tensor_parallel_size or self.tensor_parallel_size
+
+    @property
+    def teacher_apart(self) -> bool:
+        """Whether the teacher is split over a group of its own, the student purely data-parallel."""
+        return self.teacher_size != self.tensor_parallel_size
 
     def __post_init__(self) -> None:
         if self.sequence_parallel:
@@ -226,6 +241,13 @@ class RunConfig:
             )
         if self.parallel.tensor_parallel_size > 1:
             self._check_tensor_parallel()
+        if self.parallel.teacher_apart and self.parallel.tensor_parallel_size != 1:
+            raise ConfigError(
+                f"parallel.teacher_tensor_parallel_size={self.parallel.teacher_size} with "
+                f"parallel.tensor_parallel_size={self.parallel.tensor_parallel_size}: the student "
+                "is split like the teacher (equal sizes, or leave teacher_tensor_parallel_size "
+                "null) or not at all (tensor_parallel_size: 1)"
+            )
         if self.batch.global_batch_size % self.batch.micro_batch_size:
             raise ConfigError(
                 f"batch.global_batch_size ({self.batch.global_batch_size}) must be a multiple of "

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ted_scale.distill.filters import FilterBank
@@ -26,6 +27,7 @@ from ted_scale.distill.objectives import (
     logit_distillation,
 )
 from ted_scale.model.gpt import GPT
+from ted_scale.model.tp_layout import TensorParallelLayout
 
 
 @dataclass
@@ -71,6 +73,10 @@ class FrozenTapper:
 
     with_top: also hand over the final-normed top state and the LM head (for KD).
     with_embeddings: put the embeddings (block 0's input) first in ``layer_states``.
+
+    A teacher split apart from its student (``TensorParallelLayout.gathers_batch``) runs on its
+    group's micro-batches together (one all-gather of the token ids, one sharded forward) and
+    hands over this rank's rows and its whole head.
     """
 
     def __init__(
@@ -90,8 +96,10 @@ class FrozenTapper:
 
     @torch.inference_mode()
     def __call__(self, input_ids: Tensor) -> TappedOutputs:
+        layout = self.model.tensor_parallel
+        gathers = layout is not None and layout.gathers_batch
         out = self.model(
-            input_ids,
+            _gather_batch(input_ids, layout) if gathers else input_ids,
             output_layers=self.layers,
             return_logits=False,
             stop_after=max(self.layers) if self.layers and not self.with_top else None,
@@ -99,11 +107,28 @@ class FrozenTapper:
         states = [out.hidden_states[i] for i in self.layers]
         if self.with_embeddings:
             states.insert(0, out.embeddings)
+        last_hidden = out.last_hidden
+        if gathers:  # this rank's rows, before the transform: it is per token
+            states = [_own_rows(s, layout) for s in states]
+            last_hidden = None if last_hidden is None else _own_rows(last_hidden, layout)
         if self.transform is not None:
             states = self.transform(states)
         if not self.with_top:
             return TappedOutputs(layer_states=states)
-        return TappedOutputs(states, out.last_hidden, self.model.lm_head_weight)
+        return TappedOutputs(states, last_hidden, self.model.loss_head()[0])
+
+
+def _gather_batch(input_ids: Tensor, layout: TensorParallelLayout) -> Tensor:
+    """[B, T] of each rank of the layout's group -> [size * B, T], in rank order."""
+    parts = [torch.empty_like(input_ids) for _ in range(layout.size)]
+    dist.all_gather(parts, input_ids.contiguous(), group=layout.group)
+    return torch.cat(parts)
+
+
+def _own_rows(t: Tensor, layout: TensorParallelLayout) -> Tensor:
+    """This rank's micro-batch of a [size * B, ...] tensor computed on the gathered batch."""
+    rows = t.shape[0] // layout.size
+    return t[layout.rank * rows : (layout.rank + 1) * rows]
 
 
 def lm_objective(
@@ -124,7 +149,7 @@ def lm_objective(
     head, KD against the tapped teacher top (no KD when alpha_kd is 0; KD alone, at weight 1,
     without ``with_ce``). With ``labels2`` the CE is mix * CE(labels) + (1 - mix) * CE(labels2)
     from one logits pass. Adds the detached ``loss_ce`` (and ``loss_kd``) to ``parts``."""
-    weight, shard = student.lm_head_weight, student.vocab_shard
+    weight, shard = student.loss_head()
     if not with_ce:
         loss = logit_distillation(
             top, weight, tapped.last_hidden, tapped.head_weight, labels, settings,

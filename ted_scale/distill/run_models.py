@@ -116,17 +116,18 @@ def place(
     dims: ParallelDims | None,
     *,
     pad: bool,
+    gathers_batch: bool = False,
 ) -> GPT:
     """``model`` placed for its role: a teacher frozen (eval, no gradients) in the storage dtype,
     a student in fp32 (master weights under autocast), on ``device``; sharded over ``dims``'
-    tensor-parallel group (``pad``: as ``parallelize_gpt``); blocks compiled when
-    ``model.compile`` says so on ``device``."""
+    tensor-parallel group (``pad``, ``gathers_batch``: as ``parallelize_gpt``); blocks compiled
+    when ``model.compile`` says so on ``device``."""
     if role == "teacher":
         model.eval().requires_grad_(False).to(device, dtype=storage_dtype(compute_dtype))
     else:
         model.to(device)
     if dims is not None:
-        parallelize_gpt(model, dims, role, pad=pad)
+        parallelize_gpt(model, dims, role, pad=pad, gathers_batch=gathers_batch)
     if compile_enabled(config.model.compile, device):
         compile_blocks(model)
     return model
@@ -139,13 +140,15 @@ def build_run_models(
     device: torch.device,
     compute_dtype: torch.dtype | None = None,
     dims: ParallelDims | None = None,
+    teacher_dims: ParallelDims | None = None,
     tokenizer: PreTrainedTokenizerFast | None = None,
 ) -> RunModels:
     """The run's models, placed. The caller seeds the generators first: the teacher draws first
     (when random), then the student. A method without a teacher (``needs_teacher`` False) still
     builds it when the student starts from its blocks, then drops it: the same init as the
     distilled students. With ``tokenizer`` (the data's), vocabulary, tokenizer and context are
-    checked before anything is placed."""
+    checked before anything is placed. ``teacher_dims`` (default ``dims``): the teacher's own
+    layout (``parallel.teacher_tensor_parallel_size``), whose groups gather their batches."""
     copies_blocks = config.student.init == "teacher_layers"
     teacher = build_teacher(config) if needs_teacher or copies_blocks else None
     student = build_student(config, teacher)
@@ -154,7 +157,11 @@ def build_run_models(
         check_compatible(config, tokenizer, teacher, student)
     pad = config.parallel.tensor_parallel_padding
     if teacher is not None:
-        place(teacher, "teacher", config, device, compute_dtype, dims, pad=pad)
+        apart = teacher_dims is not None and teacher_dims is not dims
+        t_dims = teacher_dims if apart else dims
+        place(
+            teacher, "teacher", config, device, compute_dtype, t_dims, pad=pad, gathers_batch=apart
+        )
     place(student, "student", config, device, compute_dtype, dims, pad=pad)
     layer_map = teacher_layer_map(config, teacher) if teacher is not None else []
     return RunModels(teacher, student, layer_map)

@@ -348,6 +348,15 @@ class GPT(nn.Module):
         """This rank's vocabulary rows of the LM head under tensor parallelism, else None."""
         return None if self.tensor_parallel is None else self.tensor_parallel.vocab
 
+    def loss_head(self) -> tuple[Tensor, VocabShard | None]:
+        """The LM head [V(_r), d] the losses use, with its vocabulary shard: the head itself (this
+        rank's rows under tensor parallelism), or the whole head a teacher split apart from its
+        student keeps (``TensorParallelLayout.whole_head``), unsharded."""
+        layout = self.tensor_parallel
+        if layout is not None and layout.whole_head is not None:
+            return layout.whole_head, None
+        return self.lm_head_weight, self.vocab_shard
+
     def set_attention(self, implementation: str) -> None:
         for block in self.blocks:
             block.attn.implementation = implementation

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch.distributed as dist
+from torch import Tensor
 
 from ted_scale.kernels.vocab_parallel import VocabShard
 
@@ -47,6 +48,10 @@ class TensorParallelLayout:
     vocab: the LM head's (and token embedding's) vocabulary rows on this rank.
     modules: the split modules by their names inside the model (``blocks.0.attn.qkv_proj``,
         ``wte``); every other parameter is replicated.
+    whole_head: None when the group's ranks share their micro-batch (teacher and student split
+        alike). A teacher split apart from its data-parallel student (its own group, each rank
+        with its own micro-batch) runs on the group's gathered batch, and keeps here its whole,
+        unpadded LM head [V, d] for the student's losses (V x d more per rank).
     """
 
     group: dist.ProcessGroup
@@ -54,6 +59,12 @@ class TensorParallelLayout:
     size: int
     vocab: VocabShard
     modules: Mapping[str, ShardedWeight]
+    whole_head: Tensor | None = None
+
+    @property
+    def gathers_batch(self) -> bool:
+        """Whether the model runs on the micro-batches of its whole group (see ``whole_head``)."""
+        return self.whole_head is not None
 
 
 class ShardedLinear:

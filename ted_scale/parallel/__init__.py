@@ -5,7 +5,7 @@ in the project reads the global rank as a data-parallel rank (docs/design.md, "P
 """
 
 from ted_scale.parallel.agree import RankRefusedError, agreed
-from ted_scale.parallel.dims import ParallelDims, barrier, init_parallel
+from ted_scale.parallel.dims import ParallelDims, barrier, init_parallel, teacher_dims
 from ted_scale.parallel.tensor import gathered_state, parallelize_gpt
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "gathered_state",
     "init_parallel",
     "parallelize_gpt",
+    "teacher_dims",
 ]

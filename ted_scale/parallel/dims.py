@@ -180,6 +180,36 @@ def init_parallel(tensor_parallel_size: int = 1) -> ParallelDims:
     )
 
 
+def teacher_dims(dims: ParallelDims, size: int) -> ParallelDims:
+    """The teacher's own layout: ``size`` consecutive ranks hold one teacher split Megatron-style,
+    every rank with its own micro-batch (the student data-parallel over them all); ``dims`` itself
+    when teacher and student are split alike (``size`` = ``dims.tp_size``). A collective: every
+    rank calls it."""
+    if size == dims.tp_size:
+        return dims
+    if dims.tp_size != 1:
+        raise ParallelLayoutError(
+            f"a teacher split over {size} ranks needs an unsplit student, not one over "
+            f"{dims.tp_size}"
+        )
+    if dims.world_size % size:
+        raise ParallelLayoutError(
+            f"parallel.teacher_tensor_parallel_size={size} does not divide the world size "
+            f"{dims.world_size}: the teacher's groups are consecutive runs of {size} ranks"
+        )
+    groups = dims.world_size // size
+    mesh = init_device_mesh(dims.device.type, (groups, size), mesh_dim_names=("dp", "tp"))
+    return ParallelDims(
+        rank=dims.rank,
+        world_size=dims.world_size,
+        local_rank=dims.local_rank,
+        device=dims.device,
+        dp_size=groups,
+        tp_size=size,
+        mesh=mesh,
+    )
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

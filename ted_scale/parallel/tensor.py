@@ -126,13 +126,17 @@ class ShardedDropoutRNG:
             yield
 
 
-def parallelize_gpt(model: GPT, dims: ParallelDims, role: str, *, pad: bool = False) -> None:
+def parallelize_gpt(
+    model: GPT, dims: ParallelDims, role: str, *, pad: bool = False, gathers_batch: bool = False
+) -> None:
     """Shard ``model`` in place over ``dims.tp_group`` (nothing to do at tp = 1).
 
     Every rank of the group must hold the same full weights on entry (same seed or same
     checkpoint); each keeps its shards on ``dims.device``. With ``pad``, blocks whose heads or
     FFN width ``dims.tp_size`` does not divide get zero heads and neurons
-    (``pad_for_tensor_parallel``).
+    (``pad_for_tensor_parallel``). ``gathers_batch``: the group's ranks read different
+    micro-batches (a frozen teacher split apart from its student): the model keeps its whole head
+    too (``TensorParallelLayout.whole_head``).
     """
     if dims.tp_size == 1:
         return
@@ -169,7 +173,14 @@ def parallelize_gpt(model: GPT, dims: ParallelDims, role: str, *, pad: bool = Fa
     model.wte = VocabParallelEmbedding(padded, group)
     modules["wte"] = ShardedWeight("vocab", vocab)
     shard = VocabShard(group=group, start=model.wte.vocab_start_index, vocab_size=vocab)
-    model.tensor_parallel = TensorParallelLayout(group, dims.tp_rank, tp, shard, modules)
+    whole_head = None
+    if gathers_batch:
+        if not frozen:
+            raise ValueError(f"gathers_batch is for a frozen model; the {role} trains")
+        whole_head = weight[:vocab].to(model.wte.weight.device).clone()
+    model.tensor_parallel = TensorParallelLayout(
+        group, dims.tp_rank, tp, shard, modules, whole_head
+    )
     model.requires_grad_(not frozen)
 
 

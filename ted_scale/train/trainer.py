@@ -26,7 +26,7 @@ from ted_scale.distill.methods import MethodContext, Phase, PlannedPhase, get_me
 from ted_scale.distill.run_models import build_run_models, run_tokenizer
 from ted_scale.flops import device_peak_tflops
 from ted_scale.io import atomic_write_json
-from ted_scale.parallel import agreed, barrier, init_parallel
+from ted_scale.parallel import agreed, barrier, init_parallel, teacher_dims
 from ted_scale.precision import autocast, compute_dtype
 from ted_scale.train.checkpoint import CheckpointManager, CheckpointTag
 from ted_scale.train.engine import build_engine, deepspeed_config, gradient_accumulation_steps
@@ -68,6 +68,16 @@ class Trainer:
                 f"method={config.method} does not support tensor parallelism "
                 f"({self.method.tensor_parallel_note}); use parallel.tensor_parallel_size=1"
             )
+        if config.parallel.teacher_apart:
+            key = f"parallel.teacher_tensor_parallel_size={config.parallel.teacher_size}"
+            if not self.method.needs_teacher:
+                raise ConfigError(f"{key} with method={config.method}: the method has no teacher")
+            if not self.method.teacher_apart:
+                raise ConfigError(
+                    f"{key}: method={config.method} does not support a teacher split apart from "
+                    f"its student ({self.method.teacher_apart_note}); leave it null"
+                )
+        self.teacher_dims = teacher_dims(self.dims, config.parallel.teacher_size)
         self.plan = [p for p in self.method.plan(config) if config.stage in ("all", p.kind)]
         if not self.plan:
             phases = ", ".join(f"{p.name} ({p.kind})" for p in self.method.plan(config))
@@ -93,6 +103,7 @@ class Trainer:
             device=self.device,
             compute_dtype=self.compute_dtype,
             dims=self.dims,
+            teacher_dims=self.teacher_dims,
             tokenizer=self.tokenizer,
         )
         self.teacher, self.student = self.models.teacher, self.models.student
@@ -195,9 +206,12 @@ class Trainer:
         resume_tag = self.checkpoints.resolve(self.config.resume)
         if resume_tag is not None:  # the plan runs in order: a checkpoint's earlier phases finished
             done.update(p.name for p in self.plan[: resume_tag.phase_index])
+        teacher = ""
+        if self.teacher_dims is not self.dims:
+            teacher = f" (teacher: tp={self.teacher_dims.tp_size}, its own groups)"
         self._log_console(
             f"{self.config.method}: phases {', '.join(p.name for p in self.plan)}; "
-            f"{self.dims.layout} on {self.device.type}"
+            f"{self.dims.layout}{teacher} on {self.device.type}"
         )
         for planned in self.plan:
             if planned.name in done:

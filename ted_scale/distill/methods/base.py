@@ -22,7 +22,7 @@ from ted_scale.config.schema import ScheduleConfig
 from ted_scale.distill.filters import FilterBank
 from ted_scale.distill.modules import BatchDraw, FrozenTapper, LayerDistance, StudentDistillation
 from ted_scale.distill.objectives import LossSettings
-from ted_scale.flops import FROZEN, TRAINED, forward_flops, head_flops
+from ted_scale.flops import FROZEN, TRAINED, batch_factor, forward_flops, head_flops
 from ted_scale.model import GPT, export_hf
 from ted_scale.parallel import ParallelDims, barrier, gathered_state, parallelize_gpt
 
@@ -201,7 +201,7 @@ def student_flops(ctx: MethodContext, seq_len: int, *, kd: bool) -> float:
     """FLOPs per token shared by every student phase: the frozen teacher's trunk (and head for
     KD) forward, the student's trunk and head forward and backward."""
     teacher, student = ctx.teacher, ctx.student
-    frozen = forward_flops(teacher.blocks, seq_len)
+    frozen = forward_flops(teacher.blocks, seq_len) * batch_factor(teacher)
     if kd:
         frozen += head_flops(teacher)
     trained = forward_flops(student.blocks, seq_len) + head_flops(student)
@@ -216,6 +216,10 @@ class Method(ABC):
     needs_teacher: whether the run builds the frozen teacher.
     tensor_parallel: whether its phases run on tensor-parallel (sharded) models; if not,
         ``tensor_parallel_note`` says why.
+    teacher_apart: whether its phases run with the teacher split over groups of its own and the
+        student data-parallel (``parallel.teacher_tensor_parallel_size``: every frozen-teacher
+        read goes through ``FrozenTapper`` and ``GPT.loss_head``); if not, ``teacher_apart_note``
+        says why.
     """
 
     name: ClassVar[str]
@@ -223,6 +227,8 @@ class Method(ABC):
     needs_teacher: ClassVar[bool] = True
     tensor_parallel: ClassVar[bool] = True
     tensor_parallel_note: ClassVar[str] = ""
+    teacher_apart: ClassVar[bool] = False
+    teacher_apart_note: ClassVar[str] = "not built for a teacher split apart from its student"
 
     @abstractmethod
     def plan(self, config: RunConfig) -> list[PlannedPhase]:

@@ -379,6 +379,9 @@ def hidden_fit(section: CRILDConfig, d_s: int, d_t: int) -> nn.Module:
 @register
 class CRILD(Method):
     name = "cr_ild"
+    teacher_apart_note = (
+        "its mixup tapper and per-head relations read the teacher's heads on the student's batch"
+    )
     section = ("cr_ild", CRILDConfig)
 
     def extra_modules(

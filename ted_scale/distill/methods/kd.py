@@ -16,6 +16,7 @@ from ted_scale.distill.modules import FrozenTapper
 @register
 class KD(Method):
     name = "kd"
+    teacher_apart = True
 
     def plan(self, config) -> list[PlannedPhase]:
         return [PlannedPhase("stage2", "distill")]

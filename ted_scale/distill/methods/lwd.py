@@ -31,6 +31,7 @@ def projections(student: GPT, teacher: GPT) -> FilterBank:
 @register
 class LWD(Method):
     name = "lwd"
+    teacher_apart = True
 
     def extra_modules(
         self, config, teacher: GPT, student: GPT, layer_map: list[int]

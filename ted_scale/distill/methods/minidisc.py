@@ -290,6 +290,7 @@ class SandwichDistillation(nn.Module):
 @register
 class MiniDisc(Method):
     name = "minidisc"
+    teacher_apart_note = "its teacher assistant is a copy of the teacher trained as a student"
     section = ("minidisc", MiniDiscConfig)
 
     def __init__(self) -> None:

@@ -53,7 +53,7 @@ from ted_scale.distill.objectives import (
     mse_distance,
     normalized,
 )
-from ted_scale.flops import FROZEN, TRAINED, forward_flops, head_flops
+from ted_scale.flops import FROZEN, TRAINED, batch_factor, forward_flops, head_flops
 from ted_scale.model import GPT, ModelMismatchError
 from ted_scale.parallel import barrier, gathered_state
 from ted_scale.precision import storage_dtype
@@ -106,8 +106,8 @@ class FilterTraining(nn.Module):
     ) -> None:
         super().__init__()
         self.filters = filters
-        self._frozen_head = (frozen_model.ln_f, frozen_model.wte)  # a tuple is not registered
-        self.shard = frozen_model.vocab_shard
+        # (final LayerNorm, head weight, its shard): a tuple is not registered as parameters.
+        self._frozen_head = (frozen_model.ln_f, *frozen_model.loss_head())
         self.settings = settings
 
     def forward(
@@ -115,12 +115,12 @@ class FilterTraining(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """``input_ids`` is unused (the frozen model already ran on it); the signature is the
         trained side's common one."""
-        ln_f, wte = self._frozen_head
+        ln_f, head, shard = self._frozen_head
         # The frozen model ran under inference mode; its states become the filters' inputs, which
         # autograd must save, so they are copied into ordinary tensors (K x [B, T, d], cheap).
         states = [h.clone() for h in tapped.layer_states]
         per_layer = [
-            cross_entropy(ln_f(g), wte.weight, labels, self.settings, shard=self.shard)
+            cross_entropy(ln_f(g), head, labels, self.settings, shard=shard)
             for g in self.filters(states)
         ]
         loss = torch.stack(per_layer).sum()
@@ -168,6 +168,7 @@ def ted_kl_distance(head: GPT, settings: LossSettings, *, temperature: float) ->
 @register
 class TED(Method):
     name = "ted"
+    teacher_apart = True
     section = ("filters", FilterConfig)
 
     def plan(self, config) -> list[PlannedPhase]:
@@ -281,7 +282,7 @@ class TED(Method):
         bank = self._new_filters(ctx, model, layers, role)
 
         def flops_per_token(seq_len: int) -> float:
-            trunk = forward_flops(model.blocks[: max(layers) + 1], seq_len)
+            trunk = forward_flops(model.blocks[: max(layers) + 1], seq_len) * batch_factor(model)
             trained = forward_flops(bank, seq_len) + len(layers) * head_flops(model)
             return FROZEN * trunk + TRAINED * trained
 
@@ -342,6 +343,11 @@ class TED(Method):
 @register
 class TEDKL(TED):
     name = "ted_kl"
+    teacher_apart = False
+    teacher_apart_note = (
+        "its student filters score through the frozen teacher's head, which would be split over "
+        "ranks that read different batches"
+    )
     section = ("ted_kl", TEDKLConfig)  # and TED's ``filters:``
 
     def _layer_term(
