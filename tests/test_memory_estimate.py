@@ -16,6 +16,7 @@ from ted_scale.parallel.memory_per_gpu import (
     Layout,
     block_activation_bytes,
     estimate_memory,
+    format_table,
     meta_gpt,
     params_per_rank,
 )
@@ -219,6 +220,32 @@ def test_the_table_has_a_column_per_layout(tiny_data):
     assert rows["ZeRO gradient bucket (fp32)"] == ["1.9", "1.9", "1.9"]
     largest = [int(c) for c in rows["largest micro-batch in 3 GiB"]]
     assert largest[0] < largest[1] < largest[2]
+
+
+def test_a_teacher_split_apart_holds_its_shards_and_whole_head_beside_a_whole_student():
+    teacher = meta_gpt(GPTConfig(n_layer=8, n_embd=256, n_head=8, vocab_size=1000))
+    student = meta_gpt(GPTConfig(n_layer=2, n_embd=256, n_head=8, vocab_size=1000))
+    shared = estimate_memory(teacher, student, Layout(tp=1, dp=4))
+    apart = estimate_memory(teacher, student, Layout(tp=1, dp=4, teacher_tp=4))
+    whole_head = 2 * 1000 * 256  # bf16 rows of the true vocabulary
+    assert apart.parts["teacher weights (frozen)"] == 2 * params_per_rank(teacher, 4) + whole_head
+    for part, size in shared.parts.items():  # the student's side is that of tp 1
+        if part != "teacher weights (frozen)":
+            assert apart.parts[part] == size, part
+    assert "tp=1 dp=4 teacher tp=4" in format_table([apart], {})
+
+
+def test_the_command_adds_a_column_per_teacher_split_apart_and_the_flop_split(capsys):
+    xl = str(REPO / "configs" / "gpt2-xl-ted-owt.yaml")
+    args = ["--config", xl, "--world", "8", "--tp", "1,4", "--teacher-tp", "4"]
+    status, out, _ = estimate_memory_command(capsys, *args)
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[0] == "| GiB per GPU | tp=1 dp=8 | tp=4 dp=2 | tp=1 dp=8 teacher tp=4 |"
+    # Its shards (28 heads padded, a quarter each) and its whole head: 0.8 + 0.15 GiB.
+    assert "| teacher weights (frozen) | 2.9 | 0.8 | 0.9 |" in lines
+    assert "| student weights (fp32) | 3.1 | 0.8 | 3.1 |" in lines
+    assert lines[-1].startswith("FLOPs per token at sequence length 1024: teacher forward 3.42 G")
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])

@@ -1,6 +1,8 @@
 """GPU memory per rank of a run at several tensor-parallel sizes, from its config (no GPU needed).
 
     python launch/estimate_memory.py --config configs/gpt2-xl-ted-owt.yaml --world 10 --tp 1,5
+    python launch/estimate_memory.py --config configs/gpt2-xl-ted-owt.yaml --world 8 --tp 1,4 \
+        --teacher-tp 4
 
 Counts teacher, student, gradients, optimizer state, the method's modules (filters, projections)
 and one micro-batch's activations from the models' shapes (ted_scale/train/memory_check.py;
@@ -38,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         "(default 39.6,79.6: the 40 and 80 GB A100/H100)",
     )
     p.add_argument("--sp", action="store_true", help="also each tp > 1 with sequence parallelism")
+    p.add_argument(
+        "--teacher-tp",
+        help="comma-separated sizes of a teacher split apart, one column each: the teacher over "
+        "groups of that many GPUs, the student data-parallel over all of them",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides as key.subkey=value")
     args = p.parse_args(argv)
     try:
@@ -47,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.tp
             else sorted({1, config.parallel.tensor_parallel_size})
         )
-        world = args.world or math.lcm(*tps)
+        teacher_tps = [int(t) for t in args.teacher_tp.split(",")] if args.teacher_tp else []
+        world = args.world or math.lcm(*tps, *teacher_tps)
         print(
             run_memory_table(
                 config,
@@ -56,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                 seq_len=args.seq_len,
                 gpus_gib=[float(g) for g in args.gpu_gib.split(",")],
                 with_sp=args.sp,
+                teacher_tps=teacher_tps,
             )
         )
     except (ConfigError, ModelMismatchError, ValueError) as e:

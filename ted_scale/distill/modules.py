@@ -126,9 +126,10 @@ def _gather_batch(input_ids: Tensor, layout: TensorParallelLayout) -> Tensor:
 
 
 def _own_rows(t: Tensor, layout: TensorParallelLayout) -> Tensor:
-    """This rank's micro-batch of a [size * B, ...] tensor computed on the gathered batch."""
+    """This rank's micro-batch of a [size * B, ...] tensor computed on the gathered batch: a copy,
+    so that the group's whole tensor is freed rather than kept alive by a view."""
     rows = t.shape[0] // layout.size
-    return t[layout.rank * rows : (layout.rank + 1) * rows]
+    return t[layout.rank * rows : (layout.rank + 1) * rows].clone()
 
 
 def lm_objective(

@@ -96,6 +96,13 @@ class Layout:
     """The attention kernel keeps no T x T matrix (flash-attn, SDPA); False: the eager softmax."""
     offload_optimizer: bool = False
     reduce_bucket: int = DEEPSPEED_REDUCE_BUCKET
+    teacher_tp: int | None = None
+    """The teacher's own tensor-parallel size when it is split apart from the student
+    (``parallel.teacher_tensor_parallel_size``; the student at ``tp``, then 1); None: ``tp``."""
+
+    @property
+    def teacher_apart(self) -> bool:
+        return self.teacher_tp is not None and self.teacher_tp != self.tp
 
 
 def block_activation_bytes(
@@ -186,15 +193,18 @@ def estimate_memory(
     state per tapped layer and, with ``kd``, its final hidden state (c each), twice with
     ``teacher_ahead`` (prefetch computes the next micro-batch's during this one). The teacher's
     forward runs without autograd and keeps one block's intermediates at a time (not counted).
+    A teacher split apart (``layout.teacher_tp``) holds 1/teacher_tp of its split weights plus
+    its whole head; its forward on the group's gathered batch is transient (not counted).
     """
     tp, c = layout.tp, layout.compute_bytes
+    t_tp = layout.teacher_tp if layout.teacher_apart else tp
     if layout.padding:
         teacher, student = copy.deepcopy(teacher), copy.deepcopy(student)
-    for name, model in (("teacher", teacher), ("student", student)):
+    for name, model, size in (("teacher", teacher, t_tp), ("student", student, tp)):
         if layout.padding:
-            pad_for_tensor_parallel(model, tp)
+            pad_for_tensor_parallel(model, size)
         else:
-            check_shardable(model.config, tp, name)
+            check_shardable(model.config, size, name)
     n_student = params_per_rank(student, tp)
     # A method's modules stay whole on every tensor-parallel rank (block filters too).
     n_frozen = 0 if frozen_modules is None else params_per_rank(frozen_modules, 1)
@@ -229,9 +239,12 @@ def estimate_memory(
         (tapped_layers + (1 if kd else 0)) * c * tokens * d_t * (2 if teacher_ahead else 1)
     )
 
+    teacher_weights = c * params_per_rank(teacher, t_tp)
+    if layout.teacher_apart:  # its whole head beside the shards, for the student's losses
+        teacher_weights += c * teacher.config.vocab_size * d_t
     estimate = MemoryEstimate(layout)
     estimate.parts = {
-        "teacher weights (frozen)": c * params_per_rank(teacher, tp),
+        "teacher weights (frozen)": teacher_weights,
         "student weights (fp32)": weights,
         "student gradients (fp32)": grads,
         "optimizer (fp32 copy + AdamW m, v)": optimizer,
@@ -259,7 +272,8 @@ def format_table(estimates: list[MemoryEstimate], extra_rows: dict[str, list[str
 
     def head(e: MemoryEstimate) -> str:
         lay = e.layout
-        return f"tp={lay.tp} dp={lay.dp}" + (" sp" if lay.sequence_parallel else "")
+        teacher = f" teacher tp={lay.teacher_tp}" if lay.teacher_apart else ""
+        return f"tp={lay.tp} dp={lay.dp}{teacher}" + (" sp" if lay.sequence_parallel else "")
 
     lines = [
         "| GiB per GPU | " + " | ".join(head(e) for e in estimates) + " |",

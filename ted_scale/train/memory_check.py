@@ -16,6 +16,7 @@ from ted_scale.config import ConfigError, RunConfig
 from ted_scale.distill.methods import get_method
 from ted_scale.distill.methods.base import ExtraModules
 from ted_scale.distill.run_models import run_model_shapes
+from ted_scale.flops import TRAINED, forward_flops, head_flops
 from ted_scale.model.gpt import GPT, GPTConfig
 from ted_scale.parallel.memory_per_gpu import (
     DEEPSPEED_REDUCE_BUCKET,
@@ -63,10 +64,18 @@ def run_models(config: RunConfig) -> EstimatedModels:
     return EstimatedModels(shapes.teacher, shapes.student, extra, config.distill.alpha_kd > 0)
 
 
-def run_layout(config: RunConfig, *, tp: int, world: int, seq_len: int) -> Layout:
-    """The ``Layout`` of a ``RunConfig`` at tensor-parallel size ``tp`` on ``world`` GPUs."""
+def run_layout(
+    config: RunConfig, *, tp: int, world: int, seq_len: int, teacher_tp: int | None = None
+) -> Layout:
+    """The ``Layout`` of a ``RunConfig`` at tensor-parallel size ``tp`` on ``world`` GPUs, the
+    teacher split apart over ``teacher_tp`` ranks when given (and not ``tp``)."""
     if world % tp:
         raise ValueError(f"tensor_parallel_size={tp} does not divide the world size {world}")
+    if teacher_tp is not None and world % teacher_tp:
+        raise ValueError(
+            f"teacher_tensor_parallel_size={teacher_tp} does not divide the world size {world}"
+        )
+    apart = teacher_tp is not None and teacher_tp != tp
     zero = config.deepspeed.extra.get("zero_optimization", {})
     return Layout(
         tp=tp,
@@ -77,10 +86,11 @@ def run_layout(config: RunConfig, *, tp: int, world: int, seq_len: int) -> Layou
         compute_bytes=FP32 if config.precision == "fp32" else 2,
         activation_checkpointing=config.model.activation_checkpointing,
         sequence_parallel=config.parallel.sequence_parallel and tp > 1,
-        padding=config.parallel.tensor_parallel_padding and tp > 1,
+        padding=config.parallel.tensor_parallel_padding and (tp > 1 or apart),
         flash_attention=config.model.attention != "eager",
         offload_optimizer=config.deepspeed.offload_optimizer,
         reduce_bucket=int(zero.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET)),
+        teacher_tp=teacher_tp if apart else None,
     )
 
 
@@ -92,10 +102,13 @@ def run_memory_table(
     seq_len: int,
     gpus_gib: list[float],
     with_sp: bool,
+    teacher_tps: list[int] = (),
 ) -> str:
     """The Markdown table of a ``RunConfig`` at each tensor-parallel size in ``tps`` on ``world``
-    GPUs (and, with ``with_sp``, each tp > 1 again with sequence parallelism), with whether it
-    fits and the largest micro-batch that fits on GPUs of each size in ``gpus_gib``."""
+    GPUs (and, with ``with_sp``, each tp > 1 again with sequence parallelism), then with the
+    teacher alone split over each size in ``teacher_tps`` (the student data-parallel over all),
+    with whether it fits and the largest micro-batch that fits on GPUs of each size in
+    ``gpus_gib``; below it, the step's FLOPs per token, teacher against student."""
     models = run_models(config)
 
     def estimate_at(layout: Layout) -> MemoryEstimate:
@@ -107,6 +120,10 @@ def run_memory_table(
         layouts.append(run_layout(config, tp=tp, world=world, seq_len=seq_len))
         if with_sp and tp > 1 and not layouts[-1].sequence_parallel:
             layouts.append(replace(layouts[-1], sequence_parallel=True))
+    for teacher_tp in teacher_tps:
+        layouts.append(
+            run_layout(config, tp=1, world=world, seq_len=seq_len, teacher_tp=teacher_tp)
+        )
     estimates = [estimate_at(layout) for layout in layouts]
     extra = {}
     for gib in gpus_gib:
@@ -116,7 +133,22 @@ def run_memory_table(
         extra[f"largest micro-batch in {gib:g} GiB"] = [
             str(largest_micro_batch(e, estimate_at, gib * GIB)) for e in estimates
         ]
-    return format_table(estimates, extra)
+    return format_table(estimates, extra) + "\n\n" + flop_split(models, seq_len)
+
+
+def flop_split(models: EstimatedModels, seq_len: int) -> str:
+    """The step's FLOPs per token of training data: the frozen teacher's forward (its trunk and,
+    with KD, its head) against the student's forward and backward (the method's own modules not
+    counted); the same in every layout (a split teacher does 1/k of the work of k micro-batches
+    per rank)."""
+    teacher = forward_flops(models.teacher.blocks, seq_len)
+    teacher += head_flops(models.teacher) if models.kd else 0
+    student = TRAINED * (forward_flops(models.student.blocks, seq_len) + head_flops(models.student))
+    share = teacher / (teacher + student)
+    return (
+        f"FLOPs per token at sequence length {seq_len}: teacher forward {teacher / 1e9:.2f} G, "
+        f"student forward + backward {student / 1e9:.2f} G (the teacher {share:.0%} of the step)"
+    )
 
 
 def available_bytes(device: torch.device) -> tuple[int, str]:
@@ -141,7 +173,13 @@ def check_run_fits(
     except (ValueError, OSError):  # a shape not known offline: the build itself will tell
         return
     layout = replace(
-        run_layout(config, tp=tp, world=world, seq_len=seq_len),
+        run_layout(
+            config,
+            tp=tp,
+            world=world,
+            seq_len=seq_len,
+            teacher_tp=config.parallel.teacher_tensor_parallel_size,
+        ),
         compute_bytes=FP32 if compute_dtype(config.precision, device) is None else 2,
         reduce_bucket=0,
     )
