@@ -94,8 +94,8 @@ class TEDKLConfig:
 class FilterTraining(nn.Module):
     """Stage I: filters trained through a frozen model's own head; loss = sum_k CE_k.
 
-    The head (final LayerNorm + tied LM head) belongs to the frozen model and is kept out of this
-    module's parameters, so the optimizer and ZeRO never see it.
+    The head (final norm + LM head) belongs to the frozen model and is kept out of this module's
+    parameters, so the optimizer and ZeRO never see it.
     """
 
     def __init__(
@@ -108,7 +108,7 @@ class FilterTraining(nn.Module):
     ) -> None:
         super().__init__()
         self.filters = filters
-        self._frozen_head = (frozen_model.ln_f, frozen_model.wte)  # a tuple is not registered
+        self._frozen = (frozen_model,)  # a tuple is not registered
         self.fused = fused
         self.compute_dtype = compute_dtype
 
@@ -117,13 +117,16 @@ class FilterTraining(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """``input_ids`` is unused (the frozen model already ran on it); the signature is the
         trained side's common one."""
-        ln_f, wte = self._frozen_head
+        (frozen,) = self._frozen
         # The frozen model ran under inference mode; its states become the filters' inputs, which
         # autograd must save, so they are copied into ordinary tensors (K x [B, T, d], cheap).
         states = [h.clone() for h in tapped.layer_states]
         per_layer = [
             cross_entropy(
-                to_compute_dtype(ln_f(g), self.compute_dtype), wte.weight, labels, fused=self.fused
+                to_compute_dtype(frozen.ln_f(g), self.compute_dtype),
+                frozen.lm_head_weight,
+                labels,
+                fused=self.fused,
             )
             for g in self.filters(states)
         ]
