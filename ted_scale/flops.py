@@ -51,9 +51,7 @@ def forward_flops(module: nn.Module, seq_len: int) -> float:
             d_out, d_in = _shape(m.weight)  # this rank's shard of a tensor-parallel one
             total += 2 * d_in * d_out
         elif isinstance(m, CausalSelfAttention):
-            # qkv_proj's rows: g query heads for each key and value head, so q holds g / (g + 2).
-            g = m.kv_groups
-            total += 4 * seq_len * _shape(m.qkv_proj.weight)[0] * g // (g + 2)
+            total += 4 * seq_len * m.query_heads(_shape(m.qkv_proj.weight)[0]) * m.head_dim
     return total
 
 

@@ -412,6 +412,10 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.implementation = "auto"
 
+    def query_heads(self, qkv_width: int) -> int:
+        """Query heads of a ``qkv_proj`` output ``qkv_width`` wide: (h + 2 h / kv_groups) heads."""
+        return qkv_width * self.kv_groups // ((self.kv_groups + 2) * self.head_dim)
+
     def forward(
         self,
         x: Tensor,
@@ -428,10 +432,8 @@ class CausalSelfAttention(nn.Module):
         keep = None if n_active in (None, self.n_head) else n_active * self.head_dim
         qkv = _project(self.qkv_proj, x, keep)
         # The heads present, read off the output: a projection sharded by heads into
-        # [q_r; k_r; v_r] per rank (tensor parallelism) gives this rank's heads. Its width is
-        # (h + 2 h / kv_groups) * head_dim.
-        g = self.kv_groups
-        h = qkv.shape[-1] * g // ((g + 2) * self.head_dim)
+        # [q_r; k_r; v_r] per rank (tensor parallelism) gives this rank's heads.
+        h, g = self.query_heads(qkv.shape[-1]), self.kv_groups
         if h == 0:
             # No heads (here): the sublayer adds only its output bias. y is cut from qkv, not
             # made anew, so that the backward still runs through qkv_proj: a tensor-parallel
