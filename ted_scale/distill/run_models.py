@@ -7,6 +7,7 @@ they cannot drift apart.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -52,7 +53,8 @@ def run_tokenizer(config: RunConfig) -> PreTrainedTokenizerFast:
 
 
 def build_teacher(config: RunConfig) -> GPT:
-    """The frozen teacher: a pretrained HF GPT-2 or, with ``teacher.pretrained: null``, random."""
+    """The frozen teacher: a pretrained HF checkpoint (GPT-2 or the Llama family) or, with
+    ``teacher.pretrained: null``, random."""
     kwargs = {"attention": config.model.attention}
     if config.teacher.pretrained:
         teacher = load_pretrained(config.teacher.pretrained, **kwargs)
@@ -136,6 +138,7 @@ def build_run_models(
     config: RunConfig,
     *,
     needs_teacher: bool,
+    model_families: Collection[str],
     device: torch.device,
     compute_dtype: torch.dtype | None = None,
     dims: ParallelDims | None = None,
@@ -144,12 +147,14 @@ def build_run_models(
     """The run's models, placed. The caller seeds the generators first: the teacher draws first
     (when random), then the student. A method without a teacher (``needs_teacher`` False) still
     builds it when the student starts from its blocks, then drops it: the same init as the
-    distilled students. With ``tokenizer`` (the data's), vocabulary, tokenizer and context are
-    checked before anything is placed."""
+    distilled students. The models' families are checked against ``model_families`` (the
+    method's) and the tensor-parallel size of ``dims``, and with ``tokenizer`` (the data's),
+    vocabulary, tokenizer and context, before anything is placed."""
     copies_blocks = config.student.init == "teacher_layers"
     teacher = build_teacher(config) if needs_teacher or copies_blocks else None
     student = build_student(config, teacher)
     teacher = teacher if needs_teacher else None
+    check_families(config, teacher, student, model_families, dims.tp_size if dims else 1)
     if tokenizer is not None:
         check_compatible(config, tokenizer, teacher, student)
     pad = config.parallel.tensor_parallel_padding
@@ -177,6 +182,35 @@ def run_model_shapes(config: RunConfig) -> RunModels:
             student = build_student(config, teacher)
     layer_map = teacher_layer_map(config, teacher)
     return RunModels(teacher, student, layer_map)
+
+
+def check_families(
+    config: RunConfig,
+    teacher: GPT | None,
+    student: GPT,
+    model_families: Collection[str],
+    tensor_parallel_size: int,
+) -> None:
+    """Refuse, before anything is placed or trained, a model whose family (``GPTConfig.family``)
+    the method or tensor parallelism does not support yet, naming both."""
+    sources = {
+        "teacher": config.teacher.pretrained or "teacher.arch",
+        "student": config.student.pretrained or f"student.init={config.student.init}",
+    }
+    models = {"student": student} if teacher is None else {"teacher": teacher, "student": student}
+    for role, model in models.items():
+        family, source = model.config.family, sources[role]
+        if family not in model_families:
+            raise ModelMismatchError(
+                f"method={config.method} is implemented for model families "
+                f"{', '.join(model_families)} only, and the {role} ({source}) is family {family}"
+            )
+        if tensor_parallel_size > 1 and family != "gpt2":
+            raise ModelMismatchError(
+                f"parallel.tensor_parallel_size={tensor_parallel_size}: tensor parallelism is "
+                f"implemented for family gpt2 only, and the {role} ({source}) is family "
+                f"{family}; use parallel.tensor_parallel_size=1"
+            )
 
 
 def check_compatible(

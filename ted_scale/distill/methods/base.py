@@ -202,6 +202,9 @@ class Method(ABC):
     needs_teacher: whether the run builds the frozen teacher.
     tensor_parallel: whether its phases run on tensor-parallel (sharded) models; if not,
         ``tensor_parallel_note`` says why.
+    model_families: the model families (``GPTConfig.family``) its phases are implemented for;
+        a run of another is refused before it trains. GPT-2 only unless a method declares more:
+        one that reaches inside the blocks (attention internals, pruning) must be checked first.
     """
 
     name: ClassVar[str]
@@ -209,6 +212,7 @@ class Method(ABC):
     needs_teacher: ClassVar[bool] = True
     tensor_parallel: ClassVar[bool] = True
     tensor_parallel_note: ClassVar[str] = ""
+    model_families: ClassVar[tuple[str, ...]] = ("gpt2",)
 
     @abstractmethod
     def plan(self, config: RunConfig) -> list[PlannedPhase]:

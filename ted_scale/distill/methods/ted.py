@@ -54,7 +54,7 @@ from ted_scale.distill.objectives import (
     normalized,
 )
 from ted_scale.flops import FROZEN, TRAINED, forward_flops, head_flops
-from ted_scale.model import GPT, ModelMismatchError
+from ted_scale.model import FAMILIES, GPT, ModelMismatchError
 from ted_scale.parallel import barrier, gathered_state
 from ted_scale.precision import storage_dtype
 
@@ -175,6 +175,7 @@ def ted_kl_distance(
 @register
 class TED(Method):
     name = "ted"
+    model_families = FAMILIES  # it uses the models through their forward and head only
     section = ("filters", FilterConfig)
 
     def plan(self, config) -> list[PlannedPhase]:
