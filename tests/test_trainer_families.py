@@ -115,6 +115,25 @@ def test_kd_distils_a_qwen3_teacher_end_to_end(tiny_data, tmp_path):
     _assert_export_matches(run, trainer.student, "Qwen3ForCausalLM")
 
 
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("tiny-ted.yaml", ["method=ted_kl", "filters.arch=next_block"]),  # block copies rotate
+        ("tiny-lwd.yaml", []),
+        ("tiny-ted.yaml", ["method=lm"]),
+    ],
+    ids=["ted_kl-next_block", "lwd", "lm"],
+)
+def test_the_other_methods_of_every_family_train_from_a_llama_teacher(
+    tiny_data, tmp_path, llama_teacher, name, overrides
+):
+    run = tmp_path / "run"
+    Trainer(_config(name, tiny_data, run, llama_teacher, *overrides, "log.interval=1")).run()
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert (run / "student_hf" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("method", ["cr_ild", "minidisc"])
 def test_a_method_implemented_for_gpt2_only_refuses_a_llama_teacher_before_training(
     tiny_data, tmp_path, llama_teacher, method

@@ -403,8 +403,9 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = PrefixLinear(width, config.n_embd, dim=1, bias=config.out_bias)
         self.q_norm = RMSNorm(self.head_dim, config.layer_norm_epsilon) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.layer_norm_epsilon) if config.qk_norm else None
-        # GPT-2 adds learned positions to the embeddings instead of rotating q and k.
-        self.rotary = config if config.llama_like else None
+        # The config whose rotary settings rotate q and k; None for GPT-2, which adds learned
+        # positions to the embeddings instead.
+        self.rotary: GPTConfig | None = config if config.llama_like else None
         self.attn_dropout = config.dropout
         # Where the attention-probability dropout draws its masks: the default stream, or a
         # per-rank one when tensor parallelism shards the heads (set by ``parallelize_gpt``).
