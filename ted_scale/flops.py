@@ -5,8 +5,9 @@ a backward pass costs twice its forward (gradients for inputs and weights). Per 
 the modules themselves so that any shape (pruned heads, other FFN widths, any filter) is right:
 
 - every ``nn.Linear`` d_in -> d_out: 2 d_in d_out (a GPT-2 block's four projections: 24 d^2);
-- every attention layer of inner width h (heads x head_dim) over context T: 4 T h (scores Q K^T
-  and the weighted sum of values, 2 T h each). The whole T x T score matrix is counted, causal mask
+- every attention layer of inner width h (query heads x head_dim) over context T: 4 T h (scores
+  Q K^T and the weighted sum of values, 2 T h each; grouped-query attention shares K and V among
+  query heads, which saves projections, not this). The whole T x T score matrix is counted, causal mask
   or not, as PaLM (appendix B) and Megatron count it, so MFU compares with published MFU; kernels
   that skip the masked half do less work than counted;
 - an LM head application: 2 V d;
@@ -48,7 +49,7 @@ def forward_flops(module: nn.Module, seq_len: int) -> float:
             d_out, d_in = _shape(m.weight)  # this rank's shard of a tensor-parallel one
             total += 2 * d_in * d_out
         elif isinstance(m, CausalSelfAttention):
-            total += 4 * seq_len * _shape(m.qkv_proj.weight)[0] // 3
+            total += 4 * seq_len * m.query_heads(_shape(m.qkv_proj.weight)[0]) * m.head_dim
     return total
 
 

@@ -67,6 +67,20 @@ def test_resolved_config_round_trips_through_the_run_directory(tmp_path):
     assert yaml.safe_load(path.read_text())["method"] == "kd"
 
 
+def test_a_run_recorded_before_a_key_existed_resumes_while_that_key_keeps_its_default(tmp_path):
+    """The model-family keys (teacher.arch.family, ...) are absent from older runs' config.yaml."""
+    config = load_run_config(None, ["method=kd"])
+    path = record_invocation(config, tmp_path, resuming=False).path
+    older = yaml.safe_load(path.read_text())
+    for key in ("family", "qkv_bias", "rope_theta"):
+        del older["teacher"]["arch"][key]
+    path.write_text(yaml.safe_dump(older))
+    assert record_invocation(config, tmp_path, resuming=True).changes == {}
+    changed = load_run_config(None, ["method=kd", "teacher.arch.family=llama"])
+    with pytest.raises(ConfigError, match=r"teacher.arch.family: None -> 'llama'"):
+        record_invocation(changed, tmp_path, resuming=True)
+
+
 RUN_CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("study"))
 
 

@@ -115,16 +115,17 @@ def test_a_damaged_model_folder_is_named_by_file(tiny_gpt, tmp_path, damage, mes
 
 
 def test_a_folder_of_another_architecture_is_refused_naming_it(tmp_path):
-    """A Llama folder was loaded into GPT-2 with every weight newly initialised, and trained on."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A Llama folder was loaded into GPT-2 with every weight newly initialised, and trained on;
+    the Llama family now loads (test_model_families.py), any other architecture is refused."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    config = LlamaConfig(
+    config = GPTNeoXConfig(
         vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        num_attention_heads=4, max_position_embeddings=64,
     )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
-    with pytest.raises(ModelFolderError, match=r"a 'llama' model \(LlamaForCausalLM\)"):
-        load_pretrained(tmp_path / "llama")
+    GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "neox")
+    with pytest.raises(ModelFolderError, match=r"a 'gpt_neox' model \(GPTNeoXForCausalLM\)"):
+        load_pretrained(tmp_path / "neox")
 
 
 @pytest.mark.parametrize("change", ["missing", "unexpected"])

@@ -106,6 +106,7 @@ class ProjectStep:
         models = build_run_models(
             config,
             needs_teacher=method.needs_teacher,
+            model_families=method.model_families,
             device=device,
             compute_dtype=self.compute_dtype,
             dims=dims,

@@ -55,11 +55,19 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Every dotted key whose value differs between two nested config dicts (sorted)."""
-    a, b = flatten(old), flatten(new)
+def config_changes(
+    old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> dict[str, tuple[Any, Any]]:
+    """Every dotted key whose value differs between two nested config dicts (sorted). A key that
+    ``old`` lacks is unchanged where ``new`` holds its value in ``defaults``: ``old`` was written
+    before the key existed, and the default is what that version ran with."""
+    a, b, d = flatten(old), flatten(new), flatten(defaults or {})
     keys = sorted(k for k in a.keys() | b.keys() if not k.startswith(NOT_COMPARED))
-    return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
+    return {
+        k: (a.get(k), b.get(k))
+        for k in keys
+        if a.get(k) != b.get(k) and not (k not in a and k in d and b[k] == d[k])
+    }
 
 
 def _matches(key: str, patterns: tuple[str, ...]) -> bool:
@@ -85,7 +93,7 @@ def record_invocation(config: RunConfig, run_dir: Path, *, resuming: bool) -> Co
         raise ConfigError(f"{original}: the run's original config is not valid YAML: {e}") from e
     if not isinstance(old, dict):
         raise ConfigError(f"{original}: the run's original config is not a mapping of keys")
-    changes = config_changes(old, to_dict(config))
+    changes = config_changes(old, to_dict(config), to_dict(type(config)()))
     record = ConfigRecord(original, changes)
     if resuming:
         refused = {k: v for k, v in changes.items() if _matches(k, REFUSED_ON_RESUME)}

@@ -19,7 +19,8 @@ Stage = Literal["filters", "distill", "all", "lm"]
 @dataclass
 class TeacherConfig:
     pretrained: str | None = "gpt2"
-    """HF hub name or local HF folder; null builds a randomly initialised teacher from ``arch``."""
+    """HF hub name or local HF folder (GPT-2 or the Llama family: ``model.hf.HF_CLASSES``); null
+    builds a randomly initialised teacher from ``arch``."""
     arch: GPTConfig = field(default_factory=GPTConfig)
     """Shape of a random teacher (used only when ``pretrained`` is null)."""
 

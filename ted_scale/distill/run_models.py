@@ -7,6 +7,7 @@ they cannot drift apart.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -52,7 +53,8 @@ def run_tokenizer(config: RunConfig) -> PreTrainedTokenizerFast:
 
 
 def build_teacher(config: RunConfig) -> GPT:
-    """The frozen teacher: a pretrained HF GPT-2 or, with ``teacher.pretrained: null``, random."""
+    """The frozen teacher: a pretrained HF checkpoint (GPT-2 or the Llama family) or, with
+    ``teacher.pretrained: null``, random."""
     kwargs = {"attention": config.model.attention}
     if config.teacher.pretrained:
         teacher = load_pretrained(config.teacher.pretrained, **kwargs)
@@ -137,6 +139,7 @@ def build_run_models(
     config: RunConfig,
     *,
     needs_teacher: bool,
+    model_families: Collection[str],
     device: torch.device,
     compute_dtype: torch.dtype | None = None,
     dims: ParallelDims | None = None,
@@ -146,13 +149,19 @@ def build_run_models(
     """The run's models, placed. The caller seeds the generators first: the teacher draws first
     (when random), then the student. A method without a teacher (``needs_teacher`` False) still
     builds it when the student starts from its blocks, then drops it: the same init as the
-    distilled students. With ``tokenizer`` (the data's), vocabulary, tokenizer and context are
-    checked before anything is placed. ``teacher_dims`` (default ``dims``): the teacher's own
-    layout (``parallel.teacher_tensor_parallel_size``), whose groups gather their batches."""
+    distilled students. The models' families are checked against ``model_families`` (the
+    method's) and the tensor-parallel size of ``dims``, and with ``tokenizer`` (the data's),
+    vocabulary, tokenizer and context, before anything is placed. ``teacher_dims`` (default
+    ``dims``): the teacher's own layout (``parallel.teacher_tensor_parallel_size``), whose groups
+    gather their batches."""
     copies_blocks = config.student.init == "teacher_layers"
     teacher = build_teacher(config) if needs_teacher or copies_blocks else None
     student = build_student(config, teacher)
     teacher = teacher if needs_teacher else None
+    check_families(
+        config, teacher, student, model_families, dims.tp_size if dims else 1,
+        teacher_dims.tp_size if teacher_dims is not None else None,
+    )  # fmt: skip
     if tokenizer is not None:
         check_compatible(config, tokenizer, teacher, student)
     pad = config.parallel.tensor_parallel_padding
@@ -184,6 +193,41 @@ def run_model_shapes(config: RunConfig) -> RunModels:
             student = build_student(config, teacher)
     layer_map = teacher_layer_map(config, teacher)
     return RunModels(teacher, student, layer_map)
+
+
+def check_families(
+    config: RunConfig,
+    teacher: GPT | None,
+    student: GPT,
+    model_families: Collection[str],
+    tensor_parallel_size: int,
+    teacher_tensor_parallel_size: int | None = None,
+) -> None:
+    """Refuse, before anything is placed or trained, a model whose family (``GPTConfig.family``)
+    the method or tensor parallelism does not support yet, naming both. The teacher is split over
+    ``teacher_tensor_parallel_size`` ranks when given (a teacher split apart)."""
+    sources = {
+        "teacher": config.teacher.pretrained or "teacher.arch",
+        "student": config.student.pretrained or f"student.init={config.student.init}",
+    }
+    models = {"student": student} if teacher is None else {"teacher": teacher, "student": student}
+    sizes = {"teacher": ("parallel.tensor_parallel_size", tensor_parallel_size)}
+    sizes["student"] = sizes["teacher"]
+    if teacher_tensor_parallel_size is not None:
+        sizes["teacher"] = ("parallel.teacher_tensor_parallel_size", teacher_tensor_parallel_size)
+    for role, model in models.items():
+        family, source = model.config.family, sources[role]
+        key, size = sizes[role]
+        if family not in model_families:
+            raise ModelMismatchError(
+                f"method={config.method} is implemented for model families "
+                f"{', '.join(model_families)} only, and the {role} ({source}) is family {family}"
+            )
+        if size > 1 and family != "gpt2":
+            raise ModelMismatchError(
+                f"{key}={size}: tensor parallelism is implemented for family gpt2 only, and the "
+                f"{role} ({source}) is family {family}; use {key}=1"
+            )
 
 
 def check_compatible(

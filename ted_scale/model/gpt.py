@@ -1,20 +1,30 @@
-"""GPT-2 as one readable file: pre-LayerNorm blocks, learned positions, tanh-GELU, tied embeddings.
+"""One pre-norm decoder as one readable file: GPT-2 and the Llama family (Llama, Mistral, Qwen2,
+Qwen3), which ``GPTConfig.family`` tells apart.
 
-Blocks may differ in shape (a pruned model, docs/design.md "Models of non-uniform shape"): block l
-has its own head count h_l, each head ``head_dim = n_embd / n_head`` wide, and its own FFN width.
+- GPT-2: LayerNorm, learned positions, tanh-GELU FFN, biases everywhere, tied embeddings.
+- The Llama family: RMSNorm, rotary positions (RoPE; Llama 3's frequency scaling), SwiGLU FFN
+  (``down(silu(gate(x)) * up(x))``), grouped-query attention (``n_kv_head`` key/value heads shared
+  by ``n_head / n_kv_head`` query heads each), optional q/k/v bias (Qwen2), optional RMSNorm of
+  each head's q and k (Qwen3), tied or untied LM head.
+
+Blocks may differ in shape (a pruned GPT-2, docs/design.md "Models of non-uniform shape"): block l
+has its own head count h_l, each head ``head_dim`` wide, and its own FFN width.
 
 Projection names are chosen so tensor parallelism can shard them by name:
-``attn.qkv_proj`` (column-parallel; its output rows are [q; k; v], each ``h_l * head_dim`` wide,
-head by head), ``attn.out_proj`` (row-parallel), ``mlp.up_proj`` (column-parallel),
-``mlp.down_proj`` (row-parallel).
+``attn.qkv_proj`` (column-parallel; its output rows are [q; k; v]: ``h_l * head_dim`` rows of q,
+then ``n_kv_head * head_dim`` of k and of v, each head by head; GPT-2 has as many k and v heads as
+q heads), ``attn.out_proj`` (row-parallel), ``mlp.up_proj`` (column-parallel), ``mlp.down_proj``
+(row-parallel); SwiGLU adds ``mlp.gate_proj`` (shaped as ``up_proj``).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +35,63 @@ from ted_scale.kernels.vocab_parallel import VocabShard
 from ted_scale.model.attention import causal_attention, causal_attention_with_log_probs
 from ted_scale.model.tp_layout import TensorParallelLayout
 
+Family = Literal["gpt2", "llama", "mistral", "qwen2", "qwen3"]
+"""The HF ``model_type`` a model is built as and exported to (``GPTConfig.family``)."""
+FAMILIES: tuple[str, ...] = get_args(Family)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3's rotary frequency scaling (HF ``rope_type: llama3``, Llama 3.1 and later): long
+    wavelengths divided by ``factor``, short ones kept, those between interpolated."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+    rope_type: Literal["llama3"] = "llama3"
+
+    def __post_init__(self) -> None:
+        if self.rope_type != "llama3":  # HF configs construct this class too
+            raise ValueError(f"rope_scaling: rope_type {self.rope_type!r} is not 'llama3'")
+        if not (self.factor > 0 and 0 < self.low_freq_factor < self.high_freq_factor):
+            raise ValueError(
+                "rope_scaling needs factor > 0 and 0 < low_freq_factor < high_freq_factor, got "
+                f"{self.factor}, {self.low_freq_factor}, {self.high_freq_factor}"
+            )
+
+
+# Fields that only the Llama family uses, with the value that means GPT-2.
+_GPT2_VALUES = {
+    "n_kv_head": None,
+    "head_size": None,
+    "qkv_bias": True,
+    "out_bias": True,
+    "mlp_bias": True,
+    "qk_norm": False,
+    "tie_word_embeddings": True,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+}
+# What each HF class of the Llama family hard-codes (the rest is in its config.json): Llama and
+# Qwen3 bias q, k, v and the output projection together (``attention_bias``).
+_FAMILY_FIXED = {
+    "llama": {"qk_norm": False},
+    "mistral": {"qkv_bias": False, "out_bias": False, "mlp_bias": False, "qk_norm": False},
+    "qwen2": {"qkv_bias": True, "out_bias": False, "mlp_bias": False, "qk_norm": False},
+    "qwen3": {"mlp_bias": False, "qk_norm": True},
+}
+
 
 @dataclass
 class GPTConfig:
-    """Shape and regularisation of a GPT-2 model (names follow HF's ``GPT2Config``).
+    """Shape and regularisation of a model (names follow HF's ``GPT2Config``; the Llama family's
+    HF names are given beside the fields that differ).
 
-    ``n_head`` fixes the head width ``head_dim = n_embd / n_head``; a pruned model keeps fewer heads
-    in some blocks (``n_head_per_layer``) and narrower FFNs (``n_inner_per_layer``).
+    ``n_head`` fixes the head width ``head_dim = n_embd / n_head`` (unless ``head_size`` sets it);
+    a pruned GPT-2 keeps fewer heads in some blocks (``n_head_per_layer``) and narrower FFNs
+    (``n_inner_per_layer``). Every default means GPT-2, so a GPT-2 config sets none of the fields
+    after ``n_inner_per_layer``.
     """
 
     vocab_size: int = 50257
@@ -47,6 +107,32 @@ class GPTConfig:
     """Heads of each block, each in 0..n_head (a pruned model); null = n_head in every block."""
     n_inner_per_layer: list[int] | None = None
     """FFN width of each block, each >= 0 (a pruned model); null = n_inner in every block."""
+    family: Family = "gpt2"
+    """``gpt2``: LayerNorm, learned positions (``n_positions`` of them), tanh-GELU FFN. ``llama``,
+    ``mistral``, ``qwen2``, ``qwen3`` (the Llama family): RMSNorm, rotary positions (``n_positions``
+    is HF's ``max_position_embeddings``), SwiGLU FFN of width ``n_inner`` (HF's
+    ``intermediate_size``), and the fields below; ``layer_norm_epsilon`` is HF's ``rms_norm_eps``.
+    Also the HF class the model exports as."""
+    n_kv_head: int | None = None
+    """Key/value heads (grouped-query attention; HF's ``num_key_value_heads``), dividing n_head;
+    null = n_head. Llama family only."""
+    head_size: int | None = None
+    """Width of one head (HF's ``head_dim``) where it is not n_embd / n_head (e.g. Qwen3);
+    null = n_embd / n_head. Llama family only."""
+    qkv_bias: bool = True
+    """Bias on the q, k, v projections (GPT-2, Qwen2; Llama and Qwen3: ``attention_bias``)."""
+    out_bias: bool = True
+    """Bias on the attention output projection (GPT-2; Llama and Qwen3: ``attention_bias``)."""
+    mlp_bias: bool = True
+    """Bias on the FFN projections (GPT-2; Llama: ``mlp_bias``)."""
+    qk_norm: bool = False
+    """RMSNorm over each head's q and k before the rotation (Qwen3, and only Qwen3)."""
+    tie_word_embeddings: bool = True
+    """The LM head is the token embedding (GPT-2 always); false: a separate [vocab, n_embd] head."""
+    rope_theta: float = 10000.0
+    """Base period of the rotary embedding. Llama family only."""
+    rope_scaling: RopeScaling | None = None
+    """Llama 3's frequency scaling (``rope_type: llama3``); null = plain RoPE. Llama family only."""
 
     def __post_init__(self) -> None:
         # Checked here, not as config bounds: HF folders' config.json build this class too.
@@ -58,7 +144,7 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not self.layer_norm_epsilon > 0.0:  # also refuses NaN
             raise ValueError(f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
-        if self.n_embd % self.n_head:
+        if self.head_size is None and self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_inner is not None and self.n_inner < 0:
             raise ValueError(f"n_inner ({self.n_inner}) must be >= 0")
@@ -76,10 +162,61 @@ class GPTConfig:
                 if upper is not None and v > upper:
                     raise ValueError(f"{name}[{i}] = {v} exceeds n_head ({upper})")
             setattr(self, name, list(values))
+        self._check_family()
+
+    def _check_family(self) -> None:
+        """Refuse, naming the field, a setting the family's HF class cannot hold (so every model
+        exports exactly), and per-block shapes outside GPT-2."""
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.family == "gpt2":
+            for name, gpt2 in _GPT2_VALUES.items():
+                if getattr(self, name) != gpt2:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} is a Llama-family setting; family gpt2 "
+                        f"takes {gpt2!r} (set family: llama, mistral, qwen2 or qwen3)"
+                    )
+            return
+        for name in ("n_head_per_layer", "n_inner_per_layer"):
+            if getattr(self, name) is not None:
+                raise ValueError(
+                    f"{name}: per-block shapes (pruned models) are supported for family gpt2 "
+                    f"only, not yet for family {self.family}"
+                )
+        for name, value in _FAMILY_FIXED[self.family].items():
+            if getattr(self, name) != value:
+                raise ValueError(f"family {self.family} has {name}={value} (its HF class fixes it)")
+        if self.family in ("llama", "qwen3") and self.qkv_bias != self.out_bias:
+            raise ValueError(
+                f"family {self.family} biases q, k, v and the output projection together "
+                f"(attention_bias): qkv_bias={self.qkv_bias} but out_bias={self.out_bias}"
+            )
+        for name in ("n_kv_head", "head_size"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"{name} must be a positive integer or null, got {value!r}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        if self.head_dim % 2:
+            raise ValueError(f"the rotary embedding needs an even head width, got {self.head_dim}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}")
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.n_embd // self.n_head if self.head_size is None else self.head_size
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads of a full block (n_head unless grouped-query attention)."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def llama_like(self) -> bool:
+        """RMSNorm, RoPE and SwiGLU (the Llama family) rather than GPT-2's blocks."""
+        return self.family != "gpt2"
 
     @property
     def layer_heads(self) -> tuple[int, ...]:
@@ -142,8 +279,9 @@ class GPTOutput:
     """What a forward pass returns.
 
     hidden_states: block index (0-based) -> residual stream after that block, [B, T, n_embd].
-    embeddings: token + position embeddings after dropout (block 0's input), [B, T, n_embd].
-    last_hidden: final LayerNorm output, [B, T, n_embd] (the LM head's input).
+    embeddings: token (+ learned position) embeddings after dropout (block 0's input),
+        [B, T, n_embd].
+    last_hidden: final norm's output, [B, T, n_embd] (the LM head's input).
     logits: [B, T, vocab_size], or None when the caller fuses the LM head into its loss.
     attention_log_probs: the ``attention_layer`` block's attention log-probabilities
         [B, n_head, T, T] (-inf above the diagonal), or None.
@@ -164,10 +302,12 @@ class PrefixLinear(nn.Linear):
     around its forward (ZeRO-3) sees them whole. A zero-width layer (fully pruned) is allowed.
     """
 
-    def __init__(self, d_in: int, d_out: int, *, dim: int = 0, groups: int = 1) -> None:
+    def __init__(
+        self, d_in: int, d_out: int, *, dim: int = 0, groups: int = 1, bias: bool = True
+    ) -> None:
         with warnings.catch_warnings():  # a zero-width weight's initialisation is a no-op
             warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
-            super().__init__(d_in, d_out)
+            super().__init__(d_in, d_out, bias=bias)
         self.dim = dim
         self.groups = groups
 
@@ -190,22 +330,94 @@ def _project(proj: PrefixLinear, x: Tensor, keep: int | None) -> Tensor:
     return proj(x) if keep is None else proj(x, keep)
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dimension, in fp32 whatever the input's dtype (as HF's
+    ``LlamaRMSNorm``: a bf16 mean of squares loses too much), returned in the input's dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., dim] -> [..., dim]."""
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def _norm(config: GPTConfig, dim: int) -> nn.Module:
+    """The family's normalisation over ``dim`` features."""
+    if config.llama_like:
+        return RMSNorm(dim, config.layer_norm_epsilon)
+    return nn.LayerNorm(dim, eps=config.layer_norm_epsilon)
+
+
+def rotary_cos_sin(config: GPTConfig, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles of positions 0..T-1, each [T, head_dim] (fp32), as HF's
+    Llama computes them: frequency i is rope_theta^(-2i / head_dim), Llama 3 scaled, and both
+    halves of a head use the same frequencies (HF's rotate-half layout, not interleaved pairs).
+
+    Computed afresh for each call (a few thousand multiplies): no buffer to keep in fp32 when a
+    teacher is cast to bf16, to move between devices or to materialise from the meta device."""
+    d = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, device=device).float() / d)
+    if (s := config.rope_scaling) is not None:
+        # Llama 3: wavelengths beyond original / low_freq_factor are stretched by ``factor``,
+        # those under original / high_freq_factor kept, and those between interpolated.
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+        between = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(between, smoothed, scaled)
+    angles = torch.arange(T, device=device).float()[:, None] * inv_freq  # [T, d / 2]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [B, h, T, head_dim] by the angles whose cos and sin [T, head_dim] are given; the
+    result keeps x's dtype (the kernels want q, k, v of one dtype)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
 class CausalSelfAttention(nn.Module):
-    """Causal self-attention with ``n_head`` heads of width ``head_dim`` (``n_head`` may be 0)."""
+    """Causal self-attention with ``n_head`` query heads of width ``head_dim`` (``n_head`` may be 0),
+    each group of ``kv_groups`` consecutive query heads sharing one key/value head (1: GPT-2)."""
 
     def __init__(self, config: GPTConfig, n_head: int) -> None:
         super().__init__()
         self.n_head = n_head
         self.head_dim = config.head_dim
+        self.kv_groups = config.n_head // config.kv_heads
         width = n_head * config.head_dim
-        self.qkv_proj = PrefixLinear(config.n_embd, 3 * width, groups=3)
-        self.out_proj = PrefixLinear(width, config.n_embd, dim=1)
+        kv_width = width // self.kv_groups
+        self.qkv_proj = PrefixLinear(
+            config.n_embd, width + 2 * kv_width, groups=3, bias=config.qkv_bias
+        )
+        self.out_proj = PrefixLinear(width, config.n_embd, dim=1, bias=config.out_bias)
+        self.q_norm = RMSNorm(self.head_dim, config.layer_norm_epsilon) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.layer_norm_epsilon) if config.qk_norm else None
+        # The config whose rotary settings rotate q and k; None for GPT-2, which adds learned
+        # positions to the embeddings instead.
+        self.rotary: GPTConfig | None = config if config.llama_like else None
         self.attn_dropout = config.dropout
         # Where the attention-probability dropout draws its masks: the default stream, or a
         # per-rank one when tensor parallelism shards the heads (set by ``parallelize_gpt``).
         self.dropout_rng: Callable[[], AbstractContextManager[None]] = nullcontext
         self.resid_dropout = nn.Dropout(config.dropout)
         self.implementation = "auto"
+
+    def query_heads(self, qkv_width: int) -> int:
+        """Query heads of a ``qkv_proj`` output ``qkv_width`` wide: (h + 2 h / kv_groups) heads."""
+        return qkv_width * self.kv_groups // ((self.kv_groups + 2) * self.head_dim)
 
     def forward(
         self,
@@ -224,16 +436,25 @@ class CausalSelfAttention(nn.Module):
         qkv = _project(self.qkv_proj, x, keep)
         # The heads present, read off the output: a projection sharded by heads into
         # [q_r; k_r; v_r] per rank (tensor parallelism) gives this rank's heads.
-        h = qkv.shape[-1] // (3 * self.head_dim)
+        h, g = self.query_heads(qkv.shape[-1]), self.kv_groups
         if h == 0:
             # No heads (here): the sublayer adds only its output bias. y is cut from qkv, not
             # made anew, so that the backward still runs through qkv_proj: a tensor-parallel
             # rank holding none of a sub-network's heads joins its peers' collectives there.
             y, log_probs = qkv[..., :0], x.new_zeros(B, 0, T, T)
         else:
-            q, k, v = qkv.split(h * self.head_dim, dim=2)
-            # [B, T, h * head_dim] -> [B, h, T, head_dim]
-            q, k, v = (t.view(B, T, h, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            kv_width = h // g * self.head_dim
+            q, k, v = qkv.split([h * self.head_dim, kv_width, kv_width], dim=2)
+            # [B, T, heads * head_dim] -> [B, T, heads, head_dim]
+            q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # -> [B, heads, T, head_dim]
+            if self.rotary is not None:
+                cos, sin = rotary_cos_sin(self.rotary, T, x.device)
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if g > 1:  # grouped-query attention: each key/value head serves g query heads
+                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
             dropout_p = self.attn_dropout if self.training else 0.0
             with self.dropout_rng() if dropout_p > 0 else nullcontext():
                 if return_log_probs:
@@ -250,13 +471,18 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """The FFN with ``n_inner`` neurons (``n_inner`` may be 0: it then adds only its output bias)."""
+    """The FFN with ``n_inner`` neurons (``n_inner`` may be 0: it then adds only its output bias):
+    tanh-GELU (GPT-2) or SwiGLU, ``silu(gate(x)) * up(x)`` (the Llama family)."""
 
     def __init__(self, config: GPTConfig, n_inner: int) -> None:
         super().__init__()
         self.n_inner = n_inner
-        self.up_proj = PrefixLinear(config.n_embd, n_inner)
-        self.down_proj = PrefixLinear(n_inner, config.n_embd, dim=1)
+        bias = config.mlp_bias
+        self.gate_proj = (
+            PrefixLinear(config.n_embd, n_inner, bias=bias) if config.llama_like else None
+        )
+        self.up_proj = PrefixLinear(config.n_embd, n_inner, bias=bias)
+        self.down_proj = PrefixLinear(n_inner, config.n_embd, dim=1, bias=bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -265,7 +491,10 @@ class MLP(nn.Module):
         """x [B, T, C] -> [B, T, C], using the first ``n_active`` neurons (default all);
         ``neuron_mask`` [n_inner] scales each neuron's activation (first ``n_active`` used)."""
         keep = None if n_active == self.n_inner else n_active
-        a = F.gelu(_project(self.up_proj, x, keep), approximate="tanh")
+        if self.gate_proj is None:
+            a = F.gelu(_project(self.up_proj, x, keep), approximate="tanh")
+        else:
+            a = F.silu(_project(self.gate_proj, x, keep)) * _project(self.up_proj, x, keep)
         if neuron_mask is not None:
             a = a * neuron_mask[: a.shape[-1]].to(a.dtype)
         return self.dropout(_project(self.down_proj, a, keep))
@@ -274,9 +503,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_1 = _norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config, config.layer_heads[layer])
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_2 = _norm(config, config.n_embd)
         self.mlp = MLP(config, config.layer_inner[layer])
 
     def forward(
@@ -300,7 +529,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2 language model.
+    """The language model: GPT-2 or a Llama-family model, as ``config.family`` says.
 
     ``attention`` picks the kernel: ``auto`` (flash-attn 2 for fp16/bf16 CUDA inputs when installed,
     otherwise SDPA), ``sdpa``, ``flash`` or ``eager`` (the plain reference).
@@ -316,10 +545,17 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        # Learned positions (GPT-2); the Llama family rotates q and k instead.
+        self.wpe = None if config.llama_like else nn.Embedding(config.n_positions, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_f = _norm(config, config.n_embd)
+        # The LM head when it is not the token embedding: [vocab_size, n_embd].
+        self.unembed = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        )
         self.activation_checkpointing = activation_checkpointing
         self.tensor_parallel: TensorParallelLayout | None = None
         """How the model is sharded (set by ``parallelize_gpt``); None when it is whole."""
@@ -334,14 +570,15 @@ class GPT(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     @property
     def lm_head_weight(self) -> Tensor:
-        """The LM head, tied to the token embedding: [vocab_size, n_embd]."""
-        return self.wte.weight
+        """The LM head: [vocab_size, n_embd], the token embedding's unless untied."""
+        return self.wte.weight if self.unembed is None else self.unembed.weight
 
     @property
     def vocab_shard(self) -> VocabShard | None:
@@ -363,10 +600,10 @@ class GPT(nn.Module):
 
     def lm_head(self, normed_hidden: Tensor) -> Tensor:
         """[..., n_embd] -> logits [..., vocab_size]."""
-        return F.linear(normed_hidden, self.wte.weight)
+        return F.linear(normed_hidden, self.lm_head_weight)
 
     def head(self, hidden: Tensor) -> Tensor:
-        """The full task head applied to a residual-stream state: final LayerNorm, then LM head."""
+        """The full task head applied to a residual-stream state: final norm, then LM head."""
         return self.lm_head(self.ln_f(hidden))
 
     def forward(
@@ -385,13 +622,14 @@ class GPT(nn.Module):
         """Run the model on ``input_ids`` [B, T], or on given token embeddings.
 
         inputs_embeds: [B, T, n_embd] used in place of the token embeddings of ``input_ids``
-            (which must then be None); position embeddings are added as usual.
+            (which must then be None); positions are added (or rotated in) as usual.
         output_layers: 0-based block indices whose residual-stream outputs are returned.
         attention_layer: a block whose attention log-probabilities are returned (that block runs
             the explicit softmax path; the others keep the configured kernel).
         return_logits: compute logits [B, T, V]; pass False when the loss fuses the LM head.
-        stop_after: skip every block after this index (and the final LayerNorm and head).
-        subnet: run only this prefix sub-network of the shared weights (docs/design.md).
+        stop_after: skip every block after this index (and the final norm and head).
+        subnet: run only this prefix sub-network of the shared weights (docs/design.md; GPT-2
+            only for now).
         head_mask: per block, [heads of that block] factors on each head's output.
         neuron_mask: per block, [FFN width of that block] factors on each neuron's activation.
         """
@@ -406,13 +644,20 @@ class GPT(nn.Module):
         if checked and (min(checked) < 0 or max(checked) >= len(self.blocks)):
             raise ValueError(f"output_layers {sorted(checked)} outside 0..{len(self.blocks) - 1}")
         if subnet is not None:
+            if self.config.llama_like:
+                raise ValueError(
+                    f"subnet: prefix sub-networks are supported for family gpt2 only, not yet "
+                    f"for family {self.config.family}"
+                )
             subnet.check(self.config)
         if attention_layer is not None and (subnet or head_mask or neuron_mask):
             raise ValueError("attention_layer does not combine with subnet or masks")
         _check_masks("head_mask", head_mask, self.config.layer_heads)
         _check_masks("neuron_mask", neuron_mask, self.config.layer_inner)
-        positions = torch.arange(T, device=tokens.device)
-        x = self.drop(tokens + self.wpe(positions))
+        if self.wpe is None:
+            x = self.drop(tokens)
+        else:
+            x = self.drop(tokens + self.wpe(torch.arange(T, device=tokens.device)))
         out = GPTOutput(embeddings=x)
         for i, block in enumerate(self.blocks):
             if i == attention_layer:
@@ -445,7 +690,7 @@ class GPT(nn.Module):
 
     def num_params(self, *, exclude_embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
+        if exclude_embeddings and self.wpe is not None:
             n -= self.wpe.weight.numel()
         return n
 

@@ -1,4 +1,11 @@
-"""Conversion between this GPT and Hugging Face's ``GPT2LMHeadModel``.
+"""Conversion between this GPT and Hugging Face's ``GPT2LMHeadModel``, ``LlamaForCausalLM``,
+``MistralForCausalLM``, ``Qwen2ForCausalLM`` and ``Qwen3ForCausalLM`` (``GPTConfig.family`` is the
+HF ``model_type``).
+
+The Llama family's q, k and v projections are fused into ``attn.qkv_proj`` here (rows [q; k; v])
+and split again on export; every other tensor is renamed only. Settings this model does not
+implement (sliding-window attention that a sequence could reach, rope types other than the
+default and ``llama3``, activations other than SiLU) are refused on import, naming the setting.
 
 HF's GPT-2 stores its projections as ``Conv1D`` (weight [in, out]); ours are ``nn.Linear``
 (weight [out, in]), so those weights are transposed on the way in and out.
@@ -19,10 +26,34 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from ted_scale.io import atomic_replace_dir
-from ted_scale.model.gpt import GPT, SHAPED_TENSORS, GPTConfig
+from ted_scale.model.gpt import GPT, SHAPED_TENSORS, GPTConfig, RopeScaling
+
+# family (HF model_type) -> (HF config class, HF model class).
+HF_CLASSES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
+    "gpt2": (GPT2Config, GPT2LMHeadModel),
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
 
 # (our suffix, HF suffix, transposed) for the tensors of one block.
 _BLOCK_TENSORS = (
@@ -53,7 +84,7 @@ class CheckpointMismatchError(ValueError):
 
 class ModelFolderError(ValueError):
     """A local HF model folder lacks a file, holds a truncated or unreadable one, or holds a
-    model that is not GPT-2 or whose weights do not all load."""
+    model of an architecture not in ``HF_CLASSES`` or whose weights do not all load."""
 
 
 def check_model_folder(folder: Path) -> None:
@@ -89,7 +120,11 @@ def check_model_folder(folder: Path) -> None:
             raise ModelFolderError(f"{path}: truncated or not a safetensors file ({e})") from None
 
 
-def config_from_hf(hf_config: GPT2Config, *, dropout: float | None = None) -> GPTConfig:
+def config_from_hf(hf_config: PretrainedConfig, *, dropout: float | None = None) -> GPTConfig:
+    """The ``GPTConfig`` of an HF config of a family in ``HF_CLASSES``; ``dropout`` overrides
+    the checkpoint's (GPT-2's ``resid_pdrop``, the Llama family's ``attention_dropout``)."""
+    if hf_config.model_type != "gpt2":
+        return _llama_config_from_hf(hf_config, dropout=dropout)
     if hf_config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"activation {hf_config.activation_function!r} is not tanh-GELU")
     if getattr(hf_config, "pruned_heads", None):
@@ -111,6 +146,59 @@ def config_from_hf(hf_config: GPT2Config, *, dropout: float | None = None) -> GP
     )
 
 
+def _llama_config_from_hf(hf: PretrainedConfig, *, dropout: float | None) -> GPTConfig:
+    family = hf.model_type
+    if hf.hidden_act != "silu":
+        raise ValueError(f"hidden_act {hf.hidden_act!r} is not SiLU (SwiGLU is)")
+    rope = hf.rope_parameters
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(
+            f"rope_parameters: rope_type {rope_type!r} is not supported (default and llama3 are)"
+        )
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("rope_parameters: partial_rotary_factor below 1 is not supported")
+    # Mistral slides its window over every layer; Qwen2/3 only over layers marked so.
+    window = getattr(hf, "sliding_window", None)
+    layer_types = getattr(hf, "layer_types", None)
+    slides = window is not None and (layer_types is None or "sliding_attention" in layer_types)
+    if slides and window < hf.max_position_embeddings:
+        raise ValueError(
+            f"sliding_window={window} is shorter than max_position_embeddings="
+            f"{hf.max_position_embeddings}: sliding-window attention is not implemented "
+            "(a window of null or at least the context is)"
+        )
+    attention_bias = getattr(hf, "attention_bias", False)  # Llama, Qwen3; Mistral has none
+    head_dim = getattr(hf, "head_dim", None)  # Qwen2 may lack it: hidden / heads
+    return GPTConfig(
+        family=family,
+        vocab_size=hf.vocab_size,
+        n_positions=hf.max_position_embeddings,
+        n_embd=hf.hidden_size,
+        n_layer=hf.num_hidden_layers,
+        n_head=hf.num_attention_heads,
+        n_kv_head=hf.num_key_value_heads,
+        head_size=None if head_dim in (None, hf.hidden_size / hf.num_attention_heads) else head_dim,
+        n_inner=hf.intermediate_size,
+        dropout=hf.attention_dropout if dropout is None else dropout,
+        layer_norm_epsilon=hf.rms_norm_eps,
+        qkv_bias=family == "qwen2" or attention_bias,
+        out_bias=attention_bias,
+        mlp_bias=getattr(hf, "mlp_bias", False),
+        qk_norm=family == "qwen3",
+        tie_word_embeddings=hf.tie_word_embeddings,
+        rope_theta=rope["rope_theta"],
+        rope_scaling=None
+        if rope_type == "default"
+        else RopeScaling(
+            factor=rope["factor"],
+            low_freq_factor=rope["low_freq_factor"],
+            high_freq_factor=rope["high_freq_factor"],
+            original_max_position_embeddings=rope["original_max_position_embeddings"],
+        ),
+    )
+
+
 # Shapes of the HF hub's GPT-2 checkpoints (n_layer, n_embd, n_head), so that an estimate needs
 # neither the network nor the weights; any other teacher must be a local HF folder.
 GPT2_HUB_SHAPES = {
@@ -122,9 +210,10 @@ GPT2_HUB_SHAPES = {
 
 
 def pretrained_shape(name_or_path: str) -> GPTConfig:
-    """The ``GPTConfig`` of an HF GPT-2 (hub name or local folder) without loading its weights."""
+    """The ``GPTConfig`` of an HF checkpoint without loading its weights: a local folder of any
+    family in ``HF_CLASSES``, or a GPT-2 hub name."""
     if Path(name_or_path).is_dir():
-        return config_from_hf(GPT2Config.from_pretrained(name_or_path))
+        return config_from_hf(_checked_hf_config(name_or_path))
     shape = GPT2_HUB_SHAPES.get(name_or_path.removeprefix("openai-community/"))
     if shape is None:
         raise ValueError(
@@ -135,8 +224,11 @@ def pretrained_shape(name_or_path: str) -> GPTConfig:
     return GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head)
 
 
-def config_to_hf(config: GPTConfig, *, eos_token_id: int | None = None) -> GPT2Config:
+def config_to_hf(config: GPTConfig, *, eos_token_id: int | None = None) -> PretrainedConfig:
+    """The HF config of ``config``'s family (``HF_CLASSES``)."""
     eos = config.vocab_size - 1 if eos_token_id is None else eos_token_id
+    if config.llama_like:
+        return _llama_config_to_hf(config, eos)
     inner = _hf_inner(config)
     shape = {}  # the true shape of a non-uniform model; HF itself sees the padded one
     if any(h != config.n_head for h in config.layer_heads):
@@ -159,6 +251,37 @@ def config_to_hf(config: GPTConfig, *, eos_token_id: int | None = None) -> GPT2C
         eos_token_id=eos,
         tie_word_embeddings=True,
         **shape,
+    )
+
+
+def _llama_config_to_hf(config: GPTConfig, eos: int) -> PretrainedConfig:
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        rope.update(vars(config.rope_scaling))
+    own = {  # what each class takes beyond the common keys (its config.json keys)
+        "llama": {"attention_bias": config.qkv_bias, "mlp_bias": config.mlp_bias},
+        "mistral": {"sliding_window": None},
+        "qwen2": {"use_sliding_window": False},
+        "qwen3": {"attention_bias": config.qkv_bias, "use_sliding_window": False},
+    }[config.family]
+    config_class, _ = HF_CLASSES[config.family]
+    return config_class(
+        vocab_size=config.vocab_size,
+        max_position_embeddings=config.n_positions,
+        hidden_size=config.n_embd,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.kv_heads,
+        head_dim=config.head_dim,
+        intermediate_size=_hf_inner(config),
+        hidden_act="silu",
+        rms_norm_eps=config.layer_norm_epsilon,
+        attention_dropout=config.dropout,
+        tie_word_embeddings=config.tie_word_embeddings,
+        rope_parameters=rope,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        **own,
     )
 
 
@@ -193,8 +316,67 @@ def _block_widths(config: GPTConfig, i: int, *, padded: bool) -> dict[str, int]:
     return {"heads": heads * config.head_dim, "inner": inner}
 
 
+# (ours, HF) pieces of the Llama family's tensor names, replaced in this order (either way); the
+# FFN's gate_proj, up_proj and down_proj keep their names. Our fused attn.qkv_proj becomes
+# self_attn.{q,k,v}_proj, split or joined by the callers.
+_LLAMA_RENAMES = (
+    ("wte.", "model.embed_tokens."),
+    ("ln_f.", "model.norm."),
+    ("unembed.", "lm_head."),
+    ("blocks.", "model.layers."),
+    (".ln_1.", ".input_layernorm."),
+    (".ln_2.", ".post_attention_layernorm."),
+    (".attn.out_proj.", ".self_attn.o_proj."),
+    (".attn.", ".self_attn."),  # q_norm, k_norm and the q, k, v projections
+)
+
+
+def _renamed(name: str, *, to_hf: bool) -> str:
+    for ours, theirs in _LLAMA_RENAMES:
+        old, new = (ours, theirs) if to_hf else (theirs, ours)
+        if old in name:
+            name = name.replace(old, new)
+    return name
+
+
+def _qkv_rows(config: GPTConfig) -> list[int]:
+    """Rows of q, k and v in a block's fused ``qkv_proj``."""
+    kv = config.kv_heads * config.head_dim
+    return [config.n_head * config.head_dim, kv, kv]
+
+
+def _llama_state_from_hf(hf_state: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
+    ours = {}
+    for name, t in hf_state.items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # the embedding's own tensor
+        ours[_renamed(name, to_hf=False)] = t
+    for i in range(config.n_layer):
+        for kind in ("weight", "bias"):
+            parts = [f"blocks.{i}.attn.{p}_proj.{kind}" for p in "qkv"]
+            if all(p in ours for p in parts):
+                ours[f"blocks.{i}.attn.qkv_proj.{kind}"] = torch.cat([ours.pop(p) for p in parts])
+    return ours
+
+
+def _llama_state_to_hf(state: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
+    theirs = {}
+    for name, t in state.items():
+        if ".attn.qkv_proj." in name:
+            for p, part in zip("qkv", t.split(_qkv_rows(config)), strict=True):
+                theirs[_renamed(name.replace("qkv_proj", f"{p}_proj"), to_hf=True)] = part
+        else:
+            theirs[_renamed(name, to_hf=True)] = t
+    if config.tie_word_embeddings:
+        theirs["lm_head.weight"] = state["wte.weight"]
+    return {k: v.contiguous() for k, v in theirs.items()}
+
+
 def state_dict_from_hf(hf_state: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
-    """HF GPT-2 tensors -> this model's names and layouts, padding trimmed to ``config``'s shape."""
+    """HF tensors of ``config``'s family -> this model's names and layouts; a GPT-2's padding is
+    trimmed to ``config``'s shape."""
+    if config.llama_like:
+        return _llama_state_from_hf(hf_state, config)
     ours = {mine: hf_state[theirs] for mine, theirs in _TOP_TENSORS}
     for i in range(config.n_layer):
         widths = _block_widths(config, i, padded=False)
@@ -209,8 +391,10 @@ def state_dict_from_hf(hf_state: dict[str, Tensor], config: GPTConfig) -> dict[s
 
 
 def state_dict_to_hf(state: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
-    """This model's tensors -> HF GPT-2 names and layouts (the tied ``lm_head`` included), each
-    block zero-padded to ``n_head`` heads and the widest FFN."""
+    """This model's tensors -> HF names and layouts of its family (a tied ``lm_head`` included); a
+    GPT-2's blocks zero-padded to ``n_head`` heads and the widest FFN."""
+    if config.llama_like:
+        return _llama_state_to_hf(state, config)
     theirs = {hf: state[mine] for mine, hf in _TOP_TENSORS}
     theirs["lm_head.weight"] = state["wte.weight"]
     for i in range(config.n_layer):
@@ -244,13 +428,13 @@ def load_state_checked(model: GPT, state: dict[str, Tensor], *, source: str) -> 
 
 
 def from_hf_model(
-    hf_model: GPT2LMHeadModel,
+    hf_model: PreTrainedModel,
     *,
     config: GPTConfig | None = None,
     source: str = "HF model",
     **model_kwargs,
 ) -> GPT:
-    """Build a GPT (fp32) holding the weights of a ``GPT2LMHeadModel``.
+    """Build a GPT (fp32) holding the weights of an HF model of a family in ``HF_CLASSES``.
 
     With ``config`` given, the checkpoint must fit that shape; a mismatch names the tensor and
     both shapes.
@@ -270,10 +454,24 @@ def from_hf_model(
     return model
 
 
+def _checked_hf_config(source: str) -> PretrainedConfig:
+    """The HF config at ``source``, refused naming its architecture unless in ``HF_CLASSES``."""
+    hf_config = AutoConfig.from_pretrained(source)
+    if hf_config.model_type not in HF_CLASSES:
+        architectures = ", ".join(hf_config.architectures or []) or "no architecture named"
+        known = ", ".join(f"{t!r} ({c.__name__})" for t, (_, c) in HF_CLASSES.items())
+        raise ModelFolderError(
+            f"{source}: a {hf_config.model_type!r} model ({architectures}); ted_scale loads "
+            f"these model types: {known}"
+        )
+    return hf_config
+
+
 def load_pretrained(
     name_or_path: str | os.PathLike, *, config: GPTConfig | None = None, **model_kwargs
 ) -> GPT:
-    """Load an HF GPT-2 checkpoint (a hub name such as ``gpt2``, or a local folder), fp32 on CPU.
+    """Load an HF checkpoint of a family in ``HF_CLASSES`` (a hub name such as ``gpt2``, or a
+    local folder), fp32 on CPU.
 
     Another architecture, or a checkpoint whose weights do not all load (transformers would
     initialise the missing ones at random and go on), is refused naming it or the keys.
@@ -281,26 +479,24 @@ def load_pretrained(
     source = str(name_or_path)
     if Path(name_or_path).is_dir():
         check_model_folder(Path(name_or_path))
-    hf_config = AutoConfig.from_pretrained(source)
-    if hf_config.model_type != "gpt2":
-        architectures = ", ".join(hf_config.architectures or []) or "no architecture named"
-        raise ModelFolderError(
-            f"{source}: a {hf_config.model_type!r} model ({architectures}); ted_scale loads "
-            "GPT-2 checkpoints (model_type 'gpt2', GPT2LMHeadModel)"
-        )
-    hf_model, info = GPT2LMHeadModel.from_pretrained(
+    hf_config = _checked_hf_config(source)
+    _, model_class = HF_CLASSES[hf_config.model_type]
+    hf_model, info = model_class.from_pretrained(
         source, config=hf_config, dtype=torch.float32, output_loading_info=True
     )
     problems = {k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if any(problems.values()):
         found = "; ".join(f"{k.replace('_', ' ')}: {v[:5]}" for k, v in problems.items() if v)
-        raise ModelFolderError(f"{source}: its weights do not all load into GPT-2 ({found})")
+        raise ModelFolderError(
+            f"{source}: its weights do not all load into {model_class.__name__} ({found})"
+        )
     return from_hf_model(hf_model, config=config, source=source, **model_kwargs)
 
 
-def to_hf_model(model: GPT, *, eos_token_id: int | None = None) -> GPT2LMHeadModel:
-    """A ``GPT2LMHeadModel`` with this model's weights (fp32, CPU)."""
-    hf_model = GPT2LMHeadModel(config_to_hf(model.config, eos_token_id=eos_token_id))
+def to_hf_model(model: GPT, *, eos_token_id: int | None = None) -> PreTrainedModel:
+    """The HF model of ``model``'s family (``HF_CLASSES``) with its weights (fp32, CPU)."""
+    _, model_class = HF_CLASSES[model.config.family]
+    hf_model = model_class(config_to_hf(model.config, eos_token_id=eos_token_id))
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     hf_model.load_state_dict(state_dict_to_hf(state, model.config))
     hf_model.tie_weights()

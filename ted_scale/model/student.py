@@ -29,8 +29,9 @@ def student_from_teacher(
 ) -> GPT:
     """A student whose block k is a copy of ``teacher.blocks[teacher_blocks[k]]`` (0-based).
 
-    Token and position embeddings and the final LayerNorm are copied too; the student gets its own
-    tensors (nothing is shared with the teacher).
+    Token and position embeddings (GPT-2), the final norm and an untied LM head are copied too, and
+    the config (the family's norms, rotary settings, heads) is the teacher's; the student gets its
+    own tensors (nothing is shared with the teacher).
     """
     n = len(teacher.blocks)
     bad = [b for b in teacher_blocks if not 0 <= b < n]
@@ -53,8 +54,9 @@ def student_from_teacher(
     student = GPT(config, activation_checkpointing=teacher.activation_checkpointing)
     student.set_attention(teacher.blocks[0].attn.implementation)
     with torch.no_grad():
-        for name in ("wte", "wpe", "ln_f"):
-            getattr(student, name).load_state_dict(getattr(teacher, name).state_dict())
+        for name in ("wte", "wpe", "ln_f", "unembed"):
+            if getattr(teacher, name) is not None:  # no wpe (RoPE), no unembed (tied head)
+                getattr(student, name).load_state_dict(getattr(teacher, name).state_dict())
         for k, b in enumerate(teacher_blocks):
             student.blocks[k].load_state_dict(teacher.blocks[b].state_dict())
     return student.to(next(teacher.parameters()).device)

@@ -217,7 +217,7 @@ def estimate_memory(
     blocks = [
         block_activation_bytes(
             width=cfg.n_embd,
-            heads=block.attn.qkv_proj.out_features // (3 * cfg.head_dim),  # padded ones too
+            heads=block.attn.query_heads(block.attn.qkv_proj.out_features),  # padded ones too
             head_dim=cfg.head_dim,
             inner=block.mlp.up_proj.out_features,
             dropout=dropout,

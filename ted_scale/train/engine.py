@@ -92,11 +92,11 @@ def build_engine(
     import deepspeed
 
     if config.deepspeed.zero_stage == 3:
-        # A trained model's tied LM head is used outside the embedding module's forward: ZeRO-3
-        # must gather it for the whole forward of the top module.
+        # A trained model's LM head (tied: the embedding's weight) is used outside its module's
+        # forward: ZeRO-3 must gather it for the whole forward of the top module.
         for model in module.modules():
             if isinstance(model, GPT):
-                deepspeed.zero.register_external_parameter(module, model.wte.weight)
+                deepspeed.zero.register_external_parameter(module, model.lm_head_weight)
     optimizer = build_optimizer(module, config.optim, lr)
     scheduler = warmup_linear_decay(
         optimizer,

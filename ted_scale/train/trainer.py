@@ -100,6 +100,7 @@ class Trainer:
         self.models = build_run_models(
             config,
             needs_teacher=self.method.needs_teacher,
+            model_families=self.method.model_families,
             device=self.device,
             compute_dtype=self.compute_dtype,
             dims=self.dims,

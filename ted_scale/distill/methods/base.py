@@ -220,6 +220,9 @@ class Method(ABC):
         student data-parallel (``parallel.teacher_tensor_parallel_size``: every frozen-teacher
         read goes through ``FrozenTapper`` and ``GPT.loss_head``); if not, ``teacher_apart_note``
         says why.
+    model_families: the model families (``GPTConfig.family``) its phases are implemented for;
+        a run of another is refused before it trains. GPT-2 only unless a method declares more:
+        one that reaches inside the blocks (attention internals, pruning) must be checked first.
     """
 
     name: ClassVar[str]
@@ -229,6 +232,7 @@ class Method(ABC):
     tensor_parallel_note: ClassVar[str] = ""
     teacher_apart: ClassVar[bool] = False
     teacher_apart_note: ClassVar[str] = "not built for a teacher split apart from its student"
+    model_families: ClassVar[tuple[str, ...]] = ("gpt2",)
 
     @abstractmethod
     def plan(self, config: RunConfig) -> list[PlannedPhase]:

@@ -11,12 +11,14 @@ from ted_scale.distill.methods.base import (
 )
 from ted_scale.distill.methods.registry import register
 from ted_scale.distill.modules import FrozenTapper
+from ted_scale.model import FAMILIES
 
 
 @register
 class KD(Method):
     name = "kd"
     teacher_apart = True
+    model_families = FAMILIES  # it uses the models through their forward and head only
 
     def plan(self, config) -> list[PlannedPhase]:
         return [PlannedPhase("stage2", "distill")]

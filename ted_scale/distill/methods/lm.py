@@ -7,11 +7,13 @@ from ted_scale.distill.methods.base import Method, MethodContext, Phase, Planned
 from ted_scale.distill.methods.registry import register
 from ted_scale.distill.modules import StudentDistillation
 from ted_scale.flops import TRAINED, forward_flops, head_flops
+from ted_scale.model import FAMILIES
 
 
 @register
 class LM(Method):
     name = "lm"
+    model_families = FAMILIES  # it uses the models through their forward and head only
     needs_teacher = False
 
     def plan(self, config) -> list[PlannedPhase]:

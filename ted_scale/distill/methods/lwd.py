@@ -18,7 +18,7 @@ from ted_scale.distill.methods.registry import register
 from ted_scale.distill.modules import FrozenTapper
 from ted_scale.distill.objectives import mse_distance
 from ted_scale.flops import TRAINED, forward_flops
-from ted_scale.model import GPT
+from ted_scale.model import FAMILIES, GPT
 
 
 def projections(student: GPT, teacher: GPT) -> FilterBank:
@@ -32,6 +32,7 @@ def projections(student: GPT, teacher: GPT) -> FilterBank:
 class LWD(Method):
     name = "lwd"
     teacher_apart = True
+    model_families = FAMILIES  # it uses the models through their forward and head only
 
     def extra_modules(
         self, config, teacher: GPT, student: GPT, layer_map: list[int]

@@ -54,7 +54,7 @@ from ted_scale.distill.objectives import (
     normalized,
 )
 from ted_scale.flops import FROZEN, TRAINED, batch_factor, forward_flops, head_flops
-from ted_scale.model import GPT, ModelMismatchError
+from ted_scale.model import FAMILIES, GPT, ModelMismatchError
 from ted_scale.parallel import barrier, gathered_state
 from ted_scale.precision import storage_dtype
 
@@ -94,8 +94,8 @@ class TEDKLConfig:
 class FilterTraining(nn.Module):
     """Stage I: filters trained through a frozen model's own head; loss = sum_k CE_k.
 
-    The head (final LayerNorm + tied LM head) belongs to the frozen model and is kept out of this
-    module's parameters, so the optimizer and ZeRO never see it.
+    The head (final norm + LM head) belongs to the frozen model and is kept out of this module's
+    parameters, so the optimizer and ZeRO never see it.
     """
 
     def __init__(
@@ -169,6 +169,7 @@ def ted_kl_distance(head: GPT, settings: LossSettings, *, temperature: float) ->
 class TED(Method):
     name = "ted"
     teacher_apart = True
+    model_families = FAMILIES  # it uses the models through their forward and head only
     section = ("filters", FilterConfig)
 
     def plan(self, config) -> list[PlannedPhase]:
