@@ -21,6 +21,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ted_scale.process import die_with_parent
 
+_WATCH = None
+"""This process's PeerWatch (ted_scale/parallel/watch.py) while it runs."""
+
 
 class ParallelLayoutError(ValueError):
     """The world size and the requested parallel sizes do not fit together."""
@@ -120,12 +123,16 @@ def _build_cpu_comm_op_once(local_rank: int) -> None:
     dist.barrier()
 
 
-def init_parallel(tensor_parallel_size: int = 1) -> ParallelDims:
+def init_parallel(tensor_parallel_size: int = 1, peer_timeout_s: float = 0.0) -> ParallelDims:
     """Join (or, for a plain ``python`` run, create) the process group, pick this rank's device,
     and lay the world out as (dp, tp).
 
     CPU ranks use gloo and DeepSpeed's CPU accelerator; GPU ranks use NCCL, one GPU per local rank.
+    ``peer_timeout_s`` > 0 (and more than one rank): a rank that stops answering for that long
+    stops every rank with a message naming it (``PeerWatch``), instead of leaving them waiting in
+    a collective until the process group's timeout.
     """
+    global _WATCH
     cuda = torch.cuda.is_available()
     if not cuda:
         # Must be set before deepspeed is imported: its accelerator is chosen once, at import.
@@ -160,6 +167,10 @@ def init_parallel(tensor_parallel_size: int = 1) -> ParallelDims:
             _build_cpu_comm_op_once(local_rank)
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     world_size = dist.get_world_size()
+    if peer_timeout_s > 0 and world_size > 1 and _WATCH is None:
+        from ted_scale.parallel.watch import PeerWatch
+
+        _WATCH = PeerWatch(dist.get_rank(), world_size, peer_timeout_s).start()
     if world_size % tensor_parallel_size:
         raise ParallelLayoutError(
             f"parallel.tensor_parallel_size={tensor_parallel_size} does not divide the world size "
@@ -191,9 +202,14 @@ def close_parallel() -> None:
     A rank that exits while a peer's gloo threads still talk to it can abort the peer at exit
     ("terminate called without an active exception", SIGABRT): a finished run would report a
     failure. Every rank waits for the others, then the group is torn down before interpreter exit.
+    The peer watch stops after the barrier: a rank that ends first is not taken for a lost one.
     """
+    global _WATCH
     if dist.is_initialized():
         dist.barrier()
+        if _WATCH is not None:
+            _WATCH.stop()
+            _WATCH = None
         dist.destroy_process_group()
 
 

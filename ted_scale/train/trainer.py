@@ -58,7 +58,9 @@ def phase_seed(seed: int, planned: PlannedPhase, plan: list[PlannedPhase]) -> in
 class Trainer:
     def __init__(self, config: RunConfig) -> None:
         self.config = config
-        self.dims = init_parallel(config.parallel.tensor_parallel_size)
+        self.dims = init_parallel(
+            config.parallel.tensor_parallel_size, peer_timeout_s=config.parallel.peer_timeout_s
+        )
         self.device = self.dims.device
         self.main = self.dims.is_main
         self.run_dir = Path(config.output_dir)
