@@ -22,7 +22,12 @@ import psutil
 import pytest
 import torch.distributed as dist
 
-from ted_scale.parallel.dims import free_port
+from ted_scale.parallel.dims import (
+    ParallelLayoutError,
+    _ranks_from_slurm,
+    _tasks_per_node,
+    free_port,
+)
 from ted_scale.parallel.watch import LOST_STATUS, PeerWatch, lost_peer_message
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,6 +182,53 @@ def test_a_node_killed_stops_the_other_with_a_message_and_both_resume_to_the_sam
     assert resumed.wait() == [0, 0], resumed.output()
     assert "stage2: resumed from" in resumed.output(), resumed.output()
     _assert_same_losses(_losses(out), one_node, resumed.output())
+
+
+@pytest.mark.slow
+def test_tasks_of_an_srun_step_without_a_launcher_train_to_the_losses_of_one_node(
+    tiny_data, tmp_path, one_node, subprocess_env
+):
+    """What `deepspeed --launcher slurm` starts: the script itself as the tasks of `srun -n 2`
+    on two nodes of one task each, with Slurm's variables and no RANK (simulated here)."""
+    out, port = tmp_path / "run", free_port()
+    procs, logs = [], [tmp_path / f"task{n}.log" for n in range(2)]
+    for task in range(2):
+        env = {**subprocess_env, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1"}
+        env.update(MASTER_PORT=str(port), SLURM_STEP_NUM_TASKS="2", SLURM_PROCID=str(task))
+        env.update(SLURM_LOCALID="0", SLURM_NODEID=str(task), SLURM_STEP_TASKS_PER_NODE="1(x2)")
+        with logs[task].open("w") as log:
+            cmd = [sys.executable, *_cmd(tiny_data, out)]
+            procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=log))
+
+    def output() -> str:
+        return "".join(f"--- task {n}:\n{_log(p)[-6000:]}\n" for n, p in enumerate(logs))
+
+    try:
+        statuses = [p.wait(timeout=TIMEOUT) for p in procs]
+    finally:
+        for proc in procs:
+            _kill_tree(proc)
+    assert statuses == [0, 0], output()
+    assert "dp=2 tp=1" in output(), output()
+    _assert_same_losses(_losses(out), one_node, output())
+
+
+def test_slurm_task_counts_per_node_are_read_in_every_form_slurm_writes():
+    assert _tasks_per_node("8(x2)") == [8, 8]
+    assert _tasks_per_node("2,1") == [2, 1]
+    assert _tasks_per_node("4(x2),2") == [4, 4, 2]
+    assert _tasks_per_node("") == []
+
+
+def test_an_srun_task_without_master_addr_is_refused_naming_what_to_export(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "16")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    with pytest.raises(ParallelLayoutError, match="task 3 of 16 without MASTER_ADDR"):
+        _ranks_from_slurm()
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # one task (or the batch script): no group
+    assert not _ranks_from_slurm()
 
 
 # ----------------------------------------------------------------------------- the peer watch
