@@ -69,7 +69,9 @@ class TwoNodes:
     """Two launchers of one job; node 0 hosts the rendezvous store. Logs go to files (two
     processes filling two pipes could block each other)."""
 
-    def __init__(self, env: dict[str, str], logs: Path, cmd: list[str]) -> None:
+    def __init__(
+        self, env: dict[str, str], logs: Path, cmd: list[str], cwds: list[Path] | None = None
+    ) -> None:
         port = free_port()
         self.logs = [logs / f"node{n}.log" for n in range(2)]
         self.procs = []
@@ -81,7 +83,11 @@ class TwoNodes:
             with self.logs[node].open("w") as log:
                 self.procs.append(
                     subprocess.Popen(
-                        [*launcher, *cmd], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+                        [*launcher, *cmd],
+                        env=env,
+                        cwd=cwds[node] if cwds else REPO,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
                     )
                 )
 
@@ -103,14 +109,15 @@ class TwoNodes:
 
 @pytest.fixture
 def two_nodes(subprocess_env, tmp_path):
-    """``two_nodes(cmd, name)``: start the job; every launcher left is killed at the end."""
+    """``two_nodes(cmd, name[, cwds])``: start the job (node n in ``cwds[n]``); every launcher
+    left is killed at the end."""
     jobs: list[TwoNodes] = []
     env = {**subprocess_env, "DS_ACCELERATOR": "cpu"}
 
-    def start(cmd: list[str], name: str) -> TwoNodes:
+    def start(cmd: list[str], name: str, cwds: list[Path] | None = None) -> TwoNodes:
         logs = tmp_path / name
         logs.mkdir()
-        jobs.append(TwoNodes(env, logs, cmd))
+        jobs.append(TwoNodes(env, logs, cmd, cwds))
         return jobs[-1]
 
     yield start
@@ -182,6 +189,23 @@ def test_a_node_killed_stops_the_other_with_a_message_and_both_resume_to_the_sam
     assert resumed.wait() == [0, 0], resumed.output()
     assert "stage2: resumed from" in resumed.output(), resumed.output()
     _assert_same_losses(_losses(out), one_node, resumed.output())
+
+
+@pytest.mark.slow
+def test_nodes_that_do_not_share_the_run_directory_are_refused_before_training(
+    tiny_data, tmp_path, two_nodes
+):
+    """A relative output_dir from two working directories: two directories named alike, as a
+    node-local disk at the same path on each node."""
+    cwds = [tmp_path / "node0", tmp_path / "node1"]
+    for cwd in cwds:
+        cwd.mkdir()
+    job = two_nodes(_cmd(tiny_data, Path("run")), "unshared", cwds)
+    assert 0 not in job.wait(), job.output()
+    for n in range(2):
+        assert "does not see what rank 0 on host" in _log(job.logs[n]), job.output()
+        assert "shared filesystem" in _log(job.logs[n]), job.output()
+    assert not (cwds[0] / "run" / "metrics.jsonl").exists(), job.output()
 
 
 @pytest.mark.slow

@@ -209,7 +209,8 @@ def init_parallel(tensor_parallel_size: int = 1, peer_timeout_s: float = 0.0) ->
             _build_cpu_comm_op_once(local_rank)
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     world_size = dist.get_world_size()
-    if peer_timeout_s > 0 and world_size > 1 and _WATCH is None:
+    store_known = "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ  # env:// groups
+    if peer_timeout_s > 0 and world_size > 1 and store_known and _WATCH is None:
         from ted_scale.parallel.watch import PeerWatch
 
         _WATCH = PeerWatch(dist.get_rank(), world_size, peer_timeout_s).start()
