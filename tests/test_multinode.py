@@ -192,6 +192,35 @@ def test_a_node_killed_stops_the_other_with_a_message_and_both_resume_to_the_sam
 
 
 @pytest.mark.slow
+def test_a_node_that_hangs_is_named_and_stops_the_other_within_the_peer_timeout(
+    tiny_data, tmp_path, two_nodes
+):
+    """SIGSTOP: the node's connections stay open (a power cut or a cut network look the same from
+    the other side), so no collective fails; only the peer watch ends the wait."""
+    out = tmp_path / "run"
+    job = two_nodes(_cmd(tiny_data, out, "parallel.peer_timeout_s=4"), "hung")
+    marker = out / "filters" / "filters.json"  # Stage I is over: the ranks are training
+    deadline = time.monotonic() + TIMEOUT
+    while not marker.exists() and None in [p.poll() for p in job.procs]:
+        assert time.monotonic() < deadline, f"no {marker} after {TIMEOUT} s:\n{job.output()}"
+        time.sleep(0.05)
+    assert marker.exists(), f"a node ended before {marker} was written:\n{job.output()}"
+    hung = psutil.Process(job.procs[1].pid)
+    for p in [hung, *hung.children(recursive=True)]:
+        p.send_signal(signal.SIGSTOP)
+    frozen = time.monotonic()
+    try:
+        status = job.procs[0].wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"node 0 still runs 60 s after node 1 froze:\n{job.output()}")
+    stopped = time.monotonic() - frozen
+    log = _log(job.logs[0])
+    assert status != 0, job.output()
+    assert "has not answered for" in log and "(parallel.peer_timeout_s=4)" in log, job.output()
+    assert 2 < stopped < 15, f"node 0 stopped {stopped:.1f} s after node 1 froze:\n{job.output()}"
+
+
+@pytest.mark.slow
 def test_nodes_that_do_not_share_the_run_directory_are_refused_before_training(
     tiny_data, tmp_path, two_nodes
 ):

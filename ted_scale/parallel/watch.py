@@ -3,14 +3,15 @@ dies"; docs/design.md, "Across nodes").
 
 A node that dies without closing its connections (power, kernel panic, a cut network, a frozen
 host) leaves the other ranks waiting in their next collective until the process group's timeout:
-30 minutes with gloo, 10 with NCCL. Here every rank runs a daemon thread that bumps a counter in
-the launcher's rendezvous store (``MASTER_ADDR:MASTER_PORT``) every few seconds and watches the
-counter of the next rank (``rank + 1 mod world``). A counter unchanged for ``timeout_s`` seconds
-(measured on the watcher's own clock: no clock has to agree across nodes) makes the watcher
-publish a message naming that rank and its host; every rank reads the message on its next beat,
-prints it, hands it to the launcher and exits with status 1. A store that no longer answers (the
-node that holds it, rank 0's, is gone) ends the rank the same way. Three store operations per rank
-per beat, whatever the world size.
+30 minutes with gloo, 10 with NCCL. Here every rank bumps a counter in the launcher's rendezvous
+store (``MASTER_ADDR:MASTER_PORT``) every few seconds from a daemon thread, and reads the counter
+of the next rank (``rank + 1 mod world``); a second thread judges, because a store call can block
+for good when the store's host freezes. A counter unchanged for ``timeout_s`` seconds (on this
+rank's own monotonic clock: no clock has to agree across nodes) makes the judge publish a message
+naming that rank, its host and pid; every rank reads it on its next beat, prints it, hands it to
+the launcher and exits with status 1. A store that no longer answers for as long (the node that
+holds it, rank 0's, is gone) ends the rank the same way. Three store operations per rank per
+beat, whatever the world size.
 """
 
 from __future__ import annotations
