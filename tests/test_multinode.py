@@ -266,6 +266,13 @@ def test_tasks_of_an_srun_step_without_a_launcher_train_to_the_losses_of_one_nod
     _assert_same_losses(_losses(out), one_node, output())
 
 
+def test_the_sbatch_example_is_shown_whole_in_the_doc_and_is_valid_bash():
+    script = REPO / "docs" / "examples" / "ted_multinode.sbatch"
+    assert f"```bash\n{script.read_text()}```\n" in (REPO / "docs" / "multinode.md").read_text()
+    check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
 def test_slurm_task_counts_per_node_are_read_in_every_form_slurm_writes():
     assert _tasks_per_node("8(x2)") == [8, 8]
     assert _tasks_per_node("2,1") == [2, 1]
