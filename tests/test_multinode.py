@@ -401,4 +401,6 @@ def test_a_collective_whose_peer_went_away_is_one_line_and_other_errors_are_not_
         "this run or its node died or is cut off"
     )
     assert lost_peer_message(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert lost_peer_message(RuntimeError("DataLoader timed out after 5 seconds")) is None
+    assert lost_peer_message(dist.DistNetworkError("Connection reset by peer")) is not None
     assert lost_peer_message(ValueError("Connection reset by peer")) is None

@@ -166,7 +166,10 @@ def lost_peer_message(error: BaseException) -> str | None:
     import torch.distributed as dist
 
     text = str(error).strip()
-    if not isinstance(error, dist.DistError | RuntimeError) or not _PEER_GONE.search(text):
+    from_collective = isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and re.search(r"gloo|nccl|c10d", text, re.IGNORECASE)
+    )
+    if not from_collective or not _PEER_GONE.search(text):
         return None
     text = re.sub(r"^\[[^\]]*\.(?:cc|cpp):\d+\] ", "", text.splitlines()[0])
     text = text.split(". This is typically caused by")[0]
