@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ted_scale.model import ModelMismatchError
 from ted_scale.model.hf import CheckpointMismatchError, ModelFolderError
 from ted_scale.parallel.agree import RankRefusedError, error_message
 from ted_scale.parallel.dims import ParallelLayoutError
+from ted_scale.parallel.watch import LOST_STATUS, RESUME_HINT, lost_peer_message
 from ted_scale.process import tell_launcher
 from ted_scale.train.run_dir import RunFileError
 from ted_scale.train.run_lock import RunLockedError
@@ -83,6 +85,15 @@ def run(config_path: str, overrides: list[str], plugins: list[str] = ()) -> int:
         sys.stderr.write(line + "\n")
         tell_launcher(line)
         return 2
+    except RuntimeError as e:  # a collective whose peer went away: one line, no traceback
+        lost = lost_peer_message(e)
+        if lost is None:
+            raise
+        rank = os.environ.get("RANK", "0")
+        line = f"pretrain_ted: error: rank {rank} stops: {lost}; {RESUME_HINT}"
+        sys.stderr.write(line + "\n")
+        tell_launcher(line)
+        return LOST_STATUS
     return 0
 
 

@@ -85,6 +85,10 @@ class ParallelConfig:
     Off: such a model is refused, naming the block."""
     sequence_parallel: bool = False
     """Shard the LayerNorm/dropout regions along the sequence (needs tensor parallelism)."""
+    peer_timeout_s: float = bounded(120.0, ge=0)
+    """A rank that has not answered for this long (its node died, hangs or is cut off) stops
+    every rank with a message naming it; 0: off, and a lost node leaves the others waiting in a
+    collective until the process group's timeout (30 min gloo, 10 min NCCL). See multinode.md."""
 
     @property
     def teacher_size(self) -> int:

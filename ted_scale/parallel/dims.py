@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import warnings
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ted_scale.process import die_with_parent
+
+_WATCH = None
+"""This process's PeerWatch (ted_scale/parallel/watch.py) while it runs."""
 
 
 class ParallelLayoutError(ValueError):
@@ -120,17 +124,62 @@ def _build_cpu_comm_op_once(local_rank: int) -> None:
     dist.barrier()
 
 
-def init_parallel(tensor_parallel_size: int = 1) -> ParallelDims:
+def _tasks_per_node(spec: str) -> list[int]:
+    """Slurm's ``SLURM_STEP_TASKS_PER_NODE`` (``8(x2)``, ``2,1``, ``4(x2),2``) as one count per
+    node; [] when it is not in that form."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m is None:
+            return []
+        counts += [int(m[1])] * int(m[2] or 1)
+    return counts
+
+
+def _ranks_from_slurm() -> bool:
+    """A task of an ``srun`` step of several tasks, started without the launcher's ``RANK``
+    (``deepspeed --launcher slurm`` runs the script itself under ``srun -n N``, for MPI discovery):
+    take the rank variables from Slurm's. ``MASTER_ADDR`` and ``MASTER_PORT`` (rank 0's node and
+    a free port on it) must be exported to the step (docs/multinode.md). False outside such a
+    step; the batch script itself (no ``SLURM_STEP_NUM_TASKS``) runs as one process."""
+    env = os.environ
+    tasks = env.get("SLURM_STEP_NUM_TASKS", "")
+    if "RANK" in env or not tasks.isdigit() or int(tasks) < 2 or "SLURM_PROCID" not in env:
+        return False
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+    if missing:
+        raise ParallelLayoutError(
+            f"started by srun as task {env['SLURM_PROCID']} of {tasks} without "
+            f"{' and '.join(missing)}: export MASTER_ADDR (the first node's address) and "
+            "MASTER_PORT (a free port there) before srun, or start one torchrun per node "
+            "(docs/multinode.md)"
+        )
+    per_node = _tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE", ""))
+    node = int(env.get("SLURM_NODEID", "0"))
+    env.update(
+        RANK=env["SLURM_PROCID"],
+        LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
+        WORLD_SIZE=tasks,
+        LOCAL_WORLD_SIZE=str(per_node[node] if node < len(per_node) else 1),
+    )
+    return True
+
+
+def init_parallel(tensor_parallel_size: int = 1, peer_timeout_s: float = 0.0) -> ParallelDims:
     """Join (or, for a plain ``python`` run, create) the process group, pick this rank's device,
     and lay the world out as (dp, tp).
 
     CPU ranks use gloo and DeepSpeed's CPU accelerator; GPU ranks use NCCL, one GPU per local rank.
+    ``peer_timeout_s`` > 0 (and more than one rank): a rank that stops answering for that long
+    stops every rank with a message naming it (``PeerWatch``), instead of leaving them waiting in
+    a collective until the process group's timeout.
     """
+    global _WATCH
     cuda = torch.cuda.is_available()
     if not cuda:
         # Must be set before deepspeed is imported: its accelerator is chosen once, at import.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "RANK" in os.environ:  # started by a launcher (torchrun, deepspeed) or a spawner
+    if "RANK" in os.environ or _ranks_from_slurm():  # a launcher's (or srun's) rank, or a spawner's
         die_with_parent()
     else:  # plain `python`: a group of one
         os.environ.update(
@@ -160,6 +209,11 @@ def init_parallel(tensor_parallel_size: int = 1) -> ParallelDims:
             _build_cpu_comm_op_once(local_rank)
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     world_size = dist.get_world_size()
+    store_known = "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ  # env:// groups
+    if peer_timeout_s > 0 and world_size > 1 and store_known and _WATCH is None:
+        from ted_scale.parallel.watch import PeerWatch
+
+        _WATCH = PeerWatch(dist.get_rank(), world_size, peer_timeout_s).start()
     if world_size % tensor_parallel_size:
         raise ParallelLayoutError(
             f"parallel.tensor_parallel_size={tensor_parallel_size} does not divide the world size "
@@ -221,9 +275,14 @@ def close_parallel() -> None:
     A rank that exits while a peer's gloo threads still talk to it can abort the peer at exit
     ("terminate called without an active exception", SIGABRT): a finished run would report a
     failure. Every rank waits for the others, then the group is torn down before interpreter exit.
+    The peer watch stops after the barrier: a rank that ends first is not taken for a lost one.
     """
+    global _WATCH
     if dist.is_initialized():
         dist.barrier()
+        if _WATCH is not None:
+            _WATCH.stop()
+            _WATCH = None
         dist.destroy_process_group()
 
 

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ted_scale.config import ConfigError, RunConfig, record_invocation
 from ted_scale.data.manifest import load_manifest
-from ted_scale.io import links_leaving
+from ted_scale.io import atomic_write_text, links_leaving
+from ted_scale.parallel import agreed
 from ted_scale.train.run_lock import RunLock
 
 PROGRESS_NAME = "progress.json"
@@ -48,6 +51,38 @@ def claim_run_dir(config: RunConfig, run_dir: Path, log: Callable[[str], None]) 
         changed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in record.changes.items())
         log(f"config changed since {run_dir / 'config.yaml'}: {changed}")
     return lock
+
+
+def check_shared(run_dir: Path, rank: int, world_size: int) -> None:
+    """Every rank must see the run directory that rank 0 writes: one directory, on a filesystem
+    every node mounts at the same path (docs/multinode.md). Rank 0 writes a probe under a fresh
+    name (no node can have cached its absence), every rank looks for it, all agree, rank 0 removes
+    it. Without the check a node that does not see it failed later with a misleading error (no
+    filters record at Stage II, checkpoints split between disks)."""
+    if world_size == 1:
+        return
+    import torch.distributed as dist
+
+    shared = [secrets.token_hex(8), socket.gethostname()] if rank == 0 else [None, None]
+    dist.broadcast_object_list(shared, src=0)
+    token, main_host = shared
+    probe = run_dir / f".shared-{token}"
+    with agreed():
+        if rank == 0:
+            atomic_write_text(probe, f"{main_host}\n")
+    try:
+        with agreed():
+            if rank != 0 and not probe.is_file():
+                raise RunFileError(
+                    f"output_dir {run_dir.resolve()}: rank {rank} on host {socket.gethostname()} "
+                    f"does not see what rank 0 on host {main_host} writes there; output_dir must "
+                    "be one directory that every node sees at the same path (a shared "
+                    "filesystem): rank 0 writes the filters and the checkpoint records, every "
+                    "rank reads them (docs/multinode.md)"
+                )
+    finally:
+        if rank == 0:
+            probe.unlink(missing_ok=True)
 
 
 def _inputs(config: RunConfig) -> dict[str, str]:

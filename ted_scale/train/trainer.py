@@ -35,7 +35,7 @@ from ted_scale.train.memory_check import check_run_fits
 from ted_scale.train.metrics import MetricsWriter, StepLog, Throughput
 from ted_scale.train.nonfinite import NonFiniteGuard
 from ted_scale.train.prefetch import TeacherFeed
-from ted_scale.train.run_dir import PROGRESS_NAME, claim_run_dir, read_progress
+from ted_scale.train.run_dir import PROGRESS_NAME, check_shared, claim_run_dir, read_progress
 
 
 def seed_everything(seed: int) -> None:
@@ -58,7 +58,9 @@ def phase_seed(seed: int, planned: PlannedPhase, plan: list[PlannedPhase]) -> in
 class Trainer:
     def __init__(self, config: RunConfig) -> None:
         self.config = config
-        self.dims = init_parallel(config.parallel.tensor_parallel_size)
+        self.dims = init_parallel(
+            config.parallel.tensor_parallel_size, peer_timeout_s=config.parallel.peer_timeout_s
+        )
         self.device = self.dims.device
         self.main = self.dims.is_main
         self.run_dir = Path(config.output_dir)
@@ -146,10 +148,12 @@ class Trainer:
     # ----------------------------------------------------------------------------- set-up
     def _prepare_run_dir(self) -> None:
         """Lock the run directory (one run per directory) and record this invocation's config, on
-        the main rank; a refusal there (a held lock, a used directory) stops every rank."""
+        the main rank; a refusal there (a held lock, a used directory) stops every rank, as does
+        a rank that does not see the directory rank 0 writes (not on a shared filesystem)."""
         with agreed():
             if self.main:
                 self.lock = claim_run_dir(self.config, self.run_dir, self._log_console)
+        check_shared(self.run_dir, self.dims.rank, self.dims.world_size)
 
     def _mark_done(self, phase: str) -> None:
         if self.main:
