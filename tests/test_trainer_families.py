@@ -187,3 +187,38 @@ def test_a_teacher_split_apart_refuses_a_llama_teacher_before_sharding(
             dims=SimpleNamespace(tp_size=1),
             teacher_dims=SimpleNamespace(tp_size=2),
         )
+
+
+def test_qwen_style_padded_embeddings_distil_over_the_tokenizers_ids(tiny_data, tmp_path):
+    """Teacher and student of one family share the tokenizer (512 ids) but not the embedding size
+    (640 and 576 rows, as Qwen2.5-7B's 152,064 and Qwen3-0.6B's 151,936 for 151,669 tokens): KD runs
+    over
+    the 512 ids, padding rows get no gradient; without a folder that ships the tokenizer, extra rows
+    are refused."""
+    from ted_scale.distill.modules import FrozenTapper
+
+    shape = {**SHAPE, "num_key_value_heads": 2, "tie_word_embeddings": True}
+    teacher = _teacher_folder(
+        tmp_path / "t", tiny_data, Qwen3Config(**{**shape, "vocab_size": 640})
+    )
+    student_shape = {**shape, "vocab_size": 576, "num_hidden_layers": 2}
+    student = _teacher_folder(tmp_path / "s", tiny_data, Qwen3Config(**student_shape))
+    pretrained = ["student.init=pretrained", f"student.pretrained={student}"]
+    trainer = Trainer(_config("tiny-kd.yaml", tiny_data, tmp_path / "run", teacher, *pretrained))
+    t, s = trainer.teacher, trainer.student
+    assert (t.config.vocab_size, s.config.vocab_size) == (640, 576)
+    assert t.vocab_in_use == s.vocab_in_use == 512
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(1))
+    _, parts = trainer.ctx.distillation()(ids, ids, FrozenTapper(t, [], with_top=True)(ids))
+    T = trainer.config.distill.temperature
+    log_p_s = torch.log_softmax(s(ids).logits[..., :512].double() / T, -1)
+    log_p_t = torch.log_softmax(t(ids).logits[..., :512].double() / T, -1)
+    kd = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean() * T**2
+    torch.testing.assert_close(parts["loss_kd"].double(), kd, rtol=1e-5, atol=1e-7)
+    padding = s.lm_head_weight[512:].detach().clone()
+    trainer.run()
+    assert torch.equal(s.lm_head_weight[512:], padding), "a padding row was trained"
+
+    with pytest.raises(ModelMismatchError, match=r"teacher has a vocabulary of 640 tokens .* 512"):
+        Trainer(_config("tiny-kd.yaml", tiny_data, tmp_path / "random", "null",
+                        "teacher.arch.vocab_size=640"))  # fmt: skip

@@ -164,6 +164,9 @@ def build_run_models(
     )  # fmt: skip
     if tokenizer is not None:
         check_compatible(config, tokenizer, teacher, student)
+        for model in (teacher, student):
+            if model is not None and model.config.vocab_size > len(tokenizer):
+                model.vocab_in_use = len(tokenizer)
     pad = config.parallel.tensor_parallel_padding
     if teacher is not None:
         apart = teacher_dims is not None and teacher_dims is not dims
@@ -233,15 +236,32 @@ def check_families(
 def check_compatible(
     config: RunConfig, tokenizer: PreTrainedTokenizerFast, teacher: GPT | None, student: GPT
 ) -> None:
-    """Refuse, before training, a teacher, student and data that do not share one vocabulary."""
+    """Refuse, before training, a teacher, student and data that do not share one vocabulary.
+
+    A model may have more embedding rows than the tokenizer has tokens (Qwen pads its embedding:
+    151,936 rows in Qwen2.5-0.5B, 152,064 in 7B, for 151,665 tokens) only when its folder ships
+    the data's tokenizer (a student copied from the teacher's layers: the teacher's folder); the
+    losses then run over the tokenizer's ids (``GPT.vocab_in_use``)."""
     models = {"student": student} if teacher is None else {"teacher": teacher, "student": student}
-    for role, model in models.items():
-        if model.config.vocab_size != len(tokenizer):
-            raise ModelMismatchError(
-                f"{role} has a vocabulary of {model.config.vocab_size} tokens but the data in "
-                f"{config.data.path} was tokenised with {len(tokenizer)}"
-            )
     data_fp = tokenizer_fingerprint(tokenizer)
+    student_source = (
+        config.teacher.pretrained
+        if config.student.init == "teacher_layers"
+        else config.student.pretrained
+    )
+    sources = {"teacher": config.teacher.pretrained, "student": student_source}
+    for role, model in models.items():
+        rows = model.config.vocab_size
+        if rows == len(tokenizer):
+            continue
+        own = folder_tokenizer(sources[role])
+        if rows > len(tokenizer) and own is not None and tokenizer_fingerprint(own) == data_fp:
+            continue
+        raise ModelMismatchError(
+            f"{role} has a vocabulary of {rows} tokens but the data in {config.data.path} was "
+            f"tokenised with {len(tokenizer)} (more embedding rows than tokens are accepted only "
+            "from a model folder that ships the data's tokenizer)"
+        )
     for role, source in (
         ("teacher", config.teacher.pretrained),
         ("student", config.student.pretrained),

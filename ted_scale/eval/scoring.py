@@ -76,15 +76,15 @@ def score_tokens(
     scored = targets[mask]  # [N]
     with autocast(input_ids.device, compute_dtype("auto", input_ids.device)):
         out = model(input_ids, return_logits=not fused)
-    shard = model.vocab_shard
+    head, shard = model.loss_head()  # the rows that are tokens (``GPT.vocab_in_use``)
     if shard is not None:  # a vocabulary-parallel head: every rank of its group takes part
         hidden = out.last_hidden[mask].float()
         rows_nll, rows_correct = vocab_parallel_token_scores(
-            hidden, model.lm_head_weight.float(), scored, shard, chunk_rows=chunk_rows
+            hidden, head.float(), scored, shard, chunk_rows=chunk_rows
         )
     elif fused:
         hidden = out.last_hidden[mask].float()  # [N, d]: only the scored rows
-        weight = model.lm_head_weight.float()  # [V, d]
+        weight = head.float()  # [V, d]
         parts = [
             _rows_nll(F.linear(hidden[i : i + chunk_rows], weight), scored[i : i + chunk_rows])
             for i in range(0, hidden.shape[0], chunk_rows)
@@ -92,7 +92,7 @@ def score_tokens(
         rows_nll = torch.cat([p[0] for p in parts]) if parts else hidden.new_zeros(0)
         rows_correct = torch.cat([p[1] for p in parts]) if parts else mask.new_zeros(0)
     else:
-        rows_nll, rows_correct = _rows_nll(out.logits.float()[mask], scored)
+        rows_nll, rows_correct = _rows_nll(out.logits.float()[mask][:, : head.shape[0]], scored)
     nll = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
     correct = torch.zeros(targets.shape, dtype=torch.bool, device=targets.device)
     nll[mask] = rows_nll

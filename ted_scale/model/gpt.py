@@ -559,6 +559,10 @@ class GPT(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         self.tensor_parallel: TensorParallelLayout | None = None
         """How the model is sharded (set by ``parallelize_gpt``); None when it is whole."""
+        self.vocab_in_use: int | None = None
+        """The token ids the run's tokenizer can produce, when fewer than the embedding's rows
+        (Qwen pads its embedding past the tokenizer): the rows beyond are kept out of every loss
+        and score (``loss_head``). None: every row is a token."""
         self.set_attention(attention)
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) at initialisation.
@@ -586,13 +590,16 @@ class GPT(nn.Module):
         return None if self.tensor_parallel is None else self.tensor_parallel.vocab
 
     def loss_head(self) -> tuple[Tensor, VocabShard | None]:
-        """The LM head [V(_r), d] the losses use, with its vocabulary shard: the head itself (this
-        rank's rows under tensor parallelism), or the whole head a teacher split apart from its
-        student keeps (``TensorParallelLayout.whole_head``), unsharded."""
+        """The LM head [V(_r), d] the losses and scores use, with its vocabulary shard: the head
+        itself (this rank's rows under tensor parallelism), or the whole head a teacher split
+        apart from its student keeps (``TensorParallelLayout.whole_head``), unsharded; only the
+        first ``vocab_in_use`` rows of an unsharded head."""
         layout = self.tensor_parallel
         if layout is not None and layout.whole_head is not None:
-            return layout.whole_head, None
-        return self.lm_head_weight, self.vocab_shard
+            return layout.whole_head[: self.vocab_in_use], None
+        if layout is not None:  # tensor parallelism is GPT-2's, whose rows all are tokens
+            return self.lm_head_weight, self.vocab_shard
+        return self.lm_head_weight[: self.vocab_in_use], None
 
     def set_attention(self, implementation: str) -> None:
         for block in self.blocks:

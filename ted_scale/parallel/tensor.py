@@ -172,7 +172,9 @@ def parallelize_gpt(
     padded = nn.Embedding(rows.shape[0], rows.shape[1], _weight=rows)
     model.wte = VocabParallelEmbedding(padded, group)
     modules["wte"] = ShardedWeight("vocab", vocab)
-    shard = VocabShard(group=group, start=model.wte.vocab_start_index, vocab_size=vocab)
+    # Rows past the tokenizer's ids (``GPT.vocab_in_use``) count as padding too.
+    tokens = model.vocab_in_use or vocab
+    shard = VocabShard(group=group, start=model.wte.vocab_start_index, vocab_size=tokens)
     whole_head = None
     if gathers_batch:
         if not frozen:
@@ -301,6 +303,7 @@ def unsharded_copy(model: GPT) -> GPT:
     with torch.device("meta"):  # no initialisation: the RNG stream is left as it is
         whole = GPT(model.config, activation_checkpointing=model.activation_checkpointing)
     whole.load_state_dict(state, assign=True)
+    whole.vocab_in_use = model.vocab_in_use
     whole.set_attention(model.blocks[0].attn.implementation if model.blocks else "auto")
     param = next(model.parameters())
     return (

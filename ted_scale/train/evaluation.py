@@ -63,6 +63,7 @@ class InTrainingEval:
                 if self.is_main:
                     copy = GPT(model.config, attention=model.blocks[0].attn.implementation)
                     copy.load_state_dict(state)
+                    copy.vocab_in_use = model.vocab_in_use
                     results = self._evaluate(copy.to(device).eval(), device)
             return results
 

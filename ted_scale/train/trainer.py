@@ -168,7 +168,7 @@ class Trainer:
         tokens = open_split(
             self.config.data.path,
             split,
-            expected_vocab_size=model.config.vocab_size,
+            expected_vocab_size=model.vocab_in_use or model.config.vocab_size,
             expected_tokenizer_sha256=tokenizer_fingerprint(self.tokenizer),
             max_positions=self.student.config.n_positions,
             verify_checksums=self.config.data.verify_checksums,

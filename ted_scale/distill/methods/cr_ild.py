@@ -226,7 +226,7 @@ class MixupTapper(FrozenTapper):
         if self.qkv:
             tapped.relations = qkv_relations(self.model, self.layer, out)
         if self.with_top:
-            tapped.last_hidden, tapped.head_weight = out.last_hidden, self.model.lm_head_weight
+            tapped.last_hidden, tapped.head_weight = out.last_hidden, self.model.loss_head()[0]
         return tapped
 
 

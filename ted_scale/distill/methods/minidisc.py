@@ -266,13 +266,13 @@ class SandwichDistillation(nn.Module):
             layer = mse.mean() if self.layer_reduction == "mean" else mse.sum()
             kd = logit_distillation(
                 out.last_hidden,
-                self.student.lm_head_weight,
+                self.student.loss_head()[0],
                 tapped.last_hidden,
                 tapped.head_weight,
                 labels,
                 self.settings,
                 temperature=self.temperature,
-                shard=self.student.vocab_shard,
+                shard=self.student.loss_head()[1],
             )
             losses.append((layer + kd) / 2)
             layer_terms.append(layer.detach())

@@ -150,14 +150,14 @@ def ted_kl_distance(head: GPT, settings: LossSettings, *, temperature: float) ->
         return [
             logit_distillation(
                 head.ln_f(g_s),
-                head.lm_head_weight,
+                head.loss_head()[0],
                 g_t,
                 tapped.head_weight,
                 labels,
                 settings,
                 temperature=temperature,
                 divergence="forward_kl",  # TED-KL's definition, whatever distill.divergence
-                shard=head.vocab_shard,
+                shard=head.loss_head()[1],
             )
             for g_s, g_t in zip(states, tapped.layer_states, strict=True)
         ]
