@@ -268,6 +268,17 @@ def format_report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def family_problems() -> list[Problem]:
+    """The Llama family's large vocabularies, bf16, 8 x 1024 tokens a micro-batch: Llama 3's
+    128,256 ids at Llama-3.2-1B's width 2048, and Qwen's 151,936 embedding rows at
+    Qwen2.5-0.5B's width 896 (the losses cover the 151,665 ids: a launch over fewer columns)."""
+    return [
+        Problem("llama3", 128_256, 2048, 8192, (torch.bfloat16,)),
+        Problem("qwen2.5", 151_936, 896, 8192, (torch.bfloat16,)),
+    ]
+
+
 def default_problems(root: str | Path = ".") -> list[Problem]:
-    """The gpt2 problem and the tiny configs' problems (configs/ under ``root``)."""
-    return [gpt2_problem(), *config_problems(TINY_CONFIGS, root)]
+    """The gpt2 problem, the Llama family's vocabularies and the tiny configs' problems
+    (configs/ under ``root``)."""
+    return [gpt2_problem(), *family_problems(), *config_problems(TINY_CONFIGS, root)]
