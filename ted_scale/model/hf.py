@@ -209,16 +209,38 @@ GPT2_HUB_SHAPES = {
 }
 
 
+_LLAMA_32 = dict(
+    family="llama", vocab_size=128_256, n_positions=131_072, n_inner=8192, dropout=0.0,
+    n_kv_head=8, qkv_bias=False, out_bias=False, mlp_bias=False, rope_theta=500_000.0,
+    rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
+)  # fmt: skip
+_QWEN_25 = dict(
+    family="qwen2", vocab_size=151_936, n_positions=32_768, layer_norm_epsilon=1e-6, dropout=0.0,
+    n_kv_head=2, out_bias=False, mlp_bias=False, rope_theta=1_000_000.0,
+)  # fmt: skip
+FAMILY_HUB_SHAPES = {
+    "meta-llama/Llama-3.2-1B": GPTConfig(**_LLAMA_32, n_embd=2048, n_layer=16, n_head=32),
+    "meta-llama/Llama-3.2-3B": GPTConfig(**_LLAMA_32, n_embd=3072, n_layer=28, n_head=24),
+    "Qwen/Qwen2.5-0.5B": GPTConfig(**_QWEN_25, n_embd=896, n_layer=24, n_head=14, n_inner=4864),
+    "Qwen/Qwen2.5-1.5B": GPTConfig(**_QWEN_25, n_embd=1536, n_layer=28, n_head=12, n_inner=8960),
+}
+"""The configs/ family pairs' hub checkpoints, as their ``config.json`` has them (the shape,
+widths, heads and vocabulary the estimate needs), for the memory estimate offline."""
+
+
 def pretrained_shape(name_or_path: str) -> GPTConfig:
     """The ``GPTConfig`` of an HF checkpoint without loading its weights: a local folder of any
-    family in ``HF_CLASSES``, or a GPT-2 hub name."""
+    family in ``HF_CLASSES``, a GPT-2 hub name, or one of ``FAMILY_HUB_SHAPES``."""
     if Path(name_or_path).is_dir():
         return config_from_hf(_checked_hf_config(name_or_path))
+    if name_or_path in FAMILY_HUB_SHAPES:
+        return FAMILY_HUB_SHAPES[name_or_path]
     shape = GPT2_HUB_SHAPES.get(name_or_path.removeprefix("openai-community/"))
     if shape is None:
+        known = sorted(GPT2_HUB_SHAPES) + sorted(FAMILY_HUB_SHAPES)
         raise ValueError(
-            f"{name_or_path!r}: not a local HF folder nor one of {sorted(GPT2_HUB_SHAPES)}, so "
-            "its shape is unknown offline"
+            f"{name_or_path!r}: not a local HF folder nor one of {known}, so its shape is "
+            "unknown offline"
         )
     n_layer, n_embd, n_head = shape
     return GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head)
