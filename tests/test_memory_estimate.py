@@ -280,3 +280,27 @@ def test_optimizer_bytes_are_what_deepspeed_holds(tiny_config, one_thread, stage
     estimate = estimate_memory(shape, shape, Layout(zero_stage=stage))
     assert held == estimate.parts["optimizer (fp32 copy + AdamW m, v)"]
     assert held == (8 if stage == 0 else 12) * model.num_params(exclude_embeddings=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "billions"),
+    [
+        ("Qwen/Qwen2.5-0.5B", 0.494),
+        ("Qwen/Qwen2.5-1.5B", 1.544),
+        ("meta-llama/Llama-3.2-1B", 1.236),
+        ("meta-llama/Llama-3.2-3B", 3.213),
+    ],
+)
+def test_the_family_pairs_hub_shapes_have_their_published_sizes(name, billions):
+    from ted_scale.model.hf import pretrained_shape
+
+    model = meta_gpt(pretrained_shape(name))
+    assert model.num_params(exclude_embeddings=False) / 1e9 == pytest.approx(billions, abs=5e-4)
+
+
+def test_the_family_configs_estimate_offline(capsys):
+    for name in ("qwen2.5-1.5b-to-0.5b-ted.yaml", "llama-3.2-3b-to-1b-ted.yaml"):
+        args = ["--config", str(REPO / "configs" / name), "--world", "8", "--tp", "1"]
+        status, out, err = estimate_memory_command(capsys, *args)
+        assert status == 0, err
+        assert out.splitlines()[0] == "| GiB per GPU | tp=1 dp=8 |"
