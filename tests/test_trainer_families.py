@@ -149,43 +149,33 @@ def test_a_method_implemented_for_gpt2_only_refuses_a_llama_teacher_before_train
     assert not (run / "checkpoints").exists()
 
 
+@pytest.mark.parametrize(
+    ("key", "layouts"),
+    [
+        ("tensor_parallel_size", {"dims": SimpleNamespace(tp_size=2)}),
+        (  # the teacher alone split over 2 ranks: named by its own key
+            "teacher_tensor_parallel_size",
+            {"dims": SimpleNamespace(tp_size=1), "teacher_dims": SimpleNamespace(tp_size=2)},
+        ),
+    ],
+)
 def test_tensor_parallelism_refuses_a_llama_teacher_before_sharding(
-    tiny_data, tmp_path, llama_teacher
+    key, layouts, tiny_data, tmp_path, llama_teacher
 ):
     """A tp=2 run needs two ranks; the refusal comes before anything is sharded, so the models'
-    builder is called here with a layout that only says its tensor-parallel size."""
+    builder is called here with layouts that only say their tensor-parallel sizes."""
     config = _config("tiny-ted.yaml", tiny_data, tmp_path / "run", llama_teacher)
     with pytest.raises(
         ModelMismatchError,
-        match=r"parallel.tensor_parallel_size=2: tensor parallelism is implemented for family "
-        r"gpt2 only, and the teacher .* is family llama",
+        match=rf"parallel.{key}=2: tensor parallelism is implemented for family gpt2 only, and "
+        r"the teacher .* is family llama",
     ):
         build_run_models(
             config,
             needs_teacher=True,
             model_families=get_method("ted").model_families,
             device=torch.device("cpu"),
-            dims=SimpleNamespace(tp_size=2),
-        )
-
-
-def test_a_teacher_split_apart_refuses_a_llama_teacher_before_sharding(
-    tiny_data, tmp_path, llama_teacher
-):
-    """As above, for the teacher alone split over 2 ranks: named by its own key."""
-    config = _config("tiny-ted.yaml", tiny_data, tmp_path / "run", llama_teacher)
-    with pytest.raises(
-        ModelMismatchError,
-        match=r"parallel.teacher_tensor_parallel_size=2: tensor parallelism is implemented for "
-        r"family gpt2 only, and the teacher .* is family llama",
-    ):
-        build_run_models(
-            config,
-            needs_teacher=True,
-            model_families=get_method("ted").model_families,
-            device=torch.device("cpu"),
-            dims=SimpleNamespace(tp_size=1),
-            teacher_dims=SimpleNamespace(tp_size=2),
+            **layouts,
         )
 
 
