@@ -68,7 +68,11 @@ def head_flops(model: GPT) -> float:
     """Forward FLOPs per token of one application of the LM head [d] -> [V] the losses use
     (``GPT.loss_head``), on this rank: a head sharded by vocabulary (tensor parallelism) counts
     its own rows, the whole head of a teacher split apart from its student all of them."""
-    rows, width = _shape(model.loss_head()[0])
+    layout = model.tensor_parallel
+    whole = layout is None or layout.whole_head is not None
+    rows, width = _shape(model.lm_head_weight if layout is None else model.loss_head()[0])
+    if whole and model.vocab_in_use is not None:  # read off the parameter: ZeRO-3 partitions it
+        rows = model.vocab_in_use
     return 2 * rows * width
 
 

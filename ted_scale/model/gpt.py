@@ -595,11 +595,12 @@ class GPT(nn.Module):
         apart from its student keeps (``TensorParallelLayout.whole_head``), unsharded; only the
         first ``vocab_in_use`` rows of an unsharded head."""
         layout = self.tensor_parallel
-        if layout is not None and layout.whole_head is not None:
-            return layout.whole_head[: self.vocab_in_use], None
-        if layout is not None:  # tensor parallelism is GPT-2's, whose rows all are tokens
-            return self.lm_head_weight, self.vocab_shard
-        return self.lm_head_weight[: self.vocab_in_use], None
+        if layout is not None and layout.whole_head is None:
+            return self.lm_head_weight, self.vocab_shard  # padding rows: the shard's padding
+        head = self.lm_head_weight if layout is None else layout.whole_head
+        # The parameter itself when every row is a token: a slice of a ZeRO-3 partition would
+        # lose the parameter's partitioned shape.
+        return (head if self.vocab_in_use is None else head[: self.vocab_in_use]), None
 
     def set_attention(self, implementation: str) -> None:
         for block in self.blocks:
