@@ -242,26 +242,8 @@ def check_compatible(
     151,936 rows in Qwen2.5-0.5B, 152,064 in 7B, for 151,665 tokens) only when its folder ships
     the data's tokenizer (a student copied from the teacher's layers: the teacher's folder); the
     losses then run over the tokenizer's ids (``GPT.vocab_in_use``)."""
-    models = {"student": student} if teacher is None else {"teacher": teacher, "student": student}
     data_fp = tokenizer_fingerprint(tokenizer)
-    student_source = (
-        config.teacher.pretrained
-        if config.student.init == "teacher_layers"
-        else config.student.pretrained
-    )
-    sources = {"teacher": config.teacher.pretrained, "student": student_source}
-    for role, model in models.items():
-        rows = model.config.vocab_size
-        if rows == len(tokenizer):
-            continue
-        own = folder_tokenizer(sources[role])
-        if rows > len(tokenizer) and own is not None and tokenizer_fingerprint(own) == data_fp:
-            continue
-        raise ModelMismatchError(
-            f"{role} has a vocabulary of {rows} tokens but the data in {config.data.path} was "
-            f"tokenised with {len(tokenizer)} (more embedding rows than tokens are accepted only "
-            "from a model folder that ships the data's tokenizer)"
-        )
+    ships: dict[str | None, bool] = {}  # model folder -> ships the data's tokenizer
     for role, source in (
         ("teacher", config.teacher.pretrained),
         ("student", config.student.pretrained),
@@ -272,6 +254,23 @@ def check_compatible(
                 f"the {role} in {source} comes with another tokenizer than the data in "
                 f"{config.data.path}: teacher, student and data must share one tokenizer"
             )
+        ships[source] = own is not None
+    # A student copied from the teacher's layers has the teacher's rows.
+    copied = config.student.init == "teacher_layers"
+    sources = {
+        "teacher": config.teacher.pretrained,
+        "student": config.teacher.pretrained if copied else config.student.pretrained,
+    }
+    models = {"student": student} if teacher is None else {"teacher": teacher, "student": student}
+    for role, model in models.items():
+        rows = model.config.vocab_size
+        if rows == len(tokenizer) or (rows > len(tokenizer) and ships.get(sources[role], False)):
+            continue
+        raise ModelMismatchError(
+            f"{role} has a vocabulary of {rows} tokens but the data in {config.data.path} was "
+            f"tokenised with {len(tokenizer)} (more embedding rows than tokens are accepted only "
+            "from a model folder that ships the data's tokenizer)"
+        )
     if teacher is not None and student.config.n_positions < teacher.config.n_positions:
         raise ModelMismatchError(
             f"student context {student.config.n_positions} is shorter than the teacher's "
