@@ -120,23 +120,37 @@ def _bench_at_tp2() -> None:
     from pathlib import Path
 
     from ted_scale.bench.presets import PRESETS, Spec
-    from ted_scale.bench.tensor_parallel import measure_tp
+    from ted_scale.bench.tensor_parallel import format_tp_table, run_tp_suite
     from ted_scale.bench.throughput import ProjectStep
     from ted_scale.parallel import init_parallel
 
+    rows = run_tp_suite(PRESETS["micro"], ["ted"], 2, teacher_tp=True)
     dims = init_parallel(2)
-    preset, spec = PRESETS["micro"], Spec("ted", True, False, "auto")
-    row = measure_tp(preset, spec, dims)
     with tempfile.TemporaryDirectory() as run_dir:
-        whole = ProjectStep(preset, spec, dims.device, Path(run_dir))
+        spec = Spec("ted", True, False, "auto")
+        whole = ProjectStep(PRESETS["micro"], spec, dims.device, Path(run_dir))
         full = sum(p.numel() * p.element_size() for p in whole.module.parameters())
-    assert 0 < row["comm_ms"] < row["step_ms"] and 0 < row["comm_share"] < 1
-    # Blocks split in two; embedding rows 128 -> 256 padded, 128 per rank; rest whole.
-    assert row["param_bytes_per_rank"] < full
-    assert row["optimizer_bytes_per_rank"] > 0
+    if not dims.is_main:
+        assert rows is None
+        return
+    shared, apart = rows
+    assert shared["name"].endswith("/tp2") and apart["name"].endswith("/teacher-tp2")
+    for row in rows:
+        assert 0 < row["comm_ms"] < row["step_ms"] and 0 < row["comm_share"] < 1
+        assert 0 < row["teacher_ms"] < row["step_ms"]
+        assert row["optimizer_bytes_per_rank"] > 0
+    # Shared: blocks split in two; embedding rows 128 -> 256 padded, 128 per rank; rest whole.
+    assert shared["param_bytes_per_rank"] < full and shared["grad_sync_ms"] == 0
+    # Apart: the student whole on each rank, its gradients averaged; the teacher split (with its
+    # whole head beside the shards); two micro-batches per step.
+    assert apart["trained_param_bytes_per_rank"] > shared["trained_param_bytes_per_rank"]
+    assert 0 < apart["grad_sync_ms"] <= apart["comm_ms"]
+    assert apart["teacher_tp"] == 2 and apart["tp"] == 1
+    assert apart["name"] in format_tp_table(rows)
 
 
 def test_the_benchmark_at_tp2_times_its_communication_and_halves_the_split_weights():
+    """Also with the teacher alone split (``--teacher-tp 2``): the student's gradient sync apart."""
     run_ranks(_bench_at_tp2, 2)
 
 
@@ -236,11 +250,14 @@ def test_cr_ild_qkv_relations_on_sharded_heads_equal_one_process():
 
 
 # ------------------------------------------------------------------ a teacher split apart
-def _apart_step_matches_one_process() -> None:
-    """2 ranks, the teacher split over both, each rank with its own micro-batch: the tapped
-    states, top and whole head equal one process's teacher on that micro-batch."""
+def _apart_taps_match_one_process() -> None:
+    """2 ranks, the teacher split over both (3 heads: one zero head padded in), each rank with its
+    own micro-batch: the tapped states, top and whole head equal one process's teacher on that
+    micro-batch; so do CR-ILD's mixed states, attention and per-head relations, each rank's
+    micro-batch mixed with its own lambda."""
     import torch.distributed as dist
 
+    from ted_scale.distill.methods.cr_ild import MixupTapper
     from ted_scale.distill.modules import FrozenTapper
     from ted_scale.parallel import init_parallel, teacher_dims
     from ted_scale.parallel.tensor import parallelize_gpt
@@ -248,10 +265,10 @@ def _apart_step_matches_one_process() -> None:
     dims = init_parallel(1)
     apart = teacher_dims(dims, 2)
     torch.manual_seed(0)
-    shape = GPTConfig(vocab_size=97, n_positions=16, n_embd=32, n_layer=3, n_head=4, dropout=0.0)
+    shape = GPTConfig(vocab_size=97, n_positions=16, n_embd=48, n_layer=3, n_head=3, dropout=0.0)
     whole = GPT(shape).eval().requires_grad_(False)
     teacher = copy.deepcopy(whole)
-    parallelize_gpt(teacher, apart, "teacher", gathers_batch=True)
+    parallelize_gpt(teacher, apart, "teacher", pad=True, gathers_batch=True)
     ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(dims.rank))
     got = FrozenTapper(teacher, [0, 2], with_top=True)(ids)
     want = FrozenTapper(whole, [0, 2], with_top=True)(ids)
@@ -265,9 +282,21 @@ def _apart_step_matches_one_process() -> None:
     assert teacher.vocab_shard is not None and teacher.loss_head()[1] is None
     assert dist.get_world_size(apart.tp_group) == 2
 
+    lambdas = (0.75, 0.6)  # by data rank
+    objects = dict(hidden=True, attention=True, qkv=True, with_top=True)
+    got = MixupTapper(teacher, 1, **objects)(ids, lambdas[dims.rank], slot_lambdas=lambdas)
+    want = MixupTapper(whole, 1, **objects)(ids, lambdas[dims.rank])
+    assert got.attention_log_probs.shape == (2, 3, 16, 16)
+    for g, w in zip(
+        [*got.layer_states, got.last_hidden, got.attention_log_probs, *got.relations],
+        [*want.layer_states, want.last_hidden, want.attention_log_probs, *want.relations],
+        strict=True,
+    ):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
 
 def test_a_teacher_split_apart_taps_each_ranks_own_micro_batch_as_one_process():
-    run_ranks(_apart_step_matches_one_process, 2)
+    run_ranks(_apart_taps_match_one_process, 2)
 
 
 def test_a_teacher_split_apart_needs_an_unsplit_student():
@@ -282,8 +311,6 @@ def test_a_teacher_split_apart_needs_an_unsplit_student():
 @pytest.mark.parametrize(
     ("method", "message"),
     [
-        ("cr_ild", "method=cr_ild does not support a teacher split apart"),
-        ("minidisc", "method=minidisc does not support a teacher split apart"),
         ("ted_kl", "method=ted_kl does not support a teacher split apart"),
         ("lm", "method=lm: the method has no teacher"),
     ],

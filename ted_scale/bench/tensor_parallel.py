@@ -1,13 +1,16 @@
 """The trainer's step at tensor-parallel size N (``launch/bench_throughput.py --tp N``, launched
 with N ranks): tokens/s, the share of the step spent in collectives, and each rank's parameter
-and optimizer bytes.
+and optimizer bytes; with ``--teacher-tp N`` also the teacher alone split over the N ranks and the
+student data-parallel over them (docs/tensor_parallel.md, "A teacher split apart").
 
-One data-parallel replica: every collective of the step is tensor-parallel communication (the
-row-parallel all-reduces, the column-parallel layers' input-gradient all-reduces, the embedding's
-all-reduce, the vocabulary-parallel losses' statistics all-gathers and grad_hidden all-reduce).
-They are timed by wrapping ``torch.distributed``'s collectives, the device synchronised on both
-sides, in the timed steps themselves; on CPU (gloo) the collectives are blocking anyway.
-"""
+Shared layout, one data-parallel replica: every collective of the step is tensor-parallel
+communication (the row-parallel all-reduces, the column-parallel layers' input-gradient
+all-reduces, the embedding's all-reduce, the vocabulary-parallel losses' statistics all-gathers
+and grad_hidden all-reduce). Teacher apart: the teacher's all-gather of its group's token ids and
+its own all-reduces, then the student's gradient average (``grad_sync_ms``). They are timed by
+wrapping ``torch.distributed``'s collectives, the device synchronised on both sides, in the timed
+steps themselves (and at the end of each piece of the step); on CPU (gloo) the collectives are
+blocking anyway."""
 
 from __future__ import annotations
 
@@ -25,7 +28,13 @@ from ted_scale.bench.presets import Preset, Spec
 from ted_scale.bench.throughput import ProjectStep, synthetic_batches
 from ted_scale.parallel import ParallelDims
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor")
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "all_to_all_single",
+)
 
 
 class CommTimer:
@@ -69,38 +78,66 @@ def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
     )
 
 
-def measure_tp(preset: Preset, spec: Spec, dims: ParallelDims) -> dict:
-    """``spec``'s step sharded over ``dims`` (one data-parallel replica): its row, on every rank."""
+def measure_tp(
+    preset: Preset, spec: Spec, dims: ParallelDims, teacher_dims: ParallelDims | None = None
+) -> dict:
+    """``spec``'s step laid out over ``dims``: its row, on every rank.
+
+    Without ``teacher_dims``: teacher and student sharded alike over one tensor-parallel group
+    (one data-parallel replica, one micro-batch per step). With them: the teacher split over its
+    own group, the student data-parallel over ``dims`` (each rank its own micro-batch, the
+    gradients averaged). tokens/s counts every micro-batch of the step; ``teacher_ms`` is the
+    time the student waits for the teacher (on CPU it runs inline).
+    """
+    apart = teacher_dims is not None
     batches = synthetic_batches(preset, 4, dims.device)
     timer = CommTimer(dims.device)
     with tempfile.TemporaryDirectory() as run_dir:
-        step = ProjectStep(preset, spec, dims.device, Path(run_dir), dims=dims)
+        step = ProjectStep(
+            preset, spec, dims.device, Path(run_dir), dims=dims, teacher_dims=teacher_dims
+        )
         feed = step.feed(batches, prefetch=False)
-        steps, comm = [], []
+        steps, comm, pieces = [], [], []
         for i in range(preset.warmup + preset.steps):
             timer.seconds = 0.0
-            dist.barrier(group=dims.tp_group)
+            dist.barrier()
             start = time.perf_counter()
+            split = {}
             with timer.active():
-                for _ in step.step_parts(feed):
-                    pass
-            timer.sync()
+                for piece in step.step_parts(feed):
+                    timer.sync()
+                    split[piece] = (time.perf_counter() - start, timer.seconds)
             if i >= preset.warmup:
                 steps.append(time.perf_counter() - start)
                 comm.append(timer.seconds)
+                pieces.append(split)
         params = sum(p.numel() * p.element_size() for p in step.module.parameters())
         trained = sum(
             p.numel() * p.element_size() for p in step.module.parameters() if p.requires_grad
         )
+        teacher = step.tapper.model if step.tapper is not None else None
+        teacher_bytes = (
+            sum(p.numel() * p.element_size() for p in teacher.parameters()) if teacher else 0
+        )
         best = min(range(len(steps)), key=steps.__getitem__)
+        ended = pieces[best]
+        grad_sync = 0.0
+        if "gradients" in ended:  # the all-reduce of the student's gradients
+            grad_sync = ended["gradients"][1] - ended["backward"][1]
+        micro_batches = dims.dp_size if apart else 1
+        layout = f"teacher-tp{teacher_dims.tp_size}" if apart else f"tp{dims.tp_size}"
         return {
-            "name": f"{spec.name}/tp{dims.tp_size}",
+            "name": f"{spec.name}/{layout}",
             "tp": dims.tp_size,
-            "tokens_per_s": preset.micro_batch * preset.seq_len / steps[best],
+            "teacher_tp": teacher_dims.tp_size if apart else dims.tp_size,
+            "tokens_per_s": micro_batches * preset.micro_batch * preset.seq_len / steps[best],
             "step_ms": 1000 * steps[best],
+            "teacher_ms": 1000 * ended["teacher"][0],
             "comm_ms": 1000 * comm[best],
             "comm_share": comm[best] / steps[best],
+            "grad_sync_ms": 1000 * grad_sync,
             "param_bytes_per_rank": params,
+            "teacher_param_bytes_per_rank": teacher_bytes,
             "trained_param_bytes_per_rank": trained,
             "optimizer_bytes_per_rank": optimizer_bytes(step.optimizer),
             "flops_per_token_per_rank": step.flops_per_token(preset.seq_len),
@@ -109,12 +146,16 @@ def measure_tp(preset: Preset, spec: Spec, dims: ParallelDims) -> dict:
         }
 
 
-def run_tp_suite(preset: Preset, methods: list[str], tp: int) -> list[dict] | None:
+def run_tp_suite(
+    preset: Preset, methods: list[str], tp: int, *, teacher_tp: bool = False
+) -> list[dict] | None:
     """Every method's fused step at tensor-parallel size ``tp``, on the ranks this process group
-    holds (``torchrun --nproc_per_node tp``; plain ``python`` for tp 1). The rows on rank 0, None
-    on the others."""
+    holds (``torchrun --nproc_per_node tp``; plain ``python`` for tp 1). With ``teacher_tp``, each
+    method that supports it also with the teacher alone split over the ``tp`` ranks and the
+    student data-parallel over them, beside the shared layout. The rows on rank 0, None on the
+    others."""
     from ted_scale.distill.methods import get_method
-    from ted_scale.parallel import init_parallel
+    from ted_scale.parallel import init_parallel, teacher_dims
     from ted_scale.parallel.dims import ParallelLayoutError
 
     dims = init_parallel(tp)
@@ -123,25 +164,31 @@ def run_tp_suite(preset: Preset, methods: list[str], tp: int) -> list[dict] | No
             f"--tp {tp} runs one tensor-parallel group: launch it with exactly {tp} ranks "
             f"(torchrun --nproc_per_node {tp}), not {dims.world_size}"
         )
+    student_dims = init_parallel(1) if teacher_tp else None
     rows = []
     for method in methods:
         if not get_method(method).tensor_parallel:
             continue
-        rows.append(measure_tp(preset, Spec(method, True, False, "auto"), dims))
+        spec = Spec(method, True, False, "auto")
+        rows.append(measure_tp(preset, spec, dims))
+        if student_dims is not None and get_method(method).teacher_apart:
+            rows.append(measure_tp(preset, spec, student_dims, teacher_dims(student_dims, tp)))
     return rows if dims.is_main else None
 
 
 def format_tp_table(rows: list[dict]) -> str:
     """A Markdown table of ``run_tp_suite``'s rows."""
     lines = [
-        "| configuration | tokens/s | step ms | TP comm ms | TP comm share | params MiB/rank "
-        "| optimizer MiB/rank |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| configuration | tokens/s | step ms | teacher ms | comm ms | comm share "
+        "| of it grad sync ms | student side MiB/rank | teacher MiB/rank | optimizer MiB/rank |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {r['comm_ms']:.1f} "
-            f"| {100 * r['comm_share']:.1f} % | {r['param_bytes_per_rank'] / 2**20:.2f} "
+            f"| {r['name']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} "
+            f"| {r['teacher_ms']:.1f} | {r['comm_ms']:.1f} | {100 * r['comm_share']:.1f} % "
+            f"| {r['grad_sync_ms']:.1f} | {r['param_bytes_per_rank'] / 2**20:.2f} "
+            f"| {r['teacher_param_bytes_per_rank'] / 2**20:.2f} "
             f"| {r['optimizer_bytes_per_rank'] / 2**20:.2f} |"
         )
     return "\n".join(lines)

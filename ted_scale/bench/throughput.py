@@ -39,6 +39,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ted_scale.bench.hf_reference import ReferenceTED
@@ -84,7 +85,11 @@ class ProjectStep:
     batches: ``MethodContext.batches`` for the phases before it that read data (MiniDisc's
     calibration); default: the preset's synthetic batches.
     dims: a tensor-parallel layout to shard the teacher and the student over, as the trainer does
-    (``ted_scale.bench.tensor_parallel``); default: one process.
+    (``ted_scale.bench.tensor_parallel``); default: one process. With more than one data-parallel
+    rank, each rank steps on its own micro-batch and the student's gradients are averaged over
+    them before the optimizer (the ``gradients`` piece).
+    teacher_dims: the teacher's own layout, split apart from the student
+    (``parallel.teacher_tensor_parallel_size``); default: as ``dims``.
     """
 
     def __init__(
@@ -97,6 +102,7 @@ class ProjectStep:
         seed: int = 0,
         batches: Callable[..., list[tuple[Tensor, Tensor]]] | None = None,
         dims: ParallelDims | None = None,
+        teacher_dims: ParallelDims | None = None,
     ) -> None:
         config = bench_config(preset, spec, seed=seed)
         method = get_method(spec.method)
@@ -110,6 +116,7 @@ class ProjectStep:
             device=device,
             compute_dtype=self.compute_dtype,
             dims=dims,
+            teacher_dims=teacher_dims,
         )
         ctx = MethodContext(
             config=config,
@@ -122,7 +129,9 @@ class ProjectStep:
             log=lambda _: None,
             batches=batches or (lambda _split, n, _samples=None: synthetic_batches(preset, n, CPU)),
             dims=dims,
+            teacher_dims=teacher_dims,
         )
+        self.data_group = dims.dp_group if dims is not None and dims.dp_size > 1 else None
         self.phase = build_benchmarked(method, ctx)
         self.module = self.phase.trained
         self.tapper = self.phase.tapper
@@ -153,9 +162,23 @@ class ProjectStep:
         yield "losses"
         loss.backward()
         yield "backward"
+        if self.data_group is not None:
+            _average_gradients(self.module, self.data_group)
+            yield "gradients"
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         yield "optimizer"
+
+
+def _average_gradients(module: torch.nn.Module, group: dist.ProcessGroup) -> None:
+    """The data-parallel gradient average, as one all-reduce of the flattened gradients (what
+    ZeRO-1 and DDP's buckets move, without their overlap with the backward)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    for g, averaged in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        g.copy_(averaged.view_as(g))
 
 
 class _PieceTimer:

@@ -2,6 +2,7 @@
 
     python launch/bench_throughput.py --preset cpu|gpt2 [--out FILE.json]
     torchrun --nproc_per_node N launch/bench_throughput.py --tp N --preset cpu|gpt2
+    torchrun --nproc_per_node N launch/bench_throughput.py --teacher-tp N --preset cpu|gpt2
 
 Synthetic token batches, random weights. For each configuration (method x fused loss x teacher
 prefetch x attention, plus the reference): tokens/s, the step split into teacher / student forward /
@@ -10,7 +11,10 @@ and ratios to the reference and to the student-alone step. Each configuration ru
 process. Method details: ted_scale/bench/throughput.py; targets: ted_scale/bench/throughput_suite.py.
 With --tp N (N ranks, one tensor-parallel group; gloo on CPU): each method's fused step sharded
 over the N ranks, with the share of the step spent in tensor-parallel communication and each
-rank's parameter and optimizer bytes (ted_scale/bench/tensor_parallel.py).
+rank's parameter and optimizer bytes (ted_scale/bench/tensor_parallel.py). With --teacher-tp N
+(N ranks): beside that shared layout, each method that supports it with the teacher alone split over
+the N ranks and the student data-parallel over them (each rank its own micro-batch): tokens/s of
+the N ranks together, the time the student waits for the teacher, and the gradient all-reduce.
 """
 
 import argparse
@@ -85,12 +89,22 @@ def main(argv: list[str] | None = None) -> int:
         "is launched with (torchrun --nproc_per_node N; 1 = plain python) in one process per rank",
     )  # fmt: skip
     parser.add_argument(
+        "--teacher-tp", type=int, default=None,
+        help="as --tp N, and also each method with the teacher alone split over the N ranks and "
+        "the student data-parallel over them (parallel.teacher_tensor_parallel_size)",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", type=Path, default=None,
         help="JSON output [default: runs/bench/throughput-<preset>.json]",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.teacher_tp is not None:
+        if args.tp not in (None, args.teacher_tp):
+            parser.error(f"--tp {args.tp} with --teacher-tp {args.teacher_tp}: give one size")
+        _tensor_parallel(args, args.teacher_tp, teacher_tp=True)
+        return 0
     if args.tp is not None:
-        _tensor_parallel(args)
+        _tensor_parallel(args, args.tp)
         return 0
 
     cuda = torch.cuda.is_available()
@@ -111,18 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _tensor_parallel(args: argparse.Namespace) -> None:
+def _tensor_parallel(args: argparse.Namespace, tp: int, *, teacher_tp: bool = False) -> None:
     from ted_scale.bench.tensor_parallel import format_tp_table, run_tp_suite
     from ted_scale.parallel.dims import close_parallel
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run_tp_suite(PRESETS[args.preset], args.methods, args.tp)
+    rows = run_tp_suite(PRESETS[args.preset], args.methods, tp, teacher_tp=teacher_tp)
     close_parallel()
     if rows is None:  # not rank 0
         return
     print(format_tp_table(rows))
-    out = args.out or Path("runs/bench") / f"throughput-{args.preset}-tp{args.tp}.json"
+    name = f"teacher-tp{tp}" if teacher_tp else f"tp{tp}"
+    out = args.out or Path("runs/bench") / f"throughput-{args.preset}-{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))
     print(f"\nwritten to {out}")

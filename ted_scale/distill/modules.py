@@ -99,7 +99,7 @@ class FrozenTapper:
         layout = self.model.tensor_parallel
         gathers = layout is not None and layout.gathers_batch
         out = self.model(
-            _gather_batch(input_ids, layout) if gathers else input_ids,
+            gather_batch(input_ids, layout) if gathers else input_ids,
             output_layers=self.layers,
             return_logits=False,
             stop_after=max(self.layers) if self.layers and not self.with_top else None,
@@ -109,8 +109,8 @@ class FrozenTapper:
             states.insert(0, out.embeddings)
         last_hidden = out.last_hidden
         if gathers:  # this rank's rows, before the transform: it is per token
-            states = [_own_rows(s, layout) for s in states]
-            last_hidden = None if last_hidden is None else _own_rows(last_hidden, layout)
+            states = [own_rows(s, layout) for s in states]
+            last_hidden = None if last_hidden is None else own_rows(last_hidden, layout)
         if self.transform is not None:
             states = self.transform(states)
         if not self.with_top:
@@ -118,18 +118,31 @@ class FrozenTapper:
         return TappedOutputs(states, last_hidden, self.model.loss_head()[0])
 
 
-def _gather_batch(input_ids: Tensor, layout: TensorParallelLayout) -> Tensor:
+def gather_batch(input_ids: Tensor, layout: TensorParallelLayout) -> Tensor:
     """[B, T] of each rank of the layout's group -> [size * B, T], in rank order."""
     parts = [torch.empty_like(input_ids) for _ in range(layout.size)]
     dist.all_gather(parts, input_ids.contiguous(), group=layout.group)
     return torch.cat(parts)
 
 
-def _own_rows(t: Tensor, layout: TensorParallelLayout) -> Tensor:
+def own_rows(t: Tensor, layout: TensorParallelLayout) -> Tensor:
     """This rank's micro-batch of a [size * B, ...] tensor computed on the gathered batch: a copy,
     so that the group's whole tensor is freed rather than kept alive by a view."""
     rows = t.shape[0] // layout.size
     return t[layout.rank * rows : (layout.rank + 1) * rows].clone()
+
+
+def own_rows_all_heads(t: Tensor, layout: TensorParallelLayout, heads: int) -> Tensor:
+    """[size * B, h_r, ...] per-head tensor of the gathered batch, this rank's heads (h_r, the
+    same on every rank) -> [B, heads, ...]: this rank's rows with the group's heads in order, the
+    padded ones (past ``heads``, on the last ranks) cut. One all-to-all: rank j's rows of each
+    rank's heads go to rank j."""
+    rows = t.shape[0] // layout.size
+    received = torch.empty_like(t)
+    dist.all_to_all_single(received, t.contiguous(), group=layout.group)
+    # [size (the sender, whose heads these are), B, h_r, ...] -> [B, size * h_r, ...]
+    received = received.unflatten(0, (layout.size, rows)).transpose(0, 1)
+    return received.flatten(1, 2)[:, :heads].contiguous()
 
 
 def lm_objective(

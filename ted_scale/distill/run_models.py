@@ -135,6 +135,26 @@ def place(
     return model
 
 
+def place_teacher(
+    teacher: GPT,
+    config: RunConfig,
+    device: torch.device,
+    compute_dtype: torch.dtype | None,
+    dims: ParallelDims | None,
+    teacher_dims: ParallelDims | None,
+    *,
+    pad: bool,
+) -> GPT:
+    """``place`` for a frozen teacher: split like the student over ``dims``, or over its own
+    ``teacher_dims`` (``parallel.teacher_tensor_parallel_size``; None or ``dims``: alike), whose
+    groups then gather their batches."""
+    apart = teacher_dims is not None and teacher_dims is not dims
+    layout = teacher_dims if apart else dims
+    return place(
+        teacher, "teacher", config, device, compute_dtype, layout, pad=pad, gathers_batch=apart
+    )
+
+
 def build_run_models(
     config: RunConfig,
     *,
@@ -169,11 +189,7 @@ def build_run_models(
                 model.vocab_in_use = len(tokenizer)
     pad = config.parallel.tensor_parallel_padding
     if teacher is not None:
-        apart = teacher_dims is not None and teacher_dims is not dims
-        t_dims = teacher_dims if apart else dims
-        place(
-            teacher, "teacher", config, device, compute_dtype, t_dims, pad=pad, gathers_batch=apart
-        )
+        place_teacher(teacher, config, device, compute_dtype, dims, teacher_dims, pad=pad)
     place(student, "student", config, device, compute_dtype, dims, pad=pad)
     layer_map = teacher_layer_map(config, teacher) if teacher is not None else []
     return RunModels(teacher, student, layer_map)

@@ -142,6 +142,7 @@ class Trainer:
             log=self._log_console,
             batches=self._first_batches,
             dims=self.dims,
+            teacher_dims=self.teacher_dims,
         )
         self.total_tokens = 0
 

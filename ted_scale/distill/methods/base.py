@@ -112,6 +112,9 @@ class MethodContext:
     order, the same on every rank (calibration, scoring); the last one padded (labels -100)."""
     dims: ParallelDims | None = None
     """The run's parallel layout (None: one process, nothing sharded)."""
+    teacher_dims: ParallelDims | None = None
+    """The teacher's own layout when it is split apart from the student
+    (``parallel.teacher_tensor_parallel_size``); None or ``dims``: split alike."""
 
     @property
     def loss_settings(self) -> LossSettings:

@@ -24,11 +24,13 @@ matched with the teacher's block m:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save
 from torch import Tensor, nn
 
@@ -42,12 +44,20 @@ from ted_scale.distill.methods.base import (
     student_flops,
 )
 from ted_scale.distill.methods.registry import register
-from ted_scale.distill.modules import FrozenTapper, TappedOutputs, lm_objective
+from ted_scale.distill.modules import (
+    FrozenTapper,
+    TappedOutputs,
+    gather_batch,
+    lm_objective,
+    own_rows,
+    own_rows_all_heads,
+)
 from ted_scale.distill.objectives import LossSettings, attention_kl, mse
-from ted_scale.flops import FROZEN, TRAINED, forward_flops
+from ted_scale.flops import FROZEN, TRAINED, batch_factor, forward_flops
 from ted_scale.io import atomic_write_bytes, read_safetensors
 from ted_scale.model import GPT, GPTOutput, ModelMismatchError
 from ted_scale.model.hf import load_state_checked
+from ted_scale.model.tp_layout import TensorParallelLayout
 from ted_scale.parallel.tensor import tensor_parallel_sum
 
 
@@ -118,9 +128,10 @@ class MixupDraw:
         if self.ramp == "linear" and self.total_steps is not None:
             ramp = step / self.total_steps
         # Every slot of the group in turn, so the stream does not depend on the number of ranks.
-        lambdas = [self._beta() if self.alpha > 0 else 1.0 for _ in range(self.ranks)]
+        lambdas = tuple(self._beta() if self.alpha > 0 else 1.0 for _ in range(self.ranks))
         self.slots += self.ranks
-        return {"mix_lambda": lambdas[self.rank], "ramp": ramp}
+        # Every rank's lambda too: a teacher split apart mixes its group's micro-batches.
+        return {"mix_lambda": lambdas[self.rank], "ramp": ramp, "slot_lambdas": lambdas}
 
     def _beta(self) -> float:
         """max(lambda, 1 - lambda), lambda ~ Beta(alpha, alpha) as a / (a + b) of two Gammas."""
@@ -212,10 +223,32 @@ class MixupTapper(FrozenTapper):
         self.reads, self.last = _reads(layer, hidden=hidden, attention=attention, qkv=qkv)
 
     @torch.inference_mode()
-    def __call__(self, input_ids: Tensor, mix_lambda: float = 1.0, **_: Any) -> MixedTapped:
+    def __call__(
+        self,
+        input_ids: Tensor,
+        mix_lambda: float = 1.0,
+        slot_lambdas: Sequence[float] = (),
+        **_: Any,
+    ) -> MixedTapped:
+        """input_ids [B, T] mixed with ``mix_lambda``. A teacher split apart runs on its group's
+        micro-batches together, each mixed with its own rank's lambda from ``slot_lambdas`` (by
+        data rank: the student is unsplit, so a data rank is a global rank), and hands over this
+        rank's rows with every head."""
+        layout = self.model.tensor_parallel
+        if layout is not None and layout.gathers_batch:
+            members = dist.get_process_group_ranks(layout.group)
+            parts = gather_batch(input_ids, layout).chunk(layout.size)
+            embeds = torch.cat(
+                [
+                    mixed_token_embeddings(self.model, part, slot_lambdas[rank])
+                    for part, rank in zip(parts, members, strict=True)
+                ]
+            )
+        else:
+            embeds = mixed_token_embeddings(self.model, input_ids, mix_lambda)
         out = self.model(
             None,
-            inputs_embeds=mixed_token_embeddings(self.model, input_ids, mix_lambda),
+            inputs_embeds=embeds,
             output_layers=self.reads,
             attention_layer=self.layer if self.attention else None,
             return_logits=False,
@@ -227,7 +260,22 @@ class MixupTapper(FrozenTapper):
             tapped.relations = qkv_relations(self.model, self.layer, out)
         if self.with_top:
             tapped.last_hidden, tapped.head_weight = out.last_hidden, self.model.loss_head()[0]
+        if layout is not None and layout.gathers_batch:
+            _keep_own_rows(tapped, layout, self.model.config.layer_heads[self.layer])
         return tapped
+
+
+def _keep_own_rows(tapped: MixedTapped, layout: TensorParallelLayout, heads: int) -> None:
+    """``tapped``, computed on the group's gathered batch over this rank's heads, cut in place to
+    this rank's rows, per-head objects with all ``heads`` of the block."""
+    tapped.layer_states = [own_rows(s, layout) for s in tapped.layer_states]
+    if tapped.last_hidden is not None:
+        tapped.last_hidden = own_rows(tapped.last_hidden, layout)
+    if tapped.attention_log_probs is not None:
+        tapped.attention_log_probs = own_rows_all_heads(tapped.attention_log_probs, layout, heads)
+    if tapped.relations is not None:
+        q, k, v = (own_rows_all_heads(r, layout, heads) for r in tapped.relations)
+        tapped.relations = (q, k, v)
 
 
 class MixupILD(nn.Module):
@@ -300,9 +348,11 @@ class MixupILD(nn.Module):
         tapped: MixedTapped,
         mix_lambda: float = 1.0,
         ramp: float = 1.0,
+        **_: Any,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """input_ids, labels [B, T]; ``tapped`` the teacher on x_mix with the same ``mix_lambda``;
-        ``ramp`` r(t). Both keywords come from ``MixupDraw`` (defaults: clean input, full ramp)."""
+        ``ramp`` r(t). Both keywords come from ``MixupDraw`` (defaults: clean input, full ramp);
+        its other draws are the teacher's."""
         lam = mix_lambda
         embeds = mixed_token_embeddings(self.student, input_ids, lam)
         out = self._run(None, embeds, to_top=self.lm_loss)
@@ -379,9 +429,7 @@ def hidden_fit(section: CRILDConfig, d_s: int, d_t: int) -> nn.Module:
 @register
 class CRILD(Method):
     name = "cr_ild"
-    teacher_apart_note = (
-        "its mixup tapper and per-head relations read the teacher's heads on the student's batch"
-    )
+    teacher_apart = True
     section = ("cr_ild", CRILDConfig)
 
     def extra_modules(
@@ -476,12 +524,13 @@ class CRILD(Method):
             if joint:
                 total = student_flops(ctx, seq_len, kd=alpha_kd > 0)
             else:  # both trunks up to the blocks the objects read, no heads
-                total = FROZEN * forward_flops(teacher.blocks[: t_last + 1], seq_len)
+                t_trunk = forward_flops(teacher.blocks[: t_last + 1], seq_len)
+                total = FROZEN * t_trunk * batch_factor(teacher)
                 total += TRAINED * forward_flops(student.blocks[: s_last + 1], seq_len)
             total += TRAINED * forward_flops(fit, seq_len)
             if qkv:  # the recomputed Q, K, V projections, and X X^T for each
-                s_rel = _relations_flops(student, k, seq_len)
-                total += FROZEN * _relations_flops(teacher, m, seq_len) + TRAINED * s_rel
+                t_rel = _relations_flops(teacher, m, seq_len) * batch_factor(teacher)
+                total += FROZEN * t_rel + TRAINED * _relations_flops(student, k, seq_len)
             if section.consistency_weight > 0:  # the clean-input student pass, no backward
                 total += FROZEN * forward_flops(student.blocks[: s_last + 1], seq_len)
                 total += FROZEN * _relations_flops(student, k, seq_len) if qkv else 0.0

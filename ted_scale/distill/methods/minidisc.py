@@ -39,9 +39,16 @@ from ted_scale.distill.methods.base import Method, MethodContext, Phase, Planned
 from ted_scale.distill.methods.registry import get_method, register
 from ted_scale.distill.modules import FrozenTapper, TappedOutputs
 from ted_scale.distill.objectives import LossSettings, logit_distillation, mse_distance
-from ted_scale.distill.run_models import place
+from ted_scale.distill.run_models import place_teacher
 from ted_scale.eval.heldout import heldout_perplexity
-from ted_scale.flops import FROZEN, TRAINED, forward_flops, head_flops, subnet_flops
+from ted_scale.flops import (
+    FROZEN,
+    TRAINED,
+    batch_factor,
+    forward_flops,
+    head_flops,
+    subnet_flops,
+)
 from ted_scale.io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -290,7 +297,9 @@ class SandwichDistillation(nn.Module):
 @register
 class MiniDisc(Method):
     name = "minidisc"
-    teacher_apart_note = "its teacher assistant is a copy of the teacher trained as a student"
+    # The TA candidates train data-parallel as the student does; the teacher and, in the final
+    # hop, the TA are split apart as the run's teacher is.
+    teacher_apart = True
     section = ("minidisc", MiniDiscConfig)
 
     def __init__(self) -> None:
@@ -423,7 +432,8 @@ class MiniDisc(Method):
         )
 
         def flops_per_token(seq_len: int) -> float:
-            frozen = forward_flops(teacher.blocks, seq_len) + head_flops(teacher)
+            frozen = forward_flops(teacher.blocks, seq_len) * batch_factor(teacher)
+            frozen += head_flops(teacher)
             # Per candidate: its prefix forward and backward, its head, and the teacher's head
             # inside the fused KD.
             trained_ = sum(subnet_flops(ta, s, seq_len) + head_flops(ta) for s in subnets)
@@ -510,8 +520,11 @@ class MiniDisc(Method):
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no TA; run the scoring phase first")
         ta = load_pretrained(path, attention=config.model.attention)
-        # The TA's blocks have the pruned shapes scoring chose: padded where tp does not divide.
-        place(ta, "teacher", config, ctx.device, ctx.compute_dtype, ctx.dims, pad=True)
+        # The TA's blocks have the pruned shapes scoring chose: padded where tp does not divide;
+        # split as the teacher is (apart from the student, or alike).
+        place_teacher(
+            ta, config, ctx.device, ctx.compute_dtype, ctx.dims, ctx.teacher_dims, pad=True
+        )
         self._final_ctx = dataclasses.replace(ctx, teacher=ta)
         return self._final_ctx
 
