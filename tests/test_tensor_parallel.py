@@ -144,6 +144,7 @@ def _bench_at_tp2() -> None:
     # Apart: the student whole on each rank, its gradients averaged; the teacher split (with its
     # whole head beside the shards); two micro-batches per step.
     assert apart["trained_param_bytes_per_rank"] > shared["trained_param_bytes_per_rank"]
+    assert apart["teacher_param_bytes_per_rank"] > shared["teacher_param_bytes_per_rank"]
     assert 0 < apart["grad_sync_ms"] <= apart["comm_ms"]
     assert apart["teacher_tp"] == 2 and apart["tp"] == 1
     assert apart["name"] in format_tp_table(rows)

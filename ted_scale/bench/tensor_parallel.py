@@ -115,10 +115,7 @@ def measure_tp(
         trained = sum(
             p.numel() * p.element_size() for p in step.module.parameters() if p.requires_grad
         )
-        teacher = step.tapper.model if step.tapper is not None else None
-        teacher_bytes = (
-            sum(p.numel() * p.element_size() for p in teacher.parameters()) if teacher else 0
-        )
+        teacher_bytes = _teacher_bytes(step.tapper.model) if step.tapper is not None else 0
         best = min(range(len(steps)), key=steps.__getitem__)
         ended = pieces[best]
         grad_sync = 0.0
@@ -144,6 +141,16 @@ def measure_tp(
             "device": dims.device.type,
             "torch_threads": torch.get_num_threads(),
         }
+
+
+def _teacher_bytes(teacher: torch.nn.Module) -> int:
+    """The frozen teacher's bytes on this rank: its shards, and a teacher split apart's whole
+    head beside them."""
+    held = [*teacher.parameters()]
+    layout = teacher.tensor_parallel
+    if layout is not None and layout.whole_head is not None:
+        held.append(layout.whole_head)
+    return sum(t.numel() * t.element_size() for t in held)
 
 
 def run_tp_suite(
