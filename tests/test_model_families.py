@@ -176,7 +176,10 @@ def llama_config(**changes) -> GPTConfig:
         ({"family": "qwen3", "qk_norm": False}, r"family qwen3 has qk_norm=True"),
         ({"qkv_bias": True}, r"attention_bias\): qkv_bias=True but out_bias=False"),
         ({"n_kv_head": 3}, r"n_kv_head \(3\) must divide n_head \(4\)"),
-        ({"n_head_per_layer": [4, 2, 4]}, r"n_head_per_layer: per-block shapes .* family llama"),
+        (
+            {"n_head_per_layer": [4, 3, 4]},
+            r"n_head_per_layer\[1\] = 3 is not a whole number of key/value groups \(2 query heads",
+        ),
         ({"head_size": 15}, r"even head width, got 15"),
     ],
 )
@@ -199,8 +202,8 @@ def test_gqa_attention_kernels_agree_and_hand_over_the_attention_distribution():
     torch.testing.assert_close(eager.attention_log_probs.exp().sum(-1), torch.ones(2, 4, 32))
     assert model.wpe is None and model.lm_head_weight is model.unembed.weight
     torch.testing.assert_close(sdpa.last_hidden, model.ln_f(sdpa.hidden_states[2]))
-    with pytest.raises(ValueError, match=r"subnet: .* family gpt2 only, not yet for family llama"):
-        model(x, subnet=Subnet(heads=(4, 4, 4), inner=(96, 96, 96)))
+    with pytest.raises(ValueError, match=r"subnet heads\[1\] = 3 is not a whole number of key/"):
+        model(x, subnet=Subnet(heads=(4, 3, 4), inner=(96, 96, 96)))
 
 
 def test_a_student_copies_the_familys_parts_from_the_teacher():
