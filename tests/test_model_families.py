@@ -222,3 +222,35 @@ def test_a_student_copies_the_familys_parts_from_the_teacher():
     assert {"unembed.weight", "blocks.1.mlp.gate_proj.weight", "blocks.1.attn.q_norm.weight"} <= (
         student.state_dict().keys()
     )
+
+
+@pytest.mark.parametrize(
+    ("case", "heads"),
+    [
+        ("llama-gqa-untied-llama3", (2, 0)),  # one of two key/value groups, then none
+        ("qwen2-gqa-tied-qkv_bias", (0, 2)),
+        ("qwen3-mqa-untied-qk_norm-head_dim", (4, 0)),  # one group of all four query heads
+    ],
+    ids=["llama-gqa", "qwen2-bias", "qwen3-mqa-norm"],
+)
+def test_a_pruned_family_model_exports_zero_padded_and_imports_trimmed(case, heads, tmp_path):
+    """Per-block shapes exported as HF's uniform shape, padded with zero heads (whole key/value
+    groups, biases and all) and zero neurons: HF's class computes the pruned model's logits, and
+    the import trims the padding back to the same tensors."""
+    from ted_scale.model.pruning import extract
+
+    hf_model(case).save_pretrained(tmp_path / "hf")
+    pruned = extract(load_pretrained(tmp_path / "hf"), Subnet(heads, (40, 7))).eval()
+    export_hf(pruned, tmp_path / "pruned")
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    assert type(auto).__name__ == CASES[case][1].__name__
+    assert auto.model.layers[1].self_attn.q_proj.weight.shape[0] == 4 * pruned.config.head_dim
+    assert auto.model.layers[0].mlp.gate_proj.weight.shape[0] == 40  # the widest block's
+    loaded = load_pretrained(tmp_path / "pruned").eval()
+    assert (loaded.config.layer_heads, loaded.config.layer_inner) == (heads, (40, 7))
+    theirs = loaded.state_dict()
+    for name, tensor in pruned.state_dict().items():
+        assert torch.equal(theirs[name], tensor), name
+    with torch.no_grad():
+        expected = pruned(ids()).logits
+        torch.testing.assert_close(auto(ids()).logits, expected, atol=1e-5, rtol=0)
