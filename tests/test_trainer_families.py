@@ -81,6 +81,10 @@ def qwen3_teacher(tiny_data, tmp_path) -> Path:
     return _teacher_folder(tmp_path / "qwen3", tiny_data, config)
 
 
+HF_CLASS = {"llama_teacher": "LlamaForCausalLM", "qwen3_teacher": "Qwen3ForCausalLM"}
+"""The HF class each teacher fixture's exports load as."""
+
+
 def _assert_export_matches(
     run: Path, student: torch.nn.Module, family_class: str, folder: str = "student_hf"
 ) -> None:
@@ -100,7 +104,12 @@ def _record_phases(trainer: Trainer) -> list:
     """The phases the trainer's method builds from now on, in order (CR-ILD's Stage II builds its
     own student, the one it exports)."""
     phases, build = [], trainer.method.build
-    trainer.method.build = lambda name, ctx: phases.append(build(name, ctx)) or phases[-1]
+
+    def recorded(name: str, ctx):
+        phases.append(build(name, ctx))
+        return phases[-1]
+
+    trainer.method.build = recorded
     return phases
 
 
@@ -175,8 +184,7 @@ def test_cr_ild_distils_a_family_teacher_end_to_end(tiny_data, tmp_path, request
     assert [r["stage"] for r in metrics] == ["ild"] * 2 + ["stage2"] * 3
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in metrics)
     assert all(r[f"loss_{objects}"] > 0 for r in metrics[:2])
-    family_class = "LlamaForCausalLM" if teacher == "llama_teacher" else "Qwen3ForCausalLM"
-    _assert_export_matches(run, phases[-1].evaluated, family_class)  # Stage II's own student
+    _assert_export_matches(run, phases[-1].evaluated, HF_CLASS[teacher])  # Stage II's student
 
 
 @pytest.mark.parametrize("teacher", ["llama_teacher", "qwen3_teacher"])
@@ -208,9 +216,8 @@ def test_minidisc_prunes_a_family_teacher_into_a_ta_that_exports_to_its_class(
     assert all(h % 2 == 0 for h in subnet.heads)
     ta = extract(load_pretrained(run / "minidisc" / "ta_shared_hf"), subnet)
     assert ta.num_params() == report["ta"]["parameters"]
-    family_class = "LlamaForCausalLM" if teacher == "llama_teacher" else "Qwen3ForCausalLM"
-    _assert_export_matches(run, ta, family_class, folder="ta_hf")
-    _assert_export_matches(run, trainer.student, family_class)
+    _assert_export_matches(run, ta, HF_CLASS[teacher], folder="ta_hf")
+    _assert_export_matches(run, trainer.student, HF_CLASS[teacher])
 
 
 @pytest.mark.parametrize(

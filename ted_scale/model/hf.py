@@ -151,11 +151,11 @@ def config_from_hf(hf_config: PretrainedConfig, *, dropout: float | None = None)
         dropout=hf_config.resid_pdrop if dropout is None else dropout,
         layer_norm_epsilon=hf_config.layer_norm_epsilon,
         n_inner=hf_config.n_inner,
-        **_per_layer_shape(hf_config),
+        **_true_shape_from_hf(hf_config),
     )
 
 
-def _per_layer_shape(hf_config: PretrainedConfig) -> dict[str, list[int] | None]:
+def _true_shape_from_hf(hf_config: PretrainedConfig) -> dict[str, list[int] | None]:
     """The true per-block shape a padded export keeps in its config (absent: uniform)."""
     keys = ("n_head_per_layer", "n_inner_per_layer")
     return {key: getattr(hf_config, key, None) for key in keys}
@@ -195,7 +195,7 @@ def _llama_config_from_hf(hf: PretrainedConfig, *, dropout: float | None) -> GPT
         n_kv_head=hf.num_key_value_heads,
         head_size=None if head_dim in (None, hf.hidden_size / hf.num_attention_heads) else head_dim,
         n_inner=hf.intermediate_size,
-        **_per_layer_shape(hf),
+        **_true_shape_from_hf(hf),
         dropout=hf.attention_dropout if dropout is None else dropout,
         layer_norm_epsilon=hf.rms_norm_eps,
         qkv_bias=family == "qwen2" or attention_bias,
@@ -283,11 +283,11 @@ def config_to_hf(config: GPTConfig, *, eos_token_id: int | None = None) -> Pretr
         bos_token_id=eos,
         eos_token_id=eos,
         tie_word_embeddings=True,
-        **_true_shape(config),
+        **_true_shape_to_hf(config),
     )
 
 
-def _true_shape(config: GPTConfig) -> dict[str, list[int]]:
+def _true_shape_to_hf(config: GPTConfig) -> dict[str, list[int]]:
     """The true shape of a non-uniform model, for its HF config (HF itself sees the padded one);
     nothing for a uniform model."""
     shape = {}
@@ -326,7 +326,7 @@ def _llama_config_to_hf(config: GPTConfig, eos: int) -> PretrainedConfig:
         bos_token_id=eos,
         eos_token_id=eos,
         **own,
-        **_true_shape(config),
+        **_true_shape_to_hf(config),
     )
 
 

@@ -4,16 +4,16 @@ Overfitting Perspective"), adapted to causal language models (docs/design.md, "C
 
 Every micro-batch x is mixed with its reverse along the batch: x_mix = lambda * e(x) +
 (1 - lambda) * e(x_rev) on the token embeddings (positions, learned or rotary, are the same for
-both), with
-lambda ~ Beta(alpha, alpha), lambda <- max(lambda, 1 - lambda), drawn where the batch is made so the
-teacher (run ahead when prefetching) mixes with the same lambda. On x_mix the student's block k is
-matched with the teacher's block m:
+both), with lambda ~ Beta(alpha, alpha), lambda <- max(lambda, 1 - lambda), drawn where the batch
+is made so the teacher (run ahead when prefetching) mixes with the same lambda. On x_mix the
+student's block k is matched with the teacher's block m:
 
 - ILD: the query-query, key-key and value-value relations of the block's heads, softmax(X X^T /
   sqrt(d_head)) over the causal keys for X = Q, K, V (Q and K as the attention compares them:
   normed and rotated in the Llama family; K and V per key/value head), each matched by KL
-  (``qkv``, the authors' ``TinyBERT-QKV`` run); MSE(fit(H_s^k), H_t^m) (``hidden``; fit is a learnable Linear when the
-  widths differ) and KL(A_t^m || A_s^k) between the attention distributions (``attention``);
+  (``qkv``, the authors' ``TinyBERT-QKV`` run); MSE(fit(H_s^k), H_t^m) (``hidden``; fit is a
+  learnable Linear when the widths differ) and KL(A_t^m || A_s^k) between the attention
+  distributions (``attention``);
 - consistency: w_ic * r(t) * [lambda D(S(x_mix), sg S(x)) + (1 - lambda) D(S(x_mix), sg S(x_rev))]
   on the student's own states S (relations, hidden, attention; D the object's distance), S(x) from an
   extra clean-input student pass without gradients; r(t) the progress through the phase;
