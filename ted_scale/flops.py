@@ -12,7 +12,9 @@ the modules themselves so that any shape (pruned heads, other FFN widths, any fi
   that skip the masked half do less work than counted;
 - an LM head application: 2 V d;
 - a prefix sub-network (``GPT.forward(subnet=...)``): each block's attention and FFN counted as
-  above, scaled by the fraction of its heads and neurons that take part (both are linear in them).
+  above, scaled by the fraction of its heads and neurons that take part (both are linear in them:
+  heads go in whole key/value groups, so the q, k, v and output projections shrink alike, and a
+  SwiGLU neuron takes its gate, up and down weights with it).
 
 Frozen modules run forward only (1x); trained modules forward and backward (3x). Heads whose
 weight is frozen still need the input gradient; they are counted as a full backward for

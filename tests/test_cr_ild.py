@@ -286,10 +286,12 @@ def test_stage2_as_the_authors_ran_it_is_t2_scaled_kd_alone(tmp_path):
         _close(got, want)
 
 
-def _ctx(tmp_path: Path, *overrides: str) -> MethodContext:
+def _ctx(tmp_path: Path, *overrides: str, models: tuple[GPT, GPT] | None = None) -> MethodContext:
+    """A context on the tiny config, with GPT-2 models of width 64 unless ``models`` (teacher,
+    student) are given."""
     config = load_run_config(CONFIG, [f"output_dir={tmp_path}", *overrides])
-    teacher = _model(64, 4, 0)
-    student = _model(64, 2, 1).train()
+    teacher, student = models or (_model(64, 4, 0), _model(64, 2, 1))
+    student.train()
     return MethodContext(
         config=config, teacher=teacher, student=student, layer_map=[0, 3],
         device=torch.device("cpu"), compute_dtype=None, run_dir=tmp_path, log=lambda _: None,
@@ -356,6 +358,130 @@ def test_mixup_draw_is_the_same_over_any_layout_of_ranks_and_resumes_exactly():
     assert on_two(torch.zeros(2, 3)) == {"mix_lambda": single[9], "ramp": 0.2}
     degenerate = MixupDraw(0.0, seed=5, rank=0, ranks=1, micro_batches_per_step=1, ramp="none")
     assert {degenerate(torch.zeros(2, 3))["mix_lambda"] for _ in range(5)} == {1.0}
+
+
+# ---------------------------------------------------------------------------- the Llama family
+# Grouped-query attention 4:2, RoPE, untied heads; Qwen3 adds q/k norm and a head width (16) other
+# than n_embd / n_head.
+FAMILY = {
+    "llama": dict(qkv_bias=False, out_bias=False, mlp_bias=False),
+    "qwen3": dict(qkv_bias=True, out_bias=True, mlp_bias=False, qk_norm=True, head_size=16),
+}
+
+
+def _family_model(family: str, n_embd: int, n_layer: int, seed: int, n_kv_head: int = 2) -> GPT:
+    torch.manual_seed(seed)
+    shape = GPTConfig(
+        101, n_positions=16, n_embd=n_embd, n_layer=n_layer, n_head=4, n_kv_head=n_kv_head,
+        n_inner=2 * n_embd, dropout=0.0, family=family, tie_word_embeddings=False,
+        **FAMILY[family],
+    )  # fmt: skip
+    model = GPT(shape)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+def direct_family_relations(model: GPT, ids: Tensor, lam: float, layer: int) -> list[Tensor]:
+    """The Q-Q, K-K, V-V relation probabilities of block ``layer`` on x_mix = lam wte(x) +
+    (1 - lam) wte(x_rev) (no position added: positions rotate q and k), written out: q and k
+    RMS-normed per head (Qwen3), then rotated by position (rotate-half, theta 10^4); Q per query
+    head [B, 4, T, T], K and V per key/value head [B, 2, T, T]."""
+    B, L = ids.shape
+    x = lam * model.wte.weight[ids] + (1 - lam) * model.wte.weight[ids.flip(0)]
+    for block in model.blocks[:layer]:
+        x = block(x)
+    block = model.blocks[layer]
+    attn = block.attn
+    d, h = attn.head_dim, attn.n_head
+    q, k, v = attn.qkv_proj(block.ln_1(x)).split([h * d, h // 2 * d, h // 2 * d], dim=2)
+    q, k, v = (t.view(B, L, -1, d) for t in (q, k, v))
+    if attn.q_norm is not None:
+        q, k = ((t * torch.rsqrt(t.square().mean(-1, keepdim=True) + 1e-5)) for t in (q, k))
+        q, k = q * attn.q_norm.weight, k * attn.k_norm.weight
+    angles = torch.arange(L)[:, None] * 10000.0 ** (-torch.arange(0, d, 2) / d)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # [T, 1, d]: per position, all heads
+
+    def rotate(t: Tensor) -> Tensor:
+        first, second = t.chunk(2, dim=-1)
+        return t * angles.cos() + torch.cat([-second, first], dim=-1) * angles.sin()
+
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    out = []
+    for t in (rotate(q), rotate(k), v):
+        t = t.transpose(1, 2)
+        scores = (t @ t.transpose(-2, -1)) / math.sqrt(d)
+        out.append(torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1))
+    return out
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize("family", FAMILY)
+def test_family_relations_are_of_the_normed_rotated_q_and_k_and_per_key_value_head(family, layer):
+    """Teacher (width 48, 3 blocks) and student (width 32, 2 blocks) pair their 4 query heads and
+    2 key/value heads; the loss, the consistency and the gradients equal the direct formulas, and
+    the K and V terms equal their per-query-head means after repetition (the same mean)."""
+    teacher = _family_model(family, 48, 3, 0)
+    student = _family_model(family, 32, 2, 1).train()
+    trained = MixupILD(
+        student, torch.nn.Identity(), LossSettings(), layer=layer, hidden=False, attention=False,
+        qkv=True, consistency_weight=W_IC, lm_loss=False,
+    )  # fmt: skip
+    tapper = MixupTapper(teacher, 2, hidden=False, attention=False, qkv=True, with_top=False)
+    ids, labels = _batch()
+    tapped = tapper(ids, mix_lambda=LAMBDA)
+    assert [r.shape[1] for r in tapped.relations] == [4, 2, 2]
+    loss, parts = trained(ids, labels, tapped, LAMBDA, RAMP)
+
+    r_t = direct_family_relations(teacher, ids, LAMBDA, 2)
+    for got, want in zip(tapped.relations, r_t, strict=True):
+        _close(got.exp(), want)
+    r_s = direct_family_relations(student, ids, LAMBDA, layer)
+    with torch.no_grad():
+        r_c = direct_family_relations(student, ids, 1.0, layer)
+    ild = sum(direct_kl(t, s) for t, s in zip(r_t, r_s, strict=True))
+    repeats = (1, 2, 2)  # each key/value head serves two query heads
+    per_query_head = sum(
+        direct_kl(t.repeat_interleave(n, 1), s.repeat_interleave(n, 1))
+        for t, s, n in zip(r_t, r_s, repeats, strict=True)
+    )
+    _close(per_query_head, ild)
+    consistency = sum(
+        LAMBDA * direct_kl(c, s) + (1 - LAMBDA) * direct_kl(c.flip(0), s)
+        for c, s in zip(r_c, r_s, strict=True)
+    )
+    _close(parts["loss_qkv"], ild.detach())
+    _close(parts["loss_consistency_qkv"], consistency.detach())
+    total = ild + W_IC * RAMP * consistency
+    _close(loss, total)
+    for got, want in zip(_grads(loss, trained), _grads(total, trained), strict=True):
+        _close(got, want)
+
+
+def test_family_heads_that_do_not_pair_are_refused_by_name_and_relations_count_gqa(tmp_path):
+    method = get_method("cr_ild")
+    teacher = _family_model("llama", 64, 4, 0)
+    mha = _family_model("llama", 64, 2, 1, n_kv_head=4)
+    with pytest.raises(
+        ModelMismatchError,
+        match=r"cr_ild.objects=qkv compares per-head distributions head by head: the student's "
+        r"block 1 has 4 key/value heads, the teacher's block 3 2",
+    ):
+        method.build("ild", _ctx(tmp_path, models=(teacher, mha)))
+    # Attention distributions are per query head: 4 and 4 pair.
+    ctx = _ctx(tmp_path, "cr_ild.objects=attention", models=(teacher, mha))
+    phase = method.build("ild", ctx)
+    ids, labels = _batch()
+    loss, _ = phase.trained(ids, labels, phase.tapper(ids, mix_lambda=LAMBDA), LAMBDA, RAMP)
+    assert torch.isfinite(loss)
+    # The relations' FLOPs: qkv_proj again, and X X^T for 4 query and 2 + 2 key/value heads.
+    gqa = _family_model("llama", 64, 2, 1)
+    ctx = _ctx(tmp_path, "cr_ild.consistency_weight=0", models=(teacher, gqa))
+    T, d = 16, 16
+    relations = forward_flops(gqa.blocks[1].attn.qkv_proj, T) + 2 * T * d * (4 + 2 + 2)
+    want = FROZEN * (forward_flops(teacher.blocks[:3], T) + relations)
+    want += TRAINED * (forward_flops(gqa.blocks[:1], T) + relations)
+    assert method.build("ild", ctx).flops_per_token(T) == want
 
 
 # ---------------------------------------------------------------------------- through the trainer

@@ -167,6 +167,39 @@ def test_subnet_flops_count_the_active_prefix(tiny_gpt):
     )
 
 
+# Llama-shaped (the families' test teacher): GQA 4:2 with head width 16, SwiGLU 128 wide, untied.
+LLAMA_TEACHER = GPTConfig(
+    family="llama", vocab_size=512, n_positions=64, n_embd=64, n_layer=4, n_head=4, n_kv_head=2,
+    n_inner=128, qkv_bias=False, out_bias=False, mlp_bias=False, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def test_family_sizes_count_grouped_kv_swiglu_and_the_untied_head_by_hand():
+    C, V, d, inner = 64, 512, 16, 128
+    unit = 2 * d * C + 2 * d * C + 2 * d * C  # two query heads, one k and one v head, out columns
+    neuron = 3 * C  # gate and up rows, down column
+    fixed = 2 * V * C + C + 4 * 2 * C  # embedding, untied head, final norm, two norms per block
+    prunable = 4 * (2 * unit + inner * neuron)
+    sizes = model_sizes(LLAMA_TEACHER, dataclasses.replace(LLAMA_TEACHER, n_layer=2))
+    assert (sizes.teacher, sizes.teacher_prunable) == (fixed + prunable, prunable)
+    assert sizes.student == 2 * V * C + C + 2 * 2 * C + 2 * (2 * unit + inner * neuron)
+    # 0.25 of the 8 key/value groups and of the 512 neurons go.
+    assert candidate_parameters(LLAMA_TEACHER, 0.25) == fixed + prunable - 2 * unit - 128 * neuron
+
+
+def test_family_subnet_flops_equal_the_extracted_models():
+    from ted_scale.model.pruning import mask_importance
+
+    torch.manual_seed(0)
+    model = GPT(LLAMA_TEACHER).eval()
+    g = torch.Generator().manual_seed(0)
+    importance = mask_importance(model, [(torch.randint(0, 512, (2, 16), generator=g),) * 2])
+    for s in (0.0, 0.3, 0.6, 0.9):
+        subnet = subnet_at(importance, s)
+        dense = extract(model, subnet)
+        assert subnet_flops(model, subnet, 64) == pytest.approx(forward_flops(dense.blocks, 64))
+
+
 def test_heldout_accuracy_is_the_fraction_of_greedy_hits(tiny_gpt):
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 101, (3, 20), generator=g)

@@ -176,7 +176,10 @@ def llama_config(**changes) -> GPTConfig:
         ({"family": "qwen3", "qk_norm": False}, r"family qwen3 has qk_norm=True"),
         ({"qkv_bias": True}, r"attention_bias\): qkv_bias=True but out_bias=False"),
         ({"n_kv_head": 3}, r"n_kv_head \(3\) must divide n_head \(4\)"),
-        ({"n_head_per_layer": [4, 2, 4]}, r"n_head_per_layer: per-block shapes .* family llama"),
+        (
+            {"n_head_per_layer": [4, 3, 4]},
+            r"n_head_per_layer\[1\] = 3 is not a whole number of key/value groups \(2 query heads",
+        ),
         ({"head_size": 15}, r"even head width, got 15"),
     ],
 )
@@ -199,8 +202,8 @@ def test_gqa_attention_kernels_agree_and_hand_over_the_attention_distribution():
     torch.testing.assert_close(eager.attention_log_probs.exp().sum(-1), torch.ones(2, 4, 32))
     assert model.wpe is None and model.lm_head_weight is model.unembed.weight
     torch.testing.assert_close(sdpa.last_hidden, model.ln_f(sdpa.hidden_states[2]))
-    with pytest.raises(ValueError, match=r"subnet: .* family gpt2 only, not yet for family llama"):
-        model(x, subnet=Subnet(heads=(4, 4, 4), inner=(96, 96, 96)))
+    with pytest.raises(ValueError, match=r"subnet heads\[1\] = 3 is not a whole number of key/"):
+        model(x, subnet=Subnet(heads=(4, 3, 4), inner=(96, 96, 96)))
 
 
 def test_a_student_copies_the_familys_parts_from_the_teacher():
@@ -219,3 +222,35 @@ def test_a_student_copies_the_familys_parts_from_the_teacher():
     assert {"unembed.weight", "blocks.1.mlp.gate_proj.weight", "blocks.1.attn.q_norm.weight"} <= (
         student.state_dict().keys()
     )
+
+
+@pytest.mark.parametrize(
+    ("case", "heads"),
+    [
+        ("llama-gqa-untied-llama3", (2, 0)),  # one of two key/value groups, then none
+        ("qwen2-gqa-tied-qkv_bias", (0, 2)),
+        ("qwen3-mqa-untied-qk_norm-head_dim", (4, 0)),  # one group of all four query heads
+    ],
+    ids=["llama-gqa", "qwen2-bias", "qwen3-mqa-norm"],
+)
+def test_a_pruned_family_model_exports_zero_padded_and_imports_trimmed(case, heads, tmp_path):
+    """Per-block shapes exported as HF's uniform shape, padded with zero heads (whole key/value
+    groups, biases and all) and zero neurons: HF's class computes the pruned model's logits, and
+    the import trims the padding back to the same tensors."""
+    from ted_scale.model.pruning import extract
+
+    hf_model(case).save_pretrained(tmp_path / "hf")
+    pruned = extract(load_pretrained(tmp_path / "hf"), Subnet(heads, (40, 7))).eval()
+    export_hf(pruned, tmp_path / "pruned")
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    assert type(auto).__name__ == CASES[case][1].__name__
+    assert auto.model.layers[1].self_attn.q_proj.weight.shape[0] == 4 * pruned.config.head_dim
+    assert auto.model.layers[0].mlp.gate_proj.weight.shape[0] == 40  # the widest block's
+    loaded = load_pretrained(tmp_path / "pruned").eval()
+    assert (loaded.config.layer_heads, loaded.config.layer_inner) == (heads, (40, 7))
+    theirs = loaded.state_dict()
+    for name, tensor in pruned.state_dict().items():
+        assert torch.equal(theirs[name], tensor), name
+    with torch.no_grad():
+        expected = pruned(ids()).logits
+        torch.testing.assert_close(auto(ids()).logits, expected, atol=1e-5, rtol=0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ted_scale.model import GPT
+from ted_scale.model import GPT, GPTConfig
 from ted_scale.model.gpt import Subnet
 from ted_scale.model.pruning import (
     Importance,
@@ -197,3 +197,112 @@ def test_bad_subnets_masks_and_sparsities_are_rejected(model):
         prune(model, 1.5, importance)
     with pytest.raises(ValueError, match="importance covers heads"):
         reorder(model, Importance(importance.heads[:2], importance.neurons[:2]))
+
+
+# ---------------------------------------------------------------------------- the Llama family
+# Grouped-query attention 4:2 (two units of two query heads per block), SwiGLU, an untied head;
+# Qwen2's q/k/v bias and Qwen3's q/k norm and head width (16, not 48 / 4) ride along.
+FAMILY_CASES = {
+    "llama": dict(family="llama", qkv_bias=False, out_bias=False, mlp_bias=False),
+    "qwen2-bias": dict(family="qwen2", out_bias=False, mlp_bias=False),
+    "qwen3-norm": dict(family="qwen3", qkv_bias=True, out_bias=True, mlp_bias=False, qk_norm=True,
+                       head_size=16),
+}  # fmt: skip
+
+
+def family_model(case: str) -> GPT:
+    torch.manual_seed(0)
+    config = GPTConfig(
+        vocab_size=101, n_positions=64, n_embd=48, n_layer=4, n_head=4, n_kv_head=2, n_inner=64,
+        dropout=0.0, tie_word_embeddings=False, **FAMILY_CASES[case],
+    )  # fmt: skip
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def test_a_units_importance_is_the_mask_gradient_its_query_heads_share():
+    """A unit is a key/value group: its two query heads take one mask, so its score is the
+    absolute value of the sum of their per-head mask gradients (not the sum of their absolute
+    values), summed over batches; SwiGLU neurons keep one mask each."""
+    model = family_model("qwen3-norm")
+    batches = calibration(2)
+    importance = mask_importance(model, batches, fused=False)
+    assert importance.group_size == 2 and [len(v) for v in importance.heads] == [2] * 4
+    units, neurons = torch.zeros(4, 2), torch.zeros(4, 64)
+    for batch in batches:
+        heads = [torch.ones(4, requires_grad=True) for _ in range(4)]
+        ffn = [torch.ones(64, requires_grad=True) for _ in range(4)]
+        loss = loss_of(model, batch, head_mask=heads, neuron_mask=ffn)
+        grads = torch.autograd.grad(loss, heads + ffn)
+        units += torch.stack(grads[:4]).view(4, 2, 2).sum(-1).abs()
+        neurons += torch.stack(grads[4:]).abs()
+    torch.testing.assert_close(torch.stack(importance.heads), units)
+    torch.testing.assert_close(torch.stack(importance.neurons), neurons)
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_a_pruned_family_model_equals_the_masked_and_the_prefix_of_the_reordered_one(case):
+    model = family_model(case)
+    importance = mask_importance(model, calibration(2))
+    ids = torch.randint(0, 101, (2, 32))
+    before = model(ids).logits
+    pruned = {s: prune(model, s, importance) for s in SPARSITIES}  # from the original order
+    ordered = reorder(model, importance)
+    torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=0)
+    for s, dense in pruned.items():
+        subnet = subnet_at(ordered, s)
+        assert all(h % 2 == 0 for h in subnet.heads)  # whole key/value groups
+        assert (dense.config.layer_heads, dense.config.layer_inner) == (subnet.heads, subnet.inner)
+        heads, neurons = subnet_masks(model.config, subnet)
+        expected = dense(ids).logits
+        for logits in (
+            model(ids, subnet=subnet).logits,
+            model(ids, head_mask=heads, neuron_mask=neurons).logits,
+            extract(model, subnet)(ids).logits,
+        ):
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_pruning_keeps_each_swiglu_neuron_and_each_key_value_group_whole():
+    """Every kept neuron of the pruned model is one neuron of the original across its gate and
+    up rows and down column; every kept key/value head comes with its own group's query heads,
+    value head, output columns and biases."""
+    model = family_model("qwen2-bias")
+    pruned = prune(model, 0.5, mask_importance(model, calibration(2)))
+    d = model.config.head_dim
+
+    def unit(t: torch.Tensor, i: int, width: int) -> torch.Tensor:
+        return t[..., i * width : (i + 1) * width]
+
+    for block, small in zip(model.blocks, pruned.blocks, strict=True):
+        gate, up, down = (getattr(block.mlp, f"{p}_proj").weight for p in ("gate", "up", "down"))
+        for j, row in enumerate(small.mlp.gate_proj.weight):
+            (i,) = [i for i in range(64) if torch.equal(gate[i], row)]
+            assert torch.equal(up[i], small.mlp.up_proj.weight[j])
+            assert torch.equal(down[:, i], small.mlp.down_proj.weight[:, j])
+        kept = small.attn.n_head // 2  # key/value groups of two query heads
+        # Rows of q, k, v as the last dimension: [C + 1, rows], the bias the last column.
+        full, cut = (
+            torch.cat([a.qkv_proj.weight, a.qkv_proj.bias[:, None]], dim=1).T
+            for a in (block.attn, small.attn)
+        )
+        q, k, v = full.split([4 * d, 2 * d, 2 * d], dim=1)
+        sq, sk, sv = cut.split([2 * kept * d, kept * d, kept * d], dim=1)
+        for u in range(kept):
+            (i,) = [i for i in range(2) if torch.equal(unit(k, i, d), unit(sk, u, d))]
+            assert torch.equal(unit(v, i, d), unit(sv, u, d))
+            assert torch.equal(unit(q, i, 2 * d), unit(sq, u, 2 * d))
+            assert torch.equal(
+                unit(block.attn.out_proj.weight, i, 2 * d),
+                unit(small.attn.out_proj.weight, u, 2 * d),
+            )
+    assert pruned.config.layer_heads != model.config.layer_heads
+    with pytest.raises(ValueError, match=r"subnet heads\[0\] = 3 is not a whole number of key/"):
+        extract(model, Subnet((3, 4, 4, 4), (64,) * 4))
+    with pytest.raises(
+        ValueError, match=r"importance scores units of 1 query heads, but the model"
+    ):
+        reorder(model, Importance([torch.ones(4)] * 4, [torch.ones(64)] * 4))

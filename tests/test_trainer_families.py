@@ -1,5 +1,7 @@
-"""Llama-family teachers in the trainer (one process): TED and KD train end to end and the student
-exports to its teacher's HF class; what is GPT-2 only for now is refused before training."""
+"""Llama-family teachers in the trainer (one process): every method trains end to end (CR-ILD on
+relations of grouped heads, MiniDisc pruning whole key/value groups) and the student, and
+MiniDisc's TA, export to the teacher's HF class; tensor parallelism, GPT-2 only for now, is
+refused before training."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from transformers import (
 from ted_scale.data.tokenizer import load_tokenizer
 from ted_scale.distill.methods import get_method, load_run_config
 from ted_scale.distill.run_models import build_run_models
+from ted_scale.io import read_safetensors
 from ted_scale.model import ModelMismatchError, load_pretrained
 from ted_scale.train.trainer import Trainer
 
@@ -69,17 +72,49 @@ def _config(name: str, data: Path, out: Path, teacher: Path, *overrides: str):
     )
 
 
-def _assert_export_matches(run: Path, student: torch.nn.Module, family_class: str) -> None:
-    """The run's exported student loads in AutoModelForCausalLM, as its teacher's class, with the
-    trained student's logits."""
-    auto = AutoModelForCausalLM.from_pretrained(run / "student_hf").eval()
+@pytest.fixture
+def qwen3_teacher(tiny_data, tmp_path) -> Path:
+    """Per-head q/k norm, head_dim 32 (not hidden / heads), q/k/v and output biases, GQA 4:2."""
+    config = Qwen3Config(
+        **SHAPE, num_key_value_heads=2, head_dim=32, attention_bias=True, tie_word_embeddings=False
+    )
+    return _teacher_folder(tmp_path / "qwen3", tiny_data, config)
+
+
+HF_CLASS = {"llama_teacher": "LlamaForCausalLM", "qwen3_teacher": "Qwen3ForCausalLM"}
+"""The HF class each teacher fixture's exports load as."""
+
+
+def _assert_export_matches(
+    run: Path, student: torch.nn.Module, family_class: str, folder: str = "student_hf"
+) -> None:
+    """The run's exported ``folder`` loads in AutoModelForCausalLM, as its teacher's class, with
+    the logits of ``student`` (the model it exported)."""
+    auto = AutoModelForCausalLM.from_pretrained(run / folder).eval()
     assert type(auto).__name__ == family_class
     ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = student.eval()(ids).logits
         torch.testing.assert_close(auto(ids).logits, expected, atol=1e-5, rtol=0)
-        reloaded = load_pretrained(run / "student_hf").eval()
+        reloaded = load_pretrained(run / folder).eval()
         torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def _record_phases(trainer: Trainer) -> list:
+    """The phases the trainer's method builds from now on, in order (CR-ILD's Stage II builds its
+    own student, the one it exports)."""
+    phases, build = [], trainer.method.build
+
+    def recorded(name: str, ctx):
+        phases.append(build(name, ctx))
+        return phases[-1]
+
+    trainer.method.build = recorded
+    return phases
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_ted_distils_a_llama_teacher_end_to_end(tiny_data, tmp_path, llama_teacher):
@@ -134,19 +169,55 @@ def test_the_other_methods_of_every_family_train_from_a_llama_teacher(
     assert (run / "student_hf" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("method", ["cr_ild", "minidisc"])
-def test_a_method_implemented_for_gpt2_only_refuses_a_llama_teacher_before_training(
-    tiny_data, tmp_path, llama_teacher, method
-):
+@pytest.mark.parametrize(
+    ("teacher", "objects"),
+    [("llama_teacher", "qkv"), ("llama_teacher", "hidden"), ("qwen3_teacher", "qkv")],
+)
+def test_cr_ild_distils_a_family_teacher_end_to_end(tiny_data, tmp_path, request, teacher, objects):
+    folder = request.getfixturevalue(teacher)
     run = tmp_path / "run"
-    config = _config(f"tiny-{method.replace('_', '-')}.yaml", tiny_data, run, llama_teacher)
-    with pytest.raises(
-        ModelMismatchError,
-        match=rf"method={method} is implemented for model families gpt2 only, and the teacher "
-        rf"\({llama_teacher}\) is family llama",
-    ):
-        Trainer(config)
-    assert not (run / "checkpoints").exists()
+    config = _config("tiny-cr-ild.yaml", tiny_data, run, folder, f"cr_ild.objects={objects}")
+    trainer = Trainer(config)
+    phases = _record_phases(trainer)
+    trainer.run()
+    metrics = _metrics(run)
+    assert [r["stage"] for r in metrics] == ["ild"] * 2 + ["stage2"] * 3
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in metrics)
+    assert all(r[f"loss_{objects}"] > 0 for r in metrics[:2])
+    _assert_export_matches(run, phases[-1].evaluated, HF_CLASS[teacher])  # Stage II's student
+
+
+@pytest.mark.parametrize("teacher", ["llama_teacher", "qwen3_teacher"])
+def test_minidisc_prunes_a_family_teacher_into_a_ta_that_exports_to_its_class(
+    tiny_data, tmp_path, request, teacher
+):
+    from ted_scale.distill.methods.minidisc import sorted_importance
+    from ted_scale.model.pruning import Importance, extract, subnet_at
+
+    folder = request.getfixturevalue(teacher)
+    run = tmp_path / "run"
+    steps = ["minidisc.sandwich.max_steps=2", "log.interval=1"]
+    trainer = Trainer(_config("tiny-minidisc.yaml", tiny_data, run, folder, *steps))
+    trainer.run()
+    metrics = _metrics(run)
+    assert {r["stage"] for r in metrics} == {"sandwich", "final_stage1_teacher", "final_stage2"}
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in metrics)
+    report = json.loads((run / "minidisc.json").read_text())
+    for row in report["candidates"]:
+        assert report["teacher_parameters"] > row["parameters"] > report["student_parameters"]
+    # The TA is the shared weights' prefix at the chosen sparsity, whole key/value groups kept.
+    saved = read_safetensors(run / "minidisc" / "importance.safetensors")[0]
+    importance = Importance(
+        [saved[f"heads.{i}"] for i in range(4)],
+        [saved[f"neurons.{i}"] for i in range(4)],
+        group_size=2,
+    )
+    subnet = subnet_at(sorted_importance(importance), report["ta"]["sparsity"])
+    assert all(h % 2 == 0 for h in subnet.heads)
+    ta = extract(load_pretrained(run / "minidisc" / "ta_shared_hf"), subnet)
+    assert ta.num_params() == report["ta"]["parameters"]
+    _assert_export_matches(run, ta, HF_CLASS[teacher], folder="ta_hf")
+    _assert_export_matches(run, trainer.student, HF_CLASS[teacher])
 
 
 @pytest.mark.parametrize(

@@ -7,13 +7,14 @@ Qwen3), which ``GPTConfig.family`` tells apart.
   by ``n_head / n_kv_head`` query heads each), optional q/k/v bias (Qwen2), optional RMSNorm of
   each head's q and k (Qwen3), tied or untied LM head.
 
-Blocks may differ in shape (a pruned GPT-2, docs/design.md "Models of non-uniform shape"): block l
-has its own head count h_l, each head ``head_dim`` wide, and its own FFN width.
+Blocks may differ in shape (a pruned model, docs/design.md "Models of non-uniform shape"): block l
+has its own head count h_l, each head ``head_dim`` wide (in the Llama family a whole number of
+key/value groups), and its own FFN width.
 
 Projection names are chosen so tensor parallelism can shard them by name:
 ``attn.qkv_proj`` (column-parallel; its output rows are [q; k; v]: ``h_l * head_dim`` rows of q,
-then ``n_kv_head * head_dim`` of k and of v, each head by head; GPT-2 has as many k and v heads as
-q heads), ``attn.out_proj`` (row-parallel), ``mlp.up_proj`` (column-parallel), ``mlp.down_proj``
+then ``h_l / kv_groups * head_dim`` of k and of v, each head by head; GPT-2 has as many k and v
+heads as q heads), ``attn.out_proj`` (row-parallel), ``mlp.up_proj`` (column-parallel), ``mlp.down_proj``
 (row-parallel); SwiGLU adds ``mlp.gate_proj`` (shaped as ``up_proj``).
 """
 
@@ -24,7 +25,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +90,7 @@ class GPTConfig:
     HF names are given beside the fields that differ).
 
     ``n_head`` fixes the head width ``head_dim = n_embd / n_head`` (unless ``head_size`` sets it);
-    a pruned GPT-2 keeps fewer heads in some blocks (``n_head_per_layer``) and narrower FFNs
+    a pruned model keeps fewer heads in some blocks (``n_head_per_layer``) and narrower FFNs
     (``n_inner_per_layer``). Every default means GPT-2, so a GPT-2 config sets none of the fields
     after ``n_inner_per_layer``.
     """
@@ -104,7 +105,8 @@ class GPTConfig:
     n_inner: int | None = None
     """FFN width of every block (HF's name); null = 4 * n_embd."""
     n_head_per_layer: list[int] | None = None
-    """Heads of each block, each in 0..n_head (a pruned model); null = n_head in every block."""
+    """Heads of each block, each in 0..n_head (a pruned model; the Llama family keeps whole
+    key/value groups, so each is a multiple of n_head / n_kv_head); null = n_head in every block."""
     n_inner_per_layer: list[int] | None = None
     """FFN width of each block, each >= 0 (a pruned model); null = n_inner in every block."""
     family: Family = "gpt2"
@@ -166,7 +168,7 @@ class GPTConfig:
 
     def _check_family(self) -> None:
         """Refuse, naming the field, a setting the family's HF class cannot hold (so every model
-        exports exactly), and per-block shapes outside GPT-2."""
+        exports exactly), and a block that splits a key/value group."""
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
         if self.family == "gpt2":
@@ -177,12 +179,6 @@ class GPTConfig:
                         f"takes {gpt2!r} (set family: llama, mistral, qwen2 or qwen3)"
                     )
             return
-        for name in ("n_head_per_layer", "n_inner_per_layer"):
-            if getattr(self, name) is not None:
-                raise ValueError(
-                    f"{name}: per-block shapes (pruned models) are supported for family gpt2 "
-                    f"only, not yet for family {self.family}"
-                )
         for name, value in _FAMILY_FIXED[self.family].items():
             if getattr(self, name) != value:
                 raise ValueError(f"family {self.family} has {name}={value} (its HF class fixes it)")
@@ -199,6 +195,13 @@ class GPTConfig:
                 raise ValueError(f"{name} must be a positive integer or null, got {value!r}")
         if self.n_head % self.kv_heads:
             raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        for i, heads in enumerate(self.layer_heads):
+            if heads % self.kv_groups:
+                raise ValueError(
+                    f"n_head_per_layer[{i}] = {heads} is not a whole number of key/value groups "
+                    f"({self.kv_groups} query heads each): a pruned block keeps or drops whole "
+                    'groups (docs/design.md, "Pruning")'
+                )
         if self.head_dim % 2:
             raise ValueError(f"the rotary embedding needs an even head width, got {self.head_dim}")
         if not self.rope_theta > 0:
@@ -212,6 +215,11 @@ class GPTConfig:
     def kv_heads(self) -> int:
         """Key/value heads of a full block (n_head unless grouped-query attention)."""
         return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.n_head // self.kv_heads
 
     @property
     def llama_like(self) -> bool:
@@ -230,21 +238,54 @@ class GPTConfig:
         return tuple(self.n_inner_per_layer or [width] * self.n_layer)
 
 
-# Per-block tensors whose width follows the block's heads or FFN neurons:
-# name suffix -> (dimension, equal groups along it ([q; k; v] is 3), "heads" | "inner").
+Unit = Literal["q", "kv", "neuron"]
+"""What one pruning unit holds in a part of a shaped tensor: the query heads of one key/value
+group (``kv_groups * head_dim`` features), one key/value head (``head_dim``), one FFN neuron (1)."""
+
+
+class Shaped(NamedTuple):
+    """A per-block tensor whose width follows the block's attention units (key/value groups with
+    their query heads; one head each in GPT-2) or FFN neurons: along ``dim`` it is the consecutive
+    ``parts``, each holding every unit's features in unit order."""
+
+    dim: int
+    kind: Literal["groups", "neurons"]
+    parts: tuple[Unit, ...]
+
+
+# Name suffix -> its shape. SwiGLU's gate, up and down projections share the neurons.
 SHAPED_TENSORS = {
-    "attn.qkv_proj.weight": (0, 3, "heads"),
-    "attn.qkv_proj.bias": (0, 3, "heads"),
-    "attn.out_proj.weight": (1, 1, "heads"),
-    "mlp.up_proj.weight": (0, 1, "inner"),
-    "mlp.up_proj.bias": (0, 1, "inner"),
-    "mlp.down_proj.weight": (1, 1, "inner"),
+    "attn.qkv_proj.weight": Shaped(0, "groups", ("q", "kv", "kv")),
+    "attn.qkv_proj.bias": Shaped(0, "groups", ("q", "kv", "kv")),
+    "attn.out_proj.weight": Shaped(1, "groups", ("q",)),
+    "mlp.gate_proj.weight": Shaped(0, "neurons", ("neuron",)),
+    "mlp.gate_proj.bias": Shaped(0, "neurons", ("neuron",)),
+    "mlp.up_proj.weight": Shaped(0, "neurons", ("neuron",)),
+    "mlp.up_proj.bias": Shaped(0, "neurons", ("neuron",)),
+    "mlp.down_proj.weight": Shaped(1, "neurons", ("neuron",)),
 }
+
+
+def split_units(t: Tensor, shaped: Shaped, config: GPTConfig) -> list[Tensor]:
+    """The parts of a shaped tensor ``t``, each with ``shaped.dim`` unflattened into
+    (units, the unit's features there): e.g. qkv_proj.weight [(g + 2) u d, C] ->
+    [u, g d, C], [u, d, C], [u, d, C] for u groups of g query heads each ``d`` wide."""
+    width = {"q": config.kv_groups * config.head_dim, "kv": config.head_dim, "neuron": 1}
+    widths = [width[part] for part in shaped.parts]
+    units = t.shape[shaped.dim] // sum(widths)
+    pieces = t.split([units * w for w in widths], dim=shaped.dim)
+    return [p.unflatten(shaped.dim, (units, w)) for p, w in zip(pieces, widths, strict=True)]
+
+
+def join_units(parts: Sequence[Tensor], dim: int) -> Tensor:
+    """The inverse of ``split_units``: the parts flattened back and concatenated along ``dim``."""
+    return torch.cat([p.flatten(dim, dim + 1) for p in parts], dim=dim)
 
 
 @dataclass(frozen=True)
 class Subnet:
-    """A prefix sub-network: block l keeps its first ``heads[l]`` heads and ``inner[l]`` neurons.
+    """A prefix sub-network: block l keeps its first ``heads[l]`` heads and ``inner[l]`` neurons
+    (heads in whole key/value groups: a multiple of ``GPTConfig.kv_groups``).
 
     Passed to :meth:`GPT.forward`, it runs that sub-network on the shared weights (no copy), so
     many candidates of one model can be trained together; ``pruning.extract`` copies it out.
@@ -266,6 +307,12 @@ class Subnet:
             for i, (h, n) in enumerate(zip(have, limit, strict=True)):
                 if not 0 <= h <= n:
                     raise ValueError(f"subnet {name}[{i}] = {h} outside 0..{n} (the model's)")
+        for i, h in enumerate(self.heads):
+            if h % config.kv_groups:
+                raise ValueError(
+                    f"subnet heads[{i}] = {h} is not a whole number of key/value groups "
+                    f"({config.kv_groups} query heads each)"
+                )
 
     def apply_to(self, config: GPTConfig) -> GPTConfig:
         """The config of the dense model holding just this sub-network."""
@@ -295,33 +342,51 @@ class GPTOutput:
 
 
 class PrefixLinear(nn.Linear):
-    """``nn.Linear`` that can run on a prefix of its features: of its outputs (``dim=0``), in each
-    of ``groups`` equal parts (qkv's [q; k; v]), or of its inputs (``dim=1``).
+    """``nn.Linear`` that can run on a prefix of its features: of its inputs (``dim=1``), or of its
+    outputs (``dim=0``) in each of the consecutive ``parts`` at once, ``parts`` giving their
+    relative widths (qkv's [q; k; v] is (g, 1, 1): g query heads per key/value head).
 
     The slicing happens in this module's own forward, so an engine that gathers a module's weights
     around its forward (ZeRO-3) sees them whole. A zero-width layer (fully pruned) is allowed.
     """
 
     def __init__(
-        self, d_in: int, d_out: int, *, dim: int = 0, groups: int = 1, bias: bool = True
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        dim: int = 0,
+        parts: tuple[int, ...] = (1,),
+        bias: bool = True,
     ) -> None:
         with warnings.catch_warnings():  # a zero-width weight's initialisation is a no-op
             warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
             super().__init__(d_in, d_out, bias=bias)
         self.dim = dim
-        self.groups = groups
+        self.parts = parts
 
     def forward(self, x: Tensor, keep: int | None = None) -> Tensor:
-        """x [..., d_in] -> [..., d_out]; with ``keep``, only the first ``keep`` features (per
-        group) of the sliced side take part: [..., groups * keep] out, or [..., keep] in."""
-        full = self.in_features if self.dim == 1 else self.out_features // self.groups
+        """x [..., d_in] -> [..., d_out]; with ``keep``, only the first ``keep`` features of the
+        sliced side take part: of the inputs ([..., keep] in), or of the first output part and
+        as many in proportion of the others ([..., keep * sum(parts) / parts[0]] out)."""
+        unit = self.out_features // sum(self.parts)
+        full = self.in_features if self.dim == 1 else unit * self.parts[0]
         if keep is None or keep == full:
             return super().forward(x)
         if self.dim == 1:
             return F.linear(x, self.weight[:, :keep], self.bias)
-        w = self.weight.view(self.groups, full, self.in_features)[:, :keep]
-        b = self.bias.view(self.groups, full)[:, :keep]
-        return F.linear(x, w.reshape(-1, self.in_features), b.reshape(-1))
+        sizes = [unit * p for p in self.parts]
+        kept = [keep * p // self.parts[0] for p in self.parts]
+        bias = None if self.bias is None else _prefix_rows(self.bias, sizes, kept)
+        return F.linear(x, _prefix_rows(self.weight, sizes, kept), bias)
+
+
+def _prefix_rows(t: Tensor, sizes: list[int], kept: list[int]) -> Tensor:
+    """The first ``kept[i]`` rows of each consecutive part of ``t`` (``sizes[i]`` rows each); a
+    view when there is one part."""
+    if len(sizes) == 1:
+        return t[: kept[0]]
+    return torch.cat([part[:k] for part, k in zip(t.split(sizes), kept, strict=True)])
 
 
 def _project(proj: PrefixLinear, x: Tensor, keep: int | None) -> Tensor:
@@ -396,11 +461,11 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = n_head
         self.head_dim = config.head_dim
-        self.kv_groups = config.n_head // config.kv_heads
+        self.kv_groups = config.kv_groups
         width = n_head * config.head_dim
         kv_width = width // self.kv_groups
         self.qkv_proj = PrefixLinear(
-            config.n_embd, width + 2 * kv_width, groups=3, bias=config.qkv_bias
+            config.n_embd, width + 2 * kv_width, parts=(self.kv_groups, 1, 1), bias=config.qkv_bias
         )
         self.out_proj = PrefixLinear(width, config.n_embd, dim=1, bias=config.out_bias)
         self.q_norm = RMSNorm(self.head_dim, config.layer_norm_epsilon) if config.qk_norm else None
@@ -419,6 +484,24 @@ class CausalSelfAttention(nn.Module):
         """Query heads of a ``qkv_proj`` output ``qkv_width`` wide: (h + 2 h / kv_groups) heads."""
         return qkv_width * self.kv_groups // ((self.kv_groups + 2) * self.head_dim)
 
+    def split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A ``qkv_proj`` output [B, T, (h + 2 h / kv_groups) * head_dim] -> q [B, h, T, head_dim]
+        and k, v [B, h / kv_groups, T, head_dim] as the attention compares them: q and k after
+        the q/k norm (Qwen3) and the rotation (the Llama family), key/value heads not repeated."""
+        B, T, _ = qkv.shape
+        h = self.query_heads(qkv.shape[-1])
+        kv_width = h // self.kv_groups * self.head_dim
+        q, k, v = qkv.split([h * self.head_dim, kv_width, kv_width], dim=2)
+        # [B, T, heads * head_dim] -> [B, T, heads, head_dim]
+        q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # -> [B, heads, T, head_dim]
+        if self.rotary is not None:
+            cos, sin = rotary_cos_sin(self.rotary, T, qkv.device)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return q, k, v
+
     def forward(
         self,
         x: Tensor,
@@ -427,8 +510,9 @@ class CausalSelfAttention(nn.Module):
         *,
         return_log_probs: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """x [B, T, C] -> [B, T, C], using the first ``n_active`` heads (default all);
-        ``head_mask`` [n_head] scales each head's output (its first ``n_active`` entries used).
+        """x [B, T, C] -> [B, T, C], using the first ``n_active`` heads (default all; whole
+        key/value groups); ``head_mask`` [n_head] scales each head's output (its first
+        ``n_active`` entries used).
         With ``return_log_probs`` also the attention log-probabilities [B, h, T, T], computed by
         the explicit softmax path."""
         B, T, _ = x.shape
@@ -443,16 +527,7 @@ class CausalSelfAttention(nn.Module):
             # rank holding none of a sub-network's heads joins its peers' collectives there.
             y, log_probs = qkv[..., :0], x.new_zeros(B, 0, T, T)
         else:
-            kv_width = h // g * self.head_dim
-            q, k, v = qkv.split([h * self.head_dim, kv_width, kv_width], dim=2)
-            # [B, T, heads * head_dim] -> [B, T, heads, head_dim]
-            q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))
-            if self.q_norm is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # -> [B, heads, T, head_dim]
-            if self.rotary is not None:
-                cos, sin = rotary_cos_sin(self.rotary, T, x.device)
-                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k, v = self.split_heads(qkv)
             if g > 1:  # grouped-query attention: each key/value head serves g query heads
                 k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
             dropout_p = self.attn_dropout if self.training else 0.0
@@ -636,8 +711,8 @@ class GPT(nn.Module):
             the explicit softmax path; the others keep the configured kernel).
         return_logits: compute logits [B, T, V]; pass False when the loss fuses the LM head.
         stop_after: skip every block after this index (and the final norm and head).
-        subnet: run only this prefix sub-network of the shared weights (docs/design.md; GPT-2
-            only for now).
+        subnet: run only this prefix sub-network of the shared weights (docs/design.md,
+            "Sub-networks on shared weights, and masks").
         head_mask: per block, [heads of that block] factors on each head's output.
         neuron_mask: per block, [FFN width of that block] factors on each neuron's activation.
         """
@@ -652,11 +727,6 @@ class GPT(nn.Module):
         if checked and (min(checked) < 0 or max(checked) >= len(self.blocks)):
             raise ValueError(f"output_layers {sorted(checked)} outside 0..{len(self.blocks) - 1}")
         if subnet is not None:
-            if self.config.llama_like:
-                raise ValueError(
-                    f"subnet: prefix sub-networks are supported for family gpt2 only, not yet "
-                    f"for family {self.config.family}"
-                )
             subnet.check(self.config)
         if attention_layer is not None and (subnet or head_mask or neuron_mask):
             raise ValueError("attention_layer does not combine with subnet or masks")

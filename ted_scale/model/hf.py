@@ -11,17 +11,19 @@ HF's GPT-2 stores its projections as ``Conv1D`` (weight [in, out]); ours are ``n
 (weight [out, in]), so those weights are transposed on the way in and out.
 
 A model of non-uniform shape (docs/design.md "Models of non-uniform shape") is exported zero-padded
-to ``n_head`` heads and the widest FFN in every block: a padded head has zero q, k, v and output
-weights and a padded neuron zero weights and bias, so it adds exactly nothing (gelu(0) = 0) and HF
-computes the same logits. transformers 5 has no head pruning (``pruned_heads`` is gone) and GPT-2
-has one ``n_inner`` for all blocks, so padding is the exact form HF loads. The true shape is kept in
-the config as ``n_head_per_layer`` / ``n_inner_per_layer`` (keys HF ignores), and import trims the
-padding back, refusing if a padded entry is not zero.
+to ``n_head`` heads (``n_kv_head`` key/value groups) and the widest FFN in every block: a padded
+head has zero q, k, v and output weights and biases, so it attends uniformly to zero values, and a
+padded neuron zero weights and biases (gelu(0) = silu(0) * 0 = 0): they add exactly nothing and HF
+computes the same logits. transformers 5 has no head pruning (``pruned_heads`` is gone) and every
+HF class here has one head count and one FFN width for all blocks, so padding is the exact form HF
+loads. The true shape is kept in the config as ``n_head_per_layer`` / ``n_inner_per_layer`` (keys
+HF keeps and ignores), and import trims the padding back, refusing if a padded entry is not zero.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,7 +46,15 @@ from transformers import (
 )
 
 from ted_scale.io import atomic_replace_dir
-from ted_scale.model.gpt import GPT, SHAPED_TENSORS, GPTConfig, RopeScaling
+from ted_scale.model.gpt import (
+    GPT,
+    SHAPED_TENSORS,
+    GPTConfig,
+    RopeScaling,
+    Shaped,
+    join_units,
+    split_units,
+)
 
 # family (HF model_type) -> (HF config class, HF model class).
 HF_CLASSES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
@@ -141,9 +151,14 @@ def config_from_hf(hf_config: PretrainedConfig, *, dropout: float | None = None)
         dropout=hf_config.resid_pdrop if dropout is None else dropout,
         layer_norm_epsilon=hf_config.layer_norm_epsilon,
         n_inner=hf_config.n_inner,
-        n_head_per_layer=getattr(hf_config, "n_head_per_layer", None),
-        n_inner_per_layer=getattr(hf_config, "n_inner_per_layer", None),
+        **_true_shape_from_hf(hf_config),
     )
+
+
+def _true_shape_from_hf(hf_config: PretrainedConfig) -> dict[str, list[int] | None]:
+    """The true per-block shape a padded export keeps in its config (absent: uniform)."""
+    keys = ("n_head_per_layer", "n_inner_per_layer")
+    return {key: getattr(hf_config, key, None) for key in keys}
 
 
 def _llama_config_from_hf(hf: PretrainedConfig, *, dropout: float | None) -> GPTConfig:
@@ -180,6 +195,7 @@ def _llama_config_from_hf(hf: PretrainedConfig, *, dropout: float | None) -> GPT
         n_kv_head=hf.num_key_value_heads,
         head_size=None if head_dim in (None, hf.hidden_size / hf.num_attention_heads) else head_dim,
         n_inner=hf.intermediate_size,
+        **_true_shape_from_hf(hf),
         dropout=hf.attention_dropout if dropout is None else dropout,
         layer_norm_epsilon=hf.rms_norm_eps,
         qkv_bias=family == "qwen2" or attention_bias,
@@ -252,11 +268,6 @@ def config_to_hf(config: GPTConfig, *, eos_token_id: int | None = None) -> Pretr
     if config.llama_like:
         return _llama_config_to_hf(config, eos)
     inner = _hf_inner(config)
-    shape = {}  # the true shape of a non-uniform model; HF itself sees the padded one
-    if any(h != config.n_head for h in config.layer_heads):
-        shape["n_head_per_layer"] = list(config.layer_heads)
-    if any(n != inner for n in config.layer_inner):
-        shape["n_inner_per_layer"] = list(config.layer_inner)
     return GPT2Config(
         vocab_size=config.vocab_size,
         n_positions=config.n_positions,
@@ -272,8 +283,19 @@ def config_to_hf(config: GPTConfig, *, eos_token_id: int | None = None) -> Pretr
         bos_token_id=eos,
         eos_token_id=eos,
         tie_word_embeddings=True,
-        **shape,
+        **_true_shape_to_hf(config),
     )
+
+
+def _true_shape_to_hf(config: GPTConfig) -> dict[str, list[int]]:
+    """The true shape of a non-uniform model, for its HF config (HF itself sees the padded one);
+    nothing for a uniform model."""
+    shape = {}
+    if any(h != config.n_head for h in config.layer_heads):
+        shape["n_head_per_layer"] = list(config.layer_heads)
+    if any(n != _hf_inner(config) for n in config.layer_inner):
+        shape["n_inner_per_layer"] = list(config.layer_inner)
+    return shape
 
 
 def _llama_config_to_hf(config: GPTConfig, eos: int) -> PretrainedConfig:
@@ -304,6 +326,7 @@ def _llama_config_to_hf(config: GPTConfig, eos: int) -> PretrainedConfig:
         bos_token_id=eos,
         eos_token_id=eos,
         **own,
+        **_true_shape_to_hf(config),
     )
 
 
@@ -312,30 +335,52 @@ def _hf_inner(config: GPTConfig) -> int:
     return max(config.layer_inner, default=4 * config.n_embd)
 
 
-def _fit(t: Tensor, dim: int, groups: int, size: int, *, name: str) -> Tensor:
-    """Zero-pad or trim each of the ``groups`` equal parts of ``t`` along ``dim`` to ``size``;
-    trimming refuses to drop a nonzero entry (that would change the model's outputs)."""
-    parts = t.unflatten(dim, (groups, t.shape[dim] // groups))
-    have = parts.shape[dim + 1]
-    if size < have:
-        if parts.narrow(dim + 1, size, have - size).any():
-            raise CheckpointMismatchError(
-                f"tensor {name!r}: entries beyond width {size} (the block's declared shape) are "
-                "not zero, so they are not padding"
-            )
-        parts = parts.narrow(dim + 1, 0, size)
-    elif size > have:
-        pad = list(parts.shape)
-        pad[dim + 1] = size - have
-        parts = torch.cat([parts, parts.new_zeros(pad)], dim=dim + 1)
-    return parts.flatten(dim, dim + 1)
+def _fit(t: Tensor, shaped: Shaped, config: GPTConfig, units: int, *, name: str) -> Tensor:
+    """Zero-pad or trim every part of the shaped block tensor ``t`` to ``units`` units (key/value
+    groups or neurons); trimming refuses to drop a nonzero entry (that would change the model's
+    outputs)."""
+    dim, parts = shaped.dim, split_units(t, shaped, config)
+    if all(part.shape[dim] == units for part in parts):
+        return t
+    fitted = []
+    for part in parts:
+        have = part.shape[dim]
+        if units < have:
+            if part.narrow(dim, units, have - units).any():
+                raise CheckpointMismatchError(
+                    f"tensor {name!r}: entries beyond the block's {units} {shaped.kind} (its "
+                    "declared shape) are not zero, so they are not padding"
+                )
+            part = part.narrow(dim, 0, units)
+        elif units > have:
+            pad = list(part.shape)
+            pad[dim] = units - have
+            part = torch.cat([part, part.new_zeros(pad)], dim=dim)
+        fitted.append(part)
+    return join_units(fitted, dim)
 
 
-def _block_widths(config: GPTConfig, i: int, *, padded: bool) -> dict[str, int]:
-    """Widths of block ``i``'s head- and neuron-shaped tensors, true or padded to HF's shape."""
+def _block_units(config: GPTConfig, i: int, *, padded: bool) -> dict[str, int]:
+    """Key/value groups and FFN neurons of block ``i``, true or padded to HF's shape."""
     heads = config.n_head if padded else config.layer_heads[i]
     inner = _hf_inner(config) if padded else config.layer_inner[i]
-    return {"heads": heads * config.head_dim, "inner": inner}
+    return {"groups": heads // config.kv_groups, "neurons": inner}
+
+
+def _fit_blocks(
+    state: dict[str, Tensor], config: GPTConfig, *, padded: bool, hf_name: Callable[[str], str]
+) -> dict[str, Tensor]:
+    """``state`` (this model's names) with every block's shaped tensors padded to HF's shape or
+    trimmed to the true one; an error names the tensor as ``hf_name`` gives it."""
+    fitted = dict(state)
+    for i in range(config.n_layer):
+        units = _block_units(config, i, padded=padded)
+        for suffix, shaped in SHAPED_TENSORS.items():
+            name = f"blocks.{i}.{suffix}"
+            if name in state:
+                t = state[name]
+                fitted[name] = _fit(t, shaped, config, units[shaped.kind], name=hf_name(name))
+    return fitted
 
 
 # (ours, HF) pieces of the Llama family's tensor names, replaced in this order (either way); the
@@ -367,6 +412,11 @@ def _qkv_rows(config: GPTConfig) -> list[int]:
     return [config.n_head * config.head_dim, kv, kv]
 
 
+def _hf_llama_name(name: str) -> str:
+    """The HF name of one of this model's tensors (the fused q, k, v as a pattern)."""
+    return _renamed(name, to_hf=True).replace("qkv_proj", "{q,k,v}_proj")
+
+
 def _llama_state_from_hf(hf_state: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
     ours = {}
     for name, t in hf_state.items():
@@ -378,12 +428,13 @@ def _llama_state_from_hf(hf_state: dict[str, Tensor], config: GPTConfig) -> dict
             parts = [f"blocks.{i}.attn.{p}_proj.{kind}" for p in "qkv"]
             if all(p in ours for p in parts):
                 ours[f"blocks.{i}.attn.qkv_proj.{kind}"] = torch.cat([ours.pop(p) for p in parts])
-    return ours
+    return _fit_blocks(ours, config, padded=False, hf_name=_hf_llama_name)
 
 
 def _llama_state_to_hf(state: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
+    padded = _fit_blocks(state, config, padded=True, hf_name=_hf_llama_name)
     theirs = {}
-    for name, t in state.items():
+    for name, t in padded.items():
         if ".attn.qkv_proj." in name:
             for p, part in zip("qkv", t.split(_qkv_rows(config)), strict=True):
                 theirs[_renamed(name.replace("qkv_proj", f"{p}_proj"), to_hf=True)] = part
@@ -401,15 +452,10 @@ def state_dict_from_hf(hf_state: dict[str, Tensor], config: GPTConfig) -> dict[s
         return _llama_state_from_hf(hf_state, config)
     ours = {mine: hf_state[theirs] for mine, theirs in _TOP_TENSORS}
     for i in range(config.n_layer):
-        widths = _block_widths(config, i, padded=False)
         for mine, theirs, transposed in _BLOCK_TENSORS:
-            name = f"transformer.h.{i}.{theirs}"
-            t = hf_state[name].t() if transposed else hf_state[name]
-            if mine in SHAPED_TENSORS:
-                dim, groups, kind = SHAPED_TENSORS[mine]
-                t = _fit(t, dim, groups, widths[kind], name=name)
-            ours[f"blocks.{i}.{mine}"] = t
-    return ours
+            t = hf_state[f"transformer.h.{i}.{theirs}"]
+            ours[f"blocks.{i}.{mine}"] = t.t() if transposed else t
+    return _fit_blocks(ours, config, padded=False, hf_name=_hf_gpt2_name)
 
 
 def state_dict_to_hf(state: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
@@ -417,18 +463,21 @@ def state_dict_to_hf(state: dict[str, Tensor], config: GPTConfig) -> dict[str, T
     GPT-2's blocks zero-padded to ``n_head`` heads and the widest FFN."""
     if config.llama_like:
         return _llama_state_to_hf(state, config)
+    padded = _fit_blocks(state, config, padded=True, hf_name=str)
     theirs = {hf: state[mine] for mine, hf in _TOP_TENSORS}
     theirs["lm_head.weight"] = state["wte.weight"]
     for i in range(config.n_layer):
-        widths = _block_widths(config, i, padded=True)
         for mine, hf, transposed in _BLOCK_TENSORS:
-            name = f"blocks.{i}.{mine}"
-            t = state[name]
-            if mine in SHAPED_TENSORS:
-                dim, groups, kind = SHAPED_TENSORS[mine]
-                t = _fit(t, dim, groups, widths[kind], name=name)
+            t = padded[f"blocks.{i}.{mine}"]
             theirs[f"transformer.h.{i}.{hf}"] = t.t() if transposed else t
     return {k: v.contiguous() for k, v in theirs.items()}
+
+
+def _hf_gpt2_name(name: str) -> str:
+    """The HF GPT-2 name of one of this model's block tensors."""
+    _, i, suffix = name.split(".", 2)
+    hf = next(theirs for mine, theirs, _ in _BLOCK_TENSORS if mine == suffix)
+    return f"transformer.h.{i}.{hf}"
 
 
 def load_state_checked(model: GPT, state: dict[str, Tensor], *, source: str) -> None:

@@ -1,11 +1,17 @@
-"""Structured pruning of attention heads and FFN neurons, as MiniDisc builds its teacher-assistant
+"""Structured pruning of attention units and FFN neurons, as MiniDisc builds its teacher-assistant
 candidates (docs/design.md "Pruning").
 
-1. ``mask_importance``: the importance of a head or neuron is |dL/dm| for a mask m = 1 on its
-   output, L the next-token cross-entropy, summed over calibration batches.
-2. ``reorder``: heads and neurons are permuted within each block, most important first; the
+An attention unit is one key/value head with the query heads of its group (``kv_groups`` of
+them): grouped-query attention is pruned by whole groups, so a pruned block is again one of its
+family with the same group size; without grouping (GPT-2) a unit is one head. An FFN neuron is
+one SwiGLU neuron across gate, up and down projections (one GELU neuron across up and down).
+
+1. ``mask_importance``: the importance of a unit or neuron is |dL/dm| for a mask m = 1 on its
+   output (a unit's query heads share one mask), L the next-token cross-entropy, summed over
+   calibration batches.
+2. ``reorder``: units and neurons are permuted within each block, most important first; the
    model computes the same function, and every candidate is now a prefix of it.
-3. ``subnet_at``: at sparsity s, the fraction s of all heads and the fraction s of all neurons
+3. ``subnet_at``: at sparsity s, the fraction s of all units and the fraction s of all neurons
    with the lowest per-block L2-normalised importance are removed (a global ranking), which
    removes the fraction s of the prunable attention and FFN weights.
 4. ``extract`` copies a prefix sub-network out as a dense GPT; ``prune`` does 2-4 on a copy.
@@ -16,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -24,31 +30,39 @@ from torch import Tensor
 
 from ted_scale.data.loader import IGNORE_INDEX
 from ted_scale.kernels import fused_linear_cross_entropy
-from ted_scale.model.gpt import GPT, SHAPED_TENSORS, GPTConfig, Subnet
+from ted_scale.model.gpt import GPT, SHAPED_TENSORS, GPTConfig, Subnet, join_units, split_units
 
 
 @dataclass
 class Importance:
-    """Per block, one score per attention head ([heads of the block]) and per FFN neuron
-    ([FFN width of the block])."""
+    """Per block, one score per attention unit ([heads of the block / group_size]) and per FFN
+    neuron ([FFN width of the block]).
+
+    group_size: query heads per unit (``GPTConfig.kv_groups``: a key/value head and its group;
+        1, one head, without grouped-query attention).
+    """
 
     heads: list[Tensor]
     neurons: list[Tensor]
+    group_size: int = 1
 
     def normalized(self) -> Importance:
-        """Each block's head scores and neuron scores divided by their L2 norm."""
+        """Each block's unit scores and neuron scores divided by their L2 norm."""
 
         def unit(v: Tensor) -> Tensor:
             return v / (v.norm() + 1e-17)  # an all-zero block stays zero
 
-        return Importance([unit(v) for v in self.heads], [unit(v) for v in self.neurons])
+        return replace(
+            self, heads=[unit(v) for v in self.heads], neurons=[unit(v) for v in self.neurons]
+        )
 
 
 def mask_importance(
     model: GPT, batches: Iterable[tuple[Tensor, Tensor]], *, fused: bool = True
 ) -> Importance:
-    """Sum over ``batches`` of |dL/dm| for a mask m = 1 on each head's output and each neuron's
-    activation, L the mean next-token cross-entropy of the batch (dropout off).
+    """Sum over ``batches`` of |dL/dm| for a mask m = 1 on each attention unit's output (its
+    query heads') and each neuron's activation, L the mean next-token cross-entropy of the batch
+    over the tokenizer's ids (``GPT.loss_head``; dropout off).
 
     batches: (input_ids [B, T], labels [B, T]) pairs, labels already shifted, -100 ignored.
     fused: the chunked LM-head loss (no [B, T, V] logits); False computes full logits.
@@ -61,9 +75,12 @@ def mask_importance(
     def ones(n: int) -> Tensor:
         return torch.ones(n, dtype=dtype, device=param.device, requires_grad=True)
 
-    head_mask = [ones(h) for h in config.layer_heads]
+    g = config.kv_groups
+    unit_mask = [ones(h // g) for h in config.layer_heads]
+    head_mask = [m.repeat_interleave(g) for m in unit_mask]  # a unit's query heads share it
     neuron_mask = [ones(n) for n in config.layer_inner]
-    masks = head_mask + neuron_mask
+    masks = unit_mask + neuron_mask
+    head = model.loss_head()[0]
     totals = [torch.zeros_like(m, requires_grad=False) for m in masks]
     was_training = model.training
     model.eval()
@@ -74,11 +91,9 @@ def mask_importance(
                 input_ids, head_mask=head_mask, neuron_mask=neuron_mask, return_logits=False
             ).last_hidden
             if fused:
-                loss = fused_linear_cross_entropy(
-                    hidden, model.lm_head_weight, labels, ignore_index=IGNORE_INDEX
-                )
+                loss = fused_linear_cross_entropy(hidden, head, labels, ignore_index=IGNORE_INDEX)
             else:
-                logits = model.lm_head(hidden)
+                logits = F.linear(hidden, head)
                 loss = F.cross_entropy(
                     logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX
                 )
@@ -89,42 +104,43 @@ def mask_importance(
                     total += grad.detach().abs()
     finally:
         model.train(was_training)
-    n = len(head_mask)
-    return Importance(totals[:n], totals[n:])
-
-
-def _select(t: Tensor, dim: int, groups: int, unit: int, index: Tensor) -> Tensor:
-    """The units ``index`` (each ``unit`` features wide) of each of ``groups`` parts of ``t``."""
-    parts = t.unflatten(dim, (groups, t.shape[dim] // (groups * unit), unit))
-    return parts.index_select(dim + 1, index.to(t.device)).flatten(dim, dim + 2)
+    n = len(unit_mask)
+    return Importance(totals[:n], totals[n:], group_size=g)
 
 
 def _select_blocks(
-    model: GPT, head_index: list[Tensor], neuron_index: list[Tensor]
+    model: GPT, unit_index: list[Tensor], neuron_index: list[Tensor]
 ) -> dict[str, Tensor]:
-    """The model's state with block l keeping heads ``head_index[l]`` and neurons
-    ``neuron_index[l]``, in that order."""
-    units = {"heads": model.config.head_dim, "inner": 1}
+    """The model's state with block l keeping attention units ``unit_index[l]`` and neurons
+    ``neuron_index[l]``, in that order (each unit's query heads, key and value head and output
+    columns together; each neuron's gate and up rows and down column together)."""
     state = {}
     for name, t in model.state_dict().items():
         parts = name.split(".", 2)
-        suffix = parts[2] if parts[0] == "blocks" else None
-        if suffix in SHAPED_TENSORS:
+        shaped = SHAPED_TENSORS.get(parts[2]) if parts[0] == "blocks" else None
+        if shaped is not None:
             layer = int(parts[1])
-            dim, groups, kind = SHAPED_TENSORS[suffix]
-            index = head_index[layer] if kind == "heads" else neuron_index[layer]
-            t = _select(t, dim, groups, units[kind], index)
+            index = unit_index[layer] if shaped.kind == "groups" else neuron_index[layer]
+            pieces = split_units(t, shaped, model.config)
+            t = join_units(
+                [p.index_select(shaped.dim, index.to(t.device)) for p in pieces], shaped.dim
+            )
         state[name] = t
     return state
 
 
 def _check_shape(importance: Importance, config: GPTConfig) -> None:
+    if importance.group_size != config.kv_groups:
+        raise ValueError(
+            f"importance scores units of {importance.group_size} query heads, but the model "
+            f"groups {config.kv_groups} query heads per key/value head"
+        )
     have = ([len(v) for v in importance.heads], [len(v) for v in importance.neurons])
-    want = (list(config.layer_heads), list(config.layer_inner))
+    want = ([h // config.kv_groups for h in config.layer_heads], list(config.layer_inner))
     if have != want:
         raise ValueError(
-            f"importance covers heads {have[0]} and neurons {have[1]} per block, but the model "
-            f"has {want[0]} and {want[1]}"
+            f"importance covers heads {have[0]} and neurons {have[1]} per block (a score per "
+            f"group of {config.kv_groups} query heads), but the model has {want[0]} and {want[1]}"
         )
 
 
@@ -133,20 +149,21 @@ def _descending(scores: list[Tensor]) -> list[Tensor]:
 
 
 def reorder(model: GPT, importance: Importance) -> Importance:
-    """Permute every block's heads and neurons in place, most important first.
+    """Permute every block's attention units and neurons in place, most important first.
 
     The model computes the same function; returns ``importance`` in the new order (non-increasing
     within each block), so that a prefix of each block keeps its most important units.
     """
     _check_shape(importance, model.config)
-    head_order, neuron_order = _descending(importance.heads), _descending(importance.neurons)
-    state = _select_blocks(model, head_order, neuron_order)
+    unit_order, neuron_order = _descending(importance.heads), _descending(importance.neurons)
+    state = _select_blocks(model, unit_order, neuron_order)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(state[name])  # in place: optimizers and engines keep their references
-    return Importance(
-        [v[i] for v, i in zip(importance.heads, head_order, strict=True)],
-        [v[i] for v, i in zip(importance.neurons, neuron_order, strict=True)],
+    return replace(
+        importance,
+        heads=[v[i] for v, i in zip(importance.heads, unit_order, strict=True)],
+        neurons=[v[i] for v, i in zip(importance.neurons, neuron_order, strict=True)],
     )
 
 
@@ -163,15 +180,16 @@ def _kept_per_block(scores: list[Tensor], sparsity: float) -> tuple[int, ...]:
 def subnet_at(importance: Importance, sparsity: float) -> Subnet:
     """The candidate at ``sparsity`` in [0, 1]: per block, how many heads and neurons stay.
 
-    The fraction ``sparsity`` (to the nearest unit) of all heads, and of all neurons, with the
-    lowest per-block L2-normalised importance is removed, ranked across blocks. On a model
-    reordered by this importance, the kept units of each block are a prefix.
+    The fraction ``sparsity`` (to the nearest unit) of all attention units, and of all neurons,
+    with the lowest per-block L2-normalised importance is removed, ranked across blocks. On a
+    model reordered by this importance, the kept units of each block are a prefix.
     """
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
     normed = importance.normalized()
+    units = _kept_per_block(normed.heads, sparsity)
     return Subnet(
-        _kept_per_block(normed.heads, sparsity), _kept_per_block(normed.neurons, sparsity)
+        tuple(u * importance.group_size for u in units), _kept_per_block(normed.neurons, sparsity)
     )
 
 
@@ -179,9 +197,9 @@ def extract(model: GPT, subnet: Subnet) -> GPT:
     """A dense GPT holding the prefix sub-network ``subnet`` of ``model`` (its own tensors, on
     the model's device, in its dtype); it computes what ``model(..., subnet=subnet)`` does."""
     subnet.check(model.config)
-    head_index = [torch.arange(h) for h in subnet.heads]
+    unit_index = [torch.arange(h // model.config.kv_groups) for h in subnet.heads]
     neuron_index = [torch.arange(n) for n in subnet.inner]
-    return _build(model, subnet, _select_blocks(model, head_index, neuron_index))
+    return _build(model, subnet, _select_blocks(model, unit_index, neuron_index))
 
 
 def _build(model: GPT, subnet: Subnet, state: dict[str, Tensor]) -> GPT:
@@ -198,17 +216,20 @@ def _build(model: GPT, subnet: Subnet, state: dict[str, Tensor]) -> GPT:
 
 def prune(model: GPT, sparsity: float, importance: Importance) -> GPT:
     """A smaller dense GPT: ``model`` without the fraction ``sparsity`` of its least important
-    heads and neurons (``subnet_at``), each block's kept units in order of importance.
+    attention units and neurons (``subnet_at``), each block's kept ones in order of importance.
 
     ``model`` is left as it is; ``prune(model, 0, importance)`` computes what ``model`` does.
     """
     _check_shape(importance, model.config)
     subnet = subnet_at(importance, sparsity)
-    head_index = [i[:h] for i, h in zip(_descending(importance.heads), subnet.heads, strict=True)]
+    g = importance.group_size
+    unit_index = [
+        i[: h // g] for i, h in zip(_descending(importance.heads), subnet.heads, strict=True)
+    ]
     neuron_index = [
         i[:n] for i, n in zip(_descending(importance.neurons), subnet.inner, strict=True)
     ]
-    return _build(model, subnet, _select_blocks(model, head_index, neuron_index))
+    return _build(model, subnet, _select_blocks(model, unit_index, neuron_index))
 
 
 def subnet_masks(

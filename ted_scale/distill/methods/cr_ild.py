@@ -3,15 +3,17 @@ al., 2023, "Revisiting Intermediate Layer Distillation for Compressing Language 
 Overfitting Perspective"), adapted to causal language models (docs/design.md, "CR-ILD").
 
 Every micro-batch x is mixed with its reverse along the batch: x_mix = lambda * e(x) +
-(1 - lambda) * e(x_rev) on the token embeddings (position embeddings are the same for both), with
-lambda ~ Beta(alpha, alpha), lambda <- max(lambda, 1 - lambda), drawn where the batch is made so the
-teacher (run ahead when prefetching) mixes with the same lambda. On x_mix the student's block k is
-matched with the teacher's block m:
+(1 - lambda) * e(x_rev) on the token embeddings (positions, learned or rotary, are the same for
+both), with lambda ~ Beta(alpha, alpha), lambda <- max(lambda, 1 - lambda), drawn where the batch
+is made so the teacher (run ahead when prefetching) mixes with the same lambda. On x_mix the
+student's block k is matched with the teacher's block m:
 
 - ILD: the query-query, key-key and value-value relations of the block's heads, softmax(X X^T /
-  sqrt(d_head)) over the causal keys for X = Q, K, V, each matched by KL (``qkv``, the authors'
-  ``TinyBERT-QKV`` run); MSE(fit(H_s^k), H_t^m) (``hidden``; fit is a learnable Linear when the
-  widths differ) and KL(A_t^m || A_s^k) between the attention distributions (``attention``);
+  sqrt(d_head)) over the causal keys for X = Q, K, V (Q and K as the attention compares them:
+  normed and rotated in the Llama family; K and V per key/value head), each matched by KL
+  (``qkv``, the authors' ``TinyBERT-QKV`` run); MSE(fit(H_s^k), H_t^m) (``hidden``; fit is a
+  learnable Linear when the widths differ) and KL(A_t^m || A_s^k) between the attention
+  distributions (``attention``);
 - consistency: w_ic * r(t) * [lambda D(S(x_mix), sg S(x)) + (1 - lambda) D(S(x_mix), sg S(x_rev))]
   on the student's own states S (relations, hidden, attention; D the object's distance), S(x) from an
   extra clean-input student pass without gradients; r(t) the progress through the phase;
@@ -55,7 +57,7 @@ from ted_scale.distill.modules import (
 from ted_scale.distill.objectives import LossSettings, attention_kl, mse
 from ted_scale.flops import FROZEN, TRAINED, batch_factor, forward_flops
 from ted_scale.io import atomic_write_bytes, read_safetensors
-from ted_scale.model import GPT, GPTOutput, ModelMismatchError
+from ted_scale.model import FAMILIES, GPT, GPTConfig, GPTOutput, ModelMismatchError
 from ted_scale.model.hf import load_state_checked
 from ted_scale.model.tp_layout import TensorParallelLayout
 from ted_scale.parallel.tensor import tensor_parallel_sum
@@ -151,8 +153,9 @@ class MixupDraw:
 
 
 def mixed_token_embeddings(model: GPT, input_ids: Tensor, mix_lambda: float) -> Tensor:
-    """lambda * wte(x) + (1 - lambda) * wte(x_rev) [B, T, d], x_rev = the batch reversed; the
-    model adds the (shared) position embeddings, so wpe mixes to itself."""
+    """lambda * wte(x) + (1 - lambda) * wte(x_rev) [B, T, d], x_rev = the batch reversed. The
+    positions are the same in both: GPT-2 adds its (shared) position embeddings, so wpe mixes to
+    itself; the Llama family rotates every block's q and k by position, mixed input or not."""
     tokens = model.wte(input_ids)
     if mix_lambda == 1.0:
         return tokens
@@ -160,26 +163,26 @@ def mixed_token_embeddings(model: GPT, input_ids: Tensor, mix_lambda: float) -> 
 
 
 Relations = tuple[Tensor, Tensor, Tensor]
-"""The Q-Q, K-K and V-V relations of one block, each log-probabilities [B, h, T, T]."""
+"""The Q-Q, K-K and V-V relations of one block, log-probabilities [B, h, T, T] for Q and
+[B, h / kv_groups, T, T] for K and V (one per key/value head)."""
 
 
 def qkv_relations(model: GPT, layer: int, out: GPTOutput) -> Relations:
-    """Block ``layer``'s relations on the input it saw in ``out``: for X = Q, K, V of each head
-    [B, h, T, d_head], log softmax(X X^T / sqrt(d_head)) over the causal keys, in fp32, -inf above
-    the diagonal. Q, K, V are recomputed from the block's input (``ln_1`` and ``qkv_proj`` have
-    no dropout, so they equal the block's own); under tensor parallelism ``qkv_proj`` yields this
-    rank's [q_r; k_r; v_r], so these are this rank's heads."""
-    block = model.blocks[layer]
+    """Block ``layer``'s relations on the input it saw in ``out``: for X = Q [B, h, T, d_head]
+    and K, V [B, h / kv_groups, T, d_head], log softmax(X X^T / sqrt(d_head)) over the causal keys,
+    in fp32, -inf above the diagonal. Q and K are the ones the attention compares (after Qwen3's
+    q/k norm and the rotation), and K and V are taken per key/value head, unrepeated
+    (docs/design.md, "CR-ILD"). They are recomputed from the block's input (``ln_1`` and
+    ``qkv_proj`` have no dropout, so they equal the block's own); under tensor parallelism
+    ``qkv_proj`` yields this rank's [q_r; k_r; v_r], so these are this rank's heads."""
+    attn = model.blocks[layer].attn
     x = out.embeddings if layer == 0 else out.hidden_states[layer - 1]
-    B, T, _ = x.shape
-    d = block.attn.head_dim
-    qkv = block.attn.qkv_proj(block.ln_1(x))
-    h = qkv.shape[-1] // (3 * d)
+    T = x.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     relations = []
-    for t in qkv.split(h * d, dim=2):
-        t = t.view(B, T, h, d).transpose(1, 2).float()
-        scores = (t @ t.transpose(-2, -1)) / math.sqrt(d)
+    for t in attn.split_heads(attn.qkv_proj(model.blocks[layer].ln_1(x))):
+        t = t.float()
+        scores = (t @ t.transpose(-2, -1)) / math.sqrt(attn.head_dim)
         relations.append(scores.masked_fill(~causal, float("-inf")).log_softmax(dim=-1))
     return relations[0], relations[1], relations[2]
 
@@ -261,21 +264,30 @@ class MixupTapper(FrozenTapper):
         if self.with_top:
             tapped.last_hidden, tapped.head_weight = out.last_hidden, self.model.loss_head()[0]
         if layout is not None and layout.gathers_batch:
-            _keep_own_rows(tapped, layout, self.model.config.layer_heads[self.layer])
+            heads = self.model.config.layer_heads[self.layer]
+            kv_groups = self.model.blocks[self.layer].attn.kv_groups
+            _keep_own_rows(tapped, layout, heads, heads // kv_groups)
         return tapped
 
 
-def _keep_own_rows(tapped: MixedTapped, layout: TensorParallelLayout, heads: int) -> None:
+def _keep_own_rows(
+    tapped: MixedTapped, layout: TensorParallelLayout, heads: int, kv_heads: int
+) -> None:
     """``tapped``, computed on the group's gathered batch over this rank's heads, cut in place to
-    this rank's rows, per-head objects with all ``heads`` of the block."""
+    this rank's rows, per-head objects with all ``heads`` query (``kv_heads`` key/value) heads of
+    the block."""
     tapped.layer_states = [own_rows(s, layout) for s in tapped.layer_states]
     if tapped.last_hidden is not None:
         tapped.last_hidden = own_rows(tapped.last_hidden, layout)
     if tapped.attention_log_probs is not None:
         tapped.attention_log_probs = own_rows_all_heads(tapped.attention_log_probs, layout, heads)
     if tapped.relations is not None:
-        q, k, v = (own_rows_all_heads(r, layout, heads) for r in tapped.relations)
-        tapped.relations = (q, k, v)
+        q, k, v = tapped.relations
+        tapped.relations = (
+            own_rows_all_heads(q, layout, heads),
+            own_rows_all_heads(k, layout, kv_heads),
+            own_rows_all_heads(v, layout, kv_heads),
+        )
 
 
 class MixupILD(nn.Module):
@@ -315,9 +327,12 @@ class MixupILD(nn.Module):
         self.alpha_layer = alpha_layer
         self.temperature = temperature
 
-    def _attention_kl(self, student_log_probs: Tensor, target_log_probs: Tensor) -> Tensor:
-        """``attention_kl`` averaged over all heads: under tensor parallelism each rank holds
-        its own heads' distributions, and the mean runs over the group."""
+    def _attention_kl(
+        self, student_log_probs: Tensor, target_log_probs: Tensor, *, per_kv_head: bool = False
+    ) -> Tensor:
+        """``attention_kl`` averaged over all query heads (all key/value heads with
+        ``per_kv_head``): under tensor parallelism each rank holds its own heads'
+        distributions, and the mean runs over the group."""
         local = attention_kl(student_log_probs, target_log_probs)
         layout = self.student.tensor_parallel
         if layout is None:
@@ -325,11 +340,15 @@ class MixupILD(nn.Module):
         # The mean over this rank's heads as their sum, summed over the group, over the real
         # heads: padded heads attend uniformly in both models and add exactly zero.
         heads = self.student.config.layer_heads[self.layer]
+        if per_kv_head:
+            heads //= self.student.config.kv_groups
         return tensor_parallel_sum(local * student_log_probs.shape[1], layout) / heads
 
     def _relations_kl(self, student: Relations, target: Relations) -> Tensor:
-        """The sum over Q, K, V of their relations' ``_attention_kl``."""
-        return sum(self._attention_kl(s, t) for s, t in zip(student, target, strict=True))
+        """The sum over Q, K, V of their relations' ``_attention_kl`` (K and V per key/value
+        head)."""
+        pairs = zip(student, target, (False, True, True), strict=True)
+        return sum(self._attention_kl(s, t, per_kv_head=kv) for s, t, kv in pairs)
 
     def _run(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, *, to_top: bool):
         return self.student(
@@ -429,6 +448,7 @@ def hidden_fit(section: CRILDConfig, d_s: int, d_t: int) -> nn.Module:
 @register
 class CRILD(Method):
     name = "cr_ild"
+    model_families = FAMILIES  # relations of the heads the attention compares (docs/design.md)
     teacher_apart = True
     section = ("cr_ild", CRILDConfig)
 
@@ -482,11 +502,8 @@ class CRILD(Method):
         hidden = section.objects in ("hidden", "both")
         attention = section.objects in ("attention", "both")
         s_cfg, t_cfg = ctx.student.config, teacher.config
-        if (qkv or attention) and s_cfg.n_head != t_cfg.n_head:
-            raise ModelMismatchError(
-                f"cr_ild.objects={section.objects} compares per-head distributions head by head: "
-                f"the student has {s_cfg.n_head} heads, the teacher {t_cfg.n_head}"
-            )
+        if qkv or attention:
+            _check_heads(section.objects, (s_cfg, k), (t_cfg, m), key_value=qkv)
         fit = hidden_fit(section, s_cfg.n_embd, t_cfg.n_embd).to(ctx.device)
         student = ctx.student.to(ctx.device)
         alpha_kd = config.distill.alpha_kd if joint else 0.0
@@ -589,11 +606,37 @@ class CRILD(Method):
         )
 
 
+def _check_heads(
+    objects: str,
+    student: tuple[GPTConfig, int],
+    teacher: tuple[GPTConfig, int],
+    *,
+    key_value: bool,
+) -> None:
+    """Refuse, naming both counts, distilled blocks (config, block index) whose per-head
+    distributions cannot be paired head by head: query heads always (attention, Q-Q relations),
+    key/value heads too for the K-K and V-V relations (``key_value``). Widths and head widths may
+    differ: every distribution is T x T."""
+    (s_cfg, k), (t_cfg, m) = student, teacher
+    s_heads, t_heads = s_cfg.layer_heads[k], t_cfg.layer_heads[m]
+    counts = [("heads", s_heads, t_heads)]
+    if key_value:
+        counts.append(("key/value heads", s_heads // s_cfg.kv_groups, t_heads // t_cfg.kv_groups))
+    for what, s, t in counts:
+        if s != t:
+            raise ModelMismatchError(
+                f"cr_ild.objects={objects} compares per-head distributions head by head: the "
+                f"student's block {k} has {s} {what}, the teacher's block {m} {t} "
+                '(docs/design.md, "CR-ILD")'
+            )
+
+
 def _relations_flops(model: GPT, layer: int, seq_len: int) -> float:
     """Forward FLOPs per token of ``qkv_relations`` on block ``layer``: its ``qkv_proj`` again,
-    and X X^T for Q, K and V (2 T d_head FLOPs per token and head each; this rank's heads)."""
+    and X X^T for Q, K and V (2 T d_head FLOPs per token and head, query or key/value: 2 T per
+    ``qkv_proj`` output row; this rank's heads)."""
     proj = model.blocks[layer].attn.qkv_proj
-    return forward_flops(proj, seq_len) + 3 * 2 * seq_len * proj.weight.shape[0] // 3
+    return forward_flops(proj, seq_len) + 2 * seq_len * proj.weight.shape[0]
 
 
 def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:

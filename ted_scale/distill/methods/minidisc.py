@@ -6,8 +6,9 @@ The student is the run's own (``student:``, the same shape, initialisation and b
 other method's); the TA candidates are width-pruned teachers strictly between teacher and student
 in size. Phases, each run, checkpointed and resumed by the trainer like any other:
 
-1. ``importance`` (no training): mask-gradient importance of every head and neuron of the teacher
-   over ``minidisc.calibration_batches`` micro-batches, saved to ``minidisc/importance.safetensors``.
+1. ``importance`` (no training): mask-gradient importance of every attention unit (a key/value
+   group with its query heads; a head in GPT-2) and neuron of the teacher over
+   ``minidisc.calibration_batches`` micro-batches, saved to ``minidisc/importance.safetensors``.
 2. ``sandwich``: the TA starts as the teacher reordered by importance; per micro-batch the teacher
    runs once, every candidate sparsity s runs the shared TA weights as a prefix sub-network and
    adds (mean_k MSE(H_s^k, H_t^k) over every second hidden state, embeddings included,
@@ -56,6 +57,7 @@ from ted_scale.io import (
     read_safetensors,
 )
 from ted_scale.model import (
+    FAMILIES,
     GPT,
     GPTConfig,
     ModelMismatchError,
@@ -135,18 +137,23 @@ def parameter_count(config: GPTConfig) -> int:
 
 
 def candidate_parameters(teacher: GPTConfig, sparsity: float) -> int:
-    """Parameters of the teacher's candidate at ``sparsity``. Every head (and every neuron) of a
-    block holds as many weights as any other, so the count depends only on how many stay:
-    uniform importance gives it before the real one is known."""
+    """Parameters of the teacher's candidate at ``sparsity``. Every attention unit (a key/value
+    group with its query heads) and every neuron holds as many weights as any other, so the count
+    depends only on how many stay: uniform importance gives it before the real one is known."""
+    g = teacher.kv_groups
     uniform = Importance(
-        [torch.ones(h) for h in teacher.layer_heads], [torch.ones(n) for n in teacher.layer_inner]
+        [torch.ones(h // g) for h in teacher.layer_heads],
+        [torch.ones(n) for n in teacher.layer_inner],
+        group_size=g,
     )
     return parameter_count(subnet_at(uniform, sparsity).apply_to(teacher))
 
 
 class Sizes(NamedTuple):
-    """Parameter counts of teacher and student, and their attention-head and FFN-neuron weights
-    (the prunable ones: a model's size in the sense of the candidates' sparsity)."""
+    """Parameter counts of teacher and student, and their attention and FFN-neuron weights (the
+    prunable ones: a model's size in the sense of the candidates' sparsity). Counted off the
+    models themselves (``parameter_count``), so every family's parts are in: grouped key/value
+    projections, SwiGLU's three matrices, an untied head, norms."""
 
     teacher: int
     student: int
@@ -222,7 +229,11 @@ def sorted_importance(importance: Importance) -> Importance:
     def desc(v: Tensor) -> Tensor:
         return torch.sort(v, descending=True, stable=True).values
 
-    return Importance([desc(v) for v in importance.heads], [desc(v) for v in importance.neurons])
+    return dataclasses.replace(
+        importance,
+        heads=[desc(v) for v in importance.heads],
+        neurons=[desc(v) for v in importance.neurons],
+    )
 
 
 def tapped_blocks(n_layer: int) -> list[int]:
@@ -297,6 +308,7 @@ class SandwichDistillation(nn.Module):
 @register
 class MiniDisc(Method):
     name = "minidisc"
+    model_families = FAMILIES  # pruned by whole key/value groups (docs/design.md, "Pruning")
     # The TA candidates train data-parallel as the student does; the teacher and, in the final
     # hop, the TA are split apart as the run's teacher is.
     teacher_apart = True
@@ -404,9 +416,11 @@ class MiniDisc(Method):
                 f"{path} was computed for another teacher or calibration ({', '.join(diff)} "
                 "differ): remove it or use another output_dir"
             )
-        n = ctx.teacher.config.n_layer
+        config = ctx.teacher.config
         return Importance(
-            [tensors[f"heads.{i}"] for i in range(n)], [tensors[f"neurons.{i}"] for i in range(n)]
+            [tensors[f"heads.{i}"] for i in range(config.n_layer)],
+            [tensors[f"neurons.{i}"] for i in range(config.n_layer)],
+            group_size=config.kv_groups,
         )
 
     # ---------------------------------------------------------------- 2. sandwich
