@@ -4,13 +4,16 @@ Counting convention (as in the PaLM/Megatron papers): a matmul of [m, k] x [k, n
 a backward pass costs twice its forward (gradients for inputs and weights). Per token, counted from
 the modules themselves so that any shape (pruned heads, other FFN widths, any filter) is right:
 
-- every ``nn.Linear`` d_in -> d_out: 2 d_in d_out (a GPT-2 block's four projections: 24 d^2);
+- every ``nn.Linear`` d_in -> d_out: 2 d_in d_out (a GPT-2 block's four projections: 24 d^2; a
+  Llama-family block's, with q heads and kv key/value heads of width h_d and a SwiGLU FFN f wide:
+  q, k, v 2d (q + 2 kv) h_d, output 2 q h_d d, gate, up and down 6 d f);
 - every attention layer of inner width h (query heads x head_dim) over context T: 4 T h (scores
   Q K^T and the weighted sum of values, 2 T h each; grouped-query attention shares K and V among
   query heads, which saves projections, not this). The whole T x T score matrix is counted, causal mask
   or not, as PaLM (appendix B) and Megatron count it, so MFU compares with published MFU; kernels
   that skip the masked half do less work than counted;
-- an LM head application: 2 V d;
+- an LM head application: 2 V d (the token embedding, or an untied head of its own: counted by
+  ``head_flops`` only, never as a block's linear);
 - a prefix sub-network (``GPT.forward(subnet=...)``): each block's attention and FFN counted as
   above, scaled by the fraction of its heads and neurons that take part (both are linear in them:
   heads go in whole key/value groups, so the q, k, v and output projections shrink alike, and a

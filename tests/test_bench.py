@@ -12,7 +12,7 @@ from ted_scale.bench.ceiling import (
     measure_ceiling,
     step_shapes,
 )
-from ted_scale.bench.presets import Spec
+from ted_scale.bench.presets import PRESETS, Spec
 from ted_scale.bench.throughput import PIECES
 from ted_scale.bench.throughput_suite import (
     configurations,
@@ -21,6 +21,8 @@ from ted_scale.bench.throughput_suite import (
     run_suite,
 )
 from ted_scale.distill.methods import method_names
+from ted_scale.flops import TRAINED
+from ted_scale.model.gpt import GPTConfig
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +103,7 @@ def test_cpu_mfu_is_achieved_flops_over_the_measured_ceiling(micro_result):
 
 def test_step_shapes_count_every_matmul_of_the_step():
     n, d, vocab, student, teacher = 64, 32, 100, 2, 4
-    shapes = step_shapes(n, d, vocab, student, teacher)
+    shapes = step_shapes(n, GPTConfig(vocab_size=vocab, n_embd=d, n_head=4), student, teacher)
     flops = {s.name: s.flops * s.count for s in shapes}
     # LM head: student and teacher forward, the student's two backward products.
     assert flops["lm head"] == 2 * (2 * n * d * vocab)
@@ -110,11 +112,24 @@ def test_step_shapes_count_every_matmul_of_the_step():
     total = sum(flops.values())
     assert total == 2 * n * (12 * d * d) * (teacher + 3 * student) + 4 * (2 * n * d * vocab)
     # At GPT-2's vocabulary the LM head's products come in the fused loss's 256-row chunks.
-    by_name = {s.name: s for s in step_shapes(512, 256, 50257, 2, 4)}
+    by_name = {s.name: s for s in step_shapes(512, PRESETS["cpu"].arch(), 2, 4)}
     head = by_name["lm head"]
     assert (head.m, head.k, head.n, head.count) == (256, 256, 50257, 4)
     weight_grad = by_name["lm head grad weight"]
     assert (weight_grad.m, weight_grad.k, weight_grad.n, weight_grad.count) == (50257, 256, 256, 2)
+
+
+def test_step_shapes_of_the_llama_family_have_swiglu_and_grouped_query_attention():
+    n, d, q, kv, ffn, vocab, student, teacher = 64, 32, 32, 16, 96, 128, 2, 4
+    arch = PRESETS["micro-llama"].arch()  # 4 query heads of 8 per 2 key/value heads
+    shapes = step_shapes(n, arch, student, teacher)
+    by_shape = {(s.m, s.k, s.n): (s.name, s.count) for s in shapes}
+    assert by_shape[(n, d, q + 2 * kv)] == ("qkv", student + teacher)
+    # Gate and up forward, and down's grad input: [N, d] x [d, ffn] three times a block.
+    assert by_shape[(n, d, ffn)] == ("mlp gate, up", 2 * (student + teacher) + student)
+    weights = d * (q + 2 * kv) + q * d + 3 * d * ffn
+    total = sum(s.flops * s.count for s in shapes)
+    assert total == 2 * n * weights * (teacher + 3 * student) + 4 * (2 * n * d * vocab)
 
 
 def test_ceiling_weights_each_shape_by_its_flops():
@@ -176,3 +191,37 @@ def _one_row_result(row: dict) -> dict:
 def test_compile_switch_names_its_configurations():
     specs = configurations(["lm"], [True], [False], ["sdpa"], cuda=False, compile=[True, False])
     assert [s.name for s in specs] == ["lm/fused/compiled/sdpa", "lm/fused/sdpa", "reference/sdpa"]
+
+
+@pytest.fixture(scope="module")
+def micro_llama_result() -> dict:
+    specs = configurations(["lm", "ted"], [True], [False], ["sdpa"], cuda=False)
+    result = run_suite("micro-llama", specs, isolate=False, threads=1, log=lambda _: None)
+    return json.loads(json.dumps(result))
+
+
+def test_the_llama_preset_is_timed_against_transformers_llama(micro_llama_result):
+    config = micro_llama_result["config"]
+    assert (config["family"], config["kv_heads"], config["ffn"], config["tied_head"]) == (
+        "llama", 2, 96, False,
+    )  # fmt: skip
+    rows = {r["name"]: r for r in micro_llama_result["rows"]}
+    assert set(rows) == {"lm/fused/sdpa", "ted/fused/sdpa", "reference/sdpa"}
+    assert rows["reference/sdpa"]["hf_class"] == "LlamaForCausalLM"
+    # The student alone, counted by hand: per block q/k/v (4 query heads of 8, 2 key/value
+    # heads), the output, SwiGLU's three matrices and attention over T = 16; the untied head.
+    d, q, kv, ffn, T, V = 32, 32, 16, 96, 16, 128
+    block = 2 * d * (q + 2 * kv) + 2 * q * d + 3 * 2 * d * ffn + 4 * T * q
+    assert rows["lm/fused/sdpa"]["flops_per_token"] == TRAINED * (2 * block + 2 * V * d)
+    ted, reference = rows["ted/fused/sdpa"], rows["reference/sdpa"]
+    assert reference["flops_per_token"] == ted["flops_per_token"]
+    assert ted["vs_reference"]["speed"] > 0 and ted["vs_reference"]["memory"] > 0
+    assert ted["vs_student"]["flop_ratio"] > 1.0
+    for r in rows.values():
+        assert r["tokens_per_s"] > 0 and r["cpu_mfu"] > 0 and set(r["time_split_ms"]) == set(PIECES)
+    assert "mlp gate, up" in {s["name"] for s in micro_llama_result["cpu_ceiling"]["shapes"]}
+    table = format_table(micro_llama_result)
+    assert table.startswith(
+        "preset micro-llama on cpu (1 torch threads); reference: LlamaForCausalLM;"
+    )
+    assert "ted/fused/sdpa" in table and "ted_vs_reference" in table

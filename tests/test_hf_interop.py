@@ -159,6 +159,23 @@ def test_a_model_folders_damaged_tokenizer_is_named_never_replaced(tiny_gpt, tmp
         folder_tokenizer(str(tmp_path / "hf"))
 
 
+def test_a_qwen2_folder_loads_the_tokenizer_it_ships_as_shipped(tmp_path):
+    """transformers picks Qwen2's tokenizer class for a qwen2 folder, which replaces the shipped
+    normalizer and pre-tokenizer with Qwen's; an exported student ships the data's own BPE."""
+    from ted_scale.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    tokenizer = train_bpe_tokenizer(["hello world, a tiny corpus"] * 8, vocab_size=300)
+    qwen2 = GPTConfig(
+        family="qwen2", vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=1,
+        n_head=2, out_bias=False, mlp_bias=False, tie_word_embeddings=False,
+    )  # fmt: skip
+    export_hf(GPT(qwen2), tmp_path / "hf", tokenizer)
+    loaded = load_tokenizer(str(tmp_path / "hf"))
+    assert tokenizer_fingerprint(loaded) == tokenizer_fingerprint(tokenizer)
+    text = "Hello  world,\r\na tiny corpus 123"
+    assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
 def test_a_truncated_filters_file_is_named(tmp_path):
     from safetensors.torch import save_file
 

@@ -136,42 +136,62 @@ def test_block_activations_are_korthikantis_with_fp32_layernorm_inputs(tp, sp):
     # inputs and 16 bytes per token of LayerNorm statistics (replicated).
     s, b, h, a = 256, 4, 128, 8
     layout = Layout(tp=tp, micro_batch=b, seq_len=s, flash_attention=False, sequence_parallel=sp)
-    got = block_activation_bytes(
-        width=h, heads=a, head_dim=h // a, inner=4 * h, dropout=True, layout=layout
-    )
+    got = block_activation_bytes(GPTConfig(n_embd=h, n_head=a, dropout=0.1), layout)
     region = s * b * (10 * h + 4 * h + 16)
     paper = region / (tp if sp else 1) + s * b * h * (24 + 5 * a * s / h) / tp
     assert got == paper
 
 
-def test_block_activations_equal_what_autograd_saves(one_thread):
-    """Every tensor a real block saves for its backward under bf16 autocast, counted once per
-    storage, against the estimate (no dropout: CPU dropout keeps bf16 masks, CUDA bool ones)."""
-    config = GPTConfig(vocab_size=64, n_positions=32, n_embd=64, n_head=4, n_layer=1, dropout=0.0)
+# Blocks of every kind the estimate tells apart (width 64, 4 query heads).
+BLOCKS = {
+    "gpt2": {},
+    # RMSNorm, RoPE, SwiGLU 128 wide, 2 key/value heads.
+    "llama": dict(family="llama", n_kv_head=2, n_inner=128, qkv_bias=False, out_bias=False,
+                  mlp_bias=False),
+    # The same with one key/value head, heads 32 wide and q/k norms.
+    "qwen3": dict(family="qwen3", n_kv_head=1, head_size=32, n_inner=128, qkv_bias=False,
+                  out_bias=False, mlp_bias=False, qk_norm=True),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("compute_bytes", [2, 4], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("family", BLOCKS)
+def test_block_activations_equal_what_autograd_saves(family, compute_bytes, one_thread):
+    """Every tensor a real block saves for its backward, under bf16 autocast or in fp32, counted
+    once per storage, against the estimate (no dropout: CPU dropout keeps bf16 masks, CUDA bool
+    ones)."""
+    config = GPTConfig(
+        vocab_size=64, n_positions=32, n_embd=64, n_head=4, n_layer=1, dropout=0.0,
+        **BLOCKS[family],
+    )  # fmt: skip
     block = Block(config, 0).train()
     block.attn.implementation = "sdpa"
-    # Weights and autocast's bf16 copies of them (either orientation) are counted apart; no
-    # activation has these shapes (their rows are the 32 tokens).
-    weight_shapes = {s for p in block.parameters() for s in (p.shape, p.shape[::-1])}
+    B, T = 2, 16
+    # Weights (and autocast's copies of them, either orientation) are counted apart, and the
+    # rotary tables [T, head_dim] left out; no activation has these shapes (their rows are the
+    # 32 tokens).
+    left_out = {s for p in block.parameters() for s in (p.shape, p.shape[::-1])}
+    left_out.add(torch.Size([T, config.head_dim]))
     saved: dict[tuple, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.shape not in weight_shapes:
+        if t.shape not in left_out:
             key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.stride(), t.shape)
             saved[key] = t.numel() * t.element_size()
         return t
 
-    x = torch.randn(2, 16, 64, requires_grad=True)
+    x = torch.randn(B, T, 64, requires_grad=True)
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-    with hooks, torch.autocast("cpu", dtype=torch.bfloat16):
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_bytes == 2)
+    with hooks, autocast:
         block(x)
-    layout = Layout(micro_batch=2, seq_len=16)
     estimate = block_activation_bytes(
-        width=64, heads=4, head_dim=16, inner=256, dropout=False, layout=layout
+        config, Layout(micro_batch=B, seq_len=T, compute_bytes=compute_bytes)
     )
-    # CPU SDPA returns its output head-major, so the reshape before out_proj copies it (bf16);
-    # flash-attn and CUDA SDPA return it token-major and the reshape is a view.
-    assert sum(saved.values()) == estimate + 2 * 16 * 2 * 64
+    # CPU SDPA returns its output head-major, so the reshape before out_proj copies it; flash-attn
+    # and CUDA SDPA return it token-major and the reshape is a view.
+    reshaped = B * T * compute_bytes * config.n_head * config.head_dim
+    assert sum(saved.values()) == estimate + reshaped
 
 
 def estimate_memory_command(capsys, *args: str) -> tuple[int, str, str]:

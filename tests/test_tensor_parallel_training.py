@@ -7,25 +7,17 @@ checkpoint refuses another tensor-parallel size."""
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
-from ranks import run_ranks
+from ranks import killed_and_resumed, run_losses, run_ranks
 from safetensors.torch import load_file
 
 from ted_scale.distill.methods import get_method, method_names
-from ted_scale.parallel.dims import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-TORCHRUN = Path(sys.executable).parent / "torchrun"
 # The built-in ones: a plug-in registered by another test file exists only in this process.
 TP_METHODS = [
     m
@@ -73,13 +65,6 @@ def _train_methods(
         train(config)
 
 
-def _losses(run: Path) -> list[dict]:
-    """Every metrics line's losses and evaluation results (what must not depend on the layout)."""
-    rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-    kept = ("stage", "step", "loss", "eval_")
-    return [{k: v for k, v in r.items() if k.startswith(kept)} for r in rows]
-
-
 @pytest.fixture(scope="module")
 def single_process(tiny_data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tp1")
@@ -108,7 +93,7 @@ def test_every_method_trains_the_same_as_one_process(layout, single_process, tin
         methods = TP_METHODS
         run_ranks(_train_methods, ranks, tiny_data, tmp_path, tp, methods)
     for method in methods:
-        want, got = _losses(single_process / method), _losses(tmp_path / method)
+        want, got = run_losses(single_process / method), run_losses(tmp_path / method)
         assert [(r["stage"], r["step"]) for r in got] == [(r["stage"], r["step"]) for r in want]
         for g, w in zip(got, want, strict=True):
             assert g.keys() == w.keys(), method
@@ -134,31 +119,6 @@ def _assert_same_hf_logits(got: Path, want: Path) -> None:
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
 
 
-def _torchrun(env: dict[str, str], ranks: int, *args: str) -> subprocess.Popen:
-    cmd = [
-        str(TORCHRUN), f"--nproc_per_node={ranks}", f"--master_port={free_port()}",
-        str(REPO / "launch" / "pretrain_ted.py"), *args,
-    ]  # fmt: skip
-    return subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )  # fmt: skip
-
-
-def _kill_job(proc: subprocess.Popen) -> None:
-    """kill -9 of the launcher and every rank at once (torchrun starts its ranks in sessions of
-    their own, so killing its process group would leave them running)."""
-    tree = psutil.Process(proc.pid)
-    for p in [tree, *tree.children(recursive=True)]:
-        p.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
-def _finish(proc: subprocess.Popen) -> str:
-    out = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, out[-6000:]
-    return out
-
-
 @pytest.mark.parametrize(
     ("layout", "stated"),
     [
@@ -174,23 +134,8 @@ def test_a_tp2_run_killed_after_a_checkpoint_resumes_to_the_same_losses(
         layout, "stage1.max_steps=2", "stage2.max_steps=6",
         "log.interval=1", "checkpoint.interval=3", "checkpoint.keep=10", "eval.interval=0",
     ]  # fmt: skip
-    _finish(_torchrun(subprocess_env, 2, *common, f"output_dir={tmp_path / 'full'}"))
-
-    run = tmp_path / "killed"
-    proc = _torchrun(subprocess_env, 2, *common, f"output_dir={run}")
-    marker = run / "checkpoints" / "stage2-step00000003" / "complete"
-    deadline = time.time() + 600
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    if proc.poll() is not None and not marker.exists():  # it ended on its own: say how
-        out = proc.communicate()[0]
-        raise AssertionError(f"exit {proc.returncode} before the step-3 checkpoint:\n{out[-6000:]}")
-    _kill_job(proc)
-    assert marker.exists(), "no step-3 checkpoint within 600 s"
-    assert not (run / "student_hf").exists()
-
-    out = _finish(_torchrun(subprocess_env, 2, *common, f"output_dir={run}", "resume=auto"))
+    full, run, out = killed_and_resumed(subprocess_env, 2, common, tmp_path, "stage2-step00000003")
     assert "stage2: resumed from" in out
     assert stated in out
-    assert _losses(run) == _losses(tmp_path / "full")  # exactly
-    _assert_same_hf_logits(run / "student_hf", tmp_path / "full" / "student_hf")
+    assert run_losses(run) == run_losses(full)  # exactly
+    _assert_same_hf_logits(run / "student_hf", full / "student_hf")

@@ -11,15 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from families import SHAPE, assert_export_matches, hf_folder
+from transformers import LlamaConfig, Qwen3Config
 
-from ted_scale.data.tokenizer import load_tokenizer
 from ted_scale.distill.methods import get_method, load_run_config
 from ted_scale.distill.run_models import build_run_models
 from ted_scale.io import read_safetensors
@@ -28,20 +22,6 @@ from ted_scale.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
-# The tiny data's 512-token BPE and 64-token samples; 4 blocks, as configs/tiny-*.yaml's teacher.
-SHAPE = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-    num_attention_heads=4, max_position_embeddings=64,
-)  # fmt: skip
-
-
-def _teacher_folder(path: Path, data: Path, hf_config) -> Path:
-    """A random HF teacher saved with the data's tokenizer (so the run checks they agree)."""
-    model_class = LlamaForCausalLM if isinstance(hf_config, LlamaConfig) else Qwen3ForCausalLM
-    torch.manual_seed(0)
-    model_class(hf_config).save_pretrained(path)
-    load_tokenizer(str(data / "tokenizer")).save_pretrained(path)
-    return path
 
 
 @pytest.fixture
@@ -54,7 +34,7 @@ def llama_teacher(tiny_data, tmp_path) -> Path:
     config = LlamaConfig(
         **SHAPE, num_key_value_heads=2, tie_word_embeddings=False, rope_parameters=rope
     )
-    return _teacher_folder(tmp_path / "llama", tiny_data, config)
+    return hf_folder(tmp_path / "llama", tiny_data, config)
 
 
 def _config(name: str, data: Path, out: Path, teacher: Path, *overrides: str):
@@ -78,26 +58,11 @@ def qwen3_teacher(tiny_data, tmp_path) -> Path:
     config = Qwen3Config(
         **SHAPE, num_key_value_heads=2, head_dim=32, attention_bias=True, tie_word_embeddings=False
     )
-    return _teacher_folder(tmp_path / "qwen3", tiny_data, config)
+    return hf_folder(tmp_path / "qwen3", tiny_data, config)
 
 
 HF_CLASS = {"llama_teacher": "LlamaForCausalLM", "qwen3_teacher": "Qwen3ForCausalLM"}
 """The HF class each teacher fixture's exports load as."""
-
-
-def _assert_export_matches(
-    run: Path, student: torch.nn.Module, family_class: str, folder: str = "student_hf"
-) -> None:
-    """The run's exported ``folder`` loads in AutoModelForCausalLM, as its teacher's class, with
-    the logits of ``student`` (the model it exported)."""
-    auto = AutoModelForCausalLM.from_pretrained(run / folder).eval()
-    assert type(auto).__name__ == family_class
-    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = student.eval()(ids).logits
-        torch.testing.assert_close(auto(ids).logits, expected, atol=1e-5, rtol=0)
-        reloaded = load_pretrained(run / folder).eval()
-        torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-5, rtol=0)
 
 
 def _record_phases(trainer: Trainer) -> list:
@@ -134,20 +99,20 @@ def test_ted_distils_a_llama_teacher_end_to_end(tiny_data, tmp_path, llama_teach
     stage2 = [r for r in metrics if r["stage"] == "stage2"]
     assert stage2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in stage2)
     assert "loss_layer_0" in stage2[-1] and "loss_filter_0" in metrics[0]
-    _assert_export_matches(run, student, "LlamaForCausalLM")
+    assert_export_matches(run, student, "LlamaForCausalLM")
 
 
 def test_kd_distils_a_qwen3_teacher_end_to_end(tiny_data, tmp_path):
     """Tied head, per-head q/k norm, one key/value head, head_dim != hidden / heads."""
     config = Qwen3Config(**SHAPE, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)
-    teacher = _teacher_folder(tmp_path / "qwen3", tiny_data, config)
+    teacher = hf_folder(tmp_path / "qwen3", tiny_data, config)
     run = tmp_path / "run"
     trainer = Trainer(_config("tiny-kd.yaml", tiny_data, run, teacher))
     assert trainer.student.config.qk_norm and trainer.student.unembed is None
     before = trainer.student.blocks[0].attn.q_norm.weight.detach().clone()
     trainer.run()
     assert not torch.equal(trainer.student.blocks[0].attn.q_norm.weight, before)
-    _assert_export_matches(run, trainer.student, "Qwen3ForCausalLM")
+    assert_export_matches(run, trainer.student, "Qwen3ForCausalLM")
 
 
 @pytest.mark.parametrize(
@@ -184,7 +149,7 @@ def test_cr_ild_distils_a_family_teacher_end_to_end(tiny_data, tmp_path, request
     assert [r["stage"] for r in metrics] == ["ild"] * 2 + ["stage2"] * 3
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in metrics)
     assert all(r[f"loss_{objects}"] > 0 for r in metrics[:2])
-    _assert_export_matches(run, phases[-1].evaluated, HF_CLASS[teacher])  # Stage II's student
+    assert_export_matches(run, phases[-1].evaluated, HF_CLASS[teacher])  # Stage II's student
 
 
 @pytest.mark.parametrize("teacher", ["llama_teacher", "qwen3_teacher"])
@@ -216,8 +181,8 @@ def test_minidisc_prunes_a_family_teacher_into_a_ta_that_exports_to_its_class(
     assert all(h % 2 == 0 for h in subnet.heads)
     ta = extract(load_pretrained(run / "minidisc" / "ta_shared_hf"), subnet)
     assert ta.num_params() == report["ta"]["parameters"]
-    _assert_export_matches(run, ta, HF_CLASS[teacher], folder="ta_hf")
-    _assert_export_matches(run, trainer.student, HF_CLASS[teacher])
+    assert_export_matches(run, ta, HF_CLASS[teacher], folder="ta_hf")
+    assert_export_matches(run, trainer.student, HF_CLASS[teacher])
 
 
 @pytest.mark.parametrize(
@@ -259,11 +224,9 @@ def test_qwen_style_padded_embeddings_distil_over_the_tokenizers_ids(tiny_data, 
     from ted_scale.distill.modules import FrozenTapper
 
     shape = {**SHAPE, "num_key_value_heads": 2, "tie_word_embeddings": True}
-    teacher = _teacher_folder(
-        tmp_path / "t", tiny_data, Qwen3Config(**{**shape, "vocab_size": 640})
-    )
+    teacher = hf_folder(tmp_path / "t", tiny_data, Qwen3Config(**{**shape, "vocab_size": 640}))
     student_shape = {**shape, "vocab_size": 576, "num_hidden_layers": 2}
-    student = _teacher_folder(tmp_path / "s", tiny_data, Qwen3Config(**student_shape))
+    student = hf_folder(tmp_path / "s", tiny_data, Qwen3Config(**student_shape))
     pretrained = ["student.init=pretrained", f"student.pretrained={student}"]
     trainer = Trainer(_config("tiny-kd.yaml", tiny_data, tmp_path / "run", teacher, *pretrained))
     t, s = trainer.teacher, trainer.student

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ted_scale.kernels import default_chunk_size
+from ted_scale.model.gpt import GPTConfig
 
 
 @dataclass(frozen=True)
@@ -41,15 +42,16 @@ class GemmShape:
 
 
 def step_shapes(
-    tokens: int, width: int, vocab: int, student_layers: int, teacher_layers: int = 0
+    tokens: int, arch: GPTConfig, student_layers: int, teacher_layers: int = 0
 ) -> list[GemmShape]:
-    """The matmuls of a distillation step (attention's own batched products aside).
+    """The matmuls of a distillation step (attention's own batched products aside) between
+    models of ``arch``'s blocks, width and vocabulary.
 
     tokens: B*T rows; the LM head's products take ``default_chunk_size(vocab)`` rows at a time, as
     the fused losses run them. Each projection k -> n of the student runs forward ([N, k] x [k, n])
     and both backward products (grad input [N, n] x [n, k], grad weight [n, N] x [N, k]); the
     frozen teacher's run forward only, its LM head included when ``teacher_layers`` > 0. Block
-    projections: qkv d -> 3d, attention out d -> d, MLP d -> 4d and 4d -> d.
+    projections: ``block_projections``.
     """
     shapes: dict[tuple[int, int, int], list] = {}
 
@@ -62,14 +64,24 @@ def step_shapes(
             if count:
                 shapes.setdefault(mkn, [0, label])[0] += count
 
+    vocab = arch.vocab_size
     chunk = min(tokens, default_chunk_size(vocab))
     chunks = -(-tokens // chunk)
-    linear(chunk, width, vocab, (1 + (teacher_layers > 0)) * chunks, chunks, "lm head")
-    d = width
-    for k, n, name in ((d, 3 * d, "qkv"), (d, d, "attn out"), (d, 4 * d, "mlp up"),
-                       (4 * d, d, "mlp down")):  # fmt: skip
+    linear(chunk, arch.n_embd, vocab, (1 + (teacher_layers > 0)) * chunks, chunks, "lm head")
+    for k, n, name in block_projections(arch):
         linear(tokens, k, n, student_layers + teacher_layers, student_layers, name)
     return [GemmShape(*mkn, count, name) for mkn, (count, name) in shapes.items()]
+
+
+def block_projections(arch: GPTConfig) -> list[tuple[int, int, str]]:
+    """(d_in, d_out, name) of each projection of one block: q, k and v in one (k and v
+    ``kv_heads`` heads wide under grouped-query attention), the attention output, and the FFN's
+    up and down (GPT-2), or SwiGLU's gate, up and down (the Llama family; gate and up share a
+    shape and a name)."""
+    d, ffn = arch.n_embd, arch.layer_inner[0]
+    q, kv = arch.n_head * arch.head_dim, arch.kv_heads * arch.head_dim
+    ffn_in = [(d, ffn, "mlp gate, up")] * 2 if arch.llama_like else [(d, ffn, "mlp up")]
+    return [(d, q + 2 * kv, "qkv"), (q, d, "attn out"), *ffn_in, (ffn, d, "mlp down")]
 
 
 @dataclass(frozen=True)

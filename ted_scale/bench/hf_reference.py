@@ -1,13 +1,14 @@
 """TED Stage II written the way one would straight from the paper with `transformers`.
 
-The yardstick of the throughput benchmark: ``GPT2LMHeadModel`` teacher and student (the student is
-the teacher's blocks at the layer map, so both start from the same weights as this project's
-models), ``output_hidden_states=True``, full [B, T, V] logits for both models, ``nn.Linear``
-filters, ``F.cross_entropy`` / ``F.kl_div`` / ``F.mse_loss``, the teacher under ``torch.no_grad()``
-and ``torch.optim.AdamW`` in a plain loop. Nothing here is tuned.
+The yardstick of the throughput benchmark: teacher and student as the HF class of their family
+(``GPT2LMHeadModel``, ``LlamaForCausalLM``, ...; the student is the teacher's blocks at the layer
+map, so both start from the same weights as this project's models), ``output_hidden_states=True``,
+full [B, T, V] logits for both models, ``nn.Linear`` filters, ``F.cross_entropy`` / ``F.kl_div`` /
+``F.mse_loss``, the teacher under ``torch.no_grad()`` and ``torch.optim.AdamW`` in a plain loop.
+Nothing here is tuned.
 
 One deliberate literalism: ``hidden_states[m + 1]`` is read for teacher block m, as a user of the HF
-API would; for the top block HF hands over the state after the final LayerNorm rather than the
+API would; for the top block HF hands over the state after the final norm rather than the
 residual stream. That changes what the top filter sees, not what a step costs.
 """
 
@@ -72,8 +73,8 @@ class ReferenceTED:
 
     @property
     def student_trunk(self) -> nn.Module:
-        """The student up to its final LayerNorm (its LM head excluded): the timer hooks here."""
-        return self.student.transformer
+        """The student up to its final norm (its LM head excluded): the timer hooks here."""
+        return self.student.base_model
 
     def step_parts(self, input_ids: Tensor, labels: Tensor) -> Iterator[str]:
         """One training step on ``input_ids``/``labels`` [B, T] (labels already shifted)."""

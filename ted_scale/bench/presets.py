@@ -4,11 +4,12 @@ plain step (``throughput``), the trainer's loop (``engine``) and tensor parallel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 from ted_scale.config.parse import build
 from ted_scale.config.schema import RunConfig
 from ted_scale.distill.methods import get_method, run_config_class
+from ted_scale.model.gpt import GPTConfig
 
 # The paper's Stage II settings for GPT-2 (docs/design.md).
 ALPHA_KD, ALPHA_LAYER, TEMPERATURE, DROPOUT = 2.5, 0.1, 2.0, 0.1
@@ -17,7 +18,11 @@ ALPHA_KD, ALPHA_LAYER, TEMPERATURE, DROPOUT = 2.5, 0.1, 2.0, 0.1
 @dataclass(frozen=True)
 class Preset:
     """Model and batch sizes. Teacher: ``teacher_layers`` x ``width``; student: ``student_layers``
-    of the teacher's blocks (paper layer map), same width; linear filters width -> width."""
+    of the teacher's blocks (paper layer map), same width; linear filters width -> width.
+
+    ``family`` ``gpt2`` is GPT-2's block (``ffn`` null: 4 x width); ``llama`` is the Llama
+    family's (RMSNorm, RoPE, SwiGLU FFN ``ffn`` wide, no biases) with ``kv_heads`` key/value heads
+    (grouped-query attention) and an LM head of its own unless ``tied_head``."""
 
     teacher_layers: int
     student_layers: int
@@ -29,6 +34,24 @@ class Preset:
     warmup: int
     steps: int
     instrumented: int
+    family: str = "gpt2"
+    kv_heads: int | None = None
+    ffn: int | None = None
+    tied_head: bool = True
+
+    def arch(self) -> GPTConfig:
+        """The teacher's shape (``teacher.arch``), with the paper's dropout."""
+        llama = {}  # what GPT-2's block does not have (GPTConfig's defaults mean GPT-2)
+        if self.family != "gpt2":
+            llama = {
+                "family": self.family, "n_kv_head": self.kv_heads, "qkv_bias": False,
+                "out_bias": False, "mlp_bias": False, "tie_word_embeddings": self.tied_head,
+            }  # fmt: skip
+        return GPTConfig(
+            vocab_size=self.vocab, n_positions=self.seq_len, n_embd=self.width,
+            n_layer=self.teacher_layers, n_head=self.heads, n_inner=self.ffn, dropout=DROPOUT,
+            **llama,
+        )  # fmt: skip
 
 
 PRESETS = {
@@ -38,6 +61,16 @@ PRESETS = {
     "cpu": Preset(4, 2, 256, 4, 50257, 128, 4, warmup=1, steps=5, instrumented=3),
     # Smoke-test size (seconds per configuration).
     "micro": Preset(4, 2, 32, 2, 128, 16, 2, warmup=1, steps=2, instrumented=1),
+}
+# The cpu and micro presets with the Llama family's blocks: GQA 4:2, SwiGLU FFN, untied head.
+# cpu-llama's FFN is as wide as Llama's rule makes it (2/3 of 4 x width, rounded up to a multiple
+# of 256: 768, 9 d^2 weights against GPT-2's 8 d^2); GPT-2's vocabulary, so that it differs from
+# cpu in the blocks and the head only.
+PRESETS |= {
+    "cpu-llama": replace(PRESETS["cpu"], family="llama", kv_heads=2, ffn=768, tied_head=False),
+    "micro-llama": replace(
+        PRESETS["micro"], heads=4, family="llama", kv_heads=2, ffn=96, tied_head=False
+    ),
 }
 
 
@@ -66,16 +99,12 @@ def bench_config(preset: Preset, spec: Spec, *, seed: int = 0) -> RunConfig:
     """The run configuration of ``spec``'s step: a random teacher of the preset's shape, a student
     of its blocks at the paper's map (random for ``lm``, which has no teacher), linear filters
     copied from the teacher's, the paper's Stage II loss weights."""
-    arch = {
-        "vocab_size": preset.vocab, "n_positions": preset.seq_len, "n_embd": preset.width,
-        "n_layer": preset.teacher_layers, "n_head": preset.heads, "dropout": DROPOUT,
-    }  # fmt: skip
     needs_teacher = get_method(spec.method).needs_teacher
     raw = {
         "seed": seed,
         "method": spec.method,
         "fused_loss": spec.fused,
-        "teacher": {"pretrained": None, "arch": arch},
+        "teacher": {"pretrained": None, "arch": asdict(preset.arch())},
         "student": {
             "init": "teacher_layers" if needs_teacher else "random",
             "n_layer": preset.student_layers,

@@ -254,6 +254,7 @@ def measure(preset: Preset, spec: Spec, device: torch.device | None = None) -> d
     return {
         "name": spec.name,
         **asdict(spec),
+        **({"hf_class": type(step.student).__name__} if spec.impl == "reference" else {}),
         "tokens_per_s": tokens_per_s,
         "step_ms": 1000 * step_s,
         "step_ms_all": [1000 * t for t in times],

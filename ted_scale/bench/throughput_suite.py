@@ -136,8 +136,8 @@ def cpu_ceiling(preset: Preset, threads: int | None) -> Ceiling:
     """``measure_ceiling`` at the TED step's matmuls for ``preset`` with ``threads`` torch threads
     (None: torch's default)."""
     shapes = step_shapes(
-        preset.micro_batch * preset.seq_len, preset.width, preset.vocab,
-        preset.student_layers, preset.teacher_layers,
+        preset.micro_batch * preset.seq_len, preset.arch(), preset.student_layers,
+        preset.teacher_layers,
     )  # fmt: skip
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
@@ -211,8 +211,10 @@ def format_table(result: dict) -> str:
     """The console table: one line per configuration, then the step split and the targets."""
     rows = result["rows"]
     ceiling = result.get("cpu_ceiling")
+    reference = next((r["hf_class"] for r in rows if r["impl"] == "reference"), None)
     lines = [
         f"preset {result['preset']} on {result['device']} ({result['torch_threads']} torch threads)"
+        + (f"; reference: {reference}" if reference else "")
         + (f"; CPU fp32 GEMM ceiling {ceiling['gflops']:.1f} GFLOP/s" if ceiling else ""),
         f"{'configuration':32s} {'tok/s':>9s} {'step ms':>8s} {'TFLOP/s':>8s} {'MFU':>6s} "
         f"{'CPU MFU':>7s} {'peak MiB':>9s} {'xref spd':>8s} {'xref mem':>8s} {'t/t_lm':>6s} "

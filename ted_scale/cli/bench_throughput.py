@@ -1,13 +1,14 @@
 """Throughput of a training step per method against a plain `transformers` TED reference.
 
-    python launch/bench_throughput.py --preset cpu|gpt2 [--out FILE.json]
+    python launch/bench_throughput.py --preset cpu|cpu-llama|gpt2 [--out FILE.json]
     torchrun --nproc_per_node N launch/bench_throughput.py --tp N --preset cpu|gpt2
     torchrun --nproc_per_node N launch/bench_throughput.py --teacher-tp N --preset cpu|gpt2
 
 Synthetic token batches, random weights. For each configuration (method x fused loss x teacher
-prefetch x attention, plus the reference): tokens/s, the step split into teacher / student forward /
-losses / backward / optimizer, achieved TFLOP/s (ted_scale.flops), MFU on a GPU, peak memory,
-and ratios to the reference and to the student-alone step. Each configuration runs in a fresh
+prefetch x attention, plus the reference in the HF class of the preset's family): tokens/s, the
+step split into teacher / student forward / losses / backward / optimizer, achieved TFLOP/s
+(ted_scale.flops), MFU on a GPU, peak memory, and ratios to the reference and to the
+student-alone step. Each configuration runs in a fresh
 process. Method details: ted_scale/bench/throughput.py; targets: ted_scale/bench/throughput_suite.py.
 With --tp N (N ranks, one tensor-parallel group; gloo on CPU): each method's fused step sharded
 over the N ranks, with the share of the step spent in tensor-parallel communication and each
@@ -48,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), default="cpu",
         help="model and batch sizes: gpt2 = the paper's 12x768 -> 6 layers, seq 1024, batch 8 (GPU); "
-        "cpu = GPT-2 vocabulary, 4x256 -> 2 layers, seq 128, batch 4; micro = smoke test",
+        "cpu = GPT-2 vocabulary, 4x256 -> 2 layers, seq 128, batch 4; cpu-llama = cpu with Llama "
+        "blocks (GQA 4:2, SwiGLU 768 wide, RMSNorm, RoPE, untied head), against transformers' "
+        "LlamaForCausalLM; micro, micro-llama = smoke tests",
     )  # fmt: skip
     parser.add_argument(
         "--methods", type=_choices(method_names()), default=method_names(),

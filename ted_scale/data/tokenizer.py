@@ -14,13 +14,20 @@ from ted_scale.data import DataError
 
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_TOKENIZER = "gpt2"
+# The classes that load ``tokenizer.json`` as it is (transformers 5's name, and 4's).
+_GENERIC_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     """Load a fast HF tokenizer (hub name or local folder); it must define an EOS token.
 
     A local folder must hold a complete ``tokenizer.json``: a missing or truncated one is named,
-    never replaced by a tokenizer rebuilt from whatever else the folder holds."""
+    never replaced by a tokenizer rebuilt from whatever else the folder holds. A folder whose
+    ``tokenizer_config.json`` names no class of its own (what ``save_pretrained`` of a tokenizer
+    trained here, or of ``tokenizer.json`` alone, writes) loads exactly that file, whatever model
+    its ``config.json`` describes: AutoTokenizer would pick the class by the model type, and
+    Qwen2's rebuilds the normalizer and pre-tokenizer over the file's."""
+    loader = AutoTokenizer
     if Path(name_or_path).is_dir():
         spec = backend_path(name_or_path)
         try:
@@ -29,8 +36,10 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
             raise DataError(f"{spec}: missing (a tokenizer folder needs it)") from None
         except (OSError, ValueError) as e:
             raise DataError(f"{spec}: truncated or not JSON ({e})") from None
+        if _declared_class(Path(name_or_path)) in _GENERIC_CLASSES:
+            loader = PreTrainedTokenizerFast
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
+        tok = loader.from_pretrained(name_or_path, use_fast=True)
     except (OSError, ValueError) as e:
         raise DataError(f"cannot load tokenizer {name_or_path!r}: {e}") from None
     if not isinstance(tok, PreTrainedTokenizerFast):
@@ -40,6 +49,14 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     if len(tok) < 2:
         raise DataError(f"tokenizer {name_or_path!r} is empty ({len(tok)} tokens)")
     return tok
+
+
+def _declared_class(folder: Path) -> str | None:
+    """The tokenizer class a folder's ``tokenizer_config.json`` names, if it names one."""
+    try:
+        return json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):  # absent or unreadable: AutoTokenizer decides
+        return None
 
 
 # The largest vocabulary a BPE is trained to: 4x the largest vocabularies in use (~256k); far

@@ -106,42 +106,64 @@ class Layout:
 
 
 def block_activation_bytes(
-    *,
-    width: int,
-    heads: int,
-    head_dim: int,
-    inner: int,
-    dropout: bool,
-    layout: Layout,
+    config: GPTConfig, layout: Layout, *, heads: int | None = None, inner: int | None = None
 ) -> int:
-    """Bytes autograd saves in one GPT block's forward for one micro-batch, on one rank.
+    """Bytes autograd saves in one block's forward of a model of shape ``config`` for one
+    micro-batch, on one rank; ``heads`` and ``inner`` are the block's own (a pruned or padded
+    block's; default ``config``'s).
 
     Korthikanti et al. 2022 ("Reducing activation recomputation in large transformer models",
-    Eq. 2) count ``s b h (34 + 5 a s / h)`` bytes per layer: ``10 s b h`` in the LayerNorm /
+    Eq. 2) count ``s b h (34 + 5 a s / h)`` bytes per GPT block: ``10 s b h`` in the LayerNorm /
     dropout regions (replicated under tensor parallelism, split by tp under sequence
     parallelism), ``24 s b h`` inside attention and MLP (split by tp), ``5 a s^2 b`` for the
     attention matrix (split by tp; absent under flash attention, which saves only a log-sum-exp
     per row). This model's terms, with c = compute bytes and s b = tokens of the micro-batch:
 
-    - replicated: LayerNorm inputs 2 x 4 (the residual stream is fp32), their bf16 outputs as
-      qkv_proj and up_proj inputs 2 x c, dropout masks 2 x 1: ``(8 + 2c + 2) s b h``, and each
-      LayerNorm's fp32 mean and inverse deviation per token (16 bytes);
-    - split: q, k, v 3c and the attention output c per attention width (heads x head_dim), the
-      GELU input and output 2c per FFN width;
+    - replicated: what the two norms save (``_norm_bytes``) and their outputs as the projections'
+      inputs (``_norm_region_bytes``), dropout masks 2 x 1 per width;
+    - split: q, k, v 3c and the attention output c per attention width (heads x head_dim; k and
+      v enter the kernel repeated to every query head, so grouped-query attention saves weights
+      here, not activations), Qwen3's q/k norms, and the FFN: GELU's input and output 2c per FFN
+      width, or SwiGLU's gate, silu(gate), up and their product 4c;
     - attention matrix: softmax output c, dropout mask 1 and output c per head and key (eager),
       or a fp32 log-sum-exp per head (flash).
+
+    The rotary tables (cos and sin [T, head_dim], whatever the batch) are left out.
     """
     t = layout.tp
     sp = t if layout.sequence_parallel else 1
     tokens = layout.micro_batch * layout.seq_len
-    c, mask = layout.compute_bytes, MASK if dropout else 0
-    replicated = (2 * FP32 + 2 * c + 2 * mask) * width + 2 * 2 * FP32
-    split = 4 * c * heads * head_dim + 2 * c * inner
+    c, dropout = layout.compute_bytes, config.dropout > 0
+    mask = MASK if dropout else 0
+    heads = config.n_head if heads is None else heads
+    width = heads * config.head_dim
+    inner = config.layer_inner[0] if inner is None else inner
+    split = 4 * c * width + (4 if config.llama_like else 2) * c * inner
+    if config.qk_norm:  # each of q and k: a fp32 copy, the normalised product (c), 1/rms per head
+        kv_heads = heads * config.kv_heads // config.n_head
+        split += (FP32 + c) * (heads + kv_heads) * config.head_dim + FP32 * (heads + kv_heads)
     if layout.flash_attention:
         scores = FP32 * heads
     else:
         scores = (c + mask + (c if dropout else 0)) * heads * layout.seq_len
+    replicated = _norm_region_bytes(config, c) + 2 * mask * config.n_embd
     return tokens * replicated // sp + tokens * (split + scores) // t
+
+
+def _norm_bytes(config: GPTConfig) -> int:
+    """Bytes one norm of the residual stream saves per token: LayerNorm its fp32 input, mean and
+    inverse deviation; RMSNorm its fp32 input, 1/rms and the fp32 normalised input that its
+    weight multiplies."""
+    d = config.n_embd
+    return 2 * FP32 * d + FP32 if config.llama_like else FP32 * d + 2 * FP32
+
+
+def _norm_region_bytes(config: GPTConfig, c: int) -> int:
+    """Per token, a block's two norms and their outputs as the projections' inputs: under
+    autocast each projection casts its own copy (c bytes; SwiGLU's gate and up one each), in
+    fp32 the projections share the output (4 bytes)."""
+    copies = 3 if config.llama_like and c < FP32 else 2
+    return 2 * _norm_bytes(config) + copies * c * config.n_embd
 
 
 @dataclass
@@ -216,12 +238,10 @@ def estimate_memory(
     dropout = cfg.dropout > 0
     blocks = [
         block_activation_bytes(
-            width=cfg.n_embd,
+            cfg,
+            layout,
             heads=block.attn.query_heads(block.attn.qkv_proj.out_features),  # padded ones too
-            head_dim=cfg.head_dim,
             inner=block.mlp.up_proj.out_features,
-            dropout=dropout,
-            layout=layout,
         )
         for block in student.blocks
     ]
@@ -231,8 +251,9 @@ def estimate_memory(
         student_acts = len(blocks) * FP32 * tokens * cfg.n_embd // sp + max(blocks, default=0)
     else:
         student_acts = sum(blocks)
-    # Embedding dropout mask, the final LayerNorm's fp32 input and the LM head's input.
-    student_acts += ((MASK if dropout else 0) + FP32 + c) * tokens * cfg.n_embd // sp
+    # Embedding dropout mask, the final norm and the LM head's input.
+    top = ((MASK if dropout else 0) + c) * cfg.n_embd + _norm_bytes(cfg)
+    student_acts += top * tokens // sp
     d_t = teacher.config.n_embd
     student_acts += tapped_layers * (c + FP32) * tokens * d_t
     teacher_outputs = (
