@@ -141,3 +141,25 @@ def test_yaml_aliases_expanding_past_the_bound_are_refused(tmp_path):
         ConfigError, match=f"{path}: more than 100,000 values once its YAML aliases"
     ):
         load_run_config(path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "dp_size", "stage"),
+    [
+        ([], 1, 0),  # one data-parallel rank: ZeRO-1 would partition nothing
+        ([], 2, 1),
+        (["deepspeed.offload_optimizer=true"], 1, 1),  # offloading needs ZeRO
+        (["deepspeed.zero_stage=1"], 1, 1),  # an explicit stage is kept
+        (["deepspeed.zero_stage=0"], 8, 0),
+    ],
+)
+def test_the_default_zero_stage_partitions_only_over_several_data_parallel_ranks(
+    overrides, dp_size, stage
+):
+    from ted_scale.train.engine import deepspeed_config
+
+    config = load_run_config(None, overrides)
+    assert config.deepspeed.stage_at(dp_size) == stage
+    batch = ["batch.global_batch_size=16", "batch.micro_batch_size=2"]
+    config = load_run_config(None, [*overrides, *batch])
+    assert deepspeed_config(config, dp_size)["zero_optimization"]["stage"] == stage

@@ -63,11 +63,11 @@ def make_inputs(shape=(3, 5), dtype=torch.float32, seed=0):
     return hidden, weight, targets, teacher_hidden, teacher_weight
 
 
-def naive_kd_rows(hidden, weight, teacher_hidden, teacher_weight):
+def naive_kd_rows(hidden, weight, teacher_hidden, teacher_weight, temperature=T):
     """Per-token KL(p_t || p_s) * T^2 from full fp32 logits."""
-    log_ps = F.log_softmax(hidden.float() @ weight.float().T / T, dim=-1)
-    log_pt = F.log_softmax(teacher_hidden.float() @ teacher_weight.float().T / T, dim=-1)
-    return F.kl_div(log_ps, log_pt, log_target=True, reduction="none").sum(-1) * T**2
+    log_ps = F.log_softmax(hidden.float() @ weight.float().T / temperature, dim=-1)
+    log_pt = F.log_softmax(teacher_hidden.float() @ teacher_weight.float().T / temperature, dim=-1)
+    return F.kl_div(log_ps, log_pt, log_target=True, reduction="none").sum(-1) * temperature**2
 
 
 def naive_ce(hidden, weight, targets):
@@ -107,14 +107,16 @@ def test_kl_div_matches_naive_with_other_teacher_width(backend, masked):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ce_kd_matches_naive_with_kd_over_kept_targets(backend):
+@pytest.mark.parametrize("temperature", [T, 1.0, 3.0])  # CE's softmax: squared, shared, its own
+def test_ce_kd_matches_naive_with_kd_over_kept_targets(backend, temperature):
     hidden, weight, targets, teacher_hidden, teacher_weight = make_inputs()
     loss, ce, kd = fused_linear_ce_kd(
         hidden, weight, targets, teacher_hidden, teacher_weight,
-        temperature=T, kd_weight=KD_WEIGHT, chunk_size=4, backend=backend,
+        temperature=temperature, kd_weight=KD_WEIGHT, chunk_size=4, backend=backend,
     )  # fmt: skip
     naive_ce_value = naive_ce(hidden, weight, targets)
-    naive_kd = naive_kd_rows(hidden, weight, teacher_hidden, teacher_weight)[targets != -100].mean()
+    kd_rows = naive_kd_rows(hidden, weight, teacher_hidden, teacher_weight, temperature)
+    naive_kd = kd_rows[targets != -100].mean()
     assert not ce.requires_grad and not kd.requires_grad
     assert rel_diff(ce, naive_ce_value) <= FP32_TOL and rel_diff(kd, naive_kd) <= FP32_TOL
     assert_matches(loss, naive_ce_value + KD_WEIGHT * naive_kd, (hidden, weight), FP32_TOL)

@@ -171,7 +171,9 @@ def test_fixed_seed_five_steps_reproduce_the_recorded_losses_bit_for_bit(name, t
     the restructuring must not change a single bit. ``stage1``, ``ted`` and ``ted_kl`` were
     re-recorded when TED's filters started random, its layer term became scale-free and averaged
     over layers, and TED-KL scored through the frozen Stage I head (issue 24); all of them when
-    AdamW became torch's fused one (issue 29: at most 9.4e-6 relative, ted_kl 1.3e-4, lm 0)."""
+    AdamW became torch's fused one (issue 29: at most 9.4e-6 relative, ted_kl 1.3e-4, lm 0); kd,
+    lwd, ted and ted_kl when the CPU CE + KD took CE's softmax at T = 2 by squaring the student's
+    (issue 29: at most 1.2e-5 relative, ted_kl 1.0e-4)."""
     from ted_scale.train.trainer import Trainer
 
     config_file, extra = RUNS[name]

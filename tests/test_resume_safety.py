@@ -201,10 +201,27 @@ def test_a_checkpoint_of_another_tensor_parallel_size_is_refused_saying_how_to_g
 ):
     run = _copy_to_resume(finished_run, tmp_path)
     tag = run / "checkpoints" / "stage2-step00000002"
-    assert json.loads((tag / "layout.json").read_text()) == {"tensor_parallel_size": 1}
-    (tag / "layout.json").write_text(json.dumps({"tensor_parallel_size": 2}))
+    layout = {"tensor_parallel_size": 1, "zero_stage": 1}
+    assert json.loads((tag / "layout.json").read_text()) == layout
+    (tag / "layout.json").write_text(json.dumps({**layout, "tensor_parallel_size": 2}))
     (tag / "complete").write_text(complete_record(tag.name, tag))  # intact, only another layout
     with pytest.raises(ConfigError, match=r"saved at parallel.tensor_parallel_size=2 and this run"):
+        Trainer(_config(tiny_data, run)).run()
+
+
+def test_a_checkpoint_of_another_zero_stage_is_refused_saying_how_to_go_on(
+    finished_run, tmp_path, tiny_data
+):
+    """deepspeed.zero_stage: null picks 0 on one rank and 1 on more, so the same config resumes
+    at another stage on another number of ranks (here: the record says so)."""
+    run = _copy_to_resume(finished_run, tmp_path)
+    tag = run / "checkpoints" / "stage2-step00000002"
+    (tag / "layout.json").write_text(json.dumps({"tensor_parallel_size": 1, "zero_stage": 0}))
+    (tag / "complete").write_text(complete_record(tag.name, tag))
+    with pytest.raises(
+        ConfigError,
+        match=r"saved at ZeRO stage 0 and this run uses stage 1 .* deepspeed.zero_stage=0$",
+    ):
         Trainer(_config(tiny_data, run)).run()
 
 

@@ -67,9 +67,10 @@ def synthetic_dataset(
     return data
 
 
-def measure_engine(preset: Preset, spec: Spec, *, zero_stage: int = 1) -> dict:
+def measure_engine(preset: Preset, spec: Spec, *, zero_stage: int | None = None) -> dict:
     """Run the trainer on ``spec``'s configuration; every phase gets the preset's warm-up + timed
-    steps (so the benchmarked phase, ``Method.benchmarked``, does; the others only set it up)."""
+    steps (so the benchmarked phase, ``Method.benchmarked``, does; the others only set it up).
+    ``zero_stage``: ``deepspeed.zero_stage`` (None: the run default, 0 on this one rank)."""
     from ted_scale.distill.methods import get_method, load_run_config
     from ted_scale.train.trainer import Trainer
 
@@ -87,7 +88,8 @@ def measure_engine(preset: Preset, spec: Spec, *, zero_stage: int = 1) -> dict:
         overrides = [
             f"data.path={data}", f"output_dir={run}",
             f"teacher_prefetch={'on' if spec.prefetch else 'off'}",
-            f"deepspeed.zero_stage={zero_stage}", "log.interval=1", "log.tensorboard=false",
+            f"deepspeed.zero_stage={'null' if zero_stage is None else zero_stage}",
+            "log.interval=1", "log.tensorboard=false",
             "log.progress_bar=false", "checkpoint.interval=0", "eval.interval=0",
         ]  # fmt: skip
         config = load_run_config(config_file, overrides)
@@ -98,7 +100,7 @@ def measure_engine(preset: Preset, spec: Spec, *, zero_stage: int = 1) -> dict:
     return {
         "engine_tokens_per_s": max(rates),
         "engine_tokens_per_s_all": rates,
-        "zero_stage": zero_stage,
+        "zero_stage": config.deepspeed.stage_at(1),
     }
 
 

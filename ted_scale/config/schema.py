@@ -181,10 +181,19 @@ class EvalConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = bounded(1, ge=0, le=3)
+    zero_stage: int | None = bounded(None, ge=0, le=3)
+    """ZeRO stage 0-3; null: 1 (optimizer states partitioned) over several data-parallel ranks or
+    with ``offload_optimizer``, and 0 on one rank, where ZeRO-1 partitions nothing and its
+    flat-buffer copies and fp64 gradient norm only cost time (docs/throughput.md)."""
     offload_optimizer: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     """Merged last into the generated DeepSpeed config (for options not modelled here)."""
+
+    def stage_at(self, dp_size: int) -> int:
+        """The ZeRO stage a run with ``dp_size`` data-parallel ranks uses (``zero_stage``)."""
+        if self.zero_stage is not None:
+            return self.zero_stage
+        return 1 if dp_size > 1 or self.offload_optimizer else 0
 
 
 @dataclass

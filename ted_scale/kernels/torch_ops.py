@@ -95,24 +95,42 @@ def _kd_block_(
     Overwrites x with d(CE + kd_weight * KD)/dx; t (fp32 teacher logits) and scratch [k, b, V]
     (k = 1, or 2 with CE) are clobbered. With a = x/T, b = t/T and e_b = exp(b - max b), as in the Triton kernel:
     KL = sum(e_b * (b - a)) / sum(e_b) - lse(b) + lse(a), and d(T^2 KL)/dx = T * (p_s - p_t).
+
+    Passes over [b, V] (an op each; exp the costly one): teacher 4 (max, scale, exp, sum), the
+    cross term 3, student 4 (max, scale, exp, sum), CE's softmax at T = 1 from the student's at T
+    by squaring at the default T = 2 (1 + its sum; T = 1: none, another T: its own 3 and a sum),
+    the gradient 2-3. 16 with CE at T = 2, 2 exps per logit (18 and 3 before, issue 29).
     """
     inv_t = 1.0 / temperature
     e_t = scratch[0]
     lse_t, total_t = _exp_rows_(t, inv_t, e_t)
     cross = t.sub_(x).mul_(e_t).sum(dim=-1, keepdim=True) * inv_t
-    ce = None
+    ce = e_ce = None
     if targets is not None:
         target_logit = x.gather(1, targets)
-        e_ce = scratch[1]
-        lse_ce, total_ce = _exp_rows_(x, 1.0, e_ce)
+        if temperature not in (1.0, 2.0):  # CE's own softmax, before x is overwritten
+            lse_ce, total_ce = _exp_rows_(x, 1.0, scratch[1])
+            e_ce = scratch[1]
+    scaled_max, total_s = _max_exp_rows_(x, inv_t, x)  # x = exp((x - max x) / T)
+    lse_s = scaled_max + total_s.log()
+    if targets is not None:
+        if temperature == 1.0:
+            e_ce, lse_ce, total_ce = x, lse_s, total_s
+        elif temperature == 2.0:  # exp(x - max x) = exp((x - max x) / 2)^2
+            e_ce = torch.mul(x, x, out=scratch[1])
+            total_ce = e_ce.sum(dim=-1, keepdim=True)
+            lse_ce = 2.0 * scaled_max + total_ce.log()
         ce = (ce_weight * (lse_ce - target_logit)).sum(dim=1)
-    lse_s, total_s = _exp_rows_(x, inv_t, x)
     kd = row_weight * temperature**2 * (cross / total_t - lse_t + lse_s).squeeze(1)
     # gradient: kd_weight * w * T * (p_s - p_t) [+ sum_i w_i * (softmax(x) - onehot(t_i))]
     scale = kd_weight * temperature * row_weight[:, None]
-    x.mul_(scale / total_s).addcmul_(e_t, -scale / total_t)
+    x_scale = scale / total_s
+    if e_ce is x:  # T = 1: one softmax serves both terms
+        x_scale = x_scale + ce_weight.sum(dim=1, keepdim=True) / total_ce
+    x.mul_(x_scale).addcmul_(e_t, -scale / total_t)
     if targets is not None:
-        x.addcmul_(e_ce, ce_weight.sum(dim=1, keepdim=True) / total_ce)
+        if e_ce is not x:
+            x.addcmul_(e_ce, ce_weight.sum(dim=1, keepdim=True) / total_ce)
         x.scatter_add_(1, targets, -ce_weight)
     return ce, kd
 

@@ -11,8 +11,8 @@ the newest complete tag, so the previous checkpoint stays loadable. ``complete``
 sha256 of every file of the tag; a resume checks them and falls back, saying so, past a
 corrupted or truncated checkpoint. Nothing a resume reads can run code (safe_checkpoint.py).
 Tags are ordered by the run's phase plan (which the method decides), then by step. A checkpoint
-resumes only at the tensor-parallel size it was saved with (``layout.json``) and, when ZeRO
-partitions the optimizer states, at its data-parallel size (one optimizer file per rank).
+resumes only at the tensor-parallel size and ZeRO stage it was saved with (``layout.json``) and,
+when ZeRO partitions the optimizer states, at its data-parallel size (one optimizer file per rank).
 Everything a rank reads before DeepSpeed's collectives is checked under ``agreed()``, so a
 refusal found by one rank stops every rank with its message.
 """
@@ -63,8 +63,8 @@ class CheckpointTag:
 class CheckpointManager:
     """The checkpoints of one run and their cadence: every ``interval`` steps (0: never in the
     middle of a phase) and at each phase's last step. ``phases``: the run's phase names in order;
-    ``tensor_parallel_size``: the run's, recorded in each checkpoint and checked on resume, as is
-    ``data_parallel_size`` when the optimizer states are partitioned."""
+    ``tensor_parallel_size`` and ``zero_stage``: the run's, recorded in each checkpoint and
+    checked on resume, as is ``data_parallel_size`` when the optimizer states are partitioned."""
 
     def __init__(
         self,
@@ -76,11 +76,13 @@ class CheckpointManager:
         interval: int,
         tensor_parallel_size: int = 1,
         data_parallel_size: int = 1,
+        zero_stage: int = 1,
         log: Callable[[str], None] = print,
     ) -> None:
         self.root = root
         self.tensor_parallel_size = tensor_parallel_size
         self.data_parallel_size = data_parallel_size
+        self.zero_stage = zero_stage
         self.phases = list(phases)
         self.rank = rank
         self.keep = keep
@@ -169,7 +171,10 @@ class CheckpointManager:
             raise OSError(self._save_failure(path, e)) from e
         barrier()
         if self.rank == 0:
-            layout = {"tensor_parallel_size": self.tensor_parallel_size}
+            layout = {
+                "tensor_parallel_size": self.tensor_parallel_size,
+                "zero_stage": self.zero_stage,
+            }
             atomic_write_json(path / LAYOUT_FILE, layout)
             atomic_write_text(path / "complete", complete_record(tag.name, path))
             atomic_write_text(self.root / "latest", tag.name + "\n")
@@ -221,17 +226,25 @@ class CheckpointManager:
 
     def _check_layout(self, path: Path) -> None:
         """Refuse a checkpoint saved at another tensor-parallel size (its model files hold other
-        shards; checkpoints from before tensor parallelism have no layout file: tp 1), or, when
-        ZeRO partitioned its optimizer states, at another data-parallel size: DeepSpeed cannot
-        repartition them (its universal checkpoints need an offline conversion)."""
+        shards; checkpoints from before tensor parallelism have no layout file: tp 1) or another
+        ZeRO stage (the optimizer states are laid out per stage; older layout files do not say),
+        or, when ZeRO partitioned its optimizer states, at another data-parallel size: DeepSpeed
+        cannot repartition them (its universal checkpoints need an offline conversion)."""
         record = path / LAYOUT_FILE
-        saved = _read_layout(record) if record.exists() else 1
+        saved, saved_stage = _read_layout(record) if record.exists() else (1, None)
         if saved != self.tensor_parallel_size:
             raise ConfigError(
                 f"{path} was saved at parallel.tensor_parallel_size={saved} and this run has "
                 f"{self.tensor_parallel_size}: its weights and optimizer states are sharded for "
                 f"{saved} ranks. Resume with parallel.tensor_parallel_size={saved}, or start a new output_dir from the exported model "
                 "(student.init: pretrained, student.pretrained: <run>/student_hf)"
+            )
+        if saved_stage is not None and saved_stage != self.zero_stage:
+            raise ConfigError(
+                f"{path} was saved at ZeRO stage {saved_stage} and this run uses stage "
+                f"{self.zero_stage} (deepspeed.zero_stage: null picks 0 on one data-parallel rank "
+                f"and 1 on more): its optimizer states are laid out for stage {saved_stage}. "
+                f"Resume with deepspeed.zero_stage={saved_stage}"
             )
         partitions = {int(m["dp"]) for p in path.iterdir() if (m := _OPTIM_FILE.match(p.name))}
         if partitions and len(partitions) != self.data_parallel_size:
@@ -246,12 +259,16 @@ class CheckpointManager:
             )
 
 
-def _read_layout(record: Path) -> int:
-    """The tensor-parallel size a checkpoint's ``layout.json`` records; an unreadable one is named."""
+def _read_layout(record: Path) -> tuple[int, int | None]:
+    """(tensor-parallel size, ZeRO stage or None where not recorded) of a checkpoint's
+    ``layout.json``; an unreadable one is named."""
     try:
-        size = json.loads(record.read_text())["tensor_parallel_size"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        layout = json.loads(record.read_text())
+        size, stage = layout["tensor_parallel_size"], layout.get("zero_stage")
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise UnsafeCheckpointError(f"{record}: not a readable layout record ({e})") from None
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise UnsafeCheckpointError(f"{record}: tensor_parallel_size {size!r} is not a size")
-    return size
+    if stage is not None and (isinstance(stage, bool) or stage not in (0, 1, 2, 3)):
+        raise UnsafeCheckpointError(f"{record}: zero_stage {stage!r} is not a ZeRO stage")
+    return size, stage

@@ -29,10 +29,11 @@ def gradient_accumulation_steps(config: RunConfig, dp_size: int) -> int:
 def deepspeed_config(config: RunConfig, dp_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config. Precision is handled by torch.autocast around the forward, so
     DeepSpeed keeps fp32 master weights and its own fp16/bf16 modes stay off."""
-    zero: dict[str, Any] = {"stage": config.deepspeed.zero_stage}
+    stage = config.deepspeed.stage_at(dp_size)
+    zero: dict[str, Any] = {"stage": stage}
     if config.deepspeed.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if config.deepspeed.zero_stage == 3:
+    if stage == 3:
         # Gather weights as needed; the tied LM head is registered as an external parameter.
         zero["stage3_param_persistence_threshold"] = 0
     ds = {
@@ -91,7 +92,7 @@ def build_engine(
     """Wrap ``module`` in a DeepSpeed engine with AdamW and the warm-up/decay schedule."""
     import deepspeed
 
-    if config.deepspeed.zero_stage == 3:
+    if config.deepspeed.stage_at(dims.dp_size) == 3:
         # A trained model's LM head (tied: the embedding's weight) is used outside its module's
         # forward: ZeRO-3 must gather it for the whole forward of the top module.
         for model in module.modules():
@@ -111,4 +112,8 @@ def build_engine(
         config=deepspeed_config(config, dims.dp_size),
         mpu=dims.deepspeed_mpu(),
     )
+    if dims.dp_size == 1 and config.deepspeed.stage_at(dims.dp_size) == 0:
+        # Without ZeRO, DeepSpeed all-reduces the gradients after each backward by flattening
+        # and copying them all, also over one data-parallel rank, where the mean is the identity.
+        engine.enable_backward_allreduce = False
     return engine, scheduler

@@ -80,7 +80,7 @@ def run_layout(
     return Layout(
         tp=tp,
         dp=world // tp,
-        zero_stage=config.deepspeed.zero_stage,
+        zero_stage=config.deepspeed.stage_at(world // tp),
         micro_batch=config.batch.micro_batch_size,
         seq_len=seq_len,
         compute_bytes=FP32 if config.precision == "fp32" else 2,

@@ -118,6 +118,7 @@ class Trainer:
             interval=config.checkpoint.interval,
             tensor_parallel_size=self.dims.tp_size,
             data_parallel_size=self.dims.dp_size,
+            zero_stage=config.deepspeed.stage_at(self.dims.dp_size),
             log=self._log_console,
         )
         self.metrics = MetricsWriter(
