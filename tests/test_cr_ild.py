@@ -355,7 +355,9 @@ def test_mixup_draw_is_the_same_over_any_layout_of_ranks_and_resumes_exactly():
     on_two = MixupDraw(1.0, seed=5, rank=1, ranks=2, micro_batches_per_step=2, ramp="linear")
     on_two.load_state_dict(draw.state_dict())  # 8 slots drawn by one rank: 2 steps of 4
     on_two.start(10)
-    assert on_two(torch.zeros(2, 3)) == {"mix_lambda": single[9], "ramp": 0.2}
+    # Every rank's lambda of the slot too: a teacher split apart mixes its group's micro-batches.
+    slot = {"mix_lambda": single[9], "ramp": 0.2, "slot_lambdas": (single[8], single[9])}
+    assert on_two(torch.zeros(2, 3)) == slot
     degenerate = MixupDraw(0.0, seed=5, rank=0, ranks=1, micro_batches_per_step=1, ramp="none")
     assert {degenerate(torch.zeros(2, 3))["mix_lambda"] for _ in range(5)} == {1.0}
 
