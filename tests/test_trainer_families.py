@@ -1,5 +1,6 @@
 """Llama-family teachers in the trainer (one process): TED and KD train end to end and the student
-exports to its teacher's HF class; what is GPT-2 only for now is refused before training."""
+exports to its teacher's HF class; what is GPT-2 only for now, and a tensor-parallel size that
+cannot split the teacher's heads, are refused before training."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ted_scale.data.tokenizer import load_tokenizer
 from ted_scale.distill.methods import get_method, load_run_config
 from ted_scale.distill.run_models import build_run_models
 from ted_scale.model import ModelMismatchError, load_pretrained
+from ted_scale.parallel.dims import ParallelLayoutError
 from ted_scale.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -152,23 +154,24 @@ def test_a_method_implemented_for_gpt2_only_refuses_a_llama_teacher_before_train
 @pytest.mark.parametrize(
     ("key", "layouts"),
     [
-        ("tensor_parallel_size", {"dims": SimpleNamespace(tp_size=2)}),
-        (  # the teacher alone split over 2 ranks: named by its own key
+        ("tensor_parallel_size", {"dims": SimpleNamespace(tp_size=3)}),
+        (  # the teacher alone split over 3 ranks: named by its own key
             "teacher_tensor_parallel_size",
-            {"dims": SimpleNamespace(tp_size=1), "teacher_dims": SimpleNamespace(tp_size=2)},
+            {"dims": SimpleNamespace(tp_size=1), "teacher_dims": SimpleNamespace(tp_size=3)},
         ),
     ],
 )
-def test_tensor_parallelism_refuses_a_llama_teacher_before_sharding(
+def test_tensor_parallelism_refuses_a_llama_teacher_it_cannot_split_before_sharding(
     key, layouts, tiny_data, tmp_path, llama_teacher
 ):
-    """A tp=2 run needs two ranks; the refusal comes before anything is sharded, so the models'
-    builder is called here with layouts that only say their tensor-parallel sizes."""
+    """A tp=3 run needs three ranks; the refusal comes before anything is sharded, so the models'
+    builder is called here with layouts that only say their tensor-parallel sizes. (Sizes that
+    split the heads train as one process: tests/test_tensor_parallel_training.py.)"""
     config = _config("tiny-ted.yaml", tiny_data, tmp_path / "run", llama_teacher)
     with pytest.raises(
-        ModelMismatchError,
-        match=rf"parallel.{key}=2: tensor parallelism is implemented for family gpt2 only, and "
-        r"the teacher .* is family llama",
+        ParallelLayoutError,
+        match=rf"parallel.{key}=3 does not divide the teacher's attention heads in block 0 \(4\): "
+        r".*parallel.tensor_parallel_padding: true .*\(4 -> 6 attention heads",
     ):
         build_run_models(
             config,

@@ -150,18 +150,15 @@ def build_run_models(
     (when random), then the student. A method without a teacher (``needs_teacher`` False) still
     builds it when the student starts from its blocks, then drops it: the same init as the
     distilled students. The models' families are checked against ``model_families`` (the
-    method's) and the tensor-parallel size of ``dims``, and with ``tokenizer`` (the data's),
-    vocabulary, tokenizer and context, before anything is placed. ``teacher_dims`` (default
-    ``dims``): the teacher's own layout (``parallel.teacher_tensor_parallel_size``), whose groups
-    gather their batches."""
+    method's), and with ``tokenizer`` (the data's), vocabulary, tokenizer and context, before
+    anything is placed (whether the tensor-parallel sizes split their heads: as they are
+    sharded). ``teacher_dims`` (default ``dims``): the teacher's own layout
+    (``parallel.teacher_tensor_parallel_size``), whose groups gather their batches."""
     copies_blocks = config.student.init == "teacher_layers"
     teacher = build_teacher(config) if needs_teacher or copies_blocks else None
     student = build_student(config, teacher)
     teacher = teacher if needs_teacher else None
-    check_families(
-        config, teacher, student, model_families, dims.tp_size if dims else 1,
-        teacher_dims.tp_size if teacher_dims is not None else None,
-    )  # fmt: skip
+    check_families(config, teacher, student, model_families)
     if tokenizer is not None:
         check_compatible(config, tokenizer, teacher, student)
         for model in (teacher, student):
@@ -199,37 +196,21 @@ def run_model_shapes(config: RunConfig) -> RunModels:
 
 
 def check_families(
-    config: RunConfig,
-    teacher: GPT | None,
-    student: GPT,
-    model_families: Collection[str],
-    tensor_parallel_size: int,
-    teacher_tensor_parallel_size: int | None = None,
+    config: RunConfig, teacher: GPT | None, student: GPT, model_families: Collection[str]
 ) -> None:
     """Refuse, before anything is placed or trained, a model whose family (``GPTConfig.family``)
-    the method or tensor parallelism does not support yet, naming both. The teacher is split over
-    ``teacher_tensor_parallel_size`` ranks when given (a teacher split apart)."""
+    the method does not support yet, naming both."""
     sources = {
         "teacher": config.teacher.pretrained or "teacher.arch",
         "student": config.student.pretrained or f"student.init={config.student.init}",
     }
     models = {"student": student} if teacher is None else {"teacher": teacher, "student": student}
-    sizes = {"teacher": ("parallel.tensor_parallel_size", tensor_parallel_size)}
-    sizes["student"] = sizes["teacher"]
-    if teacher_tensor_parallel_size is not None:
-        sizes["teacher"] = ("parallel.teacher_tensor_parallel_size", teacher_tensor_parallel_size)
     for role, model in models.items():
-        family, source = model.config.family, sources[role]
-        key, size = sizes[role]
-        if family not in model_families:
+        if model.config.family not in model_families:
             raise ModelMismatchError(
                 f"method={config.method} is implemented for model families "
-                f"{', '.join(model_families)} only, and the {role} ({source}) is family {family}"
-            )
-        if size > 1 and family != "gpt2":
-            raise ModelMismatchError(
-                f"{key}={size}: tensor parallelism is implemented for family gpt2 only, and the "
-                f"{role} ({source}) is family {family}; use {key}=1"
+                f"{', '.join(model_families)} only, and the {role} ({sources[role]}) is family "
+                f"{model.config.family}"
             )
 
 

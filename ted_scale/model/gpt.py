@@ -214,6 +214,11 @@ class GPTConfig:
         return self.n_head if self.n_kv_head is None else self.n_kv_head
 
     @property
+    def kv_groups(self) -> int:
+        """Query heads sharing each key/value head (1: GPT-2, and no grouped-query attention)."""
+        return self.n_head // self.kv_heads
+
+    @property
     def llama_like(self) -> bool:
         """RMSNorm, RoPE and SwiGLU (the Llama family) rather than GPT-2's blocks."""
         return self.family != "gpt2"
@@ -396,7 +401,9 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = n_head
         self.head_dim = config.head_dim
-        self.kv_groups = config.n_head // config.kv_heads
+        # Under tensor parallelism with more ranks than key/value heads, each rank holds one
+        # key/value head for its query heads and ``parallelize_gpt`` lowers this to their count.
+        self.kv_groups = config.kv_groups
         width = n_head * config.head_dim
         kv_width = width // self.kv_groups
         self.qkv_proj = PrefixLinear(

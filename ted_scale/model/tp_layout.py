@@ -28,17 +28,23 @@ def split_dim(split: Split) -> int:
     return int(split == "row")
 
 
-def split_groups(split: Split) -> int:
-    """Equal groups along the split dimension, each split alike: [q; k; v] is 3."""
-    return 3 if split == "qkv" else 1
-
-
 @dataclass(frozen=True)
 class ShardedWeight:
-    """One split module: ``split`` and its real (unpadded) width along the split, per group."""
+    """One split module. Along its split dimension the whole weight is made of sections, each
+    split alike over the ranks: [q; k; v] rows for ``qkv``, one section otherwise.
+
+    held: each section's width in the sharded model (zero heads and neurons of the padding
+        included), summed over the ranks.
+    kept: each section's width in the real model (the first ``kept`` of each are real).
+    kv_replicas: ``qkv`` only: ranks holding a copy of each key/value head. 1: the key/value heads
+        are split like the query heads; more: the group outnumbers them, and every rank holds a
+        whole copy of the one its query heads use (``KVReplicatedLinear``).
+    """
 
     split: Split
-    kept: int
+    held: tuple[int, ...]
+    kept: tuple[int, ...]
+    kv_replicas: int = 1
 
 
 @dataclass(frozen=True)
@@ -70,3 +76,10 @@ class TensorParallelLayout:
 class ShardedLinear:
     """Marks a linear layer whose weight is one rank's shard (``ted_scale.parallel.tp_layers``),
     so that FLOP counts find it without knowing DeepSpeed's classes."""
+
+    weight: Tensor
+
+    @property
+    def matmul_weights(self) -> tuple[Tensor, ...]:
+        """The weights [d_out, d_in] this rank multiplies its input by: its shard."""
+        return (self.weight,)
