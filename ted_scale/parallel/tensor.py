@@ -43,10 +43,10 @@ VOCAB_MULTIPLE = 128
 """The vocabulary is padded to a multiple of this times the tensor-parallel size (Megatron's
 ``make-vocab-size-divisible-by``), so every rank's shard has the same, aligned size."""
 
+# The options that set a model's tensor-parallel size: shared by teacher and student, or the
+# teacher's alone (split apart from its student); refusals name them.
 TP_SIZE_KEY = "parallel.tensor_parallel_size"
 TEACHER_TP_SIZE_KEY = "parallel.teacher_tensor_parallel_size"
-"""The keys that set a model's tensor-parallel size: shared by teacher and student, or the
-teacher's alone (split apart from its student)."""
 
 # Each block's projection -> how it is split (``ted_scale.model.tp_layout.Split``).
 _LAYOUTS: dict[str, Split] = {
@@ -77,8 +77,8 @@ def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
 
 def kv_split(kv_heads: int, tp_size: int) -> tuple[int, int]:
     """(key/value heads per rank, ranks holding a copy of each) of a block's ``kv_heads`` over
-    ``tp_size`` ranks: split like the query heads where ``tp_size`` divides them, else (``tp_size``
-    a multiple of them, ``check_shardable``) one whole copy per rank."""
+    ``tp_size`` ranks: split like the query heads where ``tp_size`` divides them, else one whole
+    copy per rank (``tp_size`` is then a multiple of them: ``check_shardable``)."""
     if kv_heads % tp_size == 0:
         return kv_heads // tp_size, 1
     return 1, tp_size // kv_heads
