@@ -1,7 +1,8 @@
 """Every method that supports tensor parallelism trains the same at tp=2 (2 ranks) and at
 dp=2 x tp=2 (4 ranks, ZeRO-1) as in one process: losses, in-training evaluation, and the
 gathered, exported weights; so does every method that supports a teacher split apart from its
-student (teacher tp=2 over 2 ranks, the student data-parallel over both).
+student (teacher tp=2 over 2 ranks, the student data-parallel over both); and so does TED from
+Llama-family teachers whose key/value heads tp=2 splits (4:2) or replicates (4:1), in both layouts.
 A TP run killed after a checkpoint resumes to the uninterrupted losses, in both layouts; a
 checkpoint refuses another tensor-parallel size."""
 
@@ -201,9 +202,9 @@ def _train_families(data: Path, root: Path, teachers: dict[str, Path], layout: l
         train(config)
 
 
-FAMILY_LAYOUTS = {  # name -> (ranks, overrides, tolerances)
-    "tp2": (2, ["parallel.tensor_parallel_size=2"], TOLERANCES),
-    "teacher_tp2": (2, ["parallel.teacher_tensor_parallel_size=2"], APART_TOLERANCES),
+FAMILY_LAYOUTS = {  # name -> (overrides, tolerances), on 2 ranks
+    "tp2": (["parallel.tensor_parallel_size=2"], TOLERANCES),
+    "teacher_tp2": (["parallel.teacher_tensor_parallel_size=2"], APART_TOLERANCES),
 }
 
 
@@ -220,8 +221,8 @@ def test_ted_from_llama_family_teachers_trains_the_same_as_one_process(
 ):
     """Both teachers (and the students copied from their blocks) split over 2 ranks, or the
     teacher alone: the losses, evaluations and exported students of one process."""
-    ranks, overrides, tolerances = FAMILY_LAYOUTS[layout]
-    run_ranks(_train_families, ranks, tiny_data, tmp_path, family_teachers, overrides)
+    overrides, tolerances = FAMILY_LAYOUTS[layout]
+    run_ranks(_train_families, 2, tiny_data, tmp_path, family_teachers, overrides)
     for name in FAMILY_TEACHERS:
         _assert_same_run(tmp_path / name, family_single_process / name, *tolerances)
         _assert_same_hf_logits(

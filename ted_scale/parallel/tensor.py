@@ -402,7 +402,6 @@ def qkv_rows_per_rank(attn: CausalSelfAttention, tp_size: int) -> int:
     return q // tp_size + 2 * local_kv * attn.head_dim
 
 
-@torch.no_grad()
 def pad_for_tensor_parallel(model: GPT, tp: int) -> None:
     """Give every block zero heads and FFN neurons, after the real ones, up to widths ``tp`` ranks
     can split (in place; meta-device models too): ``padded_kv_heads`` key/value heads, each with
@@ -418,13 +417,21 @@ def pad_for_tensor_parallel(model: GPT, tp: int) -> None:
         _pad_block(block, tp)
 
 
+@torch.no_grad()
 def _pad_block(block: nn.Module, tp: int) -> None:
+    """``pad_for_tensor_parallel`` of one block."""
     attn = block.attn
     kv_heads = padded_kv_heads(_qkv_sections(attn)[1] // attn.head_dim, attn.kv_groups, tp)
     kv = kv_heads * attn.head_dim
-    q, inner = kv * attn.kv_groups, (padded_width(block.mlp.up_proj.out_features, tp),)
-    widths = {"attn.qkv_proj": (q, kv, kv), "attn.out_proj": (q,)}
-    widths |= dict.fromkeys(("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), inner)
+    q = kv * attn.kv_groups
+    inner = (padded_width(block.mlp.up_proj.out_features, tp),)
+    widths = {
+        "attn.qkv_proj": (q, kv, kv),
+        "attn.out_proj": (q,),
+        "mlp.gate_proj": inner,
+        "mlp.up_proj": inner,
+        "mlp.down_proj": inner,
+    }
     sections = _sections(block)
     for name, split, linear in _projections(block):
         dim = split_dim(split)

@@ -14,6 +14,7 @@ only once DeepSpeed's accelerator is chosen (``parallelize_gpt``).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.module_inject.layers import (
     ColumnParallel,
@@ -70,7 +71,9 @@ class KVReplicatedLinear(ColumnParallelLinear):
     head's replica group holds alike (``parallelize_gpt`` sums their gradients over that group).
     """
 
-    def __init__(self, q: nn.Linear, kv_weight: Tensor, kv_bias: Tensor | None, mp_group) -> None:
+    def __init__(
+        self, q: nn.Linear, kv_weight: Tensor, kv_bias: Tensor | None, mp_group: dist.ProcessGroup
+    ) -> None:
         """q: the whole query rows [n_head head_dim, d] (split here); kv_weight, kv_bias: this
         rank's copy of its key/value head."""
         super().__init__(q, mp_group)
