@@ -51,11 +51,19 @@ def forward_flops(module: nn.Module, seq_len: int) -> float:
     total = 0.0
     for m in module.modules():
         if isinstance(m, nn.Linear | ShardedLinear):
-            d_out, d_in = _shape(m.weight)  # this rank's shard of a tensor-parallel one
-            total += 2 * d_in * d_out
+            for weight in _weights(m):
+                d_out, d_in = _shape(weight)
+                total += 2 * d_in * d_out
         elif isinstance(m, CausalSelfAttention):
-            total += 4 * seq_len * m.query_heads(_shape(m.qkv_proj.weight)[0]) * m.head_dim
+            width = sum(_shape(weight)[0] for weight in _weights(m.qkv_proj))
+            total += 4 * seq_len * m.query_heads(width) * m.head_dim
     return total
+
+
+def _weights(linear: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The weights [d_out, d_in] a linear layer multiplies its input by: its own, or on this rank
+    the shard of a tensor-parallel one (with its key/value copy, ``KVReplicatedLinear``)."""
+    return linear.matmul_weights if isinstance(linear, ShardedLinear) else (linear.weight,)
 
 
 def subnet_flops(model: GPT, subnet: Subnet, seq_len: int) -> float:

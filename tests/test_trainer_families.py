@@ -1,7 +1,7 @@
 """Llama-family teachers in the trainer (one process): every method trains end to end (CR-ILD on
 relations of grouped heads, MiniDisc pruning whole key/value groups) and the student, and
-MiniDisc's TA, export to the teacher's HF class; tensor parallelism, GPT-2 only for now, is
-refused before training."""
+MiniDisc's TA, export to the teacher's HF class; a tensor-parallel size that cannot split the
+teacher's heads is refused before training."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from ted_scale.distill.methods import get_method, load_run_config
 from ted_scale.distill.run_models import build_run_models
 from ted_scale.io import read_safetensors
 from ted_scale.model import ModelMismatchError, load_pretrained
+from ted_scale.parallel.dims import ParallelLayoutError
 from ted_scale.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -188,23 +189,24 @@ def test_minidisc_prunes_a_family_teacher_into_a_ta_that_exports_to_its_class(
 @pytest.mark.parametrize(
     ("key", "layouts"),
     [
-        ("tensor_parallel_size", {"dims": SimpleNamespace(tp_size=2)}),
-        (  # the teacher alone split over 2 ranks: named by its own key
+        ("tensor_parallel_size", {"dims": SimpleNamespace(tp_size=3)}),
+        (  # the teacher alone split over 3 ranks: named by its own key
             "teacher_tensor_parallel_size",
-            {"dims": SimpleNamespace(tp_size=1), "teacher_dims": SimpleNamespace(tp_size=2)},
+            {"dims": SimpleNamespace(tp_size=1), "teacher_dims": SimpleNamespace(tp_size=3)},
         ),
     ],
 )
-def test_tensor_parallelism_refuses_a_llama_teacher_before_sharding(
+def test_tensor_parallelism_refuses_a_llama_teacher_it_cannot_split_before_sharding(
     key, layouts, tiny_data, tmp_path, llama_teacher
 ):
-    """A tp=2 run needs two ranks; the refusal comes before anything is sharded, so the models'
-    builder is called here with layouts that only say their tensor-parallel sizes."""
+    """A tp=3 run needs three ranks; the refusal comes before anything is sharded, so the models'
+    builder is called here with layouts that only say their tensor-parallel sizes. (Sizes that
+    split the heads train as one process: tests/test_tensor_parallel_training.py.)"""
     config = _config("tiny-ted.yaml", tiny_data, tmp_path / "run", llama_teacher)
     with pytest.raises(
-        ModelMismatchError,
-        match=rf"parallel.{key}=2: tensor parallelism is implemented for family gpt2 only, and "
-        r"the teacher .* is family llama",
+        ParallelLayoutError,
+        match=rf"parallel.{key}=3 does not divide the teacher's attention heads in block 0 \(4\): "
+        r".*parallel.tensor_parallel_padding: true .*\(4 -> 6 attention heads",
     ):
         build_run_models(
             config,
@@ -212,6 +214,32 @@ def test_tensor_parallelism_refuses_a_llama_teacher_before_sharding(
             model_families=get_method("ted").model_families,
             device=torch.device("cpu"),
             **layouts,
+        )
+
+
+@pytest.mark.parametrize("method", ["cr_ild", "minidisc"])
+@pytest.mark.parametrize(
+    "key", ["parallel.tensor_parallel_size=2", "parallel.teacher_tensor_parallel_size=2"]
+)
+def test_cr_ild_and_minidisc_refuse_a_llama_teacher_split_over_ranks_by_name(
+    method, key, tiny_data, tmp_path, llama_teacher
+):
+    """Unsplit, both train from it (above); their per-head sums and sub-networks are not built for
+    split or copied key/value heads. Refused before anything is placed (no ranks needed)."""
+    name = f"tiny-{method.replace('_', '-')}.yaml"
+    config = _config(name, tiny_data, tmp_path / "run", llama_teacher, key)
+    chosen = get_method(method)
+    with pytest.raises(
+        ModelMismatchError,
+        match=rf"{key}: method={method} runs tensor-parallel on model families gpt2 only, and "
+        rf"the teacher \({llama_teacher}\) is family llama; use it unsplit",
+    ):
+        build_run_models(
+            config,
+            needs_teacher=True,
+            model_families=chosen.model_families,
+            tensor_parallel_families=chosen.tensor_parallel_families,
+            device=torch.device("cpu"),
         )
 
 

@@ -113,6 +113,7 @@ class ProjectStep:
             config,
             needs_teacher=method.needs_teacher,
             model_families=method.model_families,
+            tensor_parallel_families=method.tensor_parallel_families,
             device=device,
             compute_dtype=self.compute_dtype,
             dims=dims,

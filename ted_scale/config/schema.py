@@ -80,9 +80,10 @@ class ParallelConfig:
     micro-batches together, while the student is purely data-parallel (ZeRO) over every rank.
     null: the same as ``tensor_parallel_size`` (teacher and student split alike)."""
     tensor_parallel_padding: bool = False
-    """Pad blocks whose heads or FFN width the tensor-parallel size does not divide with zero
-    heads and neurons (exact; they cost their compute): e.g. GPT-2 XL's 25 heads at tp 2 or 4.
-    Off: such a model is refused, naming the block."""
+    """Pad blocks whose heads or FFN width the tensor-parallel size does not split with zero
+    heads and neurons (exact; they cost their compute): e.g. GPT-2 XL's 25 heads at tp 2 or 4;
+    under grouped-query attention whole zero key/value groups. Off: such a model is refused,
+    naming the block."""
     sequence_parallel: bool = False
     """Shard the LayerNorm/dropout regions along the sequence (needs tensor parallelism)."""
     peer_timeout_s: float = bounded(120.0, ge=0)

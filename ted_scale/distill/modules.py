@@ -132,16 +132,19 @@ def own_rows(t: Tensor, layout: TensorParallelLayout) -> Tensor:
     return t[layout.rank * rows : (layout.rank + 1) * rows].clone()
 
 
-def own_rows_all_heads(t: Tensor, layout: TensorParallelLayout, heads: int) -> Tensor:
+def own_rows_all_heads(
+    t: Tensor, layout: TensorParallelLayout, heads: int, replicas: int = 1
+) -> Tensor:
     """[size * B, h_r, ...] per-head tensor of the gathered batch, this rank's heads (h_r, the
     same on every rank) -> [B, heads, ...]: this rank's rows with the group's heads in order, the
     padded ones (past ``heads``, on the last ranks) cut. One all-to-all: rank j's rows of each
-    rank's heads go to rank j."""
+    rank's heads go to rank j. ``replicas``: consecutive ranks holding a copy of the same heads
+    (key/value heads replicated over a group that outnumbers them); one copy is kept."""
     rows = t.shape[0] // layout.size
     received = torch.empty_like(t)
     dist.all_to_all_single(received, t.contiguous(), group=layout.group)
     # [size (the sender, whose heads these are), B, h_r, ...] -> [B, size * h_r, ...]
-    received = received.unflatten(0, (layout.size, rows)).transpose(0, 1)
+    received = received.unflatten(0, (layout.size, rows))[::replicas].transpose(0, 1)
     return received.flatten(1, 2)[:, :heads].contiguous()
 
 

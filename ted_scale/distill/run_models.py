@@ -165,23 +165,24 @@ def build_run_models(
     dims: ParallelDims | None = None,
     teacher_dims: ParallelDims | None = None,
     tokenizer: PreTrainedTokenizerFast | None = None,
+    tensor_parallel_families: Collection[str] | None = None,
 ) -> RunModels:
     """The run's models, placed. The caller seeds the generators first: the teacher draws first
     (when random), then the student. A method without a teacher (``needs_teacher`` False) still
     builds it when the student starts from its blocks, then drops it: the same init as the
     distilled students. The models' families are checked against ``model_families`` (the
-    method's) and the tensor-parallel size of ``dims``, and with ``tokenizer`` (the data's),
-    vocabulary, tokenizer and context, before anything is placed. ``teacher_dims`` (default
-    ``dims``): the teacher's own layout (``parallel.teacher_tensor_parallel_size``), whose groups
-    gather their batches."""
+    method's; split over ranks, ``tensor_parallel_families`` when given), and with ``tokenizer`` (the data's), vocabulary, tokenizer and context, before
+    anything is placed (whether the tensor-parallel sizes split their heads: as they are
+    sharded). ``teacher_dims`` (default ``dims``): the teacher's own layout
+    (``parallel.teacher_tensor_parallel_size``), whose groups gather their batches."""
     copies_blocks = config.student.init == "teacher_layers"
     teacher = build_teacher(config) if needs_teacher or copies_blocks else None
     student = build_student(config, teacher)
     teacher = teacher if needs_teacher else None
+    split = config.parallel.tensor_parallel_size > 1 or config.parallel.teacher_apart
     check_families(
-        config, teacher, student, model_families, dims.tp_size if dims else 1,
-        teacher_dims.tp_size if teacher_dims is not None else None,
-    )  # fmt: skip
+        config, teacher, student, model_families, tensor_parallel_families if split else None
+    )
     if tokenizer is not None:
         check_compatible(config, tokenizer, teacher, student)
         for model in (teacher, student):
@@ -219,33 +220,36 @@ def check_families(
     teacher: GPT | None,
     student: GPT,
     model_families: Collection[str],
-    tensor_parallel_size: int,
-    teacher_tensor_parallel_size: int | None = None,
+    split_families: Collection[str] | None = None,
 ) -> None:
     """Refuse, before anything is placed or trained, a model whose family (``GPTConfig.family``)
-    the method or tensor parallelism does not support yet, naming both. The teacher is split over
-    ``teacher_tensor_parallel_size`` ranks when given (a teacher split apart)."""
+    the method does not support yet, naming both; with ``split_families`` (the run splits its
+    models over ranks: ``Method.tensor_parallel_families``), also one of the others, naming the
+    tensor-parallel key."""
     sources = {
         "teacher": config.teacher.pretrained or "teacher.arch",
         "student": config.student.pretrained or f"student.init={config.student.init}",
     }
     models = {"student": student} if teacher is None else {"teacher": teacher, "student": student}
-    sizes = {"teacher": ("parallel.tensor_parallel_size", tensor_parallel_size)}
-    sizes["student"] = sizes["teacher"]
-    if teacher_tensor_parallel_size is not None:
-        sizes["teacher"] = ("parallel.teacher_tensor_parallel_size", teacher_tensor_parallel_size)
     for role, model in models.items():
-        family, source = model.config.family, sources[role]
-        key, size = sizes[role]
+        family = model.config.family
         if family not in model_families:
             raise ModelMismatchError(
                 f"method={config.method} is implemented for model families "
-                f"{', '.join(model_families)} only, and the {role} ({source}) is family {family}"
+                f"{', '.join(model_families)} only, and the {role} ({sources[role]}) is family "
+                f"{family}"
             )
-        if size > 1 and family != "gpt2":
+        if split_families is not None and family not in split_families:
+            parallel = config.parallel
+            key = (
+                f"parallel.teacher_tensor_parallel_size={parallel.teacher_size}"
+                if parallel.teacher_apart
+                else f"parallel.tensor_parallel_size={parallel.tensor_parallel_size}"
+            )
             raise ModelMismatchError(
-                f"{key}={size}: tensor parallelism is implemented for family gpt2 only, and the "
-                f"{role} ({source}) is family {family}; use {key}=1"
+                f"{key}: method={config.method} runs tensor-parallel on model families "
+                f"{', '.join(split_families)} only, and the {role} ({sources[role]}) is family "
+                f"{family}; use it unsplit"
             )
 
 

@@ -218,7 +218,7 @@ class GPTConfig:
 
     @property
     def kv_groups(self) -> int:
-        """Query heads per key/value head (1 without grouped-query attention)."""
+        """Query heads sharing each key/value head (1: GPT-2, and no grouped-query attention)."""
         return self.n_head // self.kv_heads
 
     @property
@@ -461,6 +461,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = n_head
         self.head_dim = config.head_dim
+        # Under tensor parallelism with more ranks than key/value heads, each rank holds one
+        # key/value head for its query heads and ``parallelize_gpt`` lowers this to their count.
         self.kv_groups = config.kv_groups
         width = n_head * config.head_dim
         kv_width = width // self.kv_groups

@@ -28,17 +28,23 @@ def split_dim(split: Split) -> int:
     return int(split == "row")
 
 
-def split_groups(split: Split) -> int:
-    """Equal groups along the split dimension, each split alike: [q; k; v] is 3."""
-    return 3 if split == "qkv" else 1
-
-
 @dataclass(frozen=True)
 class ShardedWeight:
-    """One split module: ``split`` and its real (unpadded) width along the split, per group."""
+    """One split module. Along its split dimension the whole weight is made of sections, each
+    split alike over the ranks: [q; k; v] rows for ``qkv``, one section otherwise.
+
+    held: each section's width in the sharded model, summed over the ranks (zero heads and
+        neurons of the padding included; a replicated key/value head counted once).
+    kept: each section's width in the real model (the first ``kept`` of each are real).
+    kv_replicas: ``qkv`` only: ranks holding a copy of each key/value head. 1: the key/value heads
+        are split like the query heads; more: the group outnumbers them, and every rank holds a
+        whole copy of the one its query heads use (``KVReplicatedLinear``).
+    """
 
     split: Split
-    kept: int
+    held: tuple[int, ...]
+    kept: tuple[int, ...]
+    kv_replicas: int = 1
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,7 @@ class TensorParallelLayout:
 
     vocab: the LM head's (and token embedding's) vocabulary rows on this rank.
     modules: the split modules by their names inside the model (``blocks.0.attn.qkv_proj``,
-        ``wte``); every other parameter is replicated.
+        ``wte``, an untied ``unembed``); every other parameter is replicated.
     whole_head: None when the group's ranks share their micro-batch (teacher and student split
         alike). A teacher split apart from its data-parallel student (its own group, each rank
         with its own micro-batch) runs on the group's gathered batch, and keeps here its whole,
@@ -70,3 +76,10 @@ class TensorParallelLayout:
 class ShardedLinear:
     """Marks a linear layer whose weight is one rank's shard (``ted_scale.parallel.tp_layers``),
     so that FLOP counts find it without knowing DeepSpeed's classes."""
+
+    weight: Tensor
+
+    @property
+    def matmul_weights(self) -> tuple[Tensor, ...]:
+        """The weights [d_out, d_in] this rank multiplies its input by: its shard."""
+        return (self.weight,)

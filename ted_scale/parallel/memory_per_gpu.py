@@ -18,10 +18,11 @@ Each rank of a (dp, tp) layout (docs/design.md, "Tensor parallelism: memory per 
 The estimate of a whole run configuration (its models built on the meta device, the check before
 a run starts) is ``ted_scale.train.memory_check``; this module is the arithmetic.
 
-Sharding (Megatron's): ``attn.qkv_proj`` (by heads) and ``mlp.up_proj`` are column-parallel (weight
-and bias split), ``attn.out_proj`` and ``mlp.down_proj`` row-parallel (weight split, bias
-replicated), the token embedding (= tied LM head) vocabulary-parallel over a vocabulary padded to
-a multiple of 128 x tp; position embeddings and LayerNorms are replicated.
+Sharding (Megatron's): ``attn.qkv_proj`` (by heads; with fewer key/value heads than ranks, a copy
+of one on each rank), ``mlp.gate_proj`` and ``mlp.up_proj`` are column-parallel (weight and bias
+split), ``attn.out_proj`` and ``mlp.down_proj`` row-parallel (weight split, bias replicated), the
+token embedding (= tied LM head) and an untied LM head vocabulary-parallel over a vocabulary
+padded to a multiple of 128 x tp; position embeddings and norms are replicated.
 """
 
 from __future__ import annotations
@@ -33,12 +34,16 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from ted_scale.model.gpt import GPT, GPTConfig
+from ted_scale.model.gpt import GPT, CausalSelfAttention, GPTConfig
 from ted_scale.parallel.tensor import (
+    TEACHER_TP_SIZE_KEY,
+    TP_SIZE_KEY,
     TP_SPLIT_DIM,
+    VOCAB_PARALLEL_WEIGHTS,
     check_shardable,
     pad_for_tensor_parallel,
     padded_vocab_size,
+    qkv_rows_per_rank,
 )
 
 FP32 = 4
@@ -57,22 +62,30 @@ def params_per_rank(model: nn.Module, tp: int) -> int:
     """Parameters one tensor-parallel rank of ``model`` holds (a ``GPT`` or filters made of its
     blocks and linears; build it on the meta device to count without memory).
 
-    Split tensors hold 1/tp of their (vocabulary-padded) rows or columns; the rest is whole.
+    Split tensors hold 1/tp of their (vocabulary-padded) rows or columns, ``qkv_proj`` its query
+    heads' rows and its key/value heads' (``qkv_rows_per_rank``: a whole copy of one where the
+    ranks outnumber them); the rest is whole.
     """
+    qkv_rows = {
+        p: qkv_rows_per_rank(attn, tp)
+        for attn in model.modules()
+        if isinstance(attn, CausalSelfAttention)
+        for p in attn.qkv_proj.parameters()
+    }
     total = 0
     for name, p in model.named_parameters():
         dim = next((d for suffix, d in TP_SPLIT_DIM.items() if name.endswith(suffix)), None)
         shape = list(p.shape)
-        if dim is None or tp == 1:
-            total += math.prod(shape)
-            continue
-        if name.endswith("wte.weight"):
-            shape[0] = padded_vocab_size(shape[0], tp)
-        if shape[dim] % tp:
-            raise ValueError(
-                f"{name}: dimension {dim} of {tuple(p.shape)} is not divisible by {tp}"
-            )
-        shape[dim] //= tp
+        if p in qkv_rows:
+            shape[0] = qkv_rows[p]
+        elif dim is not None and tp > 1:
+            if name.endswith(VOCAB_PARALLEL_WEIGHTS):
+                shape[0] = padded_vocab_size(shape[0], tp)
+            if shape[dim] % tp:
+                raise ValueError(
+                    f"{name}: dimension {dim} of {tuple(p.shape)} is not divisible by {tp}"
+                )
+            shape[dim] //= tp
         total += math.prod(shape)
     return total
 
@@ -222,11 +235,15 @@ def estimate_memory(
     t_tp = layout.teacher_tp if layout.teacher_apart else tp
     if layout.padding:
         teacher, student = copy.deepcopy(teacher), copy.deepcopy(student)
-    for name, model, size in (("teacher", teacher, t_tp), ("student", student, tp)):
+    t_key = TEACHER_TP_SIZE_KEY if layout.teacher_apart else TP_SIZE_KEY
+    for name, model, size, key in (
+        ("teacher", teacher, t_tp, t_key),
+        ("student", student, tp, TP_SIZE_KEY),
+    ):
         if layout.padding:
             pad_for_tensor_parallel(model, size)
         else:
-            check_shardable(model.config, size, name)
+            check_shardable(model.config, size, name, key)
     n_student = params_per_rank(student, tp)
     # A method's modules stay whole on every tensor-parallel rank (block filters too).
     n_frozen = 0 if frozen_modules is None else params_per_rank(frozen_modules, 1)

@@ -103,6 +103,7 @@ class Trainer:
             config,
             needs_teacher=self.method.needs_teacher,
             model_families=self.method.model_families,
+            tensor_parallel_families=self.method.tensor_parallel_families,
             device=self.device,
             compute_dtype=self.compute_dtype,
             dims=self.dims,

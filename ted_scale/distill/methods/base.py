@@ -226,6 +226,8 @@ class Method(ABC):
     model_families: the model families (``GPTConfig.family``) its phases are implemented for;
         a run of another is refused before it trains. GPT-2 only unless a method declares more:
         one that reaches inside the blocks (attention internals, pruning) must be checked first.
+    tensor_parallel_families: those of them it runs on split over ranks (either tensor-parallel
+        layout); None: all of ``model_families``.
     """
 
     name: ClassVar[str]
@@ -236,6 +238,7 @@ class Method(ABC):
     teacher_apart: ClassVar[bool] = False
     teacher_apart_note: ClassVar[str] = "not built for a teacher split apart from its student"
     model_families: ClassVar[tuple[str, ...]] = ("gpt2",)
+    tensor_parallel_families: ClassVar[tuple[str, ...] | None] = None
 
     @abstractmethod
     def plan(self, config: RunConfig) -> list[PlannedPhase]:

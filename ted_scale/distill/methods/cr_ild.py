@@ -264,18 +264,19 @@ class MixupTapper(FrozenTapper):
         if self.with_top:
             tapped.last_hidden, tapped.head_weight = out.last_hidden, self.model.loss_head()[0]
         if layout is not None and layout.gathers_batch:
-            heads = self.model.config.layer_heads[self.layer]
-            kv_groups = self.model.blocks[self.layer].attn.kv_groups
-            _keep_own_rows(tapped, layout, heads, heads // kv_groups)
+            config = self.model.config
+            heads = config.layer_heads[self.layer]
+            _keep_own_rows(tapped, layout, self.layer, heads, heads // config.kv_groups)
         return tapped
 
 
 def _keep_own_rows(
-    tapped: MixedTapped, layout: TensorParallelLayout, heads: int, kv_heads: int
+    tapped: MixedTapped, layout: TensorParallelLayout, layer: int, heads: int, kv_heads: int
 ) -> None:
     """``tapped``, computed on the group's gathered batch over this rank's heads, cut in place to
     this rank's rows, per-head objects with all ``heads`` query (``kv_heads`` key/value) heads of
-    the block."""
+    block ``layer``."""
+    replicas = layout.modules[f"blocks.{layer}.attn.qkv_proj"].kv_replicas
     tapped.layer_states = [own_rows(s, layout) for s in tapped.layer_states]
     if tapped.last_hidden is not None:
         tapped.last_hidden = own_rows(tapped.last_hidden, layout)
@@ -285,8 +286,8 @@ def _keep_own_rows(
         q, k, v = tapped.relations
         tapped.relations = (
             own_rows_all_heads(q, layout, heads),
-            own_rows_all_heads(k, layout, kv_heads),
-            own_rows_all_heads(v, layout, kv_heads),
+            own_rows_all_heads(k, layout, kv_heads, replicas),
+            own_rows_all_heads(v, layout, kv_heads, replicas),
         )
 
 
@@ -449,6 +450,8 @@ def hidden_fit(section: CRILDConfig, d_s: int, d_t: int) -> nn.Module:
 class CRILD(Method):
     name = "cr_ild"
     model_families = FAMILIES  # relations of the heads the attention compares (docs/design.md)
+    # Its per-head sums over a group are not built for split or copied key/value heads.
+    tensor_parallel_families = ("gpt2",)
     teacher_apart = True
     section = ("cr_ild", CRILDConfig)
 

@@ -309,6 +309,8 @@ class SandwichDistillation(nn.Module):
 class MiniDisc(Method):
     name = "minidisc"
     model_families = FAMILIES  # pruned by whole key/value groups (docs/design.md, "Pruning")
+    # Its sub-networks are not built for split or copied key/value heads.
+    tensor_parallel_families = ("gpt2",)
     # The TA candidates train data-parallel as the student does; the teacher and, in the final
     # hop, the TA are split apart as the run's teacher is.
     teacher_apart = True
