@@ -142,3 +142,13 @@ def test_defaults_layer_average_and_frozen_ted_kl_head():
     assert (config.distill.layer_reduction, config.ted_kl.head) == ("mean", "frozen")
     with pytest.raises(ConfigError, match=r"ted_kl\.head"):
         load_run_config(REPO / "configs" / "tiny-ted.yaml", ["ted_kl.head=teacher"])
+
+
+@pytest.mark.parametrize("arch", ["next_block", "rest_blocks"])
+def test_block_filters_of_a_model_split_over_ranks_are_refused_by_name(arch, tiny_gpt):
+    """A copy of a split block would be one rank's shard: refused before anything trains."""
+    config = load_run_config(None, [f"filters.arch={arch}"])
+    tiny_gpt.tensor_parallel = SimpleNamespace()  # what parallelize_gpt sets: a layout
+    ctx = SimpleNamespace(config=config, teacher=tiny_gpt, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match=rf"filters.arch={arch} with the teacher split over"):
+        TED._new_filters(ctx, tiny_gpt, [0], "teacher")

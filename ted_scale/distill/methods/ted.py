@@ -215,6 +215,16 @@ class TED(Method):
         """``role``'s filters on ``model``, initialised from the run's seeded stream for that role
         (``init`` default: ``filters.init``), so another ``seed`` draws another init."""
         stream = ("teacher", "student").index(role)
+        arch = ctx.config.filters.arch
+        if arch in ("next_block", "rest_blocks") and model.tensor_parallel is not None:
+            # A copy of a split block is one rank's shard: it would train without the split
+            # model's gradient hooks and flags, save as a shard, and (split apart) run the
+            # group's collectives on each rank's own rows.
+            raise ConfigError(
+                f"filters.arch={arch} with the {role} split over ranks "
+                f"(parallel.tensor_parallel_size / teacher_tensor_parallel_size > 1): block "
+                "filters copy split blocks, which is not built; use filters.arch linear or mlp"
+            )
         return build_filters(
             ctx.config.filters.arch,
             model,
