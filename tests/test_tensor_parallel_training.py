@@ -31,6 +31,15 @@ LAYOUTS = {"tp2": (2, 2), "dp2_tp2": (4, 2)}  # name -> (ranks, tensor_parallel_
 APART_METHODS = [m for m in TP_METHODS if get_method(m).teacher_apart]
 
 
+SHORT_RUN = [
+    "stage1.max_steps=1", "stage2.max_steps=3", "batch.global_batch_size=4",
+    "batch.micro_batch_size=2", "log.interval=1", "checkpoint.interval=0",
+    "eval.interval=3",  # the last step: scored sharded, by the tensor-parallel group
+    "eval.heldout_batches=2", "eval.lambada_examples=4",
+]  # fmt: skip
+"""Every run's schedule, batch, logging and in-training evaluation here."""
+
+
 def _config_file(method: str) -> Path:
     own = REPO / "configs" / f"tiny-{method.replace('_', '-')}.yaml"
     return own if own.exists() else REPO / "configs" / "tiny-ted.yaml"
@@ -52,15 +61,7 @@ def _train_methods(
                 f"data.path={data}",
                 f"output_dir={root / method}",
                 f"parallel.tensor_parallel_size={tp}",
-                "stage1.max_steps=1",
-                "stage2.max_steps=3",
-                "batch.global_batch_size=4",
-                "batch.micro_batch_size=2",
-                "log.interval=1",
-                "checkpoint.interval=0",
-                "eval.interval=3",  # the last step: scored sharded, by the tensor-parallel group
-                "eval.heldout_batches=2",
-                "eval.lambada_examples=4",
+                *SHORT_RUN,
                 "deepspeed.zero_stage=1",
                 *(["student.init=random"] if not get_method(method).needs_teacher else []),
             ],
@@ -170,15 +171,7 @@ def _train_families(data: Path, root: Path, teachers: dict[str, Path], layout: l
                 f"teacher.pretrained={teacher}",
                 f"data.path={data}",
                 f"output_dir={root / name}",
-                "stage1.max_steps=1",
-                "stage2.max_steps=3",
-                "batch.global_batch_size=4",
-                "batch.micro_batch_size=2",
-                "log.interval=1",
-                "checkpoint.interval=0",
-                "eval.interval=3",
-                "eval.heldout_batches=2",
-                "eval.lambada_examples=4",
+                *SHORT_RUN,
             ],
         )
         train(config)
