@@ -214,23 +214,32 @@ def _assert_same_hf_logits(got: Path, want: Path) -> None:
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
 
 
+APART = "parallel.teacher_tensor_parallel_size=2"
+
+
 @pytest.mark.parametrize(
-    ("layout", "stated"),
+    ("config", "layout", "stated", "phase"),
     [
-        ("parallel.tensor_parallel_size=2", "dp=1 tp=2 sp=off on"),
-        ("parallel.teacher_tensor_parallel_size=2", "dp=2 tp=1 sp=off (teacher: tp=2"),
+        ("tiny-ted.yaml", "parallel.tensor_parallel_size=2", "dp=1 tp=2 sp=off on", "stage2"),
+        ("tiny-ted.yaml", APART, "dp=2 tp=1 sp=off (teacher: tp=2", "stage2"),
+        # Killed inside the mixup phase: each rank's lambdas, gathered by the split teacher.
+        ("tiny-cr-ild.yaml", APART, "dp=2 tp=1 sp=off (teacher: tp=2", "ild"),
     ],
+    ids=["ted-tp2", "ted-teacher_tp2", "cr_ild-teacher_tp2"],
 )
 def test_a_tp2_run_killed_after_a_checkpoint_resumes_to_the_same_losses(
-    layout, stated, tiny_data, tmp_path, subprocess_env
+    config, layout, stated, phase, tiny_data, tmp_path, subprocess_env
 ):
     common = [
-        "--config", str(REPO / "configs" / "tiny-ted.yaml"), f"data.path={tiny_data}",
+        "--config", str(REPO / "configs" / config), f"data.path={tiny_data}",
         layout, "stage1.max_steps=2", "stage2.max_steps=6",
         "log.interval=1", "checkpoint.interval=3", "checkpoint.keep=10", "eval.interval=0",
+        *(["stage1.max_steps=6", "stage2.max_steps=2"] if phase == "ild" else []),
     ]  # fmt: skip
-    full, run, out = killed_and_resumed(subprocess_env, 2, common, tmp_path, "stage2-step00000003")
-    assert "stage2: resumed from" in out
+    full, run, out = killed_and_resumed(
+        subprocess_env, 2, common, tmp_path, f"{phase}-step00000003"
+    )
+    assert f"{phase}: resumed from" in out
     assert stated in out
     assert run_losses(run) == run_losses(full)  # exactly
     _assert_same_hf_logits(run / "student_hf", full / "student_hf")
