@@ -3,8 +3,9 @@
 Targets (benchmarks, not tests; each reported PASS, MISS or n/a):
 1. ``ted_vs_reference``: this project's TED step >= 1.3x the reference's tokens/s with <= 0.6x its
    peak memory (stated for the ``cpu`` preset on CPU).
-2. ``ted_over_lm_vs_flops``: TED step time / student-alone step time within 10 % of the ratio of
-   their FLOP counts: the distillation overhead costs what its arithmetic says, no more.
+2. ``ted_over_lm_vs_flops``: TED step time / student-alone step time within 5 % of the ratio of
+   their FLOP counts: the distillation overhead costs what its arithmetic says, no more (the
+   losses' element-wise passes are not in the count; issue 29 set 5 %).
 3. ``mfu``: the TED step's MFU >= 45 % on an H100 (``gpt2`` preset; n/a without a GPU in the
    peak table).
 
@@ -32,7 +33,7 @@ from ted_scale.bench.throughput import PIECES, measure
 from ted_scale.bench.trainer_loop import measure_engine
 from ted_scale.distill.methods import get_method
 
-SPEEDUP_TARGET, MEMORY_TARGET, FLOP_RATIO_TOLERANCE, MFU_TARGET = 1.3, 0.6, 0.10, 0.45
+SPEEDUP_TARGET, MEMORY_TARGET, FLOP_RATIO_TOLERANCE, MFU_TARGET = 1.3, 0.6, 0.05, 0.45
 
 
 def configurations(
