@@ -171,9 +171,9 @@ def build_run_models(
     (when random), then the student. A method without a teacher (``needs_teacher`` False) still
     builds it when the student starts from its blocks, then drops it: the same init as the
     distilled students. The models' families are checked against ``model_families`` (the
-    method's; split over ranks, ``tensor_parallel_families`` when given), and with ``tokenizer`` (the data's), vocabulary, tokenizer and context, before
-    anything is placed (whether the tensor-parallel sizes split their heads: as they are
-    sharded). ``teacher_dims`` (default ``dims``): the teacher's own layout
+    method's; split over ranks, ``tensor_parallel_families`` when given), and with
+    ``tokenizer`` (the data's), vocabulary, tokenizer and context, before anything is placed
+    (whether the tensor-parallel sizes split their heads: as they are sharded). ``teacher_dims`` (default ``dims``): the teacher's own layout
     (``parallel.teacher_tensor_parallel_size``), whose groups gather their batches."""
     copies_blocks = config.student.init == "teacher_layers"
     teacher = build_teacher(config) if needs_teacher or copies_blocks else None

@@ -195,13 +195,7 @@ class GPTConfig:
                 raise ValueError(f"{name} must be a positive integer or null, got {value!r}")
         if self.n_head % self.kv_heads:
             raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
-        for i, heads in enumerate(self.layer_heads):
-            if heads % self.kv_groups:
-                raise ValueError(
-                    f"n_head_per_layer[{i}] = {heads} is not a whole number of key/value groups "
-                    f"({self.kv_groups} query heads each): a pruned block keeps or drops whole "
-                    'groups (docs/design.md, "Pruning")'
-                )
+        _check_whole_groups("n_head_per_layer", self.layer_heads, self.kv_groups)
         if self.head_dim % 2:
             raise ValueError(f"the rotary embedding needs an even head width, got {self.head_dim}")
         if not self.rope_theta > 0:
@@ -282,6 +276,17 @@ def join_units(parts: Sequence[Tensor], dim: int) -> Tensor:
     return torch.cat([p.flatten(dim, dim + 1) for p in parts], dim=dim)
 
 
+def _check_whole_groups(name: str, heads: Sequence[int], kv_groups: int) -> None:
+    """Raise ValueError naming ``name[i]`` where block i's head count is not whole key/value
+    groups of ``kv_groups`` query heads: a pruned block keeps or drops whole groups."""
+    for i, h in enumerate(heads):
+        if h % kv_groups:
+            raise ValueError(
+                f"{name}[{i}] = {h} is not a whole number of key/value groups ({kv_groups} query "
+                'heads each): a pruned block keeps or drops whole groups (docs/design.md, "Pruning")'
+            )
+
+
 @dataclass(frozen=True)
 class Subnet:
     """A prefix sub-network: block l keeps its first ``heads[l]`` heads and ``inner[l]`` neurons
@@ -307,12 +312,7 @@ class Subnet:
             for i, (h, n) in enumerate(zip(have, limit, strict=True)):
                 if not 0 <= h <= n:
                     raise ValueError(f"subnet {name}[{i}] = {h} outside 0..{n} (the model's)")
-        for i, h in enumerate(self.heads):
-            if h % config.kv_groups:
-                raise ValueError(
-                    f"subnet heads[{i}] = {h} is not a whole number of key/value groups "
-                    f"({config.kv_groups} query heads each)"
-                )
+        _check_whole_groups("subnet heads", self.heads, config.kv_groups)
 
     def apply_to(self, config: GPTConfig) -> GPTConfig:
         """The config of the dense model holding just this sub-network."""
