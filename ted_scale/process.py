@@ -14,19 +14,23 @@ import time
 _PR_SET_PDEATHSIG = 1
 
 DIE_WITH_PARENT = "TED_SCALE_DIE_WITH_PARENT"
-"""Set to 1 in a command's environment by a parent (the study) that its commands die with."""
+"""Set in a command's environment by a parent (the study) that its commands die with: the
+parent's pid."""
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int | None = None) -> None:
     """Have the kernel kill this process when its parent dies (kill -9 included).
 
     torchrun and deepspeed start each rank in its own session, so a killed launcher would leave
     its ranks training to the end, holding the run lock; so would a killed study its runs.
+    ``parent``: the pid this process was started by, where the parent told it (a process whose
+    parent died before this call has been handed to another already); by default its parent now.
     Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere a no-op.
     """
     if not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
+    if parent is None:
+        parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         return

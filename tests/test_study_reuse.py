@@ -238,10 +238,15 @@ def _running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_a_killed_study_takes_its_commands_with_it(tmp_path, subprocess_env):
-    """A command left running would hold its run's lock against the study's re-run."""
+@pytest.mark.parametrize("killed", ["while_it_runs", "before_it_starts"])
+def test_a_killed_study_takes_its_commands_with_it(killed, tmp_path, subprocess_env):
+    """A command left running would hold its run's lock against the study's re-run; a command
+    whose study died before it came up (handed to another parent already) must see it too."""
     log = tmp_path / "command.log"
-    command = "import ted_scale.cli, time; print('ready', flush=True); time.sleep(120)"
+    late = "time.sleep(2); " if killed == "before_it_starts" else ""
+    command = (
+        f"import time; {late}import ted_scale.cli; print('READY', flush=True); time.sleep(120)"
+    )
     study = subprocess.Popen(
         [
             sys.executable,
@@ -253,19 +258,24 @@ def test_a_killed_study_takes_its_commands_with_it(tmp_path, subprocess_env):
         env=subprocess_env,
         start_new_session=True,  # one process group, to clean up after a failure
     )
+    children = Path(f"/proc/{study.pid}/task/{study.pid}/children")
     try:
         deadline = time.time() + 60
-        while not (log.exists() and "ready" in log.read_text()) and time.time() < deadline:
+        while time.time() < deadline and not (
+            log.exists() and "READY" in log.read_text().splitlines()  # not the logged command
+            if killed == "while_it_runs"
+            else children.exists() and children.read_text().split()
+        ):
             time.sleep(0.05)
-        (child,) = map(
-            int, Path(f"/proc/{study.pid}/task/{study.pid}/children").read_text().split()
-        )
+        (child,) = map(int, children.read_text().split())
         study.send_signal(signal.SIGKILL)
         study.wait()
         deadline = time.time() + 30  # a loaded machine; the loop ends as soon as it is gone
         while _running(child) and time.time() < deadline:
             time.sleep(0.05)
         assert not _running(child), "the command outlived the study"
+        if killed == "before_it_starts":
+            assert "READY" not in log.read_text().splitlines(), "it came up without its study"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(study.pid, signal.SIGKILL)

@@ -8,5 +8,7 @@ import os
 
 from ted_scale.process import DIE_WITH_PARENT, die_with_parent
 
-if os.environ.get(DIE_WITH_PARENT) == "1":  # a command of a study: killed with the study
-    die_with_parent()
+# A command of a study is killed with the study. Taken out of the environment: it names this
+# process's parent, not its children's.
+if study := os.environ.pop(DIE_WITH_PARENT, ""):
+    die_with_parent(int(study))

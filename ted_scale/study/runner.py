@@ -71,7 +71,7 @@ def run_logged(cmd: Sequence[str | os.PathLike], log_path: Path, threads: int) -
     # DIE_WITH_PARENT: a study killed with -9 takes its commands with it (they would go on
     # training, holding their run's lock against the study's re-run).
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
-    env[DIE_WITH_PARENT] = "1"
+    env[DIE_WITH_PARENT] = str(os.getpid())
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a") as f:
         f.write(f"$ {' '.join(str(c) for c in cmd)}\n")
