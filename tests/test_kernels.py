@@ -243,6 +243,15 @@ def test_backward_scales_precomputed_grads_by_grad_output():
     assert_matches(3.0 * loss, 3.0 * naive_ce(hidden, weight, targets), (hidden, weight), FP32_TOL)
 
 
+def test_a_second_backward_through_the_same_loss_is_refused():
+    """Its gradients were scaled in place by the first: a second would return them scaled twice."""
+    hidden, weight, targets, _, _ = make_inputs()
+    loss = fused_linear_cross_entropy(hidden, weight, targets, chunk_size=4)
+    (2.0 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="back-propagated once"):
+        loss.backward()
+
+
 def test_chunk_ops_never_see_more_than_chunk_size_rows(monkeypatch):
     hidden, weight, targets, teacher_hidden, teacher_weight = make_inputs()
     seen = []

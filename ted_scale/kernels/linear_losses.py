@@ -232,7 +232,9 @@ class _FusedLinearLoss(torch.autograd.Function):
             )
         if terms.shard is not None:
             dist.all_reduce(grad_hidden, group=terms.shard.group)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        # Kept on ctx rather than saved: backward scales them in place, a [V, d] tensor a step
+        # that need not be allocated (and, on CPU, page-faulted in) again.
+        ctx.grads = grad_hidden, grad_weight
         ce, kd = ce_rows.sum(), kd_rows.sum()
         ctx.mark_non_differentiable(ce, kd)
         if terms.targets is None:
@@ -245,9 +247,17 @@ class _FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, grad_ce: Tensor, grad_kd: Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grad_weight = None if grad_weight is None else grad_weight * grad_loss
-        return grad_hidden * grad_loss, grad_weight, None
+        if ctx.grads is None:
+            raise RuntimeError(
+                "a fused linear loss is back-propagated once: its gradients are computed in the "
+                "forward pass and scaled in place by the first backward (retain_graph is not "
+                "supported)"
+            )
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        if grad_weight is not None:
+            grad_weight.mul_(grad_loss)
+        return grad_hidden.mul_(grad_loss), grad_weight, None
 
 
 def _rows(hidden: Tensor) -> Tensor:
