@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from ranks import run_ranks
 
 from ted_scale.bench.ceiling import (
     Ceiling,
@@ -20,6 +21,7 @@ from ted_scale.bench.throughput_suite import (
     run_configuration,
     run_suite,
 )
+from ted_scale.cli.bench_throughput import main as bench_main
 from ted_scale.distill.methods import method_names
 from ted_scale.flops import TRAINED
 from ted_scale.model.gpt import GPTConfig
@@ -182,6 +184,35 @@ def test_engine_mode_runs_the_trainers_loop_beside_the_plain_step():
     assert row["engine_vs_plain"] == pytest.approx(row["engine_tokens_per_s"] / row["tokens_per_s"])
     table = format_table({**_one_row_result(row)})
     assert "trainer loop (--engine)" in table
+
+
+def _bench_at_dp2() -> None:
+    from ted_scale.bench.data_parallel import format_dp_table, run_dp_suite
+
+    preset = PRESETS["micro"]
+    rows = run_dp_suite(preset, ["lm"], 2, engine=True, zero_stage=None)
+    if rows is None:  # not rank 0
+        return
+    (row,) = rows
+    assert row["name"] == "lm/fused/auto/dp2" and 0 < row["grad_sync_ms"] < row["step_ms"]
+    # Both ranks' micro-batches count, in the plain step as in the trainer's metrics.
+    assert row["tokens_per_s"] == pytest.approx(
+        2 * preset.micro_batch * preset.seq_len / row["step_ms"] * 1000
+    )
+    assert row["engine_tokens_per_s"] > 0 and row["zero_stage"] == 1  # the default over 2 ranks
+    assert row["engine_vs_plain"] == pytest.approx(row["engine_tokens_per_s"] / row["tokens_per_s"])
+    assert "| lm/fused/auto/dp2 |" in format_dp_table(rows)
+
+
+def test_the_benchmark_at_dp2_times_the_gradient_average_and_the_trainers_loop():
+    """``--dp 2 --engine``: the plain step over two ranks beside the trainer over the same two."""
+    run_ranks(_bench_at_dp2, 2)
+
+
+def test_zero_stage_without_data_parallel_engine_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench_main(["--zero-stage", "0", "--preset", "micro"])
+    assert exit_.value.code == 2 and "--dp N --engine" in capsys.readouterr().err
 
 
 def _one_row_result(row: dict) -> dict:

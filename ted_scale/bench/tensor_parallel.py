@@ -83,11 +83,12 @@ def measure_tp(
 ) -> dict:
     """``spec``'s step laid out over ``dims``: its row, on every rank.
 
-    Without ``teacher_dims``: teacher and student sharded alike over one tensor-parallel group
-    (one data-parallel replica, one micro-batch per step). With them: the teacher split over its
-    own group, the student data-parallel over ``dims`` (each rank its own micro-batch, the
-    gradients averaged). tokens/s counts every micro-batch of the step; ``teacher_ms`` is the
-    time the student waits for the teacher (on CPU it runs inline).
+    Without ``teacher_dims``: teacher and student sharded alike over ``dims``'s tensor-parallel
+    group, each data-parallel replica with its own micro-batch, the student's gradients averaged
+    over them (``--tp N``: one replica; ``--dp N``: unsplit models on N replicas). With them: the
+    teacher split over its own group, the student data-parallel over ``dims``. tokens/s counts
+    every micro-batch of the step; ``teacher_ms`` is the time the student waits for the teacher
+    (on CPU it runs inline).
     """
     apart = teacher_dims is not None
     batches = synthetic_batches(preset, 4, dims.device)
@@ -121,13 +122,14 @@ def measure_tp(
         grad_sync = 0.0
         if "gradients" in ended:  # the all-reduce of the student's gradients
             grad_sync = ended["gradients"][1] - ended["backward"][1]
-        micro_batches = dims.dp_size if apart else 1
-        layout = f"teacher-tp{teacher_dims.tp_size}" if apart else f"tp{dims.tp_size}"
+        layout = f"tp{dims.tp_size}" if dims.dp_size == 1 else f"dp{dims.dp_size}"
+        if apart:
+            layout = f"teacher-tp{teacher_dims.tp_size}"
         return {
             "name": f"{spec.name}/{layout}",
             "tp": dims.tp_size,
             "teacher_tp": teacher_dims.tp_size if apart else dims.tp_size,
-            "tokens_per_s": micro_batches * preset.micro_batch * preset.seq_len / steps[best],
+            "tokens_per_s": dims.dp_size * preset.micro_batch * preset.seq_len / steps[best],
             "step_ms": 1000 * steps[best],
             "teacher_ms": 1000 * ended["teacher"][0],
             "comm_ms": 1000 * comm[best],

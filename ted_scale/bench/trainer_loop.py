@@ -2,7 +2,8 @@
 
 ``bench_throughput.py --engine`` runs, beside each configuration's plain step, the real trainer on
 the same configuration (``bench_config``): DeepSpeed engine at the config's ZeRO stage, the
-memory-mapped loader on a prepared synthetic shard set, the trainer's metrics, one rank. The
+memory-mapped loader on a prepared synthetic shard set, the trainer's metrics, on one rank or
+data-parallel over the ranks it is launched with (``--dp N``). The
 synthetic set is made by ``prepare`` itself from random words over a word-level tokenizer with the
 preset's vocabulary, so every piece of the data path is the real one. Tokens/s is that of the
 fastest logged step after the warm-up, as the plain step's is its fastest step.
@@ -10,12 +11,16 @@ fastest logged step after the warm-up, as the plain step's is its fastest step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import torch.distributed as dist
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -24,6 +29,8 @@ from ted_scale.config.parse import dump_yaml
 from ted_scale.config.schema import ScheduleConfig
 from ted_scale.data.prepare import PrepareConfig, prepare
 from ted_scale.data.tokenizer import EOS_TOKEN
+from ted_scale.parallel import ParallelDims
+from ted_scale.parallel.agree import agreed
 
 WORDS_PER_DOC = 200
 
@@ -67,27 +74,38 @@ def synthetic_dataset(
     return data
 
 
-def measure_engine(preset: Preset, spec: Spec, *, zero_stage: int | None = None) -> dict:
+def measure_engine(
+    preset: Preset,
+    spec: Spec,
+    *,
+    zero_stage: int | None = None,
+    dims: ParallelDims | None = None,
+) -> dict:
     """Run the trainer on ``spec``'s configuration; every phase gets the preset's warm-up + timed
     steps (so the benchmarked phase, ``Method.benchmarked``, does; the others only set it up).
-    ``zero_stage``: ``deepspeed.zero_stage`` (None: the run default, 0 on this one rank)."""
+    ``zero_stage``: ``deepspeed.zero_stage`` (None: the run default for the data-parallel size).
+    ``dims``: the data-parallel ranks of this process group to run it over, each with its own
+    micro-batch (a collective; one node: rank 0 writes the data set to a folder they all read);
+    default: this one rank. Tokens/s counts every rank's tokens."""
     from ted_scale.distill.methods import get_method, load_run_config
     from ted_scale.train.trainer import Trainer
 
+    dp = 1 if dims is None else dims.dp_size
     steps = preset.warmup + preset.steps
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        tokens = (steps + 4) * preset.micro_batch * (preset.seq_len + 1) * 4
-        data = synthetic_dataset(preset.vocab, preset.seq_len, tokens, tmp)
-        config = bench_config(preset, spec)
-        for schedule in _schedules(config):
-            schedule.max_steps = steps
-        config_file = tmp / "config.yaml"
-        config_file.write_text(dump_yaml(config))
-        run = tmp / "run"
+    with _shared_folder(dims) as tmp:
+        config_file, run = tmp / "config.yaml", tmp / "run"
+        with agreed():  # a failure on rank 0 reaches every rank, not a hang in its barrier
+            if dims is None or dims.is_main:
+                tokens = (steps + 4) * dp * preset.micro_batch * (preset.seq_len + 1) * 4
+                data = synthetic_dataset(preset.vocab, preset.seq_len, tokens, tmp)
+                config = bench_config(preset, spec)
+                for schedule in _schedules(config):
+                    schedule.max_steps = steps
+                config.data.path = str(data)
+                config.batch.global_batch_size = dp * preset.micro_batch
+                config_file.write_text(dump_yaml(config))
         overrides = [
-            f"data.path={data}", f"output_dir={run}",
-            f"teacher_prefetch={'on' if spec.prefetch else 'off'}",
+            f"output_dir={run}", f"teacher_prefetch={'on' if spec.prefetch else 'off'}",
             f"deepspeed.zero_stage={'null' if zero_stage is None else zero_stage}",
             "log.interval=1", "log.tensorboard=false",
             "log.progress_bar=false", "checkpoint.interval=0", "eval.interval=0",
@@ -100,8 +118,25 @@ def measure_engine(preset: Preset, spec: Spec, *, zero_stage: int | None = None)
     return {
         "engine_tokens_per_s": max(rates),
         "engine_tokens_per_s_all": rates,
-        "zero_stage": config.deepspeed.stage_at(1),
+        "zero_stage": config.deepspeed.stage_at(dp),
     }
+
+
+@contextlib.contextmanager
+def _shared_folder(dims: ParallelDims | None) -> Iterator[Path]:
+    """A temporary folder: rank 0's, named to the others, removed once every rank is done."""
+    if dims is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            yield Path(tmp)
+        return
+    name = [tempfile.mkdtemp(prefix="ted_scale_engine_") if dims.is_main else None]
+    dist.broadcast_object_list(name, src=0)
+    try:
+        yield Path(name[0])
+    finally:
+        dist.barrier()
+        if dims.is_main:
+            shutil.rmtree(name[0], ignore_errors=True)
 
 
 def _schedules(config) -> list[ScheduleConfig]:

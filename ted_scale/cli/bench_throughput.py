@@ -1,8 +1,9 @@
 """Throughput of a training step per method against a plain `transformers` TED reference.
 
-    python launch/bench_throughput.py --preset cpu|cpu-llama|gpt2 [--out FILE.json]
+    python launch/bench_throughput.py --preset cpu|cpu-wide|cpu-llama|gpt2 [--out FILE.json]
     torchrun --nproc_per_node N launch/bench_throughput.py --tp N --preset cpu|gpt2
     torchrun --nproc_per_node N launch/bench_throughput.py --teacher-tp N --preset cpu|gpt2
+    torchrun --nproc_per_node N launch/bench_throughput.py --dp N [--engine [--zero-stage S]]
 
 Synthetic token batches, random weights. For each configuration (method x fused loss x teacher
 prefetch x attention, plus the reference in the HF class of the preset's family): tokens/s, the
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), default="cpu",
         help="model and batch sizes: gpt2 = the paper's 12x768 -> 6 layers, seq 1024, batch 8 (GPU); "
-        "cpu = GPT-2 vocabulary, 4x256 -> 2 layers, seq 128, batch 4; cpu-llama = cpu with Llama "
+        "cpu = GPT-2 vocabulary, 4x256 -> 2 layers, seq 128, batch 4; cpu-wide = cpu at GPT-2's "
+        "width (4x768 -> 2 layers); cpu-llama = cpu with Llama "
         "blocks (GQA 4:2, SwiGLU 768 wide, RMSNorm, RoPE, untied head), against transformers' "
         "LlamaForCausalLM; micro, micro-llama = smoke tests",
     )  # fmt: skip
@@ -97,10 +99,28 @@ def main(argv: list[str] | None = None) -> int:
         "the student data-parallel over them (parallel.teacher_tensor_parallel_size)",
     )  # fmt: skip
     parser.add_argument(
+        "--dp", type=int, default=None,
+        help="data-parallel size: time each method's fused step over the N ranks this is launched "
+        "with (torchrun --nproc_per_node N), each rank its own micro-batch and the gradients "
+        "averaged by one all-reduce; with --engine also the trainer's loop over the same ranks",
+    )  # fmt: skip
+    parser.add_argument(
+        "--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
+        help="with --dp and --engine: the trainer's deepspeed.zero_stage [default: the run "
+        "default, 1 over several data-parallel ranks]",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", type=Path, default=None,
         help="JSON output [default: runs/bench/throughput-<preset>.json]",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.zero_stage is not None and not (args.dp and args.engine):
+        parser.error("--zero-stage sets the trainer's stage for --dp N --engine: give both")
+    if args.dp is not None:
+        if args.tp is not None or args.teacher_tp is not None:
+            parser.error("--dp times unsplit models: give --dp, --tp or --teacher-tp, one of them")
+        _data_parallel(args)
+        return 0
     if args.teacher_tp is not None:
         if args.tp not in (None, args.teacher_tp):
             parser.error(f"--tp {args.tp} with --teacher-tp {args.teacher_tp}: give one size")
@@ -126,6 +146,26 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2))
     print(f"\nwritten to {out}")
     return 0
+
+
+def _data_parallel(args: argparse.Namespace) -> None:
+    from ted_scale.bench.data_parallel import format_dp_table, run_dp_suite
+    from ted_scale.parallel.dims import close_parallel
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run_dp_suite(
+        PRESETS[args.preset], args.methods, args.dp, engine=args.engine,
+        zero_stage=args.zero_stage,
+    )  # fmt: skip
+    close_parallel()
+    if rows is None:  # not rank 0
+        return
+    print(format_dp_table(rows))
+    out = args.out or Path("runs/bench") / f"throughput-{args.preset}-dp{args.dp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2))
+    print(f"\nwritten to {out}")
 
 
 def _tensor_parallel(args: argparse.Namespace, tp: int, *, teacher_tp: bool = False) -> None:
