@@ -4,8 +4,8 @@ gradients averaged by one all-reduce of the flattened gradients (``ProjectStep``
 ``gradients`` piece: what DDP's buckets and ZeRO move, without their overlap), and with
 ``--engine`` the trainer's own loop over the same ranks (DeepSpeed at the run's ZeRO stage for N
 ranks, or ``--zero-stage``). engine / plain is then the loop's cost over the plain step at the
-same data-parallel size, the gradient average included in both (docs/throughput.md, "Data-parallel
-ranks")."""
+same data-parallel size, the gradient average included in both (docs/throughput.md, "Two
+data-parallel ranks")."""
 
 from __future__ import annotations
 
