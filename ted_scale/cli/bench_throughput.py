@@ -20,8 +20,9 @@ the N ranks together, the time the student waits for the teacher, and the gradie
 """
 
 import argparse
-import json
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ import torch
 from ted_scale.bench.presets import PRESETS
 from ted_scale.bench.throughput_suite import configurations, format_table, run_suite
 from ted_scale.distill.methods import method_names
+from ted_scale.io import atomic_write_json
 from ted_scale.model.attention import IMPLEMENTATIONS
 
 
@@ -140,49 +142,53 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(specs)} configurations, each in a fresh process:")
     result = run_suite(args.preset, specs, threads=args.threads, engine=args.engine)
     print()
-    print(format_table(result))
-    out = args.out or Path("runs/bench") / f"throughput-{args.preset}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\nwritten to {out}")
+    _report(format_table(result), result, args.out, args.preset)
     return 0
 
 
 def _data_parallel(args: argparse.Namespace) -> None:
     from ted_scale.bench.data_parallel import format_dp_table, run_dp_suite
-    from ted_scale.parallel.dims import close_parallel
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = run_dp_suite(
-        PRESETS[args.preset], args.methods, args.dp, engine=args.engine,
+    suite = functools.partial(
+        run_dp_suite, PRESETS[args.preset], args.methods, args.dp, engine=args.engine,
         zero_stage=args.zero_stage,
     )  # fmt: skip
-    close_parallel()
-    if rows is None:  # not rank 0
-        return
-    print(format_dp_table(rows))
-    out = args.out or Path("runs/bench") / f"throughput-{args.preset}-dp{args.dp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
-    print(f"\nwritten to {out}")
+    _on_ranks(args, suite, format_dp_table, f"dp{args.dp}")
 
 
 def _tensor_parallel(args: argparse.Namespace, tp: int, *, teacher_tp: bool = False) -> None:
     from ted_scale.bench.tensor_parallel import format_tp_table, run_tp_suite
+
+    suite = functools.partial(
+        run_tp_suite, PRESETS[args.preset], args.methods, tp, teacher_tp=teacher_tp
+    )
+    _on_ranks(args, suite, format_tp_table, f"teacher-tp{tp}" if teacher_tp else f"tp{tp}")
+
+
+def _on_ranks(
+    args: argparse.Namespace,
+    suite: Callable[[], list[dict] | None],
+    table: Callable[[list[dict]], str],
+    layout: str,
+) -> None:
+    """Run a suite on every rank of the launch; rank 0 reports its rows."""
     from ted_scale.parallel.dims import close_parallel
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run_tp_suite(PRESETS[args.preset], args.methods, tp, teacher_tp=teacher_tp)
+    rows = suite()
     close_parallel()
-    if rows is None:  # not rank 0
-        return
-    print(format_tp_table(rows))
-    name = f"teacher-tp{tp}" if teacher_tp else f"tp{tp}"
-    out = args.out or Path("runs/bench") / f"throughput-{args.preset}-{name}.json"
+    if rows is not None:  # rank 0
+        _report(table(rows), rows, args.out, f"{args.preset}-{layout}")
+
+
+def _report(table: str, result: object, out: Path | None, name: str) -> None:
+    """Print the table and write the result as JSON (``--out``, else
+    ``runs/bench/throughput-<name>.json``)."""
+    print(table)
+    out = out or Path("runs/bench") / f"throughput-{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
+    atomic_write_json(out, result)
     print(f"\nwritten to {out}")
 
 
