@@ -30,6 +30,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = [
     "torch",
+    "cpu",
     pytest.param(
         "triton",
         marks=pytest.mark.skipif(
@@ -263,8 +264,9 @@ def test_chunk_ops_never_see_more_than_chunk_size_rows(monkeypatch):
 
         return wrapped
 
+    ops = _chunk_ops("auto", torch.device("cpu"))
     for name in ("cross_entropy_", "kl_div_", "cross_entropy_kl_div_"):
-        monkeypatch.setattr(torch_ops, name, record(getattr(torch_ops, name)))
+        monkeypatch.setattr(ops, name, record(getattr(ops, name)))
     fused_linear_cross_entropy(hidden, weight, targets, chunk_size=4)
     fused_linear_kd(hidden, weight, teacher_hidden, teacher_weight, temperature=T, chunk_size=4)
     fused_linear_ce_kd(
@@ -417,3 +419,35 @@ def test_triton_backend_passes_under_interpreter_subprocess():
         timeout=300,
     )
     assert result.returncode == 0 and " passed" in result.stdout, result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------ the CPU kernels' build
+def test_cpu_kernels_load_past_a_lock_left_by_a_killed_build():
+    """torch's build lock, left behind by a build killed midway, would make every later load
+    wait forever; under ted_scale's own lock it is known to be stale and goes."""
+    from ted_scale.kernels import cpu_ops
+
+    stale = cpu_ops.build_directory(cpu_ops.extension_name()) / "lock"
+    stale.touch()
+    module = cpu_ops.extension.__wrapped__()  # a load as in a fresh process, not the cached one
+    assert not stale.exists() and hasattr(module, "cross_entropy_kl_div_")
+
+
+@pytest.mark.parametrize("why", ["turned_off", "no_compiler"])
+def test_cpu_losses_fall_back_to_torch_ops_when_the_kernels_cannot_run(why, monkeypatch, capsys):
+    from ted_scale.kernels import cpu_ops
+
+    def no_compiler():
+        raise RuntimeError("Error building extension: g++: not found")
+
+    if why == "turned_off":
+        monkeypatch.setenv(cpu_ops.DISABLE_VARIABLE, "0")
+    else:
+        monkeypatch.setattr(cpu_ops, "extension", no_compiler)
+    cpu_ops.available.cache_clear()
+    try:
+        assert _chunk_ops("auto", torch.device("cpu")) is torch_ops
+    finally:
+        cpu_ops.available.cache_clear()
+    said = capsys.readouterr().err
+    assert ("g++: not found" in said and "torch ops" in said) == (why == "no_compiler")

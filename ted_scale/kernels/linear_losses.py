@@ -4,7 +4,8 @@ One autograd Function (`_FusedLinearLoss`) owns what every loss shares: it walks
 chunks, logits = h_chunk @ W.T, a per-chunk op turns them into per-row losses and overwrites them
 with dloss/dlogits, and two matmuls fold that into grad_hidden[chunk] and grad_weight. Gradients
 are thus finished in the forward pass (as in Liger-Kernel); backward only scales them by
-grad_output. The per-chunk op (`_chunk_op`) is CE, KD or both, from `torch_ops` or `triton_ops`:
+grad_output. The per-chunk op (`_chunk_op`) is CE, KD or both, from `triton_ops` (CUDA), `cpu_ops`
+(CPU) or `torch_ops` (anywhere):
 the default forward KL fused with CE in one sweep, any other divergence through
 `divergences.divergence_chunk_`. Peak extra memory is one logits chunk (two with a teacher, plus
 the chunk op's fp32 temporaries on the torch path), grad_hidden, and an fp32 grad_weight
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import torch_ops
+from . import cpu_ops, torch_ops
 from .divergences import divergence_chunk_
 from .torch_ops import DIVERGENCES, Divergence
 from .vocab_parallel import VocabShard, shard_chunk_
@@ -37,7 +38,7 @@ from .vocab_parallel import VocabShard, shard_chunk_
 # small enough that the chunk and its temporaries stay far below the [N, V] logits.
 CHUNK_ELEMENTS = 2**24
 
-Backend = Literal["auto", "triton", "torch"]
+Backend = Literal["auto", "triton", "cpu", "torch"]
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -47,13 +48,17 @@ def default_chunk_size(vocab_size: int) -> int:
 
 
 def _chunk_ops(backend: Backend, device: torch.device) -> ModuleType:
-    """The per-chunk op module: Triton on CUDA when available ("auto"), or as forced."""
+    """The per-chunk op module: "auto" takes Triton on CUDA (when installed) and the C++ kernels
+    on CPU (when they build), else torch ops; the others force one."""
     if backend == "torch":
         return torch_ops
+    if backend == "cpu":
+        cpu_ops.extension()  # a forced backend that cannot run says why
+        return cpu_ops
     if backend not in ("auto", "triton"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        raise ValueError(f"backend must be 'auto', 'triton', 'cpu' or 'torch', got {backend!r}")
     if backend == "auto" and device.type != "cuda":
-        return torch_ops
+        return cpu_ops if device.type == "cpu" and cpu_ops.available() else torch_ops
     try:
         from . import triton_ops
     except ImportError:
@@ -317,7 +322,8 @@ def fused_linear_cross_entropy(
             mix * CE(targets) + (1 - mix) * CE(targets2), each a mean over its kept tokens, from
             the same logits.
         chunk_size: rows per logits chunk (default `default_chunk_size(V)`).
-        backend: "auto" (Triton for CUDA tensors), "triton" or "torch" per-chunk ops.
+        backend: "auto" (Triton for CUDA tensors, C++ for CPU ones), "triton", "cpu" or "torch"
+            per-chunk ops.
         shard: weight is this rank's vocabulary rows (`VocabShard`): the loss over the whole
             (unpadded) vocabulary, the same on every rank of shard.group, without full-vocabulary
             logits; grad_hidden is the full gradient (summed over the group), weight's gradient
