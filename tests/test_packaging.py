@@ -68,10 +68,21 @@ def test_wheel_holds_every_module_and_asset_of_the_source_tree(wheel):
     sources = {
         path.relative_to(REPO).as_posix()
         for path in package.rglob("*")
-        if path.is_file() and (path.suffix == ".py" or path.parent.name == "assets")
+        if path.is_file() and (path.suffix in (".py", ".cpp") or path.parent.name == "assets")
     }
     missing = sorted(sources - set(zipfile.ZipFile(wheel).namelist()))
     assert not missing, f"not in {wheel.name}: {missing}"
+
+
+@pytest.mark.parametrize("given, expected", [(None, "1"), ("0", "0")])
+def test_every_command_gives_torch_huge_pages_unless_the_environment_says_no(
+    given, expected, subprocess_env
+):
+    env = {k: v for k, v in subprocess_env.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if given is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = given
+    code = "import os, ted_scale.cli; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    assert _python(code, REPO, env).stdout.strip() == expected
 
 
 def test_installed_wheel_trains_evaluates_and_starts_the_demo_outside_the_repository(
