@@ -3,10 +3,11 @@
 Targets (benchmarks, not tests; each reported PASS, MISS or n/a):
 1. ``ted_vs_reference``: this project's TED step >= 1.3x the reference's tokens/s with <= 0.6x its
    peak memory (stated for the ``cpu`` preset on CPU).
-2. ``ted_over_lm_vs_flops``: TED step time / student-alone step time within 5 % of the ratio of
-   their FLOP counts: the distillation overhead costs what its arithmetic says, no more (the
-   losses' element-wise passes are not in the count; issue 29 set 5 %). Below GPT-2's width those
-   passes weigh more per logit than in the paper's models, and the verdict says so (``why``).
+2. ``ted_over_lm_vs_flops``: TED step time / student-alone step time at most 5 % above the ratio
+   of their FLOP counts: the distillation overhead costs what its arithmetic says, no more (the
+   losses' element-wise passes are not in the count; issue 29 set 5 %). Below the ratio is no
+   fault: work both steps share and the count does not see makes the student's step the less
+   efficient one. The verdict says why where the number means less than it seems (``why``).
 3. ``mfu``: the TED step's MFU >= 45 % on an H100 (``gpt2`` preset; n/a without a GPU in the
    peak table).
 
@@ -196,14 +197,20 @@ def targets(rows: list[dict], preset: Preset) -> dict[str, dict]:
         **(ref or {}),
     }  # fmt: skip
     vs = ted and ted.get("vs_student")
-    ok = None if not vs else abs(vs["gap"]) <= FLOP_RATIO_TOLERANCE
+    ok = None if not vs else vs["gap"] <= FLOP_RATIO_TOLERANCE
     out["ted_over_lm_vs_flops"] = {
         "config": ted and ted["name"], "verdict": verdict(ok),
-        "want": f"|time ratio / FLOP ratio - 1| <= {FLOP_RATIO_TOLERANCE:.0%}",
+        "want": f"time ratio / FLOP ratio - 1 <= {FLOP_RATIO_TOLERANCE:.0%}",
         **(vs or {}),
     }  # fmt: skip
     paper_width = PRESETS["gpt2"].width
-    if preset.width < paper_width:  # docs/throughput.md, "Width"
+    if vs and vs["gap"] < 0:  # docs/throughput.md, "The CPU loss kernels"
+        out["ted_over_lm_vs_flops"]["why"] = (
+            "below the FLOP ratio: work both steps do that the FLOP count does not see (AdamW "
+            "over every weight, the tied embedding's gradient, dropout) weighs less against "
+            "TED's larger count"
+        )
+    elif preset.width < paper_width:  # docs/throughput.md, "Width"
         out["ted_over_lm_vs_flops"]["why"] = (
             f"at width {preset.width} the losses' element-wise work per logit, which the FLOP "
             f"count does not see, weighs {paper_width / preset.width:.0f}x its share at GPT-2's "

@@ -9,7 +9,6 @@ losses on CPU"), about 4x faster per chunk. It is built on first use by
 `torch_ops`; the vocabulary-parallel and divergence ops are torch_ops' own.
 """
 
-import fcntl
 import functools
 import os
 import re
@@ -59,6 +58,8 @@ def extension() -> ModuleType:
     releases when its holder dies; torch's own lock file (``lock``), which a build killed midway
     leaves behind and every later load would wait on forever, is removed when found under it.
     """
+    import fcntl  # POSIX; elsewhere the import error is the reason the kernels do not run
+
     name = extension_name()
     directory = build_directory(name)
     directory.mkdir(parents=True, exist_ok=True)
