@@ -433,6 +433,21 @@ def test_cpu_kernels_load_past_a_lock_left_by_a_killed_build():
     assert not stale.exists() and hasattr(module, "cross_entropy_kl_div_")
 
 
+def test_cpu_kernels_build_with_the_pip_ninja_when_none_is_on_path(monkeypatch):
+    """torch runs `ninja` from PATH, which a virtual environment used without activating it
+    lacks; the locked pip package's binary is put first."""
+    import shutil
+
+    import ninja
+
+    from ted_scale.kernels import cpu_ops
+
+    monkeypatch.setenv("PATH", os.environ["PATH"])  # restored after the test
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    assert hasattr(cpu_ops.extension.__wrapped__(), "cross_entropy_")
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+
+
 @pytest.mark.parametrize("why", ["turned_off", "no_compiler"])
 def test_cpu_losses_fall_back_to_torch_ops_when_the_kernels_cannot_run(why, monkeypatch, capsys):
     from ted_scale.kernels import cpu_ops

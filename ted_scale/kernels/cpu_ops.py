@@ -4,7 +4,7 @@
 CE + KD, each paying the op's dispatch and a trip through the caches. `csrc/cpu_losses.cpp` does
 the same arithmetic one row at a time in three sweeps that stay in L2 (docs/design.md, "Fused
 losses on CPU"), about 4x faster per chunk. It is built on first use by
-`torch.utils.cpp_extension` (a C++ compiler and ninja; ~15 s, once per environment, in
+`torch.utils.cpp_extension` (a C++ compiler and ninja; ~12 s, once per environment, in
 ``$TORCH_EXTENSIONS_DIR``) for this CPU's vector ISA. Same functions and contracts as
 `torch_ops`; the vocabulary-parallel and divergence ops are torch_ops' own.
 """
@@ -12,13 +12,13 @@ losses on CPU"), about 4x faster per chunk. It is built on first use by
 import functools
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor
-from torch.utils import cpp_extension
 
 from . import torch_ops
 from .torch_ops import (  # noqa: F401  (the ops module's full interface)
@@ -38,6 +38,8 @@ DISABLE_VARIABLE = "TED_SCALE_CPU_KERNELS"
 
 def build_directory(name: str) -> Path:
     """Where `extension` builds: ``$TORCH_EXTENSIONS_DIR/<name>``, else torch's default root."""
+    from torch.utils import cpp_extension  # imports setuptools: only where a build may happen
+
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     return Path(root) / name
 
@@ -60,6 +62,12 @@ def extension() -> ModuleType:
     """
     import fcntl  # POSIX; elsewhere the import error is the reason the kernels do not run
 
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:  # torch runs `ninja` from PATH: take the pip package's
+        import ninja
+
+        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
     name = extension_name()
     directory = build_directory(name)
     directory.mkdir(parents=True, exist_ok=True)
