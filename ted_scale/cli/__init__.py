@@ -10,8 +10,8 @@ from ted_scale.process import DIE_WITH_PARENT, die_with_parent
 
 # Transparent huge pages for torch's large CPU tensors (read by torch at its first large
 # allocation): each step's fresh [V, d] gradients and logits buffers are otherwise page-faulted
-# in 4 KiB at a time, a fifth of a 51 MB zero-fill's time left (docs/throughput.md, "Huge pages").
-# THP_MEM_ALLOC_ENABLE=0 in the environment keeps torch's default.
+# in 4 KiB at a time (a 51 MB zero-fill: 22 ms, 5.8 on huge pages; docs/throughput.md, "Huge
+# pages"). THP_MEM_ALLOC_ENABLE=0 in the environment keeps torch's default.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 # A command of a study is killed with the study. Taken out of the environment: it names this
