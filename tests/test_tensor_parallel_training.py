@@ -98,12 +98,14 @@ def test_every_method_trains_the_same_as_one_process(layout, single_process, tin
 
 TOLERANCES = (1e-6, 1e-5, 5e-6)
 """(loss_abs, ppl_rel, weight_atol) of a run against one process's: see the test above."""
-APART_TOLERANCES = (5e-6, 3e-5, 1e-5)
+APART_TOLERANCES = (2e-5, 3e-5, 1e-5)
 """The same for a teacher split apart. It runs on both ranks' sequences at once where one process
 runs a micro-batch at a time: matmuls of other shapes round differently (TED's layer targets; KD
-at step 1 within 5e-8), and Adam grows that to 4.5e-6 in loss_layer_0 and 4e-6 in a weight by
-step 3 (measured; tp2 stays below 1e-6); a perplexity is exp(mean NLL): 1.3e-5 relative in
-LAMBADA's 7e10 is 1.3e-5 in its NLL of 25."""
+at step 1 within 5e-8), and Adam grows that in TED's filters, whose near-zero gradients it divides
+by sqrt(v), to 1.0e-5 in loss_layer_0 and 4.4e-6 in a weight by step 3 (measured with the CPU
+loss kernels; 4.5e-6 and 4e-6 with torch ops, the rounding landing elsewhere; the other methods
+stay below 1e-6, as tp2 does); a perplexity is exp(mean NLL): 1.5e-5 relative in LAMBADA's 7e10
+is 1.5e-5 in its NLL of 25."""
 
 
 def _assert_same_run(

@@ -10,6 +10,7 @@ losses on CPU"), about 4x faster per chunk. It is built on first use by
 """
 
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -19,6 +20,8 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
+
+from ted_scale.io import atomic_write_bytes
 
 from . import torch_ops
 from .torch_ops import (  # noqa: F401  (the ops module's full interface)
@@ -44,12 +47,19 @@ def build_directory(name: str) -> Path:
     return Path(root) / name
 
 
+def _flags() -> list[str]:
+    return ["-O3", "-fopenmp", *_ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
+
+
 def extension_name() -> str:
-    """The build's name: the loss kernels per Python, torch version and vector ISA."""
+    """The build's name: per Python, torch version, vector ISA and the source and flags' hash, so
+    that a build is never changed once made (a process may have it loaded) and every copy of the
+    package with this source (a checkout, an installed wheel) shares it."""
     capability = torch.backends.cpu.get_cpu_capability()
     torch_version = re.sub(r"\W", "_", torch.__version__)
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return f"ted_scale_cpu_losses_{python}_torch{torch_version}_{capability.lower()}"
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags()).encode()).hexdigest()[:12]
+    return f"ted_scale_cpu_losses_{python}_torch{torch_version}_{capability.lower()}_{digest}"
 
 
 @functools.cache
@@ -71,18 +81,21 @@ def extension() -> ModuleType:
     name = extension_name()
     directory = build_directory(name)
     directory.mkdir(parents=True, exist_ok=True)
-    capability = torch.backends.cpu.get_cpu_capability()
-    flags = ["-O3", "-fopenmp", *_ARCH_FLAGS.get(capability, [])]
+    # Built from a copy inside its folder: torch's build file names the source's path, and a
+    # source elsewhere (another copy of the package) would rebuild it.
+    source = directory / SOURCE.name
     with open(directory / "ted_scale.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         stale = directory / "lock"
         if stale.exists():
             print(f"ted_scale: removing {stale}, left by a build that was killed", file=sys.stderr)
             stale.unlink()
+        if not source.exists():
+            atomic_write_bytes(source, SOURCE.read_bytes())
         if not any(directory.glob(f"{name}*.so")):
             print(f"ted_scale: compiling the CPU loss kernels into {directory}", file=sys.stderr)
         return cpp_extension.load(
-            name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+            name, [str(source)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
         )  # fmt: skip
 
