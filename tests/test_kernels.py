@@ -427,10 +427,13 @@ def test_cpu_kernels_load_past_a_lock_left_by_a_killed_build():
     wait forever; under ted_scale's own lock it is known to be stale and goes."""
     from ted_scale.kernels import cpu_ops
 
-    stale = cpu_ops.build_directory(cpu_ops.extension_name()) / "lock"
+    directory = cpu_ops.build_directory(cpu_ops.extension_name())
+    (directory / cpu_ops.BUILT).unlink()  # as if never finished: the load goes through torch
+    stale = directory / "lock"
     stale.touch()
     module = cpu_ops.extension.__wrapped__()  # a load as in a fresh process, not the cached one
     assert not stale.exists() and hasattr(module, "cross_entropy_kl_div_")
+    assert (directory / cpu_ops.BUILT).exists()
 
 
 def test_cpu_kernels_build_with_the_pip_ninja_when_none_is_on_path(monkeypatch):
@@ -444,6 +447,7 @@ def test_cpu_kernels_build_with_the_pip_ninja_when_none_is_on_path(monkeypatch):
 
     monkeypatch.setenv("PATH", os.environ["PATH"])  # restored after the test
     monkeypatch.setattr(shutil, "which", lambda _name: None)
+    (cpu_ops.build_directory(cpu_ops.extension_name()) / cpu_ops.BUILT).unlink()
     assert hasattr(cpu_ops.extension.__wrapped__(), "cross_entropy_")
     assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
 

@@ -11,6 +11,7 @@ losses on CPU"), about 4x faster per chunk. It is built on first use by
 
 import functools
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from ted_scale.io import atomic_write_bytes
+from ted_scale.io import atomic_write_bytes, atomic_write_text
 
 from . import torch_ops
 from .torch_ops import (  # noqa: F401  (the ops module's full interface)
@@ -37,13 +38,18 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_losses.cpp"
 # CPU lacks (no -march=native in a cache that another machine may share).
 _ARCH_FLAGS = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}
 DISABLE_VARIABLE = "TED_SCALE_CPU_KERNELS"
+# Written into a build's folder once it has built and loaded; the build never changes after
+# (its name hashes its source), so later processes import it without torch's build step.
+BUILT = "built"
 
 
 def build_directory(name: str) -> Path:
     """Where `extension` builds: ``$TORCH_EXTENSIONS_DIR/<name>``, else torch's default root."""
-    from torch.utils import cpp_extension  # imports setuptools: only where a build may happen
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        from torch.utils import cpp_extension  # imports setuptools: only where it is needed
 
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+        root = cpp_extension.get_default_build_root()
     return Path(root) / name
 
 
@@ -70,6 +76,11 @@ def extension() -> ModuleType:
     releases when its holder dies; torch's own lock file (``lock``), which a build killed midway
     leaves behind and every later load would wait on forever, is removed when found under it.
     """
+    name = extension_name()
+    directory = build_directory(name)
+    if (directory / BUILT).exists():  # torch's load would run ninja and the compiler checks
+        return _import(name, directory)
+
     import fcntl  # POSIX; elsewhere the import error is the reason the kernels do not run
 
     from torch.utils import cpp_extension
@@ -78,8 +89,6 @@ def extension() -> ModuleType:
         import ninja
 
         os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
-    name = extension_name()
-    directory = build_directory(name)
     directory.mkdir(parents=True, exist_ok=True)
     # Built from a copy inside its folder: torch's build file names the source's path, and a
     # source elsewhere (another copy of the package) would rebuild it.
@@ -94,10 +103,20 @@ def extension() -> ModuleType:
             atomic_write_bytes(source, SOURCE.read_bytes())
         if not any(directory.glob(f"{name}*.so")):
             print(f"ted_scale: compiling the CPU loss kernels into {directory}", file=sys.stderr)
-        return cpp_extension.load(
+        module = cpp_extension.load(
             name, [str(source)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
         )  # fmt: skip
+        atomic_write_text(directory / BUILT, f"{module.__file__}\n")
+        return module
+
+
+def _import(name: str, directory: Path) -> ModuleType:
+    """The finished build's module, imported as torch's load does after building it."""
+    spec = importlib.util.spec_from_file_location(name, directory / f"{name}.so")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @functools.cache
