@@ -6,10 +6,13 @@ imported (conftest already imports it through transformers). So the Triton cases
 when TRITON_INTERPRET=1 was set at start-up; otherwise one test re-runs them in a subprocess.
 """
 
+import contextlib
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -422,34 +425,57 @@ def test_triton_backend_passes_under_interpreter_subprocess():
 
 
 # ------------------------------------------------------------------ the CPU kernels' build
-def test_cpu_kernels_load_past_a_lock_left_by_a_killed_build():
-    """torch's build lock, left behind by a build killed midway, would make every later load
-    wait forever; under ted_scale's own lock it is known to be stale and goes."""
+def test_cpu_kernels_build_past_a_build_killed_midway(tmp_path, monkeypatch):
+    """A first build killed while it compiles leaves its staging folder behind, and its ninja and
+    compiler running on (they outlive their parent). The next process removes the folder, builds
+    in one of its own, renames it into place whole, and computes what torch ops compute."""
     from ted_scale.kernels import cpu_ops
 
-    directory = cpu_ops.build_directory(cpu_ops.extension_name())
-    (directory / cpu_ops.BUILT).unlink()  # as if never finished: the load goes through torch
-    stale = directory / "lock"
-    stale.touch()
-    module = cpu_ops.extension.__wrapped__()  # a load as in a fresh process, not the cached one
-    assert not stale.exists() and hasattr(module, "cross_entropy_kl_div_")
-    assert (directory / cpu_ops.BUILT).exists()
+    name = cpu_ops.extension_name()
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    build = "from ted_scale.kernels import cpu_ops; cpu_ops.extension()"
+    first = subprocess.Popen(
+        [sys.executable, "-c", build], env=env, start_new_session=True, stderr=subprocess.DEVNULL
+    )
+    try:
+        for _ in range(600):  # torch writes build.ninja, then starts ninja
+            if list(tmp_path.glob(f"{name}.building-*/build.ninja")) or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert first.poll() is None, "the first build ended before it could be killed"
+        first.kill()  # the Python process alone, as kill -9 does: ninja and the compiler go on
+        first.wait()
+        (left,) = tmp_path.glob(f"{name}.building-*")
+
+        monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+        module = cpu_ops.extension.__wrapped__()  # a load as in a fresh process
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the orphans, if their build still runs
+            os.killpg(first.pid, signal.SIGKILL)
+    assert not left.exists() and (tmp_path / name / f"{name}.so").exists()
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    targets, weight = torch.tensor([[1], [7], [0], [49]]), torch.tensor([[1.0], [0.5], [0], [1]])
+    expected = torch_ops.cross_entropy_(logits.clone(), targets, weight)
+    for built in (module, cpu_ops._import(name, tmp_path / name)):  # this process, later ones
+        torch.testing.assert_close(built.cross_entropy_(logits.clone(), targets, weight), expected)
 
 
-def test_cpu_kernels_build_with_the_pip_ninja_when_none_is_on_path(monkeypatch):
+def test_the_pip_ninja_goes_on_path_when_none_is_there(monkeypatch):
     """torch runs `ninja` from PATH, which a virtual environment used without activating it
-    lacks; the locked pip package's binary is put first."""
+    lacks; the locked pip package's binary is put first, and runs."""
     import shutil
 
     import ninja
 
     from ted_scale.kernels import cpu_ops
 
-    monkeypatch.setenv("PATH", os.environ["PATH"])  # restored after the test
+    monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setattr(shutil, "which", lambda _name: None)
-    (cpu_ops.build_directory(cpu_ops.extension_name()) / cpu_ops.BUILT).unlink()
-    assert hasattr(cpu_ops.extension.__wrapped__(), "cross_entropy_")
+    cpu_ops.put_pip_ninja_on_path()
     assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+    version = subprocess.run(["ninja", "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.strip()
 
 
 @pytest.mark.parametrize("why", ["turned_off", "no_compiler"])

@@ -22,8 +22,6 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from ted_scale.io import atomic_write_bytes, atomic_write_text
-
 from . import torch_ops
 from .torch_ops import (  # noqa: F401  (the ops module's full interface)
     divergence_grad_,
@@ -38,13 +36,10 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_losses.cpp"
 # CPU lacks (no -march=native in a cache that another machine may share).
 _ARCH_FLAGS = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}
 DISABLE_VARIABLE = "TED_SCALE_CPU_KERNELS"
-# Written into a build's folder once it has built and loaded; the build never changes after
-# (its name hashes its source), so later processes import it without torch's build step.
-BUILT = "built"
 
 
 def build_directory(name: str) -> Path:
-    """Where `extension` builds: ``$TORCH_EXTENSIONS_DIR/<name>``, else torch's default root."""
+    """Where the finished build lies: ``$TORCH_EXTENSIONS_DIR/<name>``, else under torch's root."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if not root:
         from torch.utils import cpp_extension  # imports setuptools: only where it is needed
@@ -68,47 +63,65 @@ def extension_name() -> str:
     return f"ted_scale_cpu_losses_{python}_torch{torch_version}_{capability.lower()}_{digest}"
 
 
+def put_pip_ninja_on_path() -> None:
+    """torch runs `ninja` from PATH, which a virtual environment used without activating it lacks:
+    the locked pip package's binary goes first when no other is found."""
+    if shutil.which("ninja") is None:
+        import ninja
+
+        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
 @functools.cache
 def extension() -> ModuleType:
     """The compiled kernels, built on first use. Raises what the compiler raises.
 
-    Processes building at once (the ranks of a first run) take turns on a lock the kernel
-    releases when its holder dies; torch's own lock file (``lock``), which a build killed midway
-    leaves behind and every later load would wait on forever, is removed when found under it.
+    A build happens in a staging folder of its own and is renamed into place whole, so the final
+    folder only ever holds a finished build, imported directly (torch's load would rerun ninja
+    and its compiler checks: 150 ms a process against 3). Processes building at once (the ranks
+    of a first run) take turns on a lock the kernel releases when its holder dies; a staging
+    folder found under it was left by a killed build (whose ninja may still be running: it
+    outlives its parent) and is removed, never built into.
     """
     name = extension_name()
     directory = build_directory(name)
-    if (directory / BUILT).exists():  # torch's load would run ninja and the compiler checks
-        return _import(name, directory)
+    if not (directory / f"{name}.so").exists():
+        import fcntl  # POSIX; elsewhere the import error is the reason the kernels do not run
 
-    import fcntl  # POSIX; elsewhere the import error is the reason the kernels do not run
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with open(directory.parent / f"{name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (directory / f"{name}.so").exists():  # else built while this one waited
+                return _build(name, directory)
+    return _import(name, directory)
 
+
+def _build(name: str, directory: Path) -> ModuleType:
+    """Builds into ``<name>.building-<pid>`` beside `directory`, then renames it to `directory`.
+
+    Not `ted_scale.io.atomic_replace_dir`: its staging name is fixed, and a killed build's
+    orphaned ninja would go on writing into the next build's folder.
+    """
     from torch.utils import cpp_extension
 
-    if shutil.which("ninja") is None:  # torch runs `ninja` from PATH: take the pip package's
-        import ninja
-
-        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
-    directory.mkdir(parents=True, exist_ok=True)
-    # Built from a copy inside its folder: torch's build file names the source's path, and a
-    # source elsewhere (another copy of the package) would rebuild it.
-    source = directory / SOURCE.name
-    with open(directory / "ted_scale.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        stale = directory / "lock"
-        if stale.exists():
-            print(f"ted_scale: removing {stale}, left by a build that was killed", file=sys.stderr)
-            stale.unlink()
-        if not source.exists():
-            atomic_write_bytes(source, SOURCE.read_bytes())
-        if not any(directory.glob(f"{name}*.so")):
-            print(f"ted_scale: compiling the CPU loss kernels into {directory}", file=sys.stderr)
-        module = cpp_extension.load(
-            name, [str(source)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
-            build_directory=str(directory),
-        )  # fmt: skip
-        atomic_write_text(directory / BUILT, f"{module.__file__}\n")
-        return module
+    for left in directory.parent.glob(f"{name}.building-*"):
+        print(f"ted_scale: removing {left}, left by a build that was killed", file=sys.stderr)
+        shutil.rmtree(left, ignore_errors=True)  # its orphaned ninja may still write there
+    staging = directory.parent / f"{name}.building-{os.getpid()}"
+    staging.mkdir()
+    # Built from a copy inside its folder: torch's build file names the source's path.
+    source = staging / SOURCE.name
+    shutil.copyfile(SOURCE, source)
+    put_pip_ninja_on_path()
+    print(f"ted_scale: compiling the CPU loss kernels into {directory}", file=sys.stderr)
+    module = cpp_extension.load(
+        name, [str(source)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
+        build_directory=str(staging),
+    )  # fmt: skip
+    with open(staging / f"{name}.so", "rb") as built:
+        os.fsync(built.fileno())  # on disk before its name says finished
+    staging.rename(directory)
+    return module
 
 
 def _import(name: str, directory: Path) -> ModuleType:
