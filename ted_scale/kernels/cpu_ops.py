@@ -109,13 +109,10 @@ def _build(name: str, directory: Path) -> ModuleType:
         shutil.rmtree(left, ignore_errors=True)  # its orphaned ninja may still write there
     staging = directory.parent / f"{name}.building-{os.getpid()}"
     staging.mkdir()
-    # Built from a copy inside its folder: torch's build file names the source's path.
-    source = staging / SOURCE.name
-    shutil.copyfile(SOURCE, source)
     put_pip_ninja_on_path()
     print(f"ted_scale: compiling the CPU loss kernels into {directory}", file=sys.stderr)
     module = cpp_extension.load(
-        name, [str(source)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
+        name, [str(SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
         build_directory=str(staging),
     )  # fmt: skip
     with open(staging / f"{name}.so", "rb") as built:
