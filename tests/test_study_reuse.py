@@ -151,16 +151,17 @@ TINY_STUDY = {
 
 def _results(root: Path, approx: bool = False) -> dict[str, dict]:
     """What the report is built from, each run's evaluation and FLOPs, without wall times and
-    with the study's directory as `ROOT`; `approx`: floats equal to 1e-6 (FLOPs are rates
-    divided by rates; an evaluation of byte-identical weights in another process once differed
-    by 1.6e-7 in WikiText's perplexities, eager PyTorch's matmuls and attention: the weights
-    themselves are compared byte for byte)."""
+    with the study's directory as `ROOT`; `approx`: floats equal to 1e-5 relative. FLOPs are
+    rates divided by rates; and the same `evaluate` command on byte-identical weights has given,
+    in 2 of about 10 full-suite runs, WikiText log-likelihoods 1.5e-7 apart (relative; every
+    rerun alone, idle or loaded, gave one value: cause not found), which the word perplexity,
+    exp of a mean of about 19 nats, turns into 2.7e-6. The weights are compared byte for byte."""
 
     def numbers(value):
         if isinstance(value, dict):
             return {k: numbers(v) for k, v in value.items() if not k.endswith("seconds")}
         if approx and isinstance(value, float):
-            return pytest.approx(value, rel=1e-6)
+            return pytest.approx(value, rel=1e-5)
         return value
 
     runs = {"teacher": root / "teacher", **{p.name: p for p in (root / "runs").iterdir()}}
@@ -227,11 +228,11 @@ def test_a_study_killed_in_its_teacher_then_in_a_student_reports_an_uninterrupte
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    assert _results(root) == _results(tmp_path / "whole", approx=True)
     exported = sorted(p.relative_to(root) for p in root.rglob("model.safetensors"))
     assert len(exported) == 4  # the teacher, the students' initialisation, both students
     for path in exported:
         assert (root / path).read_bytes() == (tmp_path / "whole" / path).read_bytes(), path
+    assert _results(root) == _results(tmp_path / "whole", approx=True)
 
 
 def _running(pid: int) -> bool:
